@@ -1,0 +1,19 @@
+"""gpntk: infinitely wide neural networks as first-class Gaussian processes in GPyTorch.
+
+>>> import gpntk
+>>> from gpntk import layers as L
+>>> net = L.mlp(depth=3, activation="relu", weight_variance=2.0, bias_variance=0.1)
+>>> ntk = gpntk.NTKKernel(net)          # a gpytorch.kernels.Kernel
+"""
+
+from . import layers
+from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
+from .errors import ArchitectureError
+from .kernels import NNGPKernel, NTKKernel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "layers", "NTKKernel", "NNGPKernel", "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
+    "ArchitectureError", "__version__",
+]

@@ -1,0 +1,43 @@
+"""Dual activations: closed forms, and Gauss–Hermite quadrature for any smooth φ."""
+
+from __future__ import annotations
+
+from ..errors import ArchitectureError
+from .arccos import ABReLU, Abs, LeakyReLU, RectifiedMonomial, ReLU, Sign
+from .base import Activation
+from .polynomial import Monomial, Polynomial
+from .quadrature import Elementwise, SiLU, Sigmoid, Softplus, Tanh
+from .smooth import GELU, Cos, Erf, Exp, Gaussian, Rbf, Sin
+
+__all__ = [
+    "Activation", "ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf",
+    "Exp", "Gaussian", "Monomial", "RectifiedMonomial", "Polynomial", "Elementwise", "Tanh", "Sigmoid",
+    "Softplus", "SiLU", "activation_from_name", "ACTIVATION_NAMES",
+]
+
+_BY_NAME = {
+    "relu": ReLU, "leakyrelu": LeakyReLU, "leaky_relu": LeakyReLU, "abrelu": ABReLU, "abs": Abs,
+    "sign": Sign, "erf": Erf, "gelu": GELU, "sin": Sin, "cos": Cos, "rbf": Rbf, "exp": Exp,
+    "gaussian": Gaussian, "monomial": Monomial, "rectifiedmonomial": RectifiedMonomial,
+    "polynomial": Polynomial, "tanh": Tanh, "sigmoid": Sigmoid, "softplus": Softplus, "silu": SiLU,
+    "swish": SiLU,
+}
+
+#: the names accepted by :func:`activation_from_name` (and ``mlp(activation=...)``)
+ACTIVATION_NAMES = tuple(sorted(_BY_NAME))
+
+
+def activation_from_name(name: str, **kwargs) -> Activation:
+    """An activation layer from its (case-insensitive) name, e.g. ``"relu"`` or ``"erf"``."""
+    if isinstance(name, Activation):
+        return name
+    if not isinstance(name, str):
+        raise ArchitectureError(f"activation must be a name or an Activation layer, got {name!r}")
+    key = name.lower().replace("-", "_")
+    cls = _BY_NAME.get(key) or _BY_NAME.get(key.replace("_", ""))
+    if cls is None:
+        raise ArchitectureError(f"unknown activation {name!r}; known names: {', '.join(ACTIVATION_NAMES)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ArchitectureError(f"activation {name!r}: {err}") from None

@@ -1,0 +1,238 @@
+r"""Activations with arc-cosine dual kernels: the ReLU family, Sign and rectified monomials.
+
+Cho & Saul (2009) show that for the rectified monomial :math:`\phi(x) = x^p\,\mathbb 1[x > 0]`
+
+.. math::
+    \mathbb E[\phi(u)\phi(v)] = \frac{(q_{11} q_{22})^{p/2}}{2\pi} J_p(\theta), \qquad
+    \theta = \arccos \rho,\ \rho = \frac{q_{12}}{\sqrt{q_{11} q_{22}}},
+
+with :math:`J_0 = \pi - \theta`, :math:`J_1 = \sin\theta + (\pi - \theta)\cos\theta` and
+:math:`J_p = (2p - 1)\cos\theta\, J_{p-1} - \sin\theta\, J_{p-1}'(\theta)`. As functions of
+:math:`\rho`, Price's theorem gives :math:`\mathrm dJ_p/\mathrm d\rho = p^2 J_{p-1}`, which is
+what the custom autograd function below uses: derivatives are exact and finite at
+:math:`\rho = 1` for :math:`p \ge 1` (there :math:`\sin\theta` itself is not differentiable).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from ..errors import ArchitectureError
+from .base import Activation, correlation, real_parameter as _real
+
+__all__ = ["ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "RectifiedMonomial", "arccos_j"]
+
+# A J_p is stored as two polynomials in (cos θ, sin θ): J = A(c, s) + (π - θ) B(c, s),
+# each a dict {(i, j): coefficient} for the monomial c^i s^j.
+_Poly = dict[tuple[int, int], float]
+
+
+def _poly_add(a: _Poly, b: _Poly, scale: float = 1.0) -> _Poly:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = out.get(key, 0.0) + scale * value
+    return {k: v for k, v in out.items() if v != 0.0}
+
+
+def _poly_derivative(p: _Poly) -> _Poly:
+    """d/dθ of a polynomial in c = cos θ, s = sin θ."""
+    out: _Poly = {}
+    for (i, j), coef in p.items():
+        if i:
+            out = _poly_add(out, {(i - 1, j + 1): -i * coef})
+        if j:
+            out = _poly_add(out, {(i + 1, j - 1): j * coef})
+    return out
+
+
+def _poly_times(p: _Poly, di: int, dj: int, scale: float) -> _Poly:
+    return {(i + di, j + dj): scale * coef for (i, j), coef in p.items()}
+
+
+@lru_cache(maxsize=None)
+def _arccos_j_terms(p: int) -> tuple[tuple[tuple[int, int, float], ...], tuple[tuple[int, int, float], ...]]:
+    a: _Poly = {}
+    b: _Poly = {(0, 0): 1.0}  # J_0 = π - θ
+    for n in range(1, p + 1):
+        # J' = A' + (π-θ) B' - B, so J_n = (2n-1) c J - s J'
+        da, db = _poly_derivative(a), _poly_derivative(b)
+        new_a = _poly_add(_poly_times(a, 1, 0, 2 * n - 1), _poly_add(_poly_times(da, 0, 1, -1.0), _poly_times(b, 0, 1, 1.0)))
+        new_b = _poly_add(_poly_times(b, 1, 0, 2 * n - 1), _poly_times(db, 0, 1, -1.0))
+        a, b = new_a, new_b
+    return tuple((i, j, c) for (i, j), c in a.items()), tuple((i, j, c) for (i, j), c in b.items())
+
+
+def _arccos_j_value(rho: Tensor, p: int) -> Tensor:
+    terms_a, terms_b = _arccos_j_terms(p)
+    cos = rho
+    sin = (1 - rho.square()).clamp_min(0).sqrt()
+    rest = math.pi - torch.arccos(rho)
+    value_a = torch.zeros_like(rho)
+    for i, j, coef in terms_a:
+        value_a = value_a + coef * cos**i * sin**j
+    value_b = torch.zeros_like(rho)
+    for i, j, coef in terms_b:
+        value_b = value_b + coef * cos**i * sin**j
+    return value_a + rest * value_b
+
+
+class _ArcCosJ(torch.autograd.Function):
+    """:math:`J_p(\\rho)` with derivative :math:`p^2 J_{p-1}(\\rho)` (or :math:`1/\\sqrt{1-\\rho^2}` for p = 0)."""
+
+    @staticmethod
+    def forward(ctx, rho: Tensor, p: int) -> Tensor:
+        ctx.save_for_backward(rho)
+        ctx.p = p
+        return _arccos_j_value(rho, p)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (rho,) = ctx.saved_tensors
+        p = ctx.p
+        if p == 0:
+            tiny = torch.finfo(rho.dtype).eps
+            derivative = torch.rsqrt((1 - rho.square()).clamp_min(tiny))
+        else:
+            derivative = (p * p) * arccos_j(rho, p - 1)
+        return grad * derivative, None
+
+
+def arccos_j(rho: Tensor, p: int) -> Tensor:
+    r"""The arc-cosine function :math:`J_p` of Cho & Saul (2009) as a function of :math:`\rho = \cos\theta`."""
+    return _ArcCosJ.apply(rho, p)
+
+
+def _double_factorial(n: int) -> int:
+    return math.prod(range(n, 0, -2)) if n > 0 else 1
+
+
+class ABReLU(Activation):
+    r""":math:`\phi(x) = a \min(x, 0) + b \max(x, 0)`.
+
+    Writing :math:`\phi(x) = a x + (b - a)\,\mathrm{ReLU}(x)` and using :math:`\mathbb E[u\,\mathrm{ReLU}(v)] = q_{12}/2`,
+
+    .. math::
+        k_{12} = a b\, q_{12} + \frac{(b-a)^2}{2\pi} \sqrt{q_{11}q_{22}}\, J_1(\rho), \qquad
+        \dot k_{12} = a b + \frac{(b - a)^2}{2\pi} J_0(\rho),
+
+    and on the diagonal :math:`k = \tfrac{a^2+b^2}{2} q`, :math:`\dot k = \tfrac{a^2+b^2}{2}`
+    (Cho & Saul 2009; Novak et al. 2020).
+    """
+
+    def __init__(self, a: float, b: float):
+        super().__init__()
+        self.a, self.b = _real("a", a), _real("b", b)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return self.a * torch.clamp(x, max=0) + self.b * torch.clamp(x, min=0)
+
+    def dual(self, q11, q12, q22, need_dot):
+        a, b = self.a, self.b
+        rho, sqrt_prod = correlation(q11, q12, q22)
+        factor = (b - a) ** 2 / (2 * math.pi)
+        k12 = a * b * q12 + factor * sqrt_prod * arccos_j(rho, 1)
+        kdot12 = a * b + factor * arccos_j(rho, 0) if need_dot else None
+        return k12, kdot12
+
+    def dual_diag(self, q, need_dot):
+        scale = (self.a**2 + self.b**2) / 2
+        return scale * q, (torch.full_like(q, scale) if need_dot else None)
+
+    def __repr__(self) -> str:
+        return f"ABReLU(a={self.a}, b={self.b})"
+
+
+class ReLU(ABReLU):
+    r""":math:`\phi(x) = \max(x, 0)`: the arc-cosine kernel of order one (Cho & Saul 2009)."""
+
+    def __init__(self):
+        super().__init__(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return "ReLU()"
+
+
+class LeakyReLU(ABReLU):
+    r""":math:`\phi(x) = \max(x, 0) + \alpha \min(x, 0)` with ``negative_slope`` :math:`\alpha`."""
+
+    def __init__(self, negative_slope: float = 0.01):
+        super().__init__(negative_slope, 1.0)
+        self.negative_slope = self.a
+
+    def __repr__(self) -> str:
+        return f"LeakyReLU(negative_slope={self.negative_slope})"
+
+
+class Abs(ABReLU):
+    r""":math:`\phi(x) = |x|`."""
+
+    def __init__(self):
+        super().__init__(-1.0, 1.0)
+
+    def __repr__(self) -> str:
+        return "Abs()"
+
+
+class Sign(Activation):
+    r""":math:`\phi(x) = \operatorname{sign}(x)`: :math:`k_{12} = \tfrac{2}{\pi}\arcsin\rho = \tfrac{2}{\pi} J_0(\rho) - 1`.
+
+    Its derivative vanishes almost everywhere, so :math:`\dot k = 0`: the layers below a Sign
+    do not contribute to the NTK (as in Novak et al. 2020). A point of zero variance maps to zero.
+    """
+
+    def fn(self, x: Tensor) -> Tensor:
+        return torch.sign(x)
+
+    def dual(self, q11, q12, q22, need_dot):
+        rho, sqrt_prod = correlation(q11, q12, q22)
+        k12 = torch.where(sqrt_prod > 0, (2 / math.pi) * arccos_j(rho, 0) - 1, torch.zeros_like(rho))
+        return k12, (torch.zeros_like(k12) if need_dot else None)
+
+    def dual_diag(self, q, need_dot):
+        k = (q > 0).to(q.dtype)
+        return k, (torch.zeros_like(q) if need_dot else None)
+
+
+class RectifiedMonomial(Activation):
+    r""":math:`\phi(x) = x^p\, \mathbb 1[x \ge 0]`, the arc-cosine kernel of order :math:`p` (Cho & Saul 2009).
+
+    .. math::
+        k_{12} = \frac{(q_{11}q_{22})^{p/2}}{2\pi} J_p(\rho), \qquad
+        \dot k_{12} = p^2 \frac{(q_{11}q_{22})^{(p-1)/2}}{2\pi} J_{p-1}(\rho),
+
+    and on the diagonal :math:`k = (2p-1)!!\, q^p / 2`, :math:`\dot k = p^2 (2p-3)!!\, q^{p-1}/2`.
+    For :math:`p = 0` (the step function) :math:`\dot k = 0`.
+    """
+
+    def __init__(self, degree: int):
+        super().__init__()
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
+            raise ArchitectureError(f"RectifiedMonomial degree must be a non-negative integer, got {degree!r}")
+        self.degree = degree
+
+    def fn(self, x: Tensor) -> Tensor:
+        return torch.where(x >= 0, x**self.degree, torch.zeros_like(x))
+
+    def dual(self, q11, q12, q22, need_dot):
+        p = self.degree
+        rho, sqrt_prod = correlation(q11, q12, q22)
+        k12 = sqrt_prod**p * arccos_j(rho, p) / (2 * math.pi)
+        kdot12 = None
+        if need_dot:
+            kdot12 = torch.zeros_like(k12) if p == 0 else p * p * sqrt_prod ** (p - 1) * arccos_j(rho, p - 1) / (2 * math.pi)
+        return k12, kdot12
+
+    def dual_diag(self, q, need_dot):
+        p = self.degree
+        k = _double_factorial(2 * p - 1) * q**p / 2
+        kdot = None
+        if need_dot:
+            kdot = torch.zeros_like(q) if p == 0 else p * p * _double_factorial(2 * p - 3) * q ** (p - 1) / 2
+        return k, kdot
+
+    def __repr__(self) -> str:
+        return f"RectifiedMonomial(degree={self.degree})"

@@ -1,0 +1,108 @@
+r"""Dual activations: how an elementwise nonlinearity maps the kernel state.
+
+For an activation :math:`\phi` applied to Gaussian pre-activations
+:math:`(u, v) \sim \mathcal N\!\left(0, \begin{pmatrix} q_{11} & q_{12} \\ q_{12} & q_{22}\end{pmatrix}\right)`,
+the NNGP and NTK recursions need
+
+.. math::
+    k_{12} = \mathbb E[\phi(u)\,\phi(v)], \qquad \dot k_{12} = \mathbb E[\phi'(u)\,\phi'(v)],
+
+and :math:`\Theta \leftarrow \dot k_{12}\, \Theta` (Jacot et al. 2018; Lee et al. 2019). Every
+activation implements the pair map :meth:`Activation.dual` on matrices of pairs and the
+per-point map :meth:`Activation.dual_diag` (the same expectations at :math:`u = v`), which is
+evaluated without any correlation of one, so ``diag=True`` is exact and differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ArchitectureError
+from ..finite import ElementwiseActivation
+from ..layers.base import Hyperparameters, Layer, Signature
+from ..state import KernelState, set_diagonal
+
+__all__ = ["Activation", "correlation", "safe_sqrt", "real_parameter"]
+
+
+class Activation(Layer):
+    """Base class of elementwise nonlinearities; subclasses define the dual maps and ``fn``."""
+
+    def fn(self, x: Tensor) -> Tensor:
+        """The activation itself, for finite-width networks."""
+        raise NotImplementedError
+
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+        """``(k12, kdot12)`` for pairs; ``q11`` (..., n1, 1), ``q12`` (..., n1, n2), ``q22`` (..., 1, n2)."""
+        raise NotImplementedError
+
+    def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+        """``(k, kdot)`` for single points of variance ``q`` (any shape)."""
+        raise NotImplementedError
+
+    def check(self, signature: Signature) -> Signature:
+        if not signature.gaussian:
+            raise ArchitectureError(
+                f"{self.name} needs Gaussian pre-activations, so it must follow an affine layer "
+                f"(Dense), not {signature.last}"
+            )
+        return Signature(gaussian=False, last=self.name)
+
+    def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
+        need_dot = state.track_ntk and state.ntk12 is not None
+        if state.diag:
+            k, kdot = self.dual_diag(state.var1, need_dot)
+            ntk12 = kdot * state.ntk12 if need_dot else state.ntk12
+            return state.replace(cov12=k, var1=k, var2=k, ntk12=ntk12)
+        k12, kdot12 = self.dual(state.var1, state.cov12, state.var2, need_dot)
+        if state.same_inputs:
+            k1, kdot1 = self.dual_diag(state.var1, need_dot)
+            k12 = set_diagonal(k12, k1.squeeze(-1))
+            if need_dot:
+                kdot12 = set_diagonal(kdot12, kdot1.squeeze(-1))
+            k2 = k1.transpose(-1, -2)
+        else:
+            k1, _ = self.dual_diag(state.var1, False)
+            k2, _ = self.dual_diag(state.var2, False)
+        ntk12 = kdot12 * state.ntk12 if need_dot else state.ntk12
+        return state.replace(cov12=k12, var1=k1, var2=k2, ntk12=ntk12)
+
+    def build_finite(self, in_features, width, out_features, is_output, generator=None):
+        return ElementwiseActivation(self.fn, repr(self)), in_features
+
+    def __repr__(self) -> str:
+        return f"{self.name}()"
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """:math:`\\sqrt{\\max(x, 0)}` with derivative 0 (not infinity or NaN) where ``x <= 0``."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def correlation(q11: Tensor, q12: Tensor, q22: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(rho, sqrt_prod)``: :math:`\rho = q_{12}/\sqrt{q_{11} q_{22}}` clamped to [-1, 1], and :math:`\sqrt{q_{11}q_{22}}`.
+
+    Where a variance is zero the correlation is undefined and set to 0 (every kernel using it is
+    multiplied by a zero ``sqrt_prod`` there), with finite derivatives.
+    """
+    prod = q11 * q22
+    sqrt_prod = safe_sqrt(prod)
+    positive = sqrt_prod > 0
+    denom = torch.where(positive, sqrt_prod, torch.ones_like(sqrt_prod))
+    rho = torch.where(positive, q12 / denom, torch.zeros_like(q12))
+    return rho.clamp(-1.0, 1.0), sqrt_prod
+
+
+def real_parameter(name: str, value) -> float:
+    """``value`` as a finite float, or an :class:`ArchitectureError` naming ``name``."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ArchitectureError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ArchitectureError(f"{name} must be finite, got {value}")
+    return value

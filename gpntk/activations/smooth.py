@@ -1,0 +1,246 @@
+r"""Smooth activations with closed-form dual kernels: Erf, GELU, Sin/Cos/Rbf, Exp and Gaussian.
+
+Every expectation is over :math:`(u, v) \sim \mathcal N(0, [[q_{11}, q_{12}], [q_{12}, q_{22}]])`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import Activation, real_parameter
+
+__all__ = ["Erf", "GELU", "Sin", "Cos", "Rbf", "Exp", "Gaussian"]
+
+
+class Erf(Activation):
+    r""":math:`\phi(x) = a\,\operatorname{erf}(b x) + c` (Williams 1997).
+
+    .. math::
+        k_{12} = \frac{2a^2}{\pi} \arcsin\frac{2 b^2 q_{12}}{\sqrt{(1 + 2b^2 q_{11})(1 + 2b^2 q_{22})}} + c^2,
+        \qquad
+        \dot k_{12} = \frac{4 a^2 b^2}{\pi} \bigl[(1 + 2b^2 q_{11})(1 + 2b^2 q_{22}) - 4 b^4 q_{12}^2\bigr]^{-1/2}.
+
+    The arcsine is evaluated as ``atan2`` of the two legs, which stays accurate and has finite
+    derivatives for every correlation, including identical inputs.
+    """
+
+    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0):
+        super().__init__()
+        self.a, self.b, self.c = real_parameter("a", a), real_parameter("b", b), real_parameter("c", c)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return self.a * torch.erf(self.b * x) + self.c
+
+    def dual(self, q11, q12, q22, need_dot):
+        b2 = self.b**2
+        prod = (1 + 2 * b2 * q11) * (1 + 2 * b2 * q22)
+        leg = (prod - 4 * b2 * b2 * q12.square()).clamp_min(torch.finfo(q12.dtype).tiny).sqrt()
+        k12 = (2 * self.a**2 / math.pi) * torch.atan2(2 * b2 * q12, leg) + self.c**2
+        kdot12 = (4 * self.a**2 * b2 / math.pi) / leg if need_dot else None
+        return k12, kdot12
+
+    def dual_diag(self, q, need_dot):
+        b2 = self.b**2
+        k = (2 * self.a**2 / math.pi) * torch.asin(2 * b2 * q / (1 + 2 * b2 * q)) + self.c**2
+        kdot = (4 * self.a**2 * b2 / math.pi) * torch.rsqrt(1 + 4 * b2 * q) if need_dot else None
+        return k, kdot
+
+    def __repr__(self) -> str:
+        return f"Erf(a={self.a}, b={self.b}, c={self.c})"
+
+
+class GELU(Activation):
+    r""":math:`\phi(x) = x\,\Phi(x)` with :math:`\Phi` the standard normal CDF (Tsuchida et al. 2021).
+
+    With :math:`\delta^2 = (1 + q_{11})(1 + q_{22}) - q_{12}^2` and
+    :math:`\alpha = \operatorname{atan2}(q_{12}, \delta)`,
+
+    .. math::
+        k_{12} = \frac{q_{12}}{4} + \frac{1}{2\pi}\Bigl[q_{12}\,\alpha +
+            \frac{q_{12}^2 + q_{11} q_{22}\, \delta^2}{(1 + q_{11})(1 + q_{22})\, \delta}\Bigr],
+        \qquad
+        \dot k_{12} = \frac14 + \frac{\alpha}{2\pi} + \frac{q_{12}}{2\pi\delta}
+            \Bigl[\frac{1}{\delta^2} + \frac{1 - q_{11} q_{22}}{(1 + q_{11})(1 + q_{22})} + 1\Bigr].
+    """
+
+    def fn(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.gelu(x)
+
+    def dual(self, q11, q12, q22, need_dot):
+        prod_plus_1 = (1 + q11) * (1 + q22)
+        prod = q11 * q22
+        delta2 = prod_plus_1 - q12.square()
+        delta = delta2.sqrt()
+        alpha = torch.atan2(q12, delta)
+        k12 = q12 / 4 + (q12 * alpha + (q12.square() + prod * delta2) / (prod_plus_1 * delta)) / (2 * math.pi)
+        kdot12 = None
+        if need_dot:
+            bracket = 1 / delta2 + (1 - prod) / prod_plus_1 + 1
+            kdot12 = 0.25 + alpha / (2 * math.pi) + q12 * bracket / (2 * math.pi * delta)
+        return k12, kdot12
+
+    def dual_diag(self, q, need_dot):
+        root = torch.sqrt(1 + 2 * q)
+        alpha = torch.atan2(q, root)
+        k = q * (0.25 + (q / ((q + 1) * root) + alpha / 2) / math.pi)
+        kdot = None
+        if need_dot:
+            delta2 = 1 + 2 * q
+            bracket = 1 / delta2 + (1 - q.square()) / (1 + q).square() + 1
+            kdot = 0.25 + alpha / (2 * math.pi) + q * bracket / (2 * math.pi * root)
+        return k, kdot
+
+
+class Sin(Activation):
+    r""":math:`\phi(x) = a \sin(b x + c)`.
+
+    With :math:`s_\pm = \exp\!\bigl(-\tfrac{b^2}{2}(q_{11} + q_{22} \mp 2 q_{12})\bigr)`,
+
+    .. math::
+        k_{12} = \frac{a^2}{2}\bigl(s_+ - \cos(2c)\, s_-\bigr), \qquad
+        \dot k_{12} = \frac{a^2 b^2}{2}\bigl(s_+ + \cos(2c)\, s_-\bigr),
+
+    from :math:`\sin\alpha\sin\beta = \tfrac12[\cos(\alpha-\beta) - \cos(\alpha+\beta)]` and
+    :math:`\mathbb E \cos(w) = e^{-\operatorname{Var}(w)/2}` for centred Gaussian :math:`w`.
+    """
+
+    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0):
+        super().__init__()
+        self.a, self.b, self.c = real_parameter("a", a), real_parameter("b", b), real_parameter("c", c)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return self.a * torch.sin(self.b * x + self.c)
+
+    def _cos_2c(self) -> float:
+        return math.cos(2 * self.c)
+
+    def dual(self, q11, q12, q22, need_dot):
+        b2 = self.b**2
+        total = q11 + q22
+        s_plus = torch.exp(-0.5 * b2 * (total - 2 * q12))
+        s_minus = self._cos_2c() * torch.exp(-0.5 * b2 * (total + 2 * q12))
+        k12 = (self.a**2 / 2) * (s_plus - s_minus)
+        kdot12 = (self.a**2 * b2 / 2) * (s_plus + s_minus) if need_dot else None
+        return k12, kdot12
+
+    def dual_diag(self, q, need_dot):
+        b2 = self.b**2
+        s_minus = self._cos_2c() * torch.exp(-2 * b2 * q)
+        k = (self.a**2 / 2) * (1 - s_minus)
+        kdot = (self.a**2 * b2 / 2) * (1 + s_minus) if need_dot else None
+        return k, kdot
+
+    def __repr__(self) -> str:
+        return f"Sin(a={self.a}, b={self.b}, c={self.c})"
+
+
+class Cos(Sin):
+    r""":math:`\phi(x) = a \cos(b x + c) = a \sin(b x + c + \pi/2)`."""
+
+    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0):
+        super().__init__(a, b, real_parameter("c", c) + math.pi / 2)
+        self.cos_phase = real_parameter("c", c)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return self.a * torch.cos(self.b * x + self.cos_phase)
+
+    def _cos_2c(self) -> float:
+        return -math.cos(2 * self.cos_phase)
+
+    def __repr__(self) -> str:
+        return f"Cos(a={self.a}, b={self.b}, c={self.cos_phase})"
+
+
+class Rbf(Sin):
+    r""":math:`\phi(x) = \sqrt2 \sin(\sqrt{2\gamma}\, x + \pi/4)`, whose NNGP is the RBF kernel of its pre-activations.
+
+    .. math::
+        k_{12} = \exp\bigl(-\gamma (q_{11} + q_{22} - 2 q_{12})\bigr), \qquad \dot k_{12} = 2\gamma\, k_{12}.
+    """
+
+    def __init__(self, gamma: float = 1.0):
+        gamma = real_parameter("gamma", gamma)
+        if gamma <= 0:
+            from ..errors import ArchitectureError
+
+            raise ArchitectureError(f"Rbf gamma must be positive, got {gamma}")
+        super().__init__(math.sqrt(2.0), math.sqrt(2 * gamma), math.pi / 4)
+        self.gamma = gamma
+
+    def _cos_2c(self) -> float:
+        return 0.0
+
+    def __repr__(self) -> str:
+        return f"Rbf(gamma={self.gamma})"
+
+
+class Exp(Activation):
+    r""":math:`\phi(x) = a\, e^{b x}`: :math:`k_{12} = a^2 \exp\bigl(\tfrac{b^2}{2}(q_{11} + q_{22}) + b^2 q_{12}\bigr)`, :math:`\dot k_{12} = b^2 k_{12}`."""
+
+    def __init__(self, a: float = 1.0, b: float = 1.0):
+        super().__init__()
+        self.a, self.b = real_parameter("a", a), real_parameter("b", b)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return self.a * torch.exp(self.b * x)
+
+    def dual(self, q11, q12, q22, need_dot):
+        b2 = self.b**2
+        k12 = self.a**2 * torch.exp(b2 * (0.5 * (q11 + q22) + q12))
+        return k12, (b2 * k12 if need_dot else None)
+
+    def dual_diag(self, q, need_dot):
+        b2 = self.b**2
+        k = self.a**2 * torch.exp(2 * b2 * q)
+        return k, (b2 * k if need_dot else None)
+
+    def __repr__(self) -> str:
+        return f"Exp(a={self.a}, b={self.b})"
+
+
+class Gaussian(Activation):
+    r""":math:`\phi(x) = a\, e^{b x^2}`; its moments are finite while :math:`4 b q < 1`.
+
+    With :math:`D^2 = (1 - 2b q_{11})(1 - 2b q_{22}) - 4 b^2 q_{12}^2 = \det(I - 2b\Sigma)` and the
+    Gaussian integrals :math:`\mathbb E\, e^{b\, z^\top z} = \det(I - 2b\Sigma)^{-1/2}`,
+    :math:`\mathbb E\, u v\, e^{b\, z^\top z} = q_{12} / D^3`,
+
+    .. math::
+        k_{12} = \frac{a^2}{D}, \qquad \dot k_{12} = \frac{4 a^2 b^2\, q_{12}}{D^3}.
+    """
+
+    def __init__(self, a: float = 1.0, b: float = -1.0):
+        super().__init__()
+        self.a, self.b = real_parameter("a", a), real_parameter("b", b)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return self.a * torch.exp(self.b * x.square())
+
+    def dual(self, q11, q12, q22, need_dot):
+        b = self.b
+        self._check_finite(torch.maximum(q11.max(), q22.max()))
+        det = (1 - 2 * b * q11) * (1 - 2 * b * q22) - 4 * b * b * q12.square()
+        inv_root = torch.rsqrt(det)
+        k12 = self.a**2 * inv_root
+        kdot12 = 4 * self.a**2 * b * b * q12 * inv_root**3 if need_dot else None
+        return k12, kdot12
+
+    def _check_finite(self, q: Tensor) -> None:
+        if self.b > 0 and bool((4 * self.b * q >= 1).any()):
+            raise ValueError(
+                f"Gaussian(a={self.a}, b={self.b}) has an infinite second moment for pre-activation "
+                f"variances >= 1/(4b) = {1 / (4 * self.b):.4g}; the largest here is {q.max().item():.4g}"
+            )
+
+    def dual_diag(self, q, need_dot):
+        b = self.b
+        self._check_finite(q)
+        k = self.a**2 * torch.rsqrt(1 - 4 * b * q)
+        kdot = 4 * self.a**2 * b * b * q * (1 - 4 * b * q) ** -1.5 if need_dot else None
+        return k, kdot
+
+    def __repr__(self) -> str:
+        return f"Gaussian(a={self.a}, b={self.b})"

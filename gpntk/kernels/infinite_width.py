@@ -1,0 +1,176 @@
+r"""GPyTorch kernels of infinitely wide networks: :class:`NTKKernel` and :class:`NNGPKernel`."""
+
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+from typing import Sequence
+
+import torch
+from gpytorch.kernels import Kernel
+from linear_operator.operators import KernelLinearOperator
+from torch import Tensor
+
+from ..layers.base import Hyperparameters, Layer, Signature, parameterized_layers
+from .dense import Output, covariance_function, kernel_diagonal
+
+__all__ = ["InfiniteWidthKernel", "NTKKernel", "NNGPKernel"]
+
+
+class InfiniteWidthKernel(Kernel):
+    r"""Base class of the NTK and NNGP kernels of an architecture ``net``.
+
+    :param net: the architecture, e.g. ``gpntk.layers.mlp(3, "relu")``. The kernel owns the
+        net's hyperparameters (σw², σb² of every ``Dense``): they appear among the kernel's
+        parameters (``kernel.named_hyperparameters()``), are learnt by the marginal likelihood, and
+        are shared with every other kernel built on the same ``net`` object (use
+        ``copy.deepcopy(net)`` for independent ones).
+    :param input_shape: for spatial architectures, the shape ``(C, W)`` or ``(C, H, W)`` of one
+        input; rows of ``x`` then hold ``C*H*W`` features in channels-first order. ``None``
+        (default) treats rows as feature vectors.
+    :param batch_shape: GPyTorch batch shape: every hyperparameter gets shape
+        ``(*batch_shape, 1, 1)`` (e.g. one set per output of a BoTorch multi-output model).
+    :param active_dims: as for any GPyTorch kernel.
+
+    Calling the kernel returns a lazy ``KernelLinearOperator`` of shape ``(..., n1, n2)``;
+    ``diag=True`` returns the exact diagonal ``(..., n)`` from the per-point recursion.
+    Inputs are ``(..., n, d)`` float tensors; the hyperparameters are cast to their dtype and
+    device, and the input kernel is :math:`x \cdot x' / d` (Novak et al. 2020 convention).
+    """
+
+    has_lengthscale = False
+    _output: Output
+
+    def __init__(
+        self,
+        net: Layer,
+        input_shape: Sequence[int] | None = None,
+        batch_shape: torch.Size = torch.Size([]),
+        active_dims: Sequence[int] | None = None,
+        **kwargs,
+    ):
+        if not isinstance(net, Layer):
+            raise TypeError(
+                f"{type(self).__name__} needs an architecture built from gpntk.layers, got {type(net).__name__}"
+            )
+        super().__init__(batch_shape=torch.Size(batch_shape), active_dims=active_dims, **kwargs)
+        net.check(Signature())
+        self.net = net
+        self.input_shape = _check_input_shape(input_shape)
+        for layer in parameterized_layers(net):
+            layer.expand_hyperparameters(self.batch_shape)
+
+    @property
+    def is_stationary(self) -> bool:
+        return False
+
+    def _validate(self, x1: Tensor, x2: Tensor) -> None:
+        for name, x in (("x1", x1), ("x2", x2)):
+            if not torch.is_tensor(x):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if not x.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+            if x.dim() < 2:
+                raise ValueError(f"{name} must have shape (..., n, d), got {tuple(x.shape)}")
+        if x1.dtype != x2.dtype:
+            raise TypeError(f"x1 is {x1.dtype} but x2 is {x2.dtype}; convert both to the same dtype")
+        if x1.device != x2.device:
+            raise ValueError(f"x1 is on {x1.device} but x2 is on {x2.device}")
+        if x1.shape[-1] != x2.shape[-1]:
+            raise ValueError(
+                f"x1 has {x1.shape[-1]} features but x2 has {x2.shape[-1]} (shapes {tuple(x1.shape)} "
+                f"and {tuple(x2.shape)})"
+            )
+        if self.input_shape is not None and x1.shape[-1] != math.prod(self.input_shape):
+            raise ValueError(
+                f"input_shape {self.input_shape} needs {math.prod(self.input_shape)} features per row, "
+                f"got {x1.shape[-1]}"
+            )
+        if x1.shape[-1] == 0:
+            raise ValueError("inputs have zero features")
+        for name, x in (("x1", x1), ("x2", x2)):
+            bad = ~torch.isfinite(x)
+            if bool(bad.any()):
+                raise ValueError(f"{name} contains {int(bad.sum())} NaN or infinite values")
+
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+        if last_dim_is_batch:
+            raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
+        self._validate(x1, x2)
+        hyper = {name: value.to(x1) for name, value in Hyperparameters.collect(self.net).items()}
+        if diag:
+            return kernel_diagonal(x1, x2, net=self.net, output=self._output, hyper=hyper)
+        return KernelLinearOperator(x1, x2, covar_func=covariance_function, net=self.net, output=self._output, **hyper)
+
+    # GPyTorch's Kernel only batches its own parameters; ours live in the layers of ``net``.
+    def __getitem__(self, index) -> "InfiniteWidthKernel":
+        if len(self.batch_shape) == 0:
+            return self
+        new_kernel = deepcopy(self)
+        index = index if isinstance(index, tuple) else (index,)
+        layers = parameterized_layers(new_kernel.net)
+        for layer in layers:
+            layer.index_hyperparameters(index)
+        if layers:
+            some = next(iter(Hyperparameters.collect(new_kernel.net).values()))
+            new_kernel._batch_shape = some.shape[:-2]
+        else:
+            new_kernel._batch_shape = torch.Size([])
+        return new_kernel
+
+    def expand_batch(self, *sizes) -> "InfiniteWidthKernel":
+        if len(sizes) == 1 and hasattr(sizes[0], "__iter__"):
+            new_batch_shape = torch.Size(sizes[0])
+        else:
+            new_batch_shape = torch.Size(sizes)
+        if new_batch_shape == self.batch_shape:
+            return self
+        torch.broadcast_shapes(new_batch_shape, self.batch_shape)
+        new_kernel = deepcopy(self)
+        new_kernel._batch_shape = new_batch_shape
+        for layer in parameterized_layers(new_kernel.net):
+            for raw in (f"raw_{n}" for n in layer.hyperparameter_names):
+                param = getattr(layer, raw)
+                param.data = param.data.expand(*new_batch_shape, 1, 1).clone()
+        return new_kernel
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.net!r})"
+
+
+class NTKKernel(InfiniteWidthKernel):
+    r"""The neural tangent kernel :math:`\Theta(x, x')` of the infinitely wide network ``net``.
+
+    :math:`\Theta(x, x') = \lim \nabla_\theta f(x) \cdot \nabla_\theta f(x')` at initialization
+    (Jacot et al. 2018), per output channel, computed by the layer recursion of
+    :mod:`gpntk.layers`. See :class:`InfiniteWidthKernel` for the arguments.
+
+    Example::
+
+        net = gpntk.layers.mlp(depth=3, activation="relu")
+        covar = gpytorch.kernels.ScaleKernel(gpntk.NTKKernel(net)) + gpytorch.kernels.RBFKernel()
+    """
+
+    _output = "ntk"
+
+
+class NNGPKernel(InfiniteWidthKernel):
+    r"""The NNGP kernel :math:`\Sigma(x, x')` of the infinitely wide network ``net``.
+
+    The covariance of the network's outputs at random initialization (Neal 1996; Lee et al.
+    2018), per output channel. See :class:`InfiniteWidthKernel` for the arguments.
+    """
+
+    _output = "nngp"
+
+
+def _check_input_shape(input_shape) -> tuple[int, ...] | None:
+    if input_shape is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError:
+        raise ValueError(f"input_shape must be a sequence of positive integers, got {input_shape!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be a sequence of positive integers, got {input_shape!r}")
+    return shape
