@@ -22,7 +22,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
+from .finite import ElementwiseActivation, NTKLinear
+
 __all__ = ["empirical_ntk", "empirical_nngp", "monte_carlo_kernel"]
+
+#: torch modules that act on every input row separately and have no parameters the structured
+#: NTK does not know about (besides these, any module with ``gpntk_rowwise = True``).
+_ROWWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Sequential, nn.Identity, nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh,
+    nn.Sigmoid, nn.SiLU, nn.Softplus, nn.Mish, nn.Hardtanh, NTKLinear, ElementwiseActivation,
+)
 
 
 def _outputs(model: nn.Module, x: Tensor) -> Tensor:
@@ -38,6 +47,7 @@ def _reduce(full: Tensor, reduce: Literal["mean", "none"]) -> Tensor:
     raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
 
 
+# --- generic path: the full Jacobian with torch.func ------------------------------------------
 def _jacobian(model: nn.Module, x: Tensor, names: list[str], params: dict[str, Tensor]) -> Tensor:
     """``(n, k, P)``: the derivative of every output at every input w.r.t. the trainable parameters."""
     frozen = {k: v for k, v in model.named_parameters() if k not in params}
@@ -56,8 +66,147 @@ def _outputs_functional(model: nn.Module, state: dict[str, Tensor], x: Tensor) -
     return out.unsqueeze(-1) if out.dim() == 1 else out.reshape(out.shape[0], -1)
 
 
+def _ntk_jacobian(model: nn.Module, x1: Tensor, x2: Tensor) -> Tensor:
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    names = list(params)
+    j1 = _jacobian(model, x1, names, params)
+    j2 = j1 if x2 is x1 else _jacobian(model, x2, names, params)
+    return torch.einsum("iap,jbp->ijab", j1, j2)
+
+
+# --- structured path: affine layers' inputs and output gradients ------------------------------
+def _affine_scales(module: nn.Module) -> tuple[float, float]:
+    """``(c_w, c_b)`` with ``h = c_w W a + c_b b`` for the affine modules the structured NTK knows."""
+    if isinstance(module, NTKLinear):
+        return module.weight_std / math.sqrt(module.weight.shape[1]), module.bias_std
+    return 1.0, 1.0  # nn.Linear
+
+
+def _structured_applicable(model: nn.Module) -> bool:
+    """Whether every module acts row by row and every trainable parameter is a known affine layer's."""
+    known: set[int] = set()
+    for module in model.modules():
+        if not (isinstance(module, _ROWWISE_MODULES) or getattr(module, "gpntk_rowwise", False) is True):
+            return False
+        if isinstance(module, (NTKLinear, nn.Linear)):
+            if type(module).forward not in (NTKLinear.forward, nn.Linear.forward):
+                return False  # a subclass with its own forward: the scales may not hold
+            known.update(id(p) for p in module.parameters(recurse=False))
+    return all(id(p) in known for p in model.parameters() if p.requires_grad)
+
+
+def _layer_gradients(model: nn.Module, x: Tensor) -> tuple[int, list[tuple[nn.Module, Tensor, Tensor]]]:
+    """``(k, [(module, a, g)])`` for every trainable affine module of a row-wise ``model``.
+
+    ``a`` ``(n, P, n_in)`` are the module's inputs and ``g`` ``(k, n, P, n_out)`` the derivatives of
+    output channel ``k`` at each input row w.r.t. the module's outputs at that row, over the ``P``
+    positions at which the module was applied (several uses of one module, extra dimensions).
+    Because rows do not interact, the derivative of the sum over rows of channel ``k`` gives every
+    row's own derivative, so ``k`` backward passes suffice for all ``n`` inputs.
+    """
+    records: dict[int, list] = {}
+    modules: dict[int, nn.Module] = {}
+
+    def hook(module, inputs, output):
+        records[id(module)].append((inputs[0], output))
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, (NTKLinear, nn.Linear)) and any(p.requires_grad for p in module.parameters()):
+            records[id(module)] = []
+            modules[id(module)] = module
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.enable_grad():
+            out = _outputs(model, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n, k = out.shape
+    uses = [(key, a, h) for key, recs in records.items() for a, h in recs]
+    hs = [h for _, _, h in uses]
+    eye = torch.eye(k, dtype=out.dtype, device=out.device)
+    seeds = eye.unsqueeze(1).expand(k, n, k)
+    if hs:
+        try:
+            grads = torch.autograd.grad(out, hs, seeds, is_grads_batched=True, allow_unused=True)
+        except RuntimeError:  # an operation vmap cannot batch: one backward pass per channel
+            per_channel = [
+                torch.autograd.grad(out, hs, seeds[c], retain_graph=True, allow_unused=True) for c in range(k)
+            ]
+            grads = [
+                None if per_channel[0][u] is None else torch.stack([pc[u] for pc in per_channel])
+                for u in range(len(hs))
+            ]
+    else:
+        grads = []
+    layers = []
+    for key in records:
+        a_parts, g_parts = [], []
+        for (use_key, a, h), g in zip(uses, grads):
+            if use_key != key:
+                continue
+            if g is None:
+                g = torch.zeros((k, *h.shape), dtype=h.dtype, device=h.device)
+            a_parts.append(a.detach().reshape(n, -1, a.shape[-1]))
+            g_parts.append(g.detach().reshape(k, n, -1, h.shape[-1]))
+        if a_parts:
+            layers.append((modules[key], torch.cat(a_parts, 1), torch.cat(g_parts, 2)))
+    return k, layers
+
+
+def _ntk_structured(model: nn.Module, x1: Tensor, x2: Tensor) -> Tensor:
+    r"""The ``(n1, n2, k, k)`` NTK from each affine layer's inputs and output gradients.
+
+    For :math:`h = c_w W a + c_b b` applied at positions :math:`p`, the gradient of output
+    :math:`f_\alpha(x)` w.r.t. :math:`W` is :math:`c_w \sum_p g_{\alpha,p}(x)\, a_p(x)^\top`, so
+
+    .. math::
+        \hat\Theta_{\alpha\beta}(x, x') \mathrel{+}= c_w^2 \sum_{p,q}
+            \big(g_{\alpha,p}(x)\cdot g_{\beta,q}(x')\big)\big(a_p(x)\cdot a_q(x')\big)
+            + c_b^2 \Big(\sum_p g_{\alpha,p}(x)\Big)\cdot\Big(\sum_q g_{\beta,q}(x')\Big),
+
+    which costs :math:`O(n_1 n_2 k^2 \cdot \text{width})` per layer instead of materialising
+    the :math:`n k \times \#\text{params}` Jacobian.
+    """
+    k, layers1 = _layer_gradients(model, x1)
+    layers2 = layers1 if x2 is x1 else _layer_gradients(model, x2)[1]
+    n1, n2 = x1.shape[0], x2.shape[0]
+    if not layers1:
+        return torch.zeros(n1, n2, k, k, dtype=x1.dtype, device=x1.device)
+    ref = layers1[0][2]
+    full = torch.zeros(n1, n2, k, k, dtype=ref.dtype, device=ref.device)
+    by_module2 = {id(m): (a, g) for m, a, g in layers2}
+    for module, a1, g1 in layers1:
+        a2, g2 = by_module2[id(module)]
+        c_w, c_b = _affine_scales(module)
+        if module.weight.requires_grad:
+            p1, p2 = a1.shape[1], a2.shape[1]
+            if p1 == 1 and p2 == 1:
+                full += (c_w**2) * torch.einsum("aio,bjo->ijab", g1[:, :, 0], g2[:, :, 0]) * (
+                    a1[:, 0] @ a2[:, 0].transpose(0, 1)
+                )[:, :, None, None]
+            elif k * k * n1 * n2 * p1 * p2 <= k * (n1 + n2) * a1.shape[-1] * g1.shape[-1]:
+                gg = torch.einsum("aipo,bjqo->ijabpq", g1, g2)
+                aa = torch.einsum("ipd,jqd->ijpq", a1, a2)
+                full += (c_w**2) * torch.einsum("ijabpq,ijpq->ijab", gg, aa)
+            else:  # materialise the per-input weight gradients
+                j1 = torch.einsum("aipo,ipd->iaod", g1, a1).reshape(n1, k, -1)
+                j2 = j1 if x2 is x1 else torch.einsum("aipo,ipd->iaod", g2, a2).reshape(n2, k, -1)
+                full += (c_w**2) * torch.einsum("iap,jbp->ijab", j1, j2)
+        if module.bias is not None and module.bias.requires_grad:
+            b1, b2 = g1.sum(2), g2.sum(2)
+            full += (c_b**2) * torch.einsum("aio,bjo->ijab", b1, b2)
+    return full
+
+
 def empirical_ntk(
-    model: nn.Module, x1: Tensor, x2: Tensor | None = None, *, reduce: Literal["mean", "none"] = "mean"
+    model: nn.Module,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    *,
+    reduce: Literal["mean", "none"] = "mean",
+    method: Literal["auto", "structured", "jacobian"] = "auto",
 ) -> Tensor:
     r"""The empirical NTK :math:`\hat\Theta(x_1, x_2)` of ``model`` at its current parameters.
 
@@ -65,16 +214,26 @@ def empirical_ntk(
     :param reduce: ``"mean"`` averages the per-channel kernels :math:`\hat\Theta_{aa}` into an
         ``(n1, n2)`` matrix (comparable with the per-channel infinite-width NTK); ``"none"``
         returns the full ``(n1, n2, k, k)`` tensor.
+    :param method: ``"jacobian"`` builds the full Jacobian with :func:`torch.func.jacrev` (any
+        module); ``"structured"`` sums per-layer products of the affine layers' inputs and output
+        gradients (no ``n x #params`` Jacobian: much faster and lighter for wide networks), which
+        needs a network of row-wise modules whose trainable parameters all belong to
+        :class:`~gpntk.finite.NTKLinear` / ``nn.Linear`` layers, as ``net.finite()`` builds;
+        ``"auto"`` (default) takes ``"structured"`` where it applies.
     """
     x2 = x1 if x2 is None else x2
+    if method not in ("auto", "structured", "jacobian"):
+        raise ValueError(f"method must be 'auto', 'structured' or 'jacobian', got {method!r}")
     _ensure_initialized(model, x1)
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no trainable parameters (requires_grad=True), so its NTK is zero")
-    names = list(params)
-    j1 = _jacobian(model, x1, names, params)
-    j2 = j1 if x2 is x1 else _jacobian(model, x2, names, params)
-    full = torch.einsum("iap,jbp->ijab", j1, j2)
+    structured = _structured_applicable(model)
+    if method == "structured" and not structured:
+        raise ValueError(
+            "method='structured' needs a network of row-wise modules whose trainable parameters all "
+            "belong to NTKLinear / nn.Linear layers; use method='jacobian' for this model"
+        )
+    full = _ntk_structured(model, x1, x2) if structured and method != "jacobian" else _ntk_jacobian(model, x1, x2)
     return _reduce(full, reduce)
 
 

@@ -43,6 +43,27 @@ def _autograd_derivative(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], T
     return derivative
 
 
+def _standard_normal_rule(degree: int) -> tuple[Tensor, Tensor]:
+    r"""Nodes and weights of the ``degree``-point Gauss–Hermite rule for :math:`\mathbb E f(z)`, :math:`z \sim \mathcal N(0, 1)`.
+
+    ``numpy.polynomial.hermite.hermgauss`` overflows (NaN weights) beyond about 360 points; there
+    the rule comes from the Golub–Welsch eigenproblem of the Jacobi matrix instead, whose
+    weights are accurate relative to the largest one (the far nodes' weights underflow to 0).
+    """
+    with np.errstate(all="ignore"):
+        nodes, weights = np.polynomial.hermite.hermgauss(degree)
+    nodes, weights = nodes * math.sqrt(2.0), weights / math.sqrt(math.pi)
+    if not (np.isfinite(weights).all() and np.isfinite(nodes).all()):
+        # probabilists' Hermite recurrence: off-diagonal sqrt(k), eigenvectors' first entries
+        off = np.sqrt(np.arange(1, degree, dtype=np.float64))
+        nodes, vectors = np.linalg.eigh(np.diag(off, 1) + np.diag(off, -1))
+        weights = vectors[0] ** 2
+        nodes = (nodes - nodes[::-1]) / 2  # exact symmetry
+        weights = (weights + weights[::-1]) / 2
+        weights = weights / weights.sum()
+    return torch.from_numpy(nodes), torch.from_numpy(weights)
+
+
 class Elementwise(Activation):
     r"""Any smooth elementwise activation ``fn``, with kernels by Gauss–Hermite quadrature.
 
@@ -70,9 +91,7 @@ class Elementwise(Activation):
         self._derivative = derivative if derivative is not None else _autograd_derivative(fn)
         self.degree = degree
         self._label = name or getattr(fn, "__name__", "fn")
-        nodes, weights = np.polynomial.hermite.hermgauss(degree)
-        self._nodes = torch.from_numpy(nodes * math.sqrt(2.0))
-        self._weights = torch.from_numpy(weights / math.sqrt(math.pi))
+        self._nodes, self._weights = _standard_normal_rule(degree)
 
     def fn(self, x: Tensor) -> Tensor:
         return self._fn(x)
