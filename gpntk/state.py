@@ -55,20 +55,30 @@ class KernelState:
     def from_inputs(x1: Tensor, x2: Tensor, *, diag: bool, same_inputs: bool, track_ntk: bool) -> "KernelState":
         r"""The input layer's state: :math:`\Sigma_0(x, x') = x \cdot x' / d`, :math:`\Theta_0 = 0`.
 
-        ``x1`` is ``(..., n1, d)`` and ``x2`` is ``(..., n2, d)``; in per-point mode ``x2`` is
-        ignored.
+        ``x1`` is ``(..., n1, d)`` and ``x2`` is ``(..., n2, d)``. In per-point mode (``diag``)
+        they hold the same points, and so they do in pair mode with ``same_inputs``.
+
+        Same points given as two different tensors are still two arguments: the variances of
+        ``x1`` come from ``x1`` and those of ``x2`` from ``x2``, and every per-point quantity
+        :math:`\Sigma(x_i, x_i)` is evaluated at the midpoint :math:`x_1 + (x_2 - x_1)/2`, which
+        equals both bitwise and gives each argument its own partial derivative (half the total
+        derivative of :math:`k(x, x)`, by symmetry of the kernel). When ``x1 is x2`` this is
+        the plain per-point variance.
         """
         d = x1.shape[-1]
-        var1 = x1.square().sum(dim=-1, keepdim=True) / d
+
+        def variance(x: Tensor) -> Tensor:
+            return x.square().sum(dim=-1, keepdim=True) / d
+
         if diag:
-            return KernelState(var1, var1, var1, None, diag=True, same_inputs=True, track_ntk=track_ntk)
-        if same_inputs:
-            var2 = var1.transpose(-1, -2)
-        else:
-            var2 = (x2.square().sum(dim=-1, keepdim=True) / d).transpose(-1, -2)
+            var = variance(midpoint(x1, x2))
+            return KernelState(var, var, var, None, diag=True, same_inputs=True, track_ntk=track_ntk)
+        var1 = variance(x1)
+        var2 = var1.transpose(-1, -2) if x2 is x1 else variance(x2).transpose(-1, -2)
         cov12 = x1 @ x2.transpose(-1, -2) / d
         if same_inputs:
-            cov12 = set_diagonal(cov12, var1.squeeze(-1))
+            point_var = var1 if x2 is x1 else variance(midpoint(x1, x2))
+            cov12 = set_diagonal(cov12, point_var.squeeze(-1))
         return KernelState(cov12, var1, var2, None, diag=False, same_inputs=same_inputs, track_ntk=track_ntk)
 
     def replace(self, **changes) -> "KernelState":
@@ -80,6 +90,13 @@ class KernelState:
         if self.ntk12 is None:
             return torch.zeros_like(self.cov12)
         return self.ntk12
+
+
+def midpoint(x1: Tensor, x2: Tensor) -> Tensor:
+    """``x1 + (x2 - x1) / 2``: bitwise ``x1`` where ``x1 == x2``, with derivative 1/2 for each."""
+    if x2 is x1:
+        return x1
+    return x1 + (x2 - x1) / 2
 
 
 def set_diagonal(matrix: Tensor, diagonal: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -19,10 +20,6 @@ import torch
 from gpntk import layers as L
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
-
-#: combinators whose kwargs hold nested layer lists, and the key(s) they live under
-_NESTED = {"serial": "layers", "parallel": "branches"}
-
 
 @dataclass(frozen=True)
 class ReferenceCase:
@@ -47,9 +44,13 @@ def case_names(prefix: str = "") -> list[str]:
     return sorted(p.stem for p in REFERENCE_DIR.glob(f"{prefix}*.npz"))
 
 
+@lru_cache(maxsize=None)
 def load_case(name: str) -> ReferenceCase:
+    """The case ``tests/reference/{name}.npz`` (cached; its arrays are read-only)."""
     with np.load(REFERENCE_DIR / f"{name}.npz") as data:
         arrays = {key: np.array(data[key]) for key in data.files}
+    for array in arrays.values():
+        array.flags.writeable = False
     spec = json.loads(str(arrays.pop("spec")))
     return ReferenceCase(name, spec, arrays)
 
@@ -84,7 +85,7 @@ def build_layers(layers: list, override: Override | None = None) -> list:
         if layer is None:
             if name == "serial":
                 layer = L.serial(*build_layers(kwargs["layers"], override))
-            elif name == "parallel":
+            elif name == "parallel":  # not in gpntk.layers yet: such cases are not selected today
                 branches = [L.serial(*build_layers(b, override)) for b in kwargs["branches"]]
                 layer = L.parallel(*branches)
             else:

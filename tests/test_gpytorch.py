@@ -460,6 +460,39 @@ def test_pickle_roundtrip(cls):
         torch.testing.assert_close(deep(x).to_dense(), kernel(x).to_dense(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "activation",
+    [
+        pytest.param(lambda: L.Tanh(degree=8), id="tanh"),
+        pytest.param(lambda: L.Elementwise(torch.sin, degree=8), id="elementwise-autograd"),
+        pytest.param(lambda: L.Elementwise(torch.sin, torch.cos, degree=8), id="elementwise"),
+        pytest.param(lambda: L.SiLU(degree=8), id="silu"),
+        pytest.param(lambda: L.Sin(), id="sin"),
+        pytest.param(lambda: L.Polynomial([0.0, 1.0, 0.5]), id="polynomial"),
+        pytest.param(lambda: L.LeakyReLU(0.1), id="leaky_relu"),
+    ],
+)
+def test_pickle_every_kind_of_activation(activation):
+    kernel = gpntk.NTKKernel(L.serial(L.Dense(2.0, 0.1), activation(), L.Dense(1.0, 0.1)))
+    clone = pickle.loads(pickle.dumps(kernel))
+    x = torch.randn(4, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x).to_dense(), kernel(x).to_dense(), rtol=0, atol=0)
+
+
+def test_pickle_kernel_with_priors():
+    layer = L.Dense(2.0, 0.1, weight_variance_prior=GammaPrior(2.0, 1.0), bias_variance_prior=NormalPrior(0.1, 1.0))
+    kernel = gpntk.NTKKernel(L.serial(layer, L.Erf(), L.Dense(1.0, 0.1)))
+    clone = pickle.loads(pickle.dumps(kernel))
+    x = torch.randn(5, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x).to_dense(), kernel(x).to_dense(), rtol=0, atol=0)
+    priors = {name: (module, prior, closure) for name, module, prior, closure, _ in clone.named_priors()}
+    assert set(priors) == {"net.layers.0.weight_variance_prior", "net.layers.0.bias_variance_prior"}
+    module, prior, closure = priors["net.layers.0.weight_variance_prior"]
+    torch.testing.assert_close(prior.log_prob(closure(module)), GammaPrior(2.0, 1.0).log_prob(layer.weight_variance))
+
+
 # --------------------------------------------------------------------------------------------
 # dtype and device follow the inputs
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import ArchitectureError
 from ..finite import ElementwiseActivation
 from ..layers.base import Hyperparameters, Layer, Signature
-from ..state import KernelState, set_diagonal
+from ..state import KernelState, midpoint, set_diagonal
 
 __all__ = ["Activation", "correlation", "safe_sqrt", "real_parameter"]
 
@@ -44,7 +44,7 @@ class Activation(Layer):
         raise NotImplementedError
 
     def check(self, signature: Signature) -> Signature:
-        if not signature.gaussian:
+        if signature.gaussian is False:
             raise ArchitectureError(
                 f"{self.name} needs Gaussian pre-activations, so it must follow an affine layer "
                 f"(Dense), not {signature.last}"
@@ -59,14 +59,13 @@ class Activation(Layer):
             return state.replace(cov12=k, var1=k, var2=k, ntk12=ntk12)
         k12, kdot12 = self.dual(state.var1, state.cov12, state.var2, need_dot)
         if state.same_inputs:
-            k1, kdot1 = self.dual_diag(state.var1, need_dot)
-            k12 = set_diagonal(k12, k1.squeeze(-1))
+            # the exact per-point values on the diagonal, differentiable in both arguments
+            k_point, kdot_point = self.dual_diag(midpoint(state.var1, state.var2.transpose(-1, -2)), need_dot)
+            k12 = set_diagonal(k12, k_point.squeeze(-1))
             if need_dot:
-                kdot12 = set_diagonal(kdot12, kdot1.squeeze(-1))
-            k2 = k1.transpose(-1, -2)
-        else:
-            k1, _ = self.dual_diag(state.var1, False)
-            k2, _ = self.dual_diag(state.var2, False)
+                kdot12 = set_diagonal(kdot12, kdot_point.squeeze(-1))
+        k1, _ = self.dual_diag(state.var1, False)
+        k2, _ = self.dual_diag(state.var2, False)
         ntk12 = kdot12 * state.ntk12 if need_dot else state.ntk12
         return state.replace(cov12=k12, var1=k1, var2=k2, ntk12=ntk12)
 

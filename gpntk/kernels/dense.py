@@ -51,11 +51,12 @@ def kernel_diagonal(x1: Tensor, x2: Tensor, *, net: Layer, output: Output, hyper
     r"""The diagonal :math:`k(x_{1,i}, x_{2,i})`, shape ``(..., n)``, without forming a matrix.
 
     When ``x1`` and ``x2`` are the same points this is the exact per-point recursion on the
-    variances :math:`\Sigma(x, x)`, :math:`\Theta(x, x)`; otherwise each pair is evaluated on its own.
+    variances :math:`\Sigma(x, x)`, :math:`\Theta(x, x)` (differentiable in both ``x1`` and
+    ``x2``); otherwise each pair is evaluated on its own.
     """
     batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(h.shape[:-2] for h in hyper.values()))
     if same_inputs(x1, x2):
-        state = KernelState.from_inputs(x1, x1, diag=True, same_inputs=True, track_ntk=output == "ntk")
+        state = KernelState.from_inputs(x1, x2, diag=True, same_inputs=True, track_ntk=output == "ntk")
         state = net.kernel_map(state, Hyperparameters(net, hyper))
         out = _readout(state, output).squeeze(-1)
     else:

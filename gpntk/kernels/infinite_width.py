@@ -3,6 +3,7 @@ r"""GPyTorch kernels of infinitely wide networks: :class:`NTKKernel` and :class:
 from __future__ import annotations
 
 import math
+import operator
 from copy import deepcopy
 from typing import Sequence
 
@@ -97,6 +98,11 @@ class InfiniteWidthKernel(Kernel):
         if last_dim_is_batch:
             raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
         self._validate(x1, x2)
+        if diag and x1.shape[-2] != x2.shape[-2]:
+            raise ValueError(
+                f"diag=True pairs the rows of x1 and x2, which needs as many points in both; got "
+                f"{x1.shape[-2]} and {x2.shape[-2]} (shapes {tuple(x1.shape)} and {tuple(x2.shape)})"
+            )
         hyper = {name: value.to(x1) for name, value in Hyperparameters.collect(self.net).items()}
         if diag:
             return kernel_diagonal(x1, x2, net=self.net, output=self._output, hyper=hyper)
@@ -167,10 +173,23 @@ class NNGPKernel(InfiniteWidthKernel):
 def _check_input_shape(input_shape) -> tuple[int, ...] | None:
     if input_shape is None:
         return None
+    message = f"input_shape must be a sequence of positive integers, got {input_shape!r}"
+    if isinstance(input_shape, (str, bytes)):
+        raise ValueError(message)
     try:
-        shape = tuple(int(s) for s in input_shape)
-    except TypeError:
-        raise ValueError(f"input_shape must be a sequence of positive integers, got {input_shape!r}") from None
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"input_shape must be a sequence of positive integers, got {input_shape!r}")
+        shape = tuple(_positive_int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if not shape:
+        raise ValueError(message)
     return shape
+
+
+def _positive_int(value) -> int:
+    """``value`` as an int if it is a positive integer (not a bool, not a float like 2.5)."""
+    if isinstance(value, bool):
+        raise TypeError
+    value = operator.index(value)
+    if value < 1:
+        raise ValueError
+    return value

@@ -30,11 +30,14 @@ __all__ = ["Layer", "Signature", "Hyperparameters", "Serial", "serial", "Identit
 class Signature:
     """What a layer hands on to the next one, for the build-time checks.
 
-    ``gaussian``: the outputs are Gaussian pre-activations (an affine layer was just applied), so a
-    nonlinearity may follow. ``last``: the name of the layer that produced them, for messages.
+    ``gaussian``: whether the outputs are Gaussian pre-activations (an affine layer was just
+    applied), so that a nonlinearity may follow; ``None`` while unknown, at the start of a block
+    built on its own (``serial`` checks its inside when it is built, and the whole network is
+    checked from the input when a kernel or a finite network is made of it). ``last``: the name
+    of the layer that produced the outputs, for messages.
     """
 
-    gaussian: bool = False
+    gaussian: bool | None = False
     last: str = "the input"
 
 
@@ -149,6 +152,7 @@ class Layer(gpytorch.Module):
             raise ValueError(f"width must be a positive integer, got {width!r}")
         if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
             raise ValueError(f"out_features must be a positive integer, got {out_features!r}")
+        self.check(Signature())
         module, _ = self.build_finite(in_features, width, out_features, True, generator)
         return module
 
@@ -172,7 +176,7 @@ class Serial(Layer):
         if not flat:
             raise ArchitectureError("serial() needs at least one layer")
         self.layers = nn.ModuleList(flat)
-        self.check(Signature())
+        self.check(Signature(gaussian=None, last="the start of this serial block"))
 
     def children_layers(self) -> Iterator[Layer]:
         return iter(self.layers)

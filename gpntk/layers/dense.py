@@ -3,6 +3,7 @@ r"""Fully-connected (``Dense``) layers in NTK parameterization."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import gpytorch
 import torch
@@ -29,6 +30,14 @@ def _check_variance(name: str, value, allow_zero: bool) -> float:
         bound = "non-negative" if allow_zero else "positive"
         raise ArchitectureError(f"{name} is a variance and must be {bound}, got {value}")
     return value
+
+
+def _get_variance(module: "Dense", name: str) -> Tensor:
+    return getattr(module, name)
+
+
+def _set_variance(module: "Dense", value, name: str) -> None:
+    module._set_variance(name, value)
 
 
 class Dense(Layer):
@@ -80,6 +89,7 @@ class Dense(Layer):
         if not isinstance(trainable, bool):
             raise ArchitectureError(f"trainable must be True or False, got {trainable!r}")
         self.trainable = trainable
+        self._exact_values: dict[str, tuple[Tensor, Tensor]] = {}
         self.has_bias = bias_variance > 0
         self.hyperparameter_names = ("weight_variance", "bias_variance") if self.has_bias else ("weight_variance",)
         self._register_variance("weight_variance", weight_variance, weight_variance_prior, weight_variance_constraint)
@@ -96,17 +106,35 @@ class Dense(Layer):
             if not isinstance(prior, Prior):
                 raise TypeError(f"{name}_prior must be a gpytorch.priors.Prior, got {type(prior).__name__}")
             self.register_prior(
-                f"{name}_prior", prior, lambda m, n=name: getattr(m, n), lambda m, v, n=name: m._set_variance(n, v)
+                f"{name}_prior", prior, partial(_get_variance, name=name), partial(_set_variance, name=name)
             )
         self._set_variance(name, value)
 
     def _set_variance(self, name: str, value) -> None:
         raw = getattr(self, f"raw_{name}")
-        value = torch.as_tensor(value, dtype=raw.dtype, device=raw.device)
+        value = torch.as_tensor(value, dtype=torch.float64, device=raw.device)
         if not torch.isfinite(value).all() or (value <= 0).any():
             raise ValueError(f"{name} must be positive and finite, got {value.tolist()}")
         constraint = getattr(self, f"raw_{name}_constraint")
-        self.initialize(**{f"raw_{name}": constraint.inverse_transform(value.expand_as(raw) if value.numel() == 1 else value)})
+        exact = value.expand_as(raw).clone() if value.numel() == 1 else value
+        self.initialize(**{f"raw_{name}": constraint.inverse_transform(exact.to(raw.dtype))})
+        # Remember the value as given, in float64, so that converting the layer to float64 later
+        # (``kernel.double()``) recovers it exactly instead of its float32 rounding.
+        self._exact_values[name] = (exact, getattr(self, f"raw_{name}").detach().clone())
+
+    def _apply(self, fn, recurse: bool = True):
+        untouched = {
+            name: (exact, snapshot)
+            for name, (exact, snapshot) in self._exact_values.items()
+            if torch.equal(getattr(self, f"raw_{name}").detach(), snapshot)
+        }
+        super()._apply(fn, recurse)
+        self._exact_values = {}
+        for name, (exact, _) in untouched.items():
+            raw = getattr(self, f"raw_{name}")
+            if raw.shape == exact.shape:
+                self._set_variance(name, exact)
+        return self
 
     @property
     def weight_variance(self) -> Tensor:
@@ -132,27 +160,34 @@ class Dense(Layer):
     def _raw_names(self) -> list[str]:
         return [f"raw_{name}" for name in self.hyperparameter_names]
 
+    def _reshape_raw(self, name: str, reshape) -> None:
+        """Apply a batch reshaping (expand or index) to a raw parameter and its remembered exact value."""
+        param = getattr(self, f"raw_{name}")
+        remembered = self._exact_values.get(name)
+        untouched = remembered is not None and torch.equal(param.detach(), remembered[1])
+        param.data = reshape(param.data).clone()
+        self._exact_values.pop(name, None)
+        if untouched:
+            self._exact_values[name] = (reshape(remembered[0]).clone(), param.detach().clone())
+
     def expand_hyperparameters(self, batch_shape: torch.Size) -> None:
-        for raw in self._raw_names():
-            param = getattr(self, raw)
-            current = param.shape[:-2]
+        for name in self.hyperparameter_names:
+            current = getattr(self, f"raw_{name}").shape[:-2]
             try:
                 target = torch.broadcast_shapes(current, batch_shape)
             except RuntimeError:
+                target = None
+            if target is None or (target != batch_shape and current != batch_shape):
                 raise ValueError(
-                    f"cannot give {raw} of batch shape {tuple(current)} the batch shape {tuple(batch_shape)}"
-                ) from None
-            if target != batch_shape and current != batch_shape:
-                raise ValueError(
-                    f"{raw} already has batch shape {tuple(current)}, incompatible with {tuple(batch_shape)}"
+                    f"raw_{name} already has batch shape {tuple(current)}, which cannot take the batch "
+                    f"shape {tuple(batch_shape)}"
                 )
             if current != batch_shape:
-                param.data = param.data.expand(*batch_shape, 1, 1).clone()
+                self._reshape_raw(name, lambda t: t.expand(*batch_shape, 1, 1))
 
     def index_hyperparameters(self, index: tuple) -> None:
-        for raw in self._raw_names():
-            param = getattr(self, raw)
-            param.data = param.data[index]
+        for name in self.hyperparameter_names:
+            self._reshape_raw(name, lambda t: t[index])
 
     # --- architecture -------------------------------------------------------------------------
     def check(self, signature: Signature) -> Signature:
