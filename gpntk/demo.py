@@ -93,7 +93,7 @@ def describe_net(net) -> str:
     )
 
 
-def run(print_fn=print) -> dict[str, float]:
+def run(print_fn=print, iterations: int = 150) -> dict[str, float]:
     torch.manual_seed(0)
     train_x, train_y, test_x, test_y = make_problem()
     print_fn("gpntk demo: infinitely wide networks as Gaussian processes")
@@ -112,7 +112,7 @@ def run(print_fn=print) -> dict[str, float]:
     results = {}
     fitted = {}
     for name, (kernel, net) in candidates.items():
-        model, likelihood, before, after, seconds = fit(name, kernel, train_x, train_y)
+        model, likelihood, before, after, seconds = fit(name, kernel, train_x, train_y, iterations)
         mean, var, rmse, nll, cover = evaluate(model, likelihood, test_x, test_y)
         fitted[name] = (model, likelihood, net, mean, var)
         results[name] = rmse

@@ -39,24 +39,38 @@ def _outputs(model: nn.Module, x: Tensor) -> Tensor:
     return out.unsqueeze(-1) if out.dim() == 1 else out.reshape(out.shape[0], -1)
 
 
-def _reduce(full: Tensor, reduce: Literal["mean", "none"]) -> Tensor:
-    if reduce == "none":
-        return full
-    if reduce == "mean":
-        return full.diagonal(dim1=-2, dim2=-1).mean(-1)
-    raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
+def _check_inputs(x1: Tensor, x2: Tensor) -> None:
+    for name, x in (("x1", x1), ("x2", x2)):
+        if not torch.is_tensor(x) or x.dim() < 2:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"{name} must be a tensor of shape (n, d) (one row per input), got {shape}")
+
+
+def _check_reduce(reduce: str) -> None:
+    if reduce not in ("mean", "none"):
+        raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
+
+
+def _pair(eq_full: str, a: Tensor, b: Tensor, channels: str) -> Tensor:
+    """``einsum`` over output-channel pairs: all ``(a, b)`` pairs, or only ``a == b`` (``channels="diag"``)."""
+    if channels == "diag":
+        lhs, rhs = eq_full.split("->")
+        eq_full = lhs.replace("b", "a") + "->" + rhs.replace("b", "")
+    return torch.einsum(eq_full, a, b)
 
 
 # --- generic path: the full Jacobian with torch.func ------------------------------------------
 def _jacobian(model: nn.Module, x: Tensor, names: list[str], params: dict[str, Tensor]) -> Tensor:
     """``(n, k, P)``: the derivative of every output at every input w.r.t. the trainable parameters."""
     frozen = {k: v for k, v in model.named_parameters() if k not in params}
-    buffers = dict(model.named_buffers())
+    # buffers are passed in (as copies) so that modules updating them in place (batch norm's
+    # running statistics) work under the transform and leave the model's own buffers untouched
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
 
-    def outputs(p: dict[str, Tensor]) -> Tensor:
-        return _outputs_functional(model, {**frozen, **p, **buffers}, x)
+    def outputs(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+        return _outputs_functional(model, {**frozen, **p, **b}, x)
 
-    jac = jacrev(outputs)(params)
+    jac = jacrev(outputs, argnums=0)(params, buffers)
     n, k = x.shape[0], jac[names[0]].shape[1]
     return torch.cat([jac[name].reshape(n, k, -1) for name in names], dim=-1)
 
@@ -66,12 +80,12 @@ def _outputs_functional(model: nn.Module, state: dict[str, Tensor], x: Tensor) -
     return out.unsqueeze(-1) if out.dim() == 1 else out.reshape(out.shape[0], -1)
 
 
-def _ntk_jacobian(model: nn.Module, x1: Tensor, x2: Tensor) -> Tensor:
+def _ntk_jacobian(model: nn.Module, x1: Tensor, x2: Tensor, channels: str) -> Tensor:
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     names = list(params)
     j1 = _jacobian(model, x1, names, params)
     j2 = j1 if x2 is x1 else _jacobian(model, x2, names, params)
-    return torch.einsum("iap,jbp->ijab", j1, j2)
+    return _pair("iap,jbp->ijab", j1, j2, channels)
 
 
 # --- structured path: affine layers' inputs and output gradients ------------------------------
@@ -108,7 +122,11 @@ def _layer_gradients(model: nn.Module, x: Tensor) -> tuple[int, list[tuple[nn.Mo
     modules: dict[int, nn.Module] = {}
 
     def hook(module, inputs, output):
-        records[id(module)].append((inputs[0], output))
+        # the derivative w.r.t. a zero "probe" added to the output is the derivative w.r.t. the
+        # output, and exists even where the output itself does not require grad
+        probe = torch.zeros_like(output, requires_grad=True)
+        records[id(module)].append((inputs[0], probe))
+        return output + probe
 
     handles = []
     for module in model.modules():
@@ -127,7 +145,7 @@ def _layer_gradients(model: nn.Module, x: Tensor) -> tuple[int, list[tuple[nn.Mo
     hs = [h for _, _, h in uses]
     eye = torch.eye(k, dtype=out.dtype, device=out.device)
     seeds = eye.unsqueeze(1).expand(k, n, k)
-    if hs:
+    if hs and out.requires_grad:
         try:
             grads = torch.autograd.grad(out, hs, seeds, is_grads_batched=True, allow_unused=True)
         except RuntimeError:  # an operation vmap cannot batch: one backward pass per channel
@@ -139,7 +157,7 @@ def _layer_gradients(model: nn.Module, x: Tensor) -> tuple[int, list[tuple[nn.Mo
                 for u in range(len(hs))
             ]
     else:
-        grads = []
+        grads = [None] * len(hs)
     layers = []
     for key in records:
         a_parts, g_parts = [], []
@@ -155,8 +173,10 @@ def _layer_gradients(model: nn.Module, x: Tensor) -> tuple[int, list[tuple[nn.Mo
     return k, layers
 
 
-def _ntk_structured(model: nn.Module, x1: Tensor, x2: Tensor) -> Tensor:
+def _ntk_structured(model: nn.Module, x1: Tensor, x2: Tensor, channels: str) -> Tensor:
     r"""The ``(n1, n2, k, k)`` NTK from each affine layer's inputs and output gradients.
+
+    With ``channels="diag"`` only the ``(n1, n2, k)`` channel diagonal is computed.
 
     For :math:`h = c_w W a + c_b b` applied at positions :math:`p`, the gradient of output
     :math:`f_\alpha(x)` w.r.t. :math:`W` is :math:`c_w \sum_p g_{\alpha,p}(x)\, a_p(x)^\top`, so
@@ -172,10 +192,12 @@ def _ntk_structured(model: nn.Module, x1: Tensor, x2: Tensor) -> Tensor:
     k, layers1 = _layer_gradients(model, x1)
     layers2 = layers1 if x2 is x1 else _layer_gradients(model, x2)[1]
     n1, n2 = x1.shape[0], x2.shape[0]
+    shape = (n1, n2, k) if channels == "diag" else (n1, n2, k, k)
     if not layers1:
-        return torch.zeros(n1, n2, k, k, dtype=x1.dtype, device=x1.device)
+        return torch.zeros(shape, dtype=x1.dtype, device=x1.device)
     ref = layers1[0][2]
-    full = torch.zeros(n1, n2, k, k, dtype=ref.dtype, device=ref.device)
+    full = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+    expand = (slice(None), slice(None)) + (None,) * (len(shape) - 2)
     by_module2 = {id(m): (a, g) for m, a, g in layers2}
     for module, a1, g1 in layers1:
         a2, g2 = by_module2[id(module)]
@@ -183,20 +205,18 @@ def _ntk_structured(model: nn.Module, x1: Tensor, x2: Tensor) -> Tensor:
         if module.weight.requires_grad:
             p1, p2 = a1.shape[1], a2.shape[1]
             if p1 == 1 and p2 == 1:
-                full += (c_w**2) * torch.einsum("aio,bjo->ijab", g1[:, :, 0], g2[:, :, 0]) * (
-                    a1[:, 0] @ a2[:, 0].transpose(0, 1)
-                )[:, :, None, None]
+                gg = _pair("aio,bjo->ijab", g1[:, :, 0], g2[:, :, 0], channels)
+                full += (c_w**2) * gg * (a1[:, 0] @ a2[:, 0].transpose(0, 1))[expand]
             elif k * k * n1 * n2 * p1 * p2 <= k * (n1 + n2) * a1.shape[-1] * g1.shape[-1]:
-                gg = torch.einsum("aipo,bjqo->ijabpq", g1, g2)
+                gg = _pair("aipo,bjqo->ijabpq", g1, g2, channels)
                 aa = torch.einsum("ipd,jqd->ijpq", a1, a2)
-                full += (c_w**2) * torch.einsum("ijabpq,ijpq->ijab", gg, aa)
+                full += (c_w**2) * (gg * aa[expand]).sum((-2, -1))
             else:  # materialise the per-input weight gradients
                 j1 = torch.einsum("aipo,ipd->iaod", g1, a1).reshape(n1, k, -1)
                 j2 = j1 if x2 is x1 else torch.einsum("aipo,ipd->iaod", g2, a2).reshape(n2, k, -1)
-                full += (c_w**2) * torch.einsum("iap,jbp->ijab", j1, j2)
+                full += (c_w**2) * _pair("iap,jbp->ijab", j1, j2, channels)
         if module.bias is not None and module.bias.requires_grad:
-            b1, b2 = g1.sum(2), g2.sum(2)
-            full += (c_b**2) * torch.einsum("aio,bjo->ijab", b1, b2)
+            full += (c_b**2) * _pair("aio,bjo->ijab", g1.sum(2), g2.sum(2), channels)
     return full
 
 
@@ -222,6 +242,8 @@ def empirical_ntk(
         ``"auto"`` (default) takes ``"structured"`` where it applies.
     """
     x2 = x1 if x2 is None else x2
+    _check_inputs(x1, x2)
+    _check_reduce(reduce)
     if method not in ("auto", "structured", "jacobian"):
         raise ValueError(f"method must be 'auto', 'structured' or 'jacobian', got {method!r}")
     _ensure_initialized(model, x1)
@@ -233,8 +255,12 @@ def empirical_ntk(
             "method='structured' needs a network of row-wise modules whose trainable parameters all "
             "belong to NTKLinear / nn.Linear layers; use method='jacobian' for this model"
         )
-    full = _ntk_structured(model, x1, x2) if structured and method != "jacobian" else _ntk_jacobian(model, x1, x2)
-    return _reduce(full, reduce)
+    channels = "diag" if reduce == "mean" else "all"
+    if structured and method != "jacobian":
+        kernel = _ntk_structured(model, x1, x2, channels)
+    else:
+        kernel = _ntk_jacobian(model, x1, x2, channels)
+    return kernel.mean(-1) if reduce == "mean" else kernel
 
 
 def empirical_nngp(
@@ -246,11 +272,14 @@ def empirical_nngp(
     initialisations is the finite-width NNGP kernel.
     """
     x2 = x1 if x2 is None else x2
+    _check_inputs(x1, x2)
+    _check_reduce(reduce)
     with torch.no_grad():
         f1 = _outputs(model, x1)
         f2 = f1 if x2 is x1 else _outputs(model, x2)
-    full = torch.einsum("ia,jb->ijab", f1, f2)
-    return _reduce(full, reduce)
+    if reduce == "mean":  # never the (n1, n2, k, k) outer products: k can be in the thousands
+        return (f1 @ f2.transpose(0, 1)) / f1.shape[-1]
+    return torch.einsum("ia,jb->ijab", f1, f2)
 
 
 def _ensure_initialized(model: nn.Module, x: Tensor) -> None:
@@ -275,16 +304,19 @@ def monte_carlo_kernel(
     Draws ``n_samples`` networks (seeded, so the estimate is reproducible), evaluates their
     empirical kernel (averaged over ``out_features`` output channels) and returns
     ``(mean, standard_error)``, both ``(n1, n2)``. The mean converges to the infinite-width
-    kernel as ``width`` grows, with a finite-width bias of order ``1/width`` and a spread across
-    networks of order ``1/sqrt(width)`` for the NTK.
+    kernel as ``width`` grows, with a finite-width bias of order ``1/width`` (none for one hidden
+    layer) and a spread across networks of relative order ``1/sqrt(width)`` for the NTK and
+    ``1/sqrt(width) + 1/sqrt(out_features)`` for the NNGP (one network's outputs are only
+    ``out_features`` draws of the GP, so estimate the NNGP with many output channels).
     """
-    if n_samples < 2:
-        raise ValueError(f"n_samples must be at least 2 for a standard error, got {n_samples}")
-    x2 = x1 if x2 is None else x2
-    generator = torch.Generator().manual_seed(seed)
-    estimator = empirical_ntk if kind == "ntk" else empirical_nngp
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
+        raise ValueError(f"n_samples must be an integer of at least 2 (for a standard error), got {n_samples!r}")
     if kind not in ("ntk", "nngp"):
         raise ValueError(f"kind must be 'ntk' or 'nngp', got {kind!r}")
+    x2 = x1 if x2 is None else x2
+    _check_inputs(x1, x2)
+    generator = torch.Generator().manual_seed(seed)
+    estimator = empirical_ntk if kind == "ntk" else empirical_nngp
     samples = []
     for _ in range(n_samples):
         model = net.finite(width, in_features=x1.shape[-1], out_features=out_features, generator=generator).to(x1)

@@ -7,6 +7,11 @@ An affine layer of width :math:`n_{out}` acting on :math:`n_{in}` features compu
 
 so that as the widths grow its NNGP and NTK converge to the kernels of :mod:`gpntk.kernels`
 (Jacot et al. 2018; Lee et al. 2019).
+
+Modules here set ``gpntk_rowwise = True``: they act on every input row (example) separately, which
+lets :func:`gpntk.empirical.empirical_ntk` take its fast structured path. A finite-width module
+defined elsewhere may set it too if it never mixes rows and holds no trainable parameters of its
+own (trainable parameters must live in :class:`NTKLinear` or ``nn.Linear`` children).
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ from torch.nn.parameter import UninitializedParameter
 __all__ = ["NTKLinear", "ElementwiseActivation"]
 
 
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
 class NTKLinear(LazyModuleMixin, nn.Module):
     r"""Affine map :math:`x \mapsto \sigma_w/\sqrt{n_{in}}\, W x + \sigma_b b` with standard normal weights.
 
@@ -31,6 +42,7 @@ class NTKLinear(LazyModuleMixin, nn.Module):
     """
 
     cls_to_become = None
+    gpntk_rowwise = True
 
     def __init__(
         self,
@@ -42,6 +54,14 @@ class NTKLinear(LazyModuleMixin, nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
+        if in_features is not None:
+            in_features = _positive_int("in_features", in_features)
+        out_features = _positive_int("out_features", out_features)
+        weight_std, bias_std = float(weight_std), float(bias_std)
+        if not (math.isfinite(weight_std) and weight_std > 0):
+            raise ValueError(f"weight_std must be positive and finite, got {weight_std}")
+        if not (math.isfinite(bias_std) and bias_std >= 0):
+            raise ValueError(f"bias_std must be non-negative and finite, got {bias_std}")
         self.out_features = out_features
         self.weight_std = float(weight_std)
         self.bias_std = float(bias_std)
@@ -84,6 +104,8 @@ class NTKLinear(LazyModuleMixin, nn.Module):
 
 class ElementwiseActivation(nn.Module):
     """Applies a scalar function elementwise (the finite-width counterpart of an activation layer)."""
+
+    gpntk_rowwise = True
 
     def __init__(self, fn: Callable[[Tensor], Tensor], name: str):
         super().__init__()

@@ -52,7 +52,7 @@ def _cholesky(q11: float, rho: float, q22: float) -> tuple[float, float, float]:
 
 
 def trapezoid_expectation(f, g, q11, rho, q22) -> float:
-    """:math:`\mathbb E[f(u) g(v)]` for smooth f, g by the tensor trapezoidal rule."""
+    r""":math:`\mathbb E[f(u) g(v)]` for smooth f, g by the tensor trapezoidal rule."""
     l11, l21, l22 = _cholesky(q11, rho, q22)
     z, w = _TRAP_NODES, _TRAP_WEIGHTS
     if l22 == 0.0:  # v = l21 z1: a one-dimensional integral

@@ -8,7 +8,7 @@ from gpntk import demo
 
 def test_demo_fits_and_predicts():
     lines = []
-    results = demo.run(print_fn=lines.append)
+    results = demo.run(print_fn=lines.append, iterations=60)
     text = "\n".join(lines)
     assert "NTK  (ReLU, depth 3)" in text and "fitted NTK hyperparameters" in text
     # standardised targets: predicting the mean would give RMSE ≈ 1

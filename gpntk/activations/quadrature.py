@@ -47,7 +47,7 @@ _BLOCK_ELEMENTS = 1 << 22
 
 
 class _AutogradDerivative:
-    """:math:`\phi'` of an elementwise ``fn`` by forward-mode autograd (picklable when ``fn`` is)."""
+    r""":math:`\phi'` of an elementwise ``fn`` by forward-mode autograd (picklable when ``fn`` is)."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor]):
         self.fn = fn

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..layers.base import Hyperparameters, Layer
 from ..state import KernelState
 
-__all__ = ["covariance_function", "kernel_diagonal", "same_inputs"]
+__all__ = ["covariance_function", "kernel_diagonal", "nngp_and_ntk", "same_inputs"]
 
 Output = Literal["ntk", "nngp"]
 
@@ -65,3 +65,17 @@ def kernel_diagonal(x1: Tensor, x2: Tensor, *, net: Layer, output: Output, hyper
         out = covariance_function(x1.unsqueeze(-2), x2.unsqueeze(-2), net=net, output=output, **hyper)
         out = out[..., 0, 0]
     return out.expand(*batch, x1.shape[-2])
+
+
+def nngp_and_ntk(net: Layer, x1: Tensor, x2: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    r"""Both kernel matrices :math:`(\Sigma(x_1, x_2), \Theta(x_1, x_2))` from one pass of the recursion.
+
+    ``x1`` is ``(..., n1, d)``, ``x2`` is ``(..., n2, d)`` (``None`` for ``x1``); the network's
+    current hyperparameters are cast to the dtype and device of ``x1``. Used where both kernels
+    are needed at once (the trained-ensemble posterior).
+    """
+    x2 = x1 if x2 is None else x2
+    hyper = {name: value.to(x1) for name, value in Hyperparameters.collect(net).items()}
+    state = KernelState.from_inputs(x1, x2, diag=False, same_inputs=same_inputs(x1, x2), track_ntk=True)
+    state = net.kernel_map(state, Hyperparameters(net, hyper))
+    return state.cov12, state.ntk_or_zeros()

@@ -135,9 +135,7 @@ class InfiniteWidthKernel(Kernel):
         new_kernel = deepcopy(self)
         new_kernel._batch_shape = new_batch_shape
         for layer in parameterized_layers(new_kernel.net):
-            for raw in (f"raw_{n}" for n in layer.hyperparameter_names):
-                param = getattr(layer, raw)
-                param.data = param.data.expand(*new_batch_shape, 1, 1).clone()
+            layer.expand_hyperparameters(new_batch_shape)
         return new_kernel
 
     def __repr__(self) -> str:

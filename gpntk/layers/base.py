@@ -13,6 +13,7 @@ Every layer does three things:
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -148,10 +149,10 @@ class Layer(gpytorch.Module):
         (``trainable=False``) have ``requires_grad=False`` weights. ``in_features`` may be left
         out: it is then inferred from the first batch of inputs.
         """
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive integer, got {width!r}")
-        if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
-            raise ValueError(f"out_features must be a positive integer, got {out_features!r}")
+        width = _positive_integer("width", width)
+        out_features = _positive_integer("out_features", out_features)
+        if in_features is not None:
+            in_features = _positive_integer("in_features", in_features)
         self.check(Signature())
         module, _ = self.build_finite(in_features, width, out_features, True, generator)
         return module
@@ -203,6 +204,19 @@ class Serial(Layer):
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"serial({inner})"
+
+
+def _positive_integer(name: str, value) -> int:
+    """``value`` as an int (Python or numpy integers), or a ValueError naming ``name``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def serial(*layers: Layer) -> Serial:

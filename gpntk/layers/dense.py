@@ -116,7 +116,13 @@ class Dense(Layer):
         if not torch.isfinite(value).all() or (value <= 0).any():
             raise ValueError(f"{name} must be positive and finite, got {value.tolist()}")
         constraint = getattr(self, f"raw_{name}_constraint")
-        exact = value.expand_as(raw).clone() if value.numel() == 1 else value
+        try:
+            exact = value.expand(raw.shape).clone()
+        except RuntimeError:
+            raise ValueError(
+                f"{name} has shape {tuple(raw.shape)} (batch shape {tuple(raw.shape[:-2])}); a value of "
+                f"shape {tuple(value.shape)} does not broadcast to it"
+            ) from None
         self.initialize(**{f"raw_{name}": constraint.inverse_transform(exact.to(raw.dtype))})
         # Remember the value as given, in float64, so that converting the layer to float64 later
         # (``kernel.double()``) recovers it exactly instead of its float32 rounding.
