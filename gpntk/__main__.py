@@ -9,12 +9,13 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpntk", description="Infinitely wide neural networks as GPyTorch GPs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="fit NTK/NNGP Gaussian processes to a built-in problem and print the results")
+    demo = sub.add_parser("demo", help="trained-ensemble posteriors and NTK/NNGP GPs on built-in problems")
+    demo.add_argument("--figure", default="gpntk-demo.png", help="where to save the figure (PNG); '' for none")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
 
-        run()
+        run(figure=args.figure or None)
     return 0
 
 

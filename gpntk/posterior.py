@@ -94,7 +94,9 @@ class TrainedEnsemble:
     ``post(test_x, t, regime)`` returns a GPyTorch ``MultivariateNormal`` for 1-D targets and a
     ``MultitaskMultivariateNormal`` (covariance :math:`\Sigma_t \otimes I_k`) for ``(n, k)``
     targets; ``t`` is a float, ``math.inf`` or a 1-D tensor of times, which adds a leading batch
-    dimension. Kernels are evaluated in the dtype of ``train_x`` (float64 recommended).
+    dimension. Kernels are evaluated in the dtype of ``train_x`` (float64 recommended) with the
+    network's hyperparameters at construction time treated as constants: gradients flow to
+    ``test_x`` (e.g. for acquisition optimisation), not to the hyperparameters or training data.
     """
 
     def __init__(
@@ -132,7 +134,7 @@ class TrainedEnsemble:
         self.learning_rate = learning_rate
         self.diag_reg = diag_reg
         with torch.no_grad():
-            self._nngp_xx, self._ntk_xx = (k.detach() for k in nngp_and_ntk(net, train_x))
+            self._nngp_xx, self._ntk_xx = nngp_and_ntk(net, train_x.detach(), detach_hyperparameters=True)
         self._spectra: dict[str, _Spectrum] = {}
         self._test_cache: _TestKernels | None = None
 
@@ -202,8 +204,8 @@ class TrainedEnsemble:
         cache = self._test_cache
         if cache is not None and cache.x.shape == test_x.shape and torch.equal(cache.x, test_x):
             return cache
-        nngp_tx, ntk_tx = nngp_and_ntk(self.net, test_x, self.train_x)
-        nngp_tt, ntk_tt = nngp_and_ntk(self.net, test_x)
+        nngp_tx, ntk_tx = nngp_and_ntk(self.net, test_x, self.train_x.detach(), detach_hyperparameters=True)
+        nngp_tt, ntk_tt = nngp_and_ntk(self.net, test_x, detach_hyperparameters=True)
         self._test_cache = _TestKernels(test_x.detach().clone(), nngp_tx, ntk_tx, nngp_tt, ntk_tt)
         return self._test_cache
 
@@ -318,7 +320,7 @@ class TrainedEnsemble:
                 else:  # V^T Σ_t(X, X) V = (I - D) S (I - D), D = diag(fitted)
                     trace = (spectrum.prior_in_basis.diagonal() * (1 - fitted).square()).sum()
                 loss = loss + self.num_outputs * trace
-            losses.append(loss / (2 * self.num_train * self.num_outputs))
+            losses.append(loss.clamp_min(0) / (2 * self.num_train * self.num_outputs))
         return torch.stack(losses) if batched else losses[0]
 
     def max_learning_rate(self, regime: Regime = "ntk") -> float:

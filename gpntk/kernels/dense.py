@@ -67,15 +67,21 @@ def kernel_diagonal(x1: Tensor, x2: Tensor, *, net: Layer, output: Output, hyper
     return out.expand(*batch, x1.shape[-2])
 
 
-def nngp_and_ntk(net: Layer, x1: Tensor, x2: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def nngp_and_ntk(
+    net: Layer, x1: Tensor, x2: Tensor | None = None, *, detach_hyperparameters: bool = False
+) -> tuple[Tensor, Tensor]:
     r"""Both kernel matrices :math:`(\Sigma(x_1, x_2), \Theta(x_1, x_2))` from one pass of the recursion.
 
     ``x1`` is ``(..., n1, d)``, ``x2`` is ``(..., n2, d)`` (``None`` for ``x1``); the network's
-    current hyperparameters are cast to the dtype and device of ``x1``. Used where both kernels
-    are needed at once (the trained-ensemble posterior).
+    current hyperparameters are cast to the dtype and device of ``x1`` (and treated as constants
+    with ``detach_hyperparameters``). Used where both kernels are needed at once (the
+    trained-ensemble posterior).
     """
     x2 = x1 if x2 is None else x2
-    hyper = {name: value.to(x1) for name, value in Hyperparameters.collect(net).items()}
+    hyper = {
+        name: (value.detach() if detach_hyperparameters else value).to(x1)
+        for name, value in Hyperparameters.collect(net).items()
+    }
     state = KernelState.from_inputs(x1, x2, diag=False, same_inputs=same_inputs(x1, x2), track_ntk=True)
     state = net.kernel_map(state, Hyperparameters(net, hyper))
     return state.cov12, state.ntk_or_zeros()
