@@ -21,13 +21,7 @@ from gpntk import layers as L
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64_and_seed():
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(DTYPE)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(default)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 @contextmanager

@@ -17,13 +17,7 @@ from gpntk.activations import activation_from_name
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(DTYPE)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(default)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 @pytest.fixture(params=[gpntk.NTKKernel, gpntk.NNGPKernel], ids=["ntk", "nngp"])

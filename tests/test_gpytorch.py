@@ -142,14 +142,12 @@ class TestNNGPUnsharedFrozen(_InfiniteWidthKernelTestCase, unittest.TestCase):
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
 @pytest.fixture(autouse=True)
-def _float64_and_seed():
-    """Every test runs in float64 (the reference precision) unless it states another dtype."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(DTYPE)
+def _seed(float64_default):
     torch.manual_seed(1234)
-    yield
-    torch.set_default_dtype(default)
 
 
 def data(n=20, d=3, fn=None, dtype=DTYPE):

@@ -22,13 +22,7 @@ SMOOTH_ACTIVATIONS = ["relu", "erf", "gelu", "tanh"]
 ALL_ACTIVATIONS = ["relu", "erf", "gelu", "abs", "sign", "tanh"]
 
 
-@pytest.fixture(autouse=True)
-def _float64_and_seed():
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(DTYPE)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(default)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def make_net(activation: str, depth: int, bias: bool = True, shared: bool = False) -> L.Serial:

@@ -18,12 +18,7 @@ from _reference import build_net, load_case
 POSTERIOR_CASES = ["post_relu_d2", "post_erf_d3_multi"]
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _times(spec) -> list[float]:
