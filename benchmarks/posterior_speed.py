@@ -20,7 +20,7 @@ excluded from the medians; the warm-up run's wall time is shown separately as "f
 
 * ``kernels``: every kernel matrix the posterior needs. gpntk: ``TrainedEnsemble(...)`` (computes
   NNGP and NTK on the training set) and the test-train / test-test kernels ``moments`` uses (its
-  cached ``_test_kernels``). NT: exactly the ``kernel_fn`` calls that ``predict_fn`` makes
+  cached private ``_test_kernels``; where that is missing they fall under ``predict``). NT: exactly the ``kernel_fn`` calls that ``predict_fn`` makes
   (recorded during the warm-up), with ``kernel_fn`` jitted (``--nt-no-jit`` for eager).
 * ``predict``: everything else, for all times at once: eigendecomposition of the training kernel
   and the per-time products. gpntk: ``moments(x_test, times, regime)`` with the kernels cached.
@@ -36,9 +36,15 @@ allows it, else ``getrusage`` ru_maxrss) of each worker process, and the RSS aft
 Agreement: for every time, ``max|gpntk - NT| / max|NT|`` of the mean and of the covariance; the
 worst over times is reported (and where it occurs); they should agree to about 1e-8.
 
-gpntk is run twice by default: as a user would call it (its kernels carry autograd graphs
-because the network's hyperparameters are trainable ``nn.Parameter`` s) and under
-``torch.no_grad()`` (the like-for-like comparison with NT, which tracks no gradients).
+gpntk is run as a user calls it (``--libs gpntk-nograd`` adds a run under ``torch.no_grad()``;
+the two differ only if ``moments`` builds autograd graphs, as it did before its kernels were
+computed with detached hyperparameters). gpntk's layers are converted with ``net.double()`` so
+that their hyperparameters are exactly NT's (``--gpntk-float32-params`` keeps the float32 ones).
+
+The machine may be shared: the table shows the load average, the process CPU time and the
+minimum besides the median. Multi-threaded BLAS / LAPACK (OpenMP) can slow down by 10x or more
+when other jobs occupy the cores (threads spin at barriers waiting for a descheduled peer);
+``--threads 1`` or ``--omp-passive`` give steadier numbers there.
 
     .venv/bin/python benchmarks/posterior_speed.py                      # n=2000, m=500, k=1, ntk
     .venv/bin/python benchmarks/posterior_speed.py --n 500 --repeats 2  # quick
@@ -68,7 +74,7 @@ import numpy as np
 DEFAULT_NT_PYTHON = "/work/main/.venv-nt/bin/python"
 INSTALL_HINT = "bash /work/shared/tools/install-neural-tangents.sh /work/main/.venv-nt"
 LIBS = ("gpntk", "gpntk-nograd", "nt")
-LABELS = {"gpntk": "gpntk (autograd on)", "gpntk-nograd": "gpntk (no_grad)", "nt": "Neural Tangents"}
+LABELS = {"gpntk": "gpntk", "gpntk-nograd": "gpntk (no_grad)", "nt": "Neural Tangents"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,11 +111,6 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def _worker_common(data_path: str) -> dict:
-    data = dict(np.load(data_path))
-    return data
-
-
 def worker_gpntk(args) -> dict:
     import torch
 
@@ -117,7 +118,7 @@ def worker_gpntk(args) -> dict:
     from gpntk.kernels.dense import nngp_and_ntk
     from gpntk.posterior import TrainedEnsemble
 
-    data = _worker_common(args.data)
+    data = dict(np.load(args.data))
     x = torch.from_numpy(data["x_train"])
     y = torch.from_numpy(data["y_train"])
     if y.shape[1] == 1:
@@ -137,18 +138,17 @@ def worker_gpntk(args) -> dict:
     reset_ok = _reset_peak_rss()
 
     cpu: list[float] = []
-    last: list = []
 
-    def run():
+    def run():  # the ensemble is local: the previous repeat's is freed before the next is built
         with grad_ctx():
             c0, t0 = time.process_time(), time.perf_counter()
             ens = TrainedEnsemble(net, x, y, learning_rate=args.lr, diag_reg=args.diag_reg)
-            ens._test_kernels(xt)  # the kernels moments() needs, cached on the ensemble
+            if hasattr(ens, "_test_kernels"):  # the test kernels moments() needs, cached on the ensemble
+                ens._test_kernels(xt)
             t1 = time.perf_counter()
             mean, cov = ens.moments(xt, times, args.regime)
             t2, c2 = time.perf_counter(), time.process_time()
         cpu.append(c2 - c0)
-        last[:] = [ens]
         return mean, cov, t1 - t0, t2 - t1
 
     caught = []
@@ -181,10 +181,10 @@ def worker_gpntk(args) -> dict:
     mean = mean.detach().numpy()
     if mean.ndim == 2:
         mean = mean[..., None]
-    ens = last[0]
-    tk = ens._test_kernels(xt)
-    kernels = {"nngp_xx": ens._nngp_xx, "ntk_xx": ens._ntk_xx, "nngp_tx": tk.nngp_tx, "ntk_tx": tk.ntk_tx,
-               "nngp_tt": tk.nngp_tt}
+    with torch.no_grad():  # the kernels, for the comparison with NT's (same function TrainedEnsemble uses)
+        kernels = dict(zip(("nngp_xx", "ntk_xx"), nngp_and_ntk(net, x)))
+        kernels.update(zip(("nngp_tx", "ntk_tx"), nngp_and_ntk(net, xt, x)))
+        kernels["nngp_tt"] = nngp_and_ntk(net, xt)[0]
     np.savez(args.out, mean=mean, cov=cov.detach().numpy(), **{k: v.detach().numpy() for k, v in kernels.items()})
     return {
         "versions": f"gpntk {getattr(gpntk, '__version__', '?')}, torch {torch.__version__}",
@@ -210,7 +210,7 @@ def worker_nt(args) -> dict:
     import neural_tangents as nt
     from neural_tangents import stax
 
-    data = _worker_common(args.data)
+    data = dict(np.load(args.data))
     x = jnp.asarray(data["x_train"])
     y = jnp.asarray(data["y_train"])
     xt = jnp.asarray(data["x_test"])
@@ -263,6 +263,7 @@ def worker_nt(args) -> dict:
     last_cache: dict = {}
 
     def run(record=False):
+        last_cache.clear()  # let the previous repeat's kernels go, so the peak is that of one run
         c0, t0 = time.process_time(), time.perf_counter()
         if record:
             out = make_predictor(recording_kernel_fn)(t=times, x_test=xt, get=args.regime, compute_cov=True)
@@ -321,7 +322,8 @@ def worker_nt(args) -> dict:
                 kernels[f"{g}_{pair}"] = np.asarray(arr)
     np.savez(args.out, mean=mean, cov=cov, **kernels)
     return {
-        "versions": f"neural-tangents {nt.__version__}, jax {jax.__version__}, kernel_fn {'eager' if args.nt_no_jit else 'jitted'}",
+        "versions": f"neural-tangents {nt.__version__}, jax {jax.__version__}, "
+        f"kernel_fn {'eager' if args.nt_no_jit else 'jitted'}",
         "threads": f"XLA CPU devices {jax.device_count()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         "first": {"kernels": float("nan"), "predict": float("nan"), "total": first},
         "kernels": kern,
@@ -367,19 +369,20 @@ def run_worker(lib: str, python: str, args, tmp: Path) -> dict:
         n = str(args.threads)
         env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
         if lib == "nt":
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=" +
-                                ("false" if args.threads == 1 else "true")).strip()
+            # XLA's own matmuls are single-threaded with this flag; LAPACK (eigh) follows the BLAS
+            # variables above. There is no XLA flag for an exact count > 1.
+            if args.threads == 1:
+                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    if args.omp_passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     load = os.getloadavg()[0]
-    start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"the {lib} worker failed (exit {proc.returncode}); command: {' '.join(cmd)}")
     result = json.loads(meta.read_text())
     result["load_before"] = load
-    result["process_wall"] = wall
     result["arrays"] = dict(np.load(out))
     return result
 
@@ -453,7 +456,7 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
-def attribution(results: dict, data: dict, args, agreement: dict) -> None:
+def attribution(results: dict, data: dict, args, agreements: dict) -> None:
     """Where a gpntk / NT difference comes from: the kernels or the posterior algebra."""
     nt = results["nt"]["arrays"]
     print()
@@ -471,17 +474,21 @@ def attribution(results: dict, data: dict, args, agreement: dict) -> None:
             print(line)
             break  # the kernels do not depend on the grad mode
     times = data["times"]
+    gp_lib = next(iter(agreements))
+    agreement = agreements[gp_lib]
     picks = sorted({0, len(times) // 2, len(times) - 1} | {agreement[n]["at_index"] for n in ("mean", "cov")})
     t_list = [float(times[i]) for i in picks]
     y = data["y_train"]
-    gp_lib = next(lib for lib in results if lib != "nt")
     gp = results[gp_lib]["arrays"]
     print()
     print(f"Attribution at t = {', '.join(f'{t:.3g}' for t in t_list)}: a plain-numpy posterior (solve at t=inf,")
     print("Taylor series where τλmax <= 2, else numpy eigh) from each library's own kernels, and from the other's:")
     ref_gp = reference_moments(gp, y, t_list, args)
     ref_nt = reference_moments(nt, y, t_list, args)
-    print(f"  {'t':>9s} | {'gpntk vs ref(gpntk K)':>23s} | {'NT vs ref(NT K)':>23s} | {'ref(gpntk K) vs ref(NT K)':>25s}")
+    print(
+        f"  {'t':>9s} | {'gpntk vs ref(gpntk K)':>23s} | {'NT vs ref(NT K)':>23s} | "
+        f"{'ref(gpntk K) vs ref(NT K)':>25s}"
+    )
     print(f"  {'':>9s} | {'mean':>11s} {'cov':>11s} | {'mean':>11s} {'cov':>11s} | {'mean':>12s} {'cov':>12s}")
     for j, i in enumerate(picks):
         (mg, cg), (mn, cn) = ref_gp[j], ref_nt[j]
@@ -512,13 +519,16 @@ def main() -> None:
     p.add_argument("--weight-variance", type=float, default=2.0)
     p.add_argument("--bias-variance", type=float, default=0.1)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median)")
-    p.add_argument("--libs", nargs="+", choices=LIBS, default=list(LIBS))
+    p.add_argument("--libs", nargs="+", choices=LIBS, default=["gpntk", "nt"])
     p.add_argument("--nt-python", default=DEFAULT_NT_PYTHON, help="python of the Neural Tangents venv")
     p.add_argument("--gpntk-python", default=sys.executable, help="python of the gpntk venv")
     p.add_argument("--nt-no-jit", action="store_true", help="run NT's kernel_fn eagerly instead of jax.jit")
     p.add_argument("--gpntk-float32-params", action="store_true",
                    help="keep gpntk's layers in their default float32 (hyperparameters rounded to float32; "
                         "by default the net is converted with .double())")
+    p.add_argument("--omp-passive", action="store_true",
+                   help="set OMP_WAIT_POLICY=PASSIVE in the workers: OpenMP threads sleep instead of spinning "
+                        "at barriers (much steadier on a machine shared with other jobs)")
     p.add_argument("--threads", type=int, default=0, help="limit BLAS/OMP/XLA threads (0: library defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-attribution", action="store_true",
@@ -557,71 +567,87 @@ def main() -> None:
             print(f"running {LABELS[lib]} ...", file=sys.stderr, flush=True)
             results[lib] = run_worker(lib, python, args, tmp)
 
+    report(results, data, args)
+
+
+def report(results: dict, data: dict, args) -> None:
     times = data["times"]
     print()
     print(
-        f"Trained-ensemble posterior, depth-{args.depth} ReLU MLP (σw²={args.weight_variance}, σb²={args.bias_variance}), "
-        f"regime={args.regime}, float64"
+        f"Trained-ensemble posterior, depth-{args.depth} ReLU MLP (σw²={args.weight_variance}, "
+        f"σb²={args.bias_variance}), regime={args.regime}, float64"
     )
     print(
         f"n={args.n} train, d={args.d}, k={args.k}, m={args.m} test, {len(times)} times "
-        f"(logspace 1e{args.log10_tmin:g}..1e{args.log10_tmax:g} + inf), lr={args.lr:g}, diag_reg={args.diag_reg:g}; "
-        "mean and full covariance"
+        f"(logspace 1e{args.log10_tmin:g}..1e{args.log10_tmax:g} + inf), lr={args.lr:g}, "
+        f"diag_reg={args.diag_reg:g}; mean and full covariance"
     )
+    threads = "defaults" if not args.threads else args.threads
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, threads={'defaults' if not args.threads else args.threads}; "
-        f"medians of {args.repeats} repeats after 1 untimed warm-up run (compile time NOT in the medians; "
-        "'first' is the warm-up's wall time, incl. JAX compilation / first-call overheads)"
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, threads={threads}"
+        f"{', OMP_WAIT_POLICY=PASSIVE' if args.omp_passive else ''}; medians of {args.repeats} repeats after 1 "
+        "untimed warm-up run\n(compile time NOT in the medians; 'first' = the warm-up's wall time for the whole "
+        "pipeline, incl. JAX compilation / first-call overheads)"
     )
     for lib, r in results.items():
         print(f"  {LABELS[lib]:22s} {r['versions']}; {r['threads']}; 1-min load avg before: {r['load_before']:.2f}")
     print()
-    header = (f"{'':22s} {'kernels s':>10s} {'predict s':>10s} {'(eigh s)':>9s} {'total s':>9s} "
-              f"{'cpu s':>7s} {'first s':>8s} {'RSS base MiB':>12s} {'peak MiB':>9s} {'peak-base':>9s}")
+    cols = ["kernels s", "predict s", "(eigh s)", "total s", "min tot s", "cpu s", "first s", "base MiB",
+            "peak MiB", "peak-base"]
+    header = f"{'':22s}" + "".join(f"{c:>11s}" for c in cols)
     print(header)
     print("-" * len(header))
     med = {}
     for lib, r in results.items():
-        k, pr = _median(r["kernels"]), _median(r["predict"])
-        tot = _median([a + b for a, b in zip(r["kernels"], r["predict"])])
-        med[lib] = {"kernels": k, "predict": pr, "eigh": _median(r["eigh"]), "total": tot,
-                    "peak": r["rss_peak_kib"], "base": r["rss_baseline_kib"], "cpu": _median(r["cpu"])}
+        totals = [a + b for a, b in zip(r["kernels"], r["predict"])]
+        med[lib] = {
+            "kernels": _median(r["kernels"]), "predict": _median(r["predict"]), "eigh": _median(r["eigh"]),
+            "total": _median(totals), "min": min(totals), "cpu": _median(r["cpu"]), "first": r["first"]["total"],
+            "base": r["rss_baseline_kib"] / 1024, "peak": r["rss_peak_kib"] / 1024,
+        }
+        med[lib]["delta"] = med[lib]["peak"] - med[lib]["base"]
+        row = med[lib]
         print(
-            f"{LABELS[lib]:22s} {k:10.3f} {pr:10.3f} {med[lib]['eigh']:9.3f} {tot:9.3f} {med[lib]['cpu']:7.2f} {r['first']['total']:8.2f} "
-            f"{fmt_mib(r['rss_baseline_kib']):>12s} {fmt_mib(r['rss_peak_kib']):>9s} "
-            f"{fmt_mib(r['rss_peak_kib'] - r['rss_baseline_kib']):>9s}"
+            f"{LABELS[lib]:22s}"
+            + "".join(f"{row[key]:11.3f}" for key in ("kernels", "predict", "eigh", "total", "min"))
+            + "".join(f"{row[key]:11.2f}" for key in ("cpu", "first"))
+            + "".join(f"{row[key]:11.0f}" for key in ("base", "peak", "delta"))
         )
     if "nt" in med:
         for lib in med:
             if lib == "nt":
                 continue
             a, b = med["nt"], med[lib]
-            ratio = lambda key: a[key] / b[key] if b[key] > 0 else float("nan")  # noqa: E731
-            print(
-                f"{'NT / ' + LABELS[lib].split(' ', 1)[1]:22s} {ratio('kernels'):9.2f}x {ratio('predict'):9.2f}x "
-                f"{ratio('eigh'):8.2f}x {ratio('total'):8.2f}x {ratio('cpu'):6.2f}x {'':8s} {'':12s} "
-                f"{a['peak'] / b['peak']:8.2f}x {(a['peak'] - a['base']) / max(b['peak'] - b['base'], 1):8.2f}x"
-            )
-    print("(ratios > 1: NT slower / uses more memory than gpntk; 'cpu' = process CPU time of kernels+predict, all threads,"
-          " less sensitive than wall time to other jobs on the machine)")
-    peak_note = all(r["rss_peak_reset"] for r in results.values())
+            ratios = {key: (a[key] / b[key] if b[key] > 0 else float("nan")) for key in a}
+            cells = [f"{ratios[key]:10.2f}x" for key in ("kernels", "predict", "eigh", "total", "min", "cpu")]
+            cells += [f"{'':11s}", f"{'':11s}"] + [f"{ratios[key]:10.2f}x" for key in ("peak", "delta")]
+            print(f"{'NT / ' + LABELS[lib]:22s}" + "".join(cells))
     print(
-        "peak = VmHWM of the worker process " + ("reset after imports and data loading" if peak_note else
-                                                 "(ru_maxrss over the whole process, incl. imports)")
-        + "; base = RSS after imports and data loading"
+        "ratios > 1: NT slower / uses more memory than gpntk. kernels = all kernel matrices; predict = eigh + all "
+        "times' products;\n(eigh s) = the n x n eigendecomposition alone (part of predict); cpu = process CPU time "
+        "of kernels+predict\n(all threads; steadier than wall time when other jobs share the machine)."
+    )
+    peak_reset = all(r["rss_peak_reset"] for r in results.values())
+    print(
+        "peak = VmHWM of the worker process "
+        + ("reset after imports and data loading" if peak_reset else "(ru_maxrss, incl. imports)")
+        + " (warm-up and repeats included); base = RSS after imports and data loading (NT imports TensorFlow)."
     )
 
+    agreements = {}
     if "nt" in results:
         print()
         print("Agreement with Neural Tangents: max|Δ| / max|NT| per time (worst over the times, and at t = inf)")
         for lib in results:
             if lib == "nt":
                 continue
-            c = compare(results[lib]["arrays"], results["nt"]["arrays"], times)
+            c = agreements[lib] = compare(results[lib]["arrays"], results["nt"]["arrays"], times)
             for name in ("mean", "cov"):
                 e = c[name]
-                line = (f"  {LABELS[lib]:22s} {name:4s}: worst {e['worst']:.2e} at t={e['at']:.3g}, "
-                        f"at t=inf {e['inf']:.2e}")
+                line = (
+                    f"  {LABELS[lib]:22s} {name:4s}: worst {e['worst']:.2e} at t={e['at']:.3g}, "
+                    f"at t=inf {e['inf']:.2e}"
+                )
                 if "median" in e:
                     line += f", median over times {e['median']:.2e}"
                 if "nonfinite_times" in e:
@@ -629,17 +655,16 @@ def main() -> None:
                 print(line)
                 if args.per_time and "per_t" in e:
                     print("      " + " ".join(f"{t:.3g}:{v:.1e}" for t, v in zip(times, e["per_t"])))
-            agreement = c
             worst = max(c["mean"]["worst"], c["cov"]["worst"])
             if not worst <= 1e-7:
                 print(f"  WARNING: {LABELS[lib]} and NT differ by {worst:.2e} (> 1e-7): investigate")
     for lib, r in results.items():
         for w in r["warnings"]:
             print(f"  warning from {LABELS[lib]}: {w}")
-    if "nt" in results and len(results) > 1 and not args.no_attribution:
-        attribution(results, data, args, agreement)
+    if agreements and not args.no_attribution:
+        attribution(results, data, args, agreements)
     if "nt" in results:
-        print(f"  NT kernel_fn calls (timed under 'kernels'): {results['nt']['kernel_calls']}")
+        print(f"NT kernel_fn calls (timed under 'kernels'): {results['nt']['kernel_calls']}")
 
 
 if __name__ == "__main__":
