@@ -34,8 +34,9 @@ def _linears(model: nn.Module) -> list[NTKLinear]:
     return [m for m in model.modules() if isinstance(m, NTKLinear)]
 
 
-def _stored(value: torch.Tensor) -> float:
-    return value.item()
+def _stored(layer, name: str) -> float:
+    """The hyperparameter as networks and float64 kernels use it: the value as given, not its float32 storage."""
+    return layer.hyperparameter(name, torch.empty(0, dtype=torch.float64)).item()
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -202,7 +203,7 @@ def test_forward_matches_hand_computation():
     lin0, lin1, lin2 = _linears(model)
     x = _x(4, d)
     dense = net.layers[0]  # (hyperparameters are stored in float32: use the stored values)
-    sw, sb = math.sqrt(_stored(dense.weight_variance)), math.sqrt(_stored(dense.bias_variance))
+    sw, sb = math.sqrt(_stored(dense, "weight_variance")), math.sqrt(_stored(dense, "bias_variance"))
     assert sw == pytest.approx(math.sqrt(1.7), rel=1e-6) and sb == pytest.approx(math.sqrt(0.4), rel=1e-6)
     h = x @ lin0.weight.T * (sw / math.sqrt(d)) + sb * lin0.bias
     h = torch.relu(h) @ lin1.weight.T * (sw / math.sqrt(width)) + sb * lin1.bias
@@ -246,7 +247,7 @@ def test_single_dense_empirical_ntk_is_exact_at_any_width(width, wv, bv):
     x1, x2 = _x(5, d, seed=1), _x(3, d, seed=2)
     dense = L.Dense(wv, bv)
     net = L.serial(dense)
-    wv, bv = _stored(dense.weight_variance), _stored(dense.bias_variance)
+    wv, bv = _stored(dense, "weight_variance"), _stored(dense, "bias_variance")
     expected = wv * (x1 @ x2.T) / d + bv
     analytic_ntk = gpntk.NTKKernel(net)(x1, x2).to_dense()
     analytic_nngp = gpntk.NNGPKernel(net)(x1, x2).to_dense()
@@ -284,7 +285,7 @@ def test_readout_only_empirical_ntk_is_the_hidden_feature_kernel(act):
         with torch.no_grad():
             phi1, phi2 = model[:-1](x1), model[:-1](x2)
         readout = net.layers[-1]
-        features = _stored(readout.weight_variance) * (phi1 @ phi2.T) / width + _stored(readout.bias_variance)
+        features = _stored(readout, "weight_variance") * (phi1 @ phi2.T) / width + _stored(readout, "bias_variance")
         torch.testing.assert_close(gpntk.empirical_ntk(model, x1, x2), features, rtol=1e-12, atol=1e-12)
         full = gpntk.empirical_ntk(model, x1, x2, reduce="none")
         torch.testing.assert_close(full[..., 0, 1], torch.zeros_like(features), rtol=0, atol=1e-13)

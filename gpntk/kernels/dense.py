@@ -78,10 +78,9 @@ def nngp_and_ntk(
     trained-ensemble posterior).
     """
     x2 = x1 if x2 is None else x2
-    hyper = {
-        name: (value.detach() if detach_hyperparameters else value).to(x1)
-        for name, value in Hyperparameters.collect(net).items()
-    }
+    hyper = Hyperparameters.collect(net, like=x1)
+    if detach_hyperparameters:
+        hyper = {name: value.detach() for name, value in hyper.items()}
     state = KernelState.from_inputs(x1, x2, diag=False, same_inputs=same_inputs(x1, x2), track_ntk=True)
     state = net.kernel_map(state, Hyperparameters(net, hyper))
     return state.cov12, state.ntk_or_zeros()

@@ -103,7 +103,7 @@ class InfiniteWidthKernel(Kernel):
                 f"diag=True pairs the rows of x1 and x2, which needs as many points in both; got "
                 f"{x1.shape[-2]} and {x2.shape[-2]} (shapes {tuple(x1.shape)} and {tuple(x2.shape)})"
             )
-        hyper = {name: value.to(x1) for name, value in Hyperparameters.collect(self.net).items()}
+        hyper = Hyperparameters.collect(self.net, like=x1)
         if diag:
             return kernel_diagonal(x1, x2, net=self.net, output=self._output, hyper=hyper)
         return KernelLinearOperator(x1, x2, covar_func=covariance_function, net=self.net, output=self._output, **hyper)

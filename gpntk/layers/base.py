@@ -60,13 +60,15 @@ class Hyperparameters:
         return self._values[hyperparameter_key(self._index[id(layer)], name)]
 
     @staticmethod
-    def collect(net: "Layer", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """The tensors of every distinct parameterized layer of ``net``, keyed for :meth:`get`."""
+    def collect(net: "Layer", like: Tensor | None = None) -> dict[str, Tensor]:
+        """The tensors of every distinct parameterized layer of ``net``, keyed for :meth:`get`.
+
+        With ``like``, in its dtype and device (see :meth:`Layer.hyperparameter`).
+        """
         values = {}
         for i, layer in enumerate(parameterized_layers(net)):
             for name in layer.hyperparameter_names:
-                value = getattr(layer, name)
-                values[hyperparameter_key(i, name)] = value if dtype is None else value.to(dtype)
+                values[hyperparameter_key(i, name)] = layer.hyperparameter(name, like)
         return values
 
 
@@ -88,6 +90,11 @@ class Layer(gpytorch.Module):
 
     #: names of the constrained hyperparameters (properties) this layer owns
     hyperparameter_names: tuple[str, ...] = ()
+
+    def hyperparameter(self, name: str, like: Tensor | None = None) -> Tensor:
+        """The current value of hyperparameter ``name``, in the dtype and device of ``like``."""
+        value = getattr(self, name)
+        return value if like is None else value.to(like)
 
     def check(self, signature: Signature) -> Signature:
         raise NotImplementedError

@@ -32,6 +32,9 @@ def _check_variance(name: str, value, allow_zero: bool) -> float:
     return value
 
 
+_FLOAT64 = torch.empty(0, dtype=torch.float64)
+
+
 def _get_variance(module: "Dense", name: str) -> Tensor:
     return getattr(module, name)
 
@@ -142,6 +145,24 @@ class Dense(Layer):
                 self._set_variance(name, exact)
         return self
 
+    def hyperparameter(self, name: str, like: Tensor | None = None) -> Tensor:
+        """The value of ``name`` in the dtype of ``like``, exact when it is more precise than the storage.
+
+        Hyperparameters live in the module's dtype (float32 by default in PyTorch), so a value
+        given as 0.1 is stored as its float32 rounding. When a kernel is evaluated in float64 and
+        the value has not been changed since it was set, the value as given is used instead,
+        with the gradient still flowing to the raw parameter; so float64 inputs get
+        reference-precision kernels without ``.double()``.
+        """
+        value = super().hyperparameter(name, like)
+        remembered = self._exact_values.get(name)
+        if like is None or remembered is None or value.dtype.itemsize <= getattr(self, f"raw_{name}").dtype.itemsize:
+            return value
+        exact, snapshot = remembered
+        if not torch.equal(getattr(self, f"raw_{name}").detach(), snapshot):
+            return value
+        return value + (exact.to(value) - value).detach()
+
     @property
     def weight_variance(self) -> Tensor:
         return self.raw_weight_variance_constraint.transform(self.raw_weight_variance)
@@ -230,8 +251,8 @@ class Dense(Layer):
         module = NTKLinear(
             in_features,
             features,
-            weight_std=math.sqrt(self.weight_variance.item()),
-            bias_std=math.sqrt(self.bias_variance.item()) if self.has_bias else 0.0,
+            weight_std=math.sqrt(self.hyperparameter("weight_variance", _FLOAT64).item()),
+            bias_std=math.sqrt(self.hyperparameter("bias_variance", _FLOAT64).item()) if self.has_bias else 0.0,
             trainable=self.trainable,
             generator=generator,
         )
