@@ -18,9 +18,9 @@ What is timed, per repeat (median over ``--repeats`` after one untimed warm-up r
 pipeline at the same shapes, so JAX's jit / op compilation and torch's first-call overheads are
 excluded from the medians; the warm-up run's wall time is shown separately as "first call"):
 
-* ``kernels``: every kernel matrix the posterior needs. gpntk: ``TrainedEnsemble(...)`` (computes
-  NNGP and NTK on the training set) and the test-train / test-test kernels ``moments`` uses (its
-  cached private ``_test_kernels``; where that is missing they fall under ``predict``). NT: exactly the ``kernel_fn`` calls that ``predict_fn`` makes
+* ``kernels``: every kernel matrix the posterior needs. gpntk: ``TrainedEnsemble(...)`` and the
+  training, test-train and test-test kernels the regime uses, computed by its cached private
+  ``_prepare`` (the NTK only where the regime needs it). NT: exactly the ``kernel_fn`` calls that ``predict_fn`` makes
   (recorded during the warm-up), with ``kernel_fn`` jitted (``--nt-no-jit`` for eager).
 * ``predict``: everything else, for all times at once: eigendecomposition of the training kernel
   and the per-time products. gpntk: ``moments(x_test, times, regime)`` with the kernels cached.
@@ -143,8 +143,7 @@ def worker_gpntk(args) -> dict:
         with grad_ctx():
             c0, t0 = time.process_time(), time.perf_counter()
             ens = TrainedEnsemble(net, x, y, learning_rate=args.lr, diag_reg=args.diag_reg)
-            if hasattr(ens, "_test_kernels"):  # the test kernels moments() needs, cached on the ensemble
-                ens._test_kernels(xt)
+            ens._prepare(xt, args.regime)  # every kernel matrix moments() needs, cached on the ensemble
             t1 = time.perf_counter()
             mean, cov = ens.moments(xt, times, args.regime)
             t2, c2 = time.perf_counter(), time.process_time()

@@ -73,13 +73,30 @@ class _Spectrum:
     rank_cutoff: float  # eigenvalues below this count as zero at t = inf
 
 
-@dataclass(frozen=True)
-class _TestKernels:
-    x: Tensor
-    nngp_tx: Tensor
-    ntk_tx: Tensor
-    nngp_tt: Tensor
-    ntk_tt: Tensor
+#: the kernel matrices each regime needs: (dynamics G, prior P), as "nngp" / "ntk"
+_REGIME_KERNELS = {"ntk": ("ntk", "nngp"), "nngp": ("nngp", "nngp"), "ntkgp": ("ntk", "ntk")}
+
+
+class _KernelCache:
+    """Kernel matrices between fixed inputs and the training inputs, computed only when needed.
+
+    One pass of the layer recursion gives the NNGP and, when asked for, the NTK; a regime that needs
+    only the NNGP never computes the NTK.
+    """
+
+    def __init__(self, net: Layer, x1: Tensor, x2: Tensor | None):
+        self.net, self.x1, self.x2 = net, x1, x2
+        self._values: dict[str, Tensor] = {}
+
+    def get(self, kind: str) -> Tensor:
+        if kind not in self._values:
+            nngp, ntk = nngp_and_ntk(
+                self.net, self.x1, self.x2, detach_hyperparameters=True, track_ntk=kind == "ntk"
+            )
+            self._values["nngp"] = nngp
+            if ntk is not None:
+                self._values["ntk"] = ntk
+        return self._values[kind]
 
 
 class TrainedEnsemble:
@@ -133,10 +150,9 @@ class TrainedEnsemble:
         self.train_y = train_y.to(train_x) if self._multi_output else train_y.to(train_x).unsqueeze(-1)
         self.learning_rate = learning_rate
         self.diag_reg = diag_reg
-        with torch.no_grad():
-            self._nngp_xx, self._ntk_xx = nngp_and_ntk(net, train_x.detach(), detach_hyperparameters=True)
+        self._train_kernels_cache = _KernelCache(net, train_x.detach(), None)
         self._spectra: dict[str, _Spectrum] = {}
-        self._test_cache: _TestKernels | None = None
+        self._test_cache: tuple[Tensor, _KernelCache, _KernelCache] | None = None
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -152,13 +168,12 @@ class TrainedEnsemble:
         return self.learning_rate / (self.num_train * self.num_outputs)
 
     def _train_kernels(self, regime: str) -> tuple[Tensor, Tensor | None]:
-        """(G(X, X) + reg·I, P(X, X)) for the regime; P is None when it equals G."""
+        """(G(X, X) + reg·I, P(X, X)) for the regime; P is None when it equals G (and then includes reg)."""
         eye = torch.eye(self.num_train, dtype=self.train_x.dtype, device=self.train_x.device)
-        if regime == "ntk":
-            return self._ntk_xx + self.diag_reg * eye, self._nngp_xx
-        if regime == "nngp":
-            return self._nngp_xx + self.diag_reg * eye, None
-        return self._ntk_xx + self.diag_reg * eye, None
+        dynamics, prior = _REGIME_KERNELS[regime]
+        with torch.no_grad():
+            regularized = self._train_kernels_cache.get(dynamics) + self.diag_reg * eye
+            return regularized, (None if prior == dynamics else self._train_kernels_cache.get(prior))
 
     def _spectrum(self, regime: str) -> _Spectrum:
         if regime not in self._spectra:
@@ -200,14 +215,24 @@ class TrainedEnsemble:
         phi1 = torch.where(z > 0, -torch.expm1(-z) / torch.where(z > 0, z, torch.ones_like(z)), torch.ones_like(z))
         return tau * phi1
 
-    def _test_kernels(self, test_x: Tensor) -> _TestKernels:
+    def _test_kernels(self, test_x: Tensor) -> tuple[_KernelCache, _KernelCache]:
+        """Lazily computed kernels (test, train) and (test, test), cached for the last ``test_x``."""
         cache = self._test_cache
-        if cache is not None and cache.x.shape == test_x.shape and torch.equal(cache.x, test_x):
-            return cache
-        nngp_tx, ntk_tx = nngp_and_ntk(self.net, test_x, self.train_x.detach(), detach_hyperparameters=True)
-        nngp_tt, ntk_tt = nngp_and_ntk(self.net, test_x, detach_hyperparameters=True)
-        self._test_cache = _TestKernels(test_x.detach().clone(), nngp_tx, ntk_tx, nngp_tt, ntk_tt)
-        return self._test_cache
+        if cache is None or cache[0].shape != test_x.shape or not torch.equal(cache[0], test_x):
+            cache = (
+                test_x.detach().clone(),
+                _KernelCache(self.net, test_x, self.train_x.detach()),
+                _KernelCache(self.net, test_x, None),
+            )
+            self._test_cache = cache
+        return cache[1], cache[2]
+
+    def _prepare(self, test_x: Tensor, regime: str) -> None:
+        """Compute (and cache) every kernel matrix ``moments(test_x, t, regime)`` needs (for timing)."""
+        self._train_kernels(regime)
+        cross, test = self._test_kernels(test_x.to(self.train_x))
+        dynamics, prior = _REGIME_KERNELS[regime]
+        cross.get(dynamics), cross.get(prior), test.get(prior)
 
     # ----------------------------------------------------------------------------------------
     def moments(self, test_x: Tensor, t: float | Tensor, regime: Regime = "ntk") -> tuple[Tensor, Tensor]:
@@ -226,13 +251,9 @@ class TrainedEnsemble:
             )
         test_x = test_x.to(self.train_x)
         spectrum = self._spectrum(regime)
-        kernels = self._test_kernels(test_x)
-        if regime == "ntk":
-            dynamics_tx, prior_tx, prior_tt = kernels.ntk_tx, kernels.nngp_tx, kernels.nngp_tt
-        elif regime == "nngp":
-            dynamics_tx, prior_tx, prior_tt = kernels.nngp_tx, kernels.nngp_tx, kernels.nngp_tt
-        else:
-            dynamics_tx, prior_tx, prior_tt = kernels.ntk_tx, kernels.ntk_tx, kernels.ntk_tt
+        cross, test = self._test_kernels(test_x)
+        dynamics, prior = _REGIME_KERNELS[regime]
+        dynamics_tx, prior_tx, prior_tt = cross.get(dynamics), cross.get(prior), test.get(prior)
         dynamics_v = dynamics_tx @ spectrum.eigenvectors  # (m, n)
         prior_v = None if spectrum.prior_in_basis is None else prior_tx @ spectrum.eigenvectors
         means, covs = [], []

@@ -68,19 +68,25 @@ def kernel_diagonal(x1: Tensor, x2: Tensor, *, net: Layer, output: Output, hyper
 
 
 def nngp_and_ntk(
-    net: Layer, x1: Tensor, x2: Tensor | None = None, *, detach_hyperparameters: bool = False
-) -> tuple[Tensor, Tensor]:
+    net: Layer,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    *,
+    detach_hyperparameters: bool = False,
+    track_ntk: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     r"""Both kernel matrices :math:`(\Sigma(x_1, x_2), \Theta(x_1, x_2))` from one pass of the recursion.
 
     ``x1`` is ``(..., n1, d)``, ``x2`` is ``(..., n2, d)`` (``None`` for ``x1``); the network's
     current hyperparameters are cast to the dtype and device of ``x1`` (and treated as constants
-    with ``detach_hyperparameters``). Used where both kernels are needed at once (the
-    trained-ensemble posterior).
+    with ``detach_hyperparameters``). With ``track_ntk=False`` only the NNGP is computed (the NTK
+    is returned as ``None``). Used where both kernels are needed at once (the trained-ensemble
+    posterior).
     """
     x2 = x1 if x2 is None else x2
     hyper = Hyperparameters.collect(net, like=x1)
     if detach_hyperparameters:
         hyper = {name: value.detach() for name, value in hyper.items()}
-    state = KernelState.from_inputs(x1, x2, diag=False, same_inputs=same_inputs(x1, x2), track_ntk=True)
+    state = KernelState.from_inputs(x1, x2, diag=False, same_inputs=same_inputs(x1, x2), track_ntk=track_ntk)
     state = net.kernel_map(state, Hyperparameters(net, hyper))
-    return state.cov12, state.ntk_or_zeros()
+    return state.cov12, (state.ntk_or_zeros() if track_ntk else None)
