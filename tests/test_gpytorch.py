@@ -20,6 +20,7 @@ from gpytorch.priors import GammaPrior, NormalPrior
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
 from linear_operator.operators import LinearOperator
 
+from _models import ExactGP
 import gpntk
 from gpntk import layers as L
 
@@ -156,14 +157,6 @@ def data(n=20, d=3, fn=None, dtype=DTYPE):
     return x, y
 
 
-class ExactGP(gpytorch.models.ExactGP):
-    def __init__(self, train_x, train_y, covar_module, likelihood):
-        super().__init__(train_x, train_y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = covar_module
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
 def net_hyperparameters(net) -> dict[str, torch.Tensor]:

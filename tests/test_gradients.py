@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
+from _models import ExactGP
 import gpntk
 from gpntk import layers as L
 
@@ -322,14 +323,6 @@ def test_float32_is_finite(activation):
 # --------------------------------------------------------------------------------------------
 # marginal likelihood with duplicated training inputs
 # --------------------------------------------------------------------------------------------
-class ExactGP(gpytorch.models.ExactGP):
-    def __init__(self, train_x, train_y, covar_module, likelihood):
-        super().__init__(train_x, train_y, likelihood)
-        self.mean_module = gpytorch.means.ZeroMean()
-        self.covar_module = covar_module
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
@@ -339,7 +332,7 @@ def test_mll_gradient_finite_with_duplicate_training_inputs(kind, activation):
     train_x = torch.cat([train_x, train_x[:3], torch.zeros(1, 2)])  # three duplicates and a zero row
     train_y = torch.sin(3 * train_x.sum(-1))
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
-    model = ExactGP(train_x, train_y, gpytorch.kernels.ScaleKernel(kernel_for(kind, activation, 2)), likelihood)
+    model = ExactGP(train_x, train_y, gpytorch.kernels.ScaleKernel(kernel_for(kind, activation, 2)), likelihood, gpytorch.means.ZeroMean())
     model.train()
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
     loss = -mll(model(train_x), train_y)
