@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import ArchitectureError
 from ..finite import ElementwiseActivation

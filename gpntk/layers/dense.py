@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from functools import partial
 
-import gpytorch
 import torch
 from gpytorch.constraints import Interval, Positive
 from gpytorch.priors import Prior
