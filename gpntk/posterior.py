@@ -55,6 +55,7 @@ from torch import Tensor
 
 from .kernels.dense import nngp_and_ntk
 from .layers.base import Layer, Signature
+from .validation import check_inputs
 
 __all__ = ["TrainedEnsemble", "Regime"]
 
@@ -127,7 +128,7 @@ class TrainedEnsemble:
         if not isinstance(net, Layer):
             raise TypeError(f"TrainedEnsemble needs an architecture built from gpntk.layers, got {type(net).__name__}")
         net.check(Signature())
-        _check_inputs("train_x", train_x)
+        check_inputs("train_x", train_x, batched=False)
         if not torch.is_tensor(train_y):
             raise TypeError(f"train_y must be a torch.Tensor, got {type(train_y).__name__}")
         if train_y.dim() not in (1, 2):
@@ -244,7 +245,7 @@ class TrainedEnsemble:
         """
         regime = _check_regime(regime)
         times, batched = _check_times(t)
-        _check_inputs("test_x", test_x)
+        check_inputs("test_x", test_x, batched=False)
         if test_x.shape[-1] != self.train_x.shape[-1]:
             raise ValueError(
                 f"test_x has {test_x.shape[-1]} features but train_x has {self.train_x.shape[-1]}"
@@ -385,14 +386,3 @@ def _check_times(t) -> tuple[list[float], bool]:
         if math.isnan(value) or value < 0:
             raise ValueError(f"training time t must be >= 0 (or math.inf), got {value}")
     return values, batched
-
-
-def _check_inputs(name: str, x) -> None:
-    if not torch.is_tensor(x):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must have shape (n, d), got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains {int((~torch.isfinite(x)).sum())} NaN or infinite values")

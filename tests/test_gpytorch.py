@@ -110,34 +110,15 @@ def test_unshared_frozen_architecture_is_what_the_suite_tests():
         torch.testing.assert_close(gpntk.NNGPKernel(net)(x).to_dense(), gpntk.NNGPKernel(trainable)(x).to_dense())
 
 
-class TestNTKReLU(_InfiniteWidthKernelTestCase, unittest.TestCase):
-    kernel_class = gpntk.NTKKernel
-    make_net = staticmethod(relu_mlp)
-
-
-class TestNNGPReLU(_InfiniteWidthKernelTestCase, unittest.TestCase):
-    kernel_class = gpntk.NNGPKernel
-    make_net = staticmethod(relu_mlp)
-
-
-class TestNTKErf(_InfiniteWidthKernelTestCase, unittest.TestCase):
-    kernel_class = gpntk.NTKKernel
-    make_net = staticmethod(erf_mlp)
-
-
-class TestNNGPErf(_InfiniteWidthKernelTestCase, unittest.TestCase):
-    kernel_class = gpntk.NNGPKernel
-    make_net = staticmethod(erf_mlp)
-
-
-class TestNTKUnsharedFrozen(_InfiniteWidthKernelTestCase, unittest.TestCase):
-    kernel_class = gpntk.NTKKernel
-    make_net = staticmethod(unshared_frozen_mlp)
-
-
-class TestNNGPUnsharedFrozen(_InfiniteWidthKernelTestCase, unittest.TestCase):
-    kernel_class = gpntk.NNGPKernel
-    make_net = staticmethod(unshared_frozen_mlp)
+# one BaseKernelTestCase class per (kernel, architecture), as module globals so unittest finds them
+for _kernel_name, _kernel_class in (("NTK", gpntk.NTKKernel), ("NNGP", gpntk.NNGPKernel)):
+    for _net_name, _make_net in (("ReLU", relu_mlp), ("Erf", erf_mlp), ("UnsharedFrozen", unshared_frozen_mlp)):
+        _name = f"Test{_kernel_name}{_net_name}"
+        globals()[_name] = type(
+            _name,
+            (_InfiniteWidthKernelTestCase, unittest.TestCase),
+            {"kernel_class": _kernel_class, "make_net": staticmethod(_make_net)},
+        )
 
 
 # --------------------------------------------------------------------------------------------

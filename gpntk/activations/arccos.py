@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArchitectureError
-from .base import Activation, correlation, real_parameter as _real
+from .base import Activation, correlation, double_factorial, real_parameter as _real
 
 __all__ = ["ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "RectifiedMonomial", "arccos_j"]
 
@@ -108,10 +108,6 @@ class _ArcCosJ(torch.autograd.Function):
 def arccos_j(rho: Tensor, p: int) -> Tensor:
     r"""The arc-cosine function :math:`J_p` of Cho & Saul (2009) as a function of :math:`\rho = \cos\theta`."""
     return _ArcCosJ.apply(rho, p)
-
-
-def _double_factorial(n: int) -> int:
-    return math.prod(range(n, 0, -2)) if n > 0 else 1
 
 
 class ABReLU(Activation):
@@ -232,10 +228,10 @@ class RectifiedMonomial(Activation):
 
     def dual_diag(self, q, need_dot):
         p = self.degree
-        k = _double_factorial(2 * p - 1) * q**p / 2
+        k = double_factorial(2 * p - 1) * q**p / 2
         kdot = None
         if need_dot:
-            kdot = torch.zeros_like(q) if p == 0 else p * p * _double_factorial(2 * p - 3) * q ** (p - 1) / 2
+            kdot = torch.zeros_like(q) if p == 0 else p * p * double_factorial(2 * p - 3) * q ** (p - 1) / 2
         return k, kdot
 
     def __repr__(self) -> str:

@@ -25,7 +25,7 @@ from ..finite import ElementwiseActivation
 from ..layers.base import Hyperparameters, Layer, Signature
 from ..state import KernelState, midpoint, set_diagonal
 
-__all__ = ["Activation", "correlation", "safe_sqrt", "real_parameter"]
+__all__ = ["Activation", "correlation", "safe_sqrt", "real_parameter", "double_factorial"]
 
 
 class Activation(Layer):
@@ -105,3 +105,8 @@ def real_parameter(name: str, value) -> float:
     if not math.isfinite(value):
         raise ArchitectureError(f"{name} must be finite, got {value}")
     return value
+
+
+def double_factorial(n: int) -> int:
+    """:math:`n!! = n (n-2) (n-4) \cdots`, with :math:`n!! = 1` for :math:`n \le 0`."""
+    return math.prod(range(n, 0, -2)) if n > 0 else 1

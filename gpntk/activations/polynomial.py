@@ -20,13 +20,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ArchitectureError
-from .base import Activation, real_parameter
+from .base import Activation, double_factorial, real_parameter
 
 __all__ = ["Polynomial", "Monomial", "gaussian_moment"]
-
-
-def _double_factorial(n: int) -> int:
-    return math.prod(range(n, 0, -2)) if n > 0 else 1
 
 
 def gaussian_moment(i: int, j: int, q11: Tensor, q12: Tensor, q22: Tensor) -> Tensor:
@@ -36,7 +32,7 @@ def gaussian_moment(i: int, j: int, q11: Tensor, q12: Tensor, q22: Tensor) -> Te
         if (i - m) % 2 or (j - m) % 2:
             continue
         count = math.comb(i, m) * math.comb(j, m) * math.factorial(m)
-        count *= _double_factorial(i - m - 1) * _double_factorial(j - m - 1)
+        count *= double_factorial(i - m - 1) * double_factorial(j - m - 1)
         total = total + count * q12**m * q11 ** ((i - m) // 2) * q22 ** ((j - m) // 2)
     return total
 

@@ -13,6 +13,7 @@ from linear_operator.operators import KernelLinearOperator
 from torch import Tensor
 
 from ..layers.base import Hyperparameters, Layer, Signature, parameterized_layers
+from ..validation import check_inputs
 from .dense import Output, covariance_function, kernel_diagonal
 
 __all__ = ["InfiniteWidthKernel", "NTKKernel", "NNGPKernel"]
@@ -67,12 +68,7 @@ class InfiniteWidthKernel(Kernel):
 
     def _validate(self, x1: Tensor, x2: Tensor) -> None:
         for name, x in (("x1", x1), ("x2", x2)):
-            if not torch.is_tensor(x):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            if not x.dtype.is_floating_point:
-                raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-            if x.dim() < 2:
-                raise ValueError(f"{name} must have shape (..., n, d), got {tuple(x.shape)}")
+            check_inputs(name, x, batched=True)
         if x1.dtype != x2.dtype:
             raise TypeError(f"x1 is {x1.dtype} but x2 is {x2.dtype}; convert both to the same dtype")
         if x1.device != x2.device:
@@ -89,10 +85,6 @@ class InfiniteWidthKernel(Kernel):
             )
         if x1.shape[-1] == 0:
             raise ValueError("inputs have zero features")
-        for name, x in (("x1", x1), ("x2", x2)):
-            bad = ~torch.isfinite(x)
-            if bool(bad.any()):
-                raise ValueError(f"{name} contains {int(bad.sum())} NaN or infinite values")
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
         if last_dim_is_batch:
