@@ -9,12 +9,12 @@
 from . import layers
 from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
 from .errors import ArchitectureError
-from .kernels import NNGPKernel, NTKKernel
+from .kernels import EmpiricalNTKKernel, NNGPKernel, NTKKernel
 from .posterior import TrainedEnsemble
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "layers", "NTKKernel", "NNGPKernel", "TrainedEnsemble", "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
+    "layers", "NTKKernel", "NNGPKernel", "EmpiricalNTKKernel", "TrainedEnsemble", "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
     "ArchitectureError", "__version__",
 ]

@@ -20,11 +20,15 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
-__all__ = ["NTKLinear", "ElementwiseActivation"]
+__all__ = [
+    "NTKLinear", "NTKConv", "ElementwiseActivation", "ChannelsLast", "RowsToTensors", "FlattenRows",
+    "GlobalAvgPooling", "AvgPooling", "ChannelNorm", "Branches", "ParallelBranches", "MergeBranches",
+]
 
 
 def _positive_int(name: str, value) -> int:
@@ -117,3 +121,174 @@ class ElementwiseActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return self.name
+
+
+class ChannelsLast(nn.Module):
+    """Applies a module acting on the last dimension to the channels (dim 1) of ``(n, C, *spatial)``."""
+
+    gpntk_rowwise = True
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class RowsToTensors(nn.Module):
+    """Reshapes rows ``(n, C·H·W)`` to channels-first tensors ``(n, C, H, W)``."""
+
+    gpntk_rowwise = True
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], *self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"
+
+
+def _pad_spatial(x: Tensor, windows) -> Tensor:
+    """Pad the spatial dims of ``(n, C, *spatial)`` as the kernel's windows do (zeros or circular)."""
+    pads: list[int] = []
+    for window in reversed(windows):
+        pads += [window.before, window.after]
+    if not any(pads):
+        return x
+    mode = "circular" if windows[0].circular else "constant"
+    return F.pad(x, pads, mode=mode)
+
+
+def _patches(x: Tensor, windows) -> Tensor:
+    """``(n, C, *spatial)`` to windows ``(n, C, *out, *window)`` after padding."""
+    x = _pad_spatial(x, windows)
+    for axis, window in enumerate(windows):
+        x = x.unfold(2 + axis, window.size, window.stride)
+    return x
+
+
+class NTKConv(nn.Module):
+    r"""Convolution in NTK parameterization, :math:`h_p = \sigma_w/\sqrt{C\,|w|}\, \sum_{\delta} W_\delta x_{sp+\delta} + \sigma_b b`.
+
+    Implemented as an :class:`NTKLinear` on the unfolded patches ``(n, *out, C·|w|)``, so its fan-in
+    is :math:`C\,|w|` and the structured empirical NTK applies to it.
+    """
+
+    gpntk_rowwise = True
+
+    def __init__(self, in_channels: int, out_channels: int, windows, weight_std: float, bias_std: float,
+                 trainable: bool = True, generator: torch.Generator | None = None):
+        super().__init__()
+        self.windows = tuple(windows)
+        fan_in = in_channels * math.prod(w.size for w in self.windows)
+        self.linear = NTKLinear(fan_in, out_channels, weight_std, bias_std, trainable, generator)
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = len(self.windows)
+        patches = _patches(x, self.windows)  # (n, C, *out, *window)
+        patches = patches.movedim(1, 1 + m)  # (n, *out, C, *window)
+        patches = patches.reshape(*patches.shape[: 1 + m], -1)
+        return self.linear(patches).movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        sizes = tuple(w.size for w in self.windows)
+        strides = tuple(w.stride for w in self.windows)
+        return f"kernel_size={sizes}, stride={strides}"
+
+
+class AvgPooling(nn.Module):
+    """Average pooling of ``(n, C, *spatial)`` over windows (padded positions count as zeros)."""
+
+    gpntk_rowwise = True
+
+    def __init__(self, windows):
+        super().__init__()
+        self.windows = tuple(windows)
+
+    def forward(self, x: Tensor) -> Tensor:
+        patches = _patches(x, self.windows)
+        return patches.mean(dim=tuple(range(-len(self.windows), 0)))
+
+
+class GlobalAvgPooling(nn.Module):
+    """Mean over all spatial positions: ``(n, C, *spatial)`` to ``(n, C)``."""
+
+    gpntk_rowwise = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+
+
+class FlattenRows(nn.Module):
+    """``(n, C, *spatial)`` to ``(n, C·H·W)``, channels first."""
+
+    gpntk_rowwise = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1)
+
+
+class ChannelNorm(nn.Module):
+    r"""Layer normalisation over the channels (dim 1) at every position, without learned affine:
+    :math:`(x - \bar x)/\sqrt{\overline{(x - \bar x)^2} + \epsilon}`."""
+
+    gpntk_rowwise = True
+
+    def __init__(self, eps: float = 1e-12):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        centred = x - x.mean(dim=1, keepdim=True)
+        return centred * torch.rsqrt(centred.square().mean(dim=1, keepdim=True) + self.eps)
+
+
+class Branches(nn.Module):
+    """``FanOut``: hands the same input to ``num`` branches, as a tuple."""
+
+    gpntk_rowwise = True
+
+    def __init__(self, num: int):
+        super().__init__()
+        self.num = num
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return (x,) * self.num
+
+
+class ParallelBranches(nn.Module):
+    """Applies branch ``i`` to input ``i`` of a tuple."""
+
+    gpntk_rowwise = True
+
+    def __init__(self, branches: list[nn.Module]):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return tuple(branch(x) for branch, x in zip(self.branches, xs))
+
+
+class MergeBranches(nn.Module):
+    """Combines a tuple of branch outputs: ``"sum"``, ``"prod"`` or ``"concat"`` (along channels)."""
+
+    gpntk_rowwise = True
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, xs: tuple[Tensor, ...]) -> Tensor:
+        if self.how == "concat":
+            return torch.cat(xs, dim=1)
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x if self.how == "sum" else out * x
+        return out
+
+    def extra_repr(self) -> str:
+        return self.how

@@ -54,7 +54,8 @@ from linear_operator.operators import DenseLinearOperator, IdentityLinearOperato
 from torch import Tensor
 
 from .kernels.dense import nngp_and_ntk
-from .layers.base import Layer, Signature
+from .kernels.infinite_width import _check_input_shape
+from .layers.base import Layer, check_network
 from .validation import check_inputs
 
 __all__ = ["TrainedEnsemble", "Regime"]
@@ -85,14 +86,15 @@ class _KernelCache:
     only the NNGP never computes the NTK.
     """
 
-    def __init__(self, net: Layer, x1: Tensor, x2: Tensor | None):
-        self.net, self.x1, self.x2 = net, x1, x2
+    def __init__(self, net: Layer, x1: Tensor, x2: Tensor | None, input_shape: tuple[int, ...] | None):
+        self.net, self.x1, self.x2, self.input_shape = net, x1, x2, input_shape
         self._values: dict[str, Tensor] = {}
 
     def get(self, kind: str) -> Tensor:
         if kind not in self._values:
             nngp, ntk = nngp_and_ntk(
-                self.net, self.x1, self.x2, detach_hyperparameters=True, track_ntk=kind == "ntk"
+                self.net, self.x1, self.x2, input_shape=self.input_shape, detach_hyperparameters=True,
+                track_ntk=kind == "ntk",
             )
             self._values["nngp"] = nngp
             if ntk is not None:
@@ -108,6 +110,8 @@ class TrainedEnsemble:
     :param train_y: training targets ``(n,)`` or ``(n, k)``.
     :param learning_rate: :math:`\eta` of the gradient descent the time is counted in.
     :param diag_reg: absolute ridge added to the training kernel (0 for ridgeless).
+    :param input_shape: ``(C, W)`` or ``(C, H, W)`` for spatial architectures (rows of the inputs
+        hold channels-first tensors), as for :class:`~gpntk.NTKKernel`.
 
     ``post(test_x, t, regime)`` returns a GPyTorch ``MultivariateNormal`` for 1-D targets and a
     ``MultitaskMultivariateNormal`` (covariance :math:`\Sigma_t \otimes I_k`) for ``(n, k)``
@@ -124,11 +128,18 @@ class TrainedEnsemble:
         train_y: Tensor,
         learning_rate: float = 1.0,
         diag_reg: float = 0.0,
+        input_shape: tuple[int, ...] | None = None,
     ):
         if not isinstance(net, Layer):
             raise TypeError(f"TrainedEnsemble needs an architecture built from gpntk.layers, got {type(net).__name__}")
-        net.check(Signature())
+        self.input_shape = _check_input_shape(input_shape)
+        check_network(net, self.input_shape)
         check_inputs("train_x", train_x, batched=False)
+        if self.input_shape is not None and train_x.shape[-1] != math.prod(self.input_shape):
+            raise ValueError(
+                f"input_shape {self.input_shape} needs {math.prod(self.input_shape)} features per row, "
+                f"got {train_x.shape[-1]}"
+            )
         if not torch.is_tensor(train_y):
             raise TypeError(f"train_y must be a torch.Tensor, got {type(train_y).__name__}")
         if train_y.dim() not in (1, 2):
@@ -151,7 +162,7 @@ class TrainedEnsemble:
         self.train_y = train_y.to(train_x) if self._multi_output else train_y.to(train_x).unsqueeze(-1)
         self.learning_rate = learning_rate
         self.diag_reg = diag_reg
-        self._train_kernels_cache = _KernelCache(net, train_x.detach(), None)
+        self._train_kernels_cache = _KernelCache(net, train_x.detach(), None, self.input_shape)
         self._spectra: dict[str, _Spectrum] = {}
         self._test_cache: tuple[Tensor, _KernelCache, _KernelCache] | None = None
 
@@ -222,8 +233,8 @@ class TrainedEnsemble:
         if cache is None or cache[0].shape != test_x.shape or not torch.equal(cache[0], test_x):
             cache = (
                 test_x.detach().clone(),
-                _KernelCache(self.net, test_x, self.train_x.detach()),
-                _KernelCache(self.net, test_x, None),
+                _KernelCache(self.net, test_x, self.train_x.detach(), self.input_shape),
+                _KernelCache(self.net, test_x, None, self.input_shape),
             )
             self._test_cache = cache
         return cache[1], cache[2]

@@ -14,10 +14,14 @@ variances of single points, which is what ``kernel(x, diag=True)`` needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from .spatial import Layout
 
 __all__ = ["KernelState"]
 
@@ -41,6 +45,12 @@ class KernelState:
     ``cov12`` is re-set at every nonlinearity from the exact per-point recursion instead of
     being evaluated through a correlation of exactly one, where closed forms lose accuracy and
     derivatives.
+
+    Spatial inputs append the spatial dimensions of ``layout`` to every tensor (see
+    :mod:`gpntk.spatial`): ``cov12`` is ``(..., n1, n2, *S)`` and ``var1`` / ``var2`` hold each
+    point's covariance between its own positions, ``(..., n1, 1, *S)`` / ``(..., 1, n2, *S)``.
+    ``keep_full`` tells a layer that a later one needs the full position-by-position covariance
+    (pooling), so it must not be reduced to its diagonal yet.
     """
 
     cov12: Tensor
@@ -50,13 +60,29 @@ class KernelState:
     diag: bool = False
     same_inputs: bool = False
     track_ntk: bool = True
+    layout: Layout = field(default_factory=Layout)
+    keep_full: bool = False
 
     @staticmethod
-    def from_inputs(x1: Tensor, x2: Tensor, *, diag: bool, same_inputs: bool, track_ntk: bool) -> "KernelState":
+    def from_inputs(
+        x1: Tensor,
+        x2: Tensor,
+        *,
+        diag: bool,
+        same_inputs: bool,
+        track_ntk: bool,
+        input_shape: Sequence[int] | None = None,
+        full: bool = False,
+    ) -> "KernelState":
         r"""The input layer's state: :math:`\Sigma_0(x, x') = x \cdot x' / d`, :math:`\Theta_0 = 0`.
 
         ``x1`` is ``(..., n1, d)`` and ``x2`` is ``(..., n2, d)``. In per-point mode (``diag``)
         they hold the same points, and so they do in pair mode with ``same_inputs``.
+
+        With an ``input_shape`` ``(C, *spatial)`` of two or more dimensions, each row is a
+        channels-first tensor and the input kernel is the covariance between positions,
+        :math:`\Sigma_0(x, x')_{p, p'} = \sum_c x_{c,p}\, x'_{c,p'} / C` (Novak et al. 2019), kept
+        in full (``full``) or only for :math:`p = p'`.
 
         Same points given as two different tensors are still two arguments: the variances of
         ``x1`` come from ``x1`` and those of ``x2`` from ``x2``, and every per-point quantity
@@ -65,6 +91,8 @@ class KernelState:
         derivative of :math:`k(x, x)`, by symmetry of the kernel). When ``x1 is x2`` this is
         the plain per-point variance.
         """
+        if input_shape is not None and len(input_shape) >= 2:
+            return _spatial_inputs(x1, x2, diag, same_inputs, track_ntk, tuple(input_shape), full)
         d = x1.shape[-1]
 
         def variance(x: Tensor) -> Tensor:
@@ -85,11 +113,67 @@ class KernelState:
         """A copy with some fields changed."""
         return replace(self, **changes)
 
+    def map_linear(self, fn: Callable[[Tensor], Tensor], layout: Layout) -> "KernelState":
+        """Apply a linear map of the spatial dimensions to every tensor; ``layout`` is the result's."""
+        cov12 = fn(self.cov12)
+        if self.diag:
+            var1 = var2 = cov12
+        else:
+            var1, var2 = fn(self.var1), fn(self.var2)
+        ntk12 = None if self.ntk12 is None else fn(self.ntk12)
+        return self.replace(cov12=cov12, var1=var1, var2=var2, ntk12=ntk12, layout=layout)
+
+    def settle(self) -> "KernelState":
+        r"""Keep only the diagonal :math:`\Sigma_{p,p}` once no later layer needs the full covariance."""
+        if not self.layout.full or self.keep_full:
+            return self
+        layout = self.layout
+        return self.map_linear(layout.point_variances, layout.diagonal())
+
     def ntk_or_zeros(self) -> Tensor:
         """The NTK, materialising the zero NTK when no trainable layer has been met."""
         if self.ntk12 is None:
             return torch.zeros_like(self.cov12)
         return self.ntk12
+
+
+def _spatial_inputs(
+    x1: Tensor, x2: Tensor, diag: bool, same_inputs: bool, track_ntk: bool, input_shape: tuple[int, ...], full: bool
+) -> KernelState:
+    """The input state of channels-first spatial inputs (see :meth:`KernelState.from_inputs`)."""
+    channels, spatial = input_shape[0], input_shape[1:]
+    layout = Layout(spatial, full)
+
+    def rows(x: Tensor) -> Tensor:  # (..., n, C, P)
+        return x.reshape(*x.shape[:-1], channels, math.prod(spatial))
+
+    def pairs(a: Tensor, b: Tensor) -> Tensor:  # (..., na, nb, *S)
+        if full:
+            k = torch.einsum("...icp,...jcq->...ipjq", rows(a), rows(b)) / channels
+            na, nb = k.shape[-4], k.shape[-2]
+            return layout.from_matrix(k.reshape(*k.shape[:-4], na * k.shape[-3], nb * k.shape[-1]), na, nb)
+        k = torch.einsum("...icp,...jcp->...ijp", rows(a), rows(b)) / channels
+        return k.reshape(*k.shape[:-1], *spatial)
+
+    def self_covariance(x: Tensor) -> Tensor:  # (..., n, 1, *S)
+        if full:
+            r = rows(x)
+            k = torch.einsum("...icp,...icq->...ipq", r, r) / channels
+            return layout.from_matrix(k, 1, 1).squeeze(-1 - layout.ndim)
+        return (rows(x).square().sum(-2) / channels).reshape(*x.shape[:-1], 1, *spatial)
+
+    if diag:
+        var = self_covariance(midpoint(x1, x2))
+        return KernelState(var, var, var, None, diag=True, same_inputs=True, track_ntk=track_ntk, layout=layout)
+    var1 = self_covariance(x1)
+    var2 = var1 if x2 is x1 else self_covariance(x2)
+    var2 = var2.transpose(-1 - layout.ndim, -2 - layout.ndim)
+    cov12 = pairs(x1, x2)
+    if same_inputs:
+        point = layout.point_variances(var1 if x2 is x1 else self_covariance(midpoint(x1, x2)))
+        matrix = set_diagonal(layout.to_matrix(cov12), layout.rows_matrix(point).squeeze(-1))
+        cov12 = layout.from_matrix(matrix, cov12.shape[-2 - layout.ndim], cov12.shape[-1 - layout.ndim])
+    return KernelState(cov12, var1, var2, None, diag=False, same_inputs=same_inputs, track_ntk=track_ntk, layout=layout)
 
 
 def midpoint(x1: Tensor, x2: Tensor) -> Tensor:

@@ -99,7 +99,8 @@ def test_non_float_inputs(kernel, dtype):
 
 
 def test_input_shape_mismatch():
-    kernel = gpntk.NTKKernel(L.mlp(1), input_shape=(2, 3))
+    cnn = L.serial(L.Conv(2, weight_variance=2.0), L.ReLU(), L.Flatten(), L.Dense())
+    kernel = gpntk.NTKKernel(cnn, input_shape=(2, 3))
     with pytest.raises(ValueError, match=r"input_shape \(2, 3\) needs 6 features per row, got 5"):
         evaluate(kernel, torch.randn(4, 5))
     with pytest.raises(ValueError, match=r"input_shape \(2, 3\) needs 6 features per row, got 5"):

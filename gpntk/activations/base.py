@@ -45,32 +45,73 @@ class Activation(Layer):
 
     def check(self, signature: Signature) -> Signature:
         if signature.gaussian is False:
+            hint = ""
+            if signature.last in ("Flatten", "FanInConcat"):
+                hint = (
+                    f" ({signature.last} mixes features of different variances, which an elementwise "
+                    f"nonlinearity cannot take as one kernel; put a Dense between {signature.last} and "
+                    f"{self.name}, or apply {self.name} before {signature.last})"
+                )
             raise ArchitectureError(
                 f"{self.name} needs Gaussian pre-activations, so it must follow an affine layer "
-                f"(Dense), not {signature.last}"
+                f"(Dense or Conv), not {signature.last}{hint}"
             )
-        return Signature(gaussian=False, last=self.name)
+        return signature.after(self, gaussian=False, independent=False)
 
     def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
         need_dot = state.track_ntk and state.ntk12 is not None
         if state.diag:
-            k, kdot = self.dual_diag(state.var1, need_dot)
+            k, kdot = self._self_map(state, state.var1, need_dot)
             ntk12 = kdot * state.ntk12 if need_dot else state.ntk12
             return state.replace(cov12=k, var1=k, var2=k, ntk12=ntk12)
-        k12, kdot12 = self.dual(state.var1, state.cov12, state.var2, need_dot)
-        if state.same_inputs:
-            # the exact per-point values on the diagonal, differentiable in both arguments
-            k_point, kdot_point = self.dual_diag(midpoint(state.var1, state.var2.transpose(-1, -2)), need_dot)
-            k12 = set_diagonal(k12, k_point.squeeze(-1))
-            if need_dot:
-                kdot12 = set_diagonal(kdot12, kdot_point.squeeze(-1))
-        k1, _ = self.dual_diag(state.var1, False)
-        k2, _ = self.dual_diag(state.var2, False)
+        layout = state.layout
+        k12, kdot12 = self._pair_map(
+            layout, state.cov12, layout.point_variances(state.var1), layout.point_variances(state.var2),
+            state.same_inputs, need_dot,
+        )
+        k1, _ = self._self_map(state, state.var1, False)
+        k2, _ = self._self_map(state, state.var2, False)
         ntk12 = kdot12 * state.ntk12 if need_dot else state.ntk12
         return state.replace(cov12=k12, var1=k1, var2=k2, ntk12=ntk12)
 
-    def build_finite(self, in_features, width, out_features, is_output, generator=None):
-        return ElementwiseActivation(self.fn, repr(self)), in_features
+    def _pair_map(
+        self, layout, cov12: Tensor, points1: Tensor, points2: Tensor, same_inputs: bool, need_dot: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """The dual on every pair of ``cov12``, given both sides' point variances ``Σ_{p,p}``.
+
+        The spatial layout is first turned into matrices of pairs (:meth:`Layout.to_matrix`);
+        with ``same_inputs`` (the two sides are the same points) the entries of a point with
+        itself at the same position are taken from the exact per-point map.
+        """
+        n1, n2 = cov12.shape[-2 - layout.ndim], cov12.shape[-1 - layout.ndim]
+        q11, q22 = layout.rows_matrix(points1), layout.cols_matrix(points2)
+        k12, kdot12 = self.dual(q11, layout.to_matrix(cov12), q22, need_dot)
+        if same_inputs:
+            # the exact per-point values on the diagonal, differentiable in both arguments
+            k_point, kdot_point = self.dual_diag(midpoint(q11, q22.transpose(-1, -2)), need_dot)
+            k12 = set_diagonal(k12, k_point.squeeze(-1))
+            if need_dot:
+                kdot12 = set_diagonal(kdot12, kdot_point.squeeze(-1))
+        k12 = layout.from_matrix(k12, n1, n2)
+        if need_dot:
+            kdot12 = layout.from_matrix(kdot12, n1, n2)
+        return k12, kdot12
+
+    def _self_map(self, state: KernelState, var: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+        """The dual of each point with itself: per position, or between its positions (full layout)."""
+        layout = state.layout
+        if not layout.full:
+            return self.dual_diag(var, need_dot)
+        # a point's covariance between its positions, (..., n, 1, *S), is a kernel of that point
+        # with itself: the point dims become batch dims and the pair dims are (1, 1)
+        pair = var.unsqueeze(-1 - layout.ndim).unsqueeze(-1 - layout.ndim)
+        points = layout.point_variances(pair)
+        k, kdot = self._pair_map(layout, pair, points, points, True, need_dot)
+        squeeze = lambda t: None if t is None else t.squeeze(-1 - layout.ndim).squeeze(-1 - layout.ndim)  # noqa: E731
+        return squeeze(k), squeeze(kdot)
+
+    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+        return ElementwiseActivation(self.fn, repr(self)), in_shape
 
     def __repr__(self) -> str:
         return f"{self.name}()"

@@ -1,25 +1,39 @@
-r"""Dense evaluation of a network's kernels: run the layer recursion on whole matrices.
+r"""Dense evaluation of a network's kernels: run the layer recursion on whole matrices, or on blocks.
 
 This is the backend behind :class:`~gpntk.kernels.NTKKernel` and
 :class:`~gpntk.kernels.NNGPKernel` for matrices that fit in memory. :func:`covariance_function`
 is the module-level function that GPyTorch's ``KernelLinearOperator`` calls with the inputs and
 the hyperparameter tensors as arguments (it never closes over parameters, so batching, indexing
 and gradients follow GPyTorch's own machinery).
+
+Spatial architectures carry a covariance per pair of positions (``P`` or ``P²`` numbers per pair
+of inputs, see :mod:`gpntk.spatial`); their kernels are computed in blocks of input pairs so that
+no intermediate tensor holds more than ``block_elements`` numbers (default
+:data:`DEFAULT_BLOCK_ELEMENTS`). For inputs that are the same points only the blocks on and above
+the diagonal are computed.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from ..layers.base import Hyperparameters, Layer
+from ..spatial import Layout
 from ..state import KernelState
 
-__all__ = ["covariance_function", "kernel_diagonal", "nngp_and_ntk", "same_inputs"]
+__all__ = [
+    "covariance_function", "kernel_diagonal", "nngp_and_ntk", "same_inputs", "input_layout",
+    "DEFAULT_BLOCK_ELEMENTS",
+]
 
 Output = Literal["ntk", "nngp"]
+
+#: the most numbers one intermediate kernel tensor of a block may hold (2**23 float64 = 64 MiB)
+DEFAULT_BLOCK_ELEMENTS = 2**23
 
 
 def same_inputs(x1: Tensor, x2: Tensor) -> bool:
@@ -27,43 +41,140 @@ def same_inputs(x1: Tensor, x2: Tensor) -> bool:
     return x1 is x2 or (x1.shape == x2.shape and bool(torch.equal(x1, x2)))
 
 
-def _readout(state: KernelState, output: Output) -> Tensor:
-    return state.cov12 if output == "nngp" else state.ntk_or_zeros()
+def input_layout(net: Layer, input_shape: Sequence[int] | None) -> Layout:
+    """The layout of the input kernel: spatial when ``input_shape`` has spatial dims, full if pooling follows."""
+    if input_shape is None or len(input_shape) < 2:
+        return Layout()
+    return Layout(tuple(input_shape[1:]), full=net.needs_full(False))
 
 
-def covariance_function(x1: Tensor, x2: Tensor, *, net: Layer, output: Output, **hyper: Tensor) -> Tensor:
+def _recursion(
+    net: Layer,
+    x1: Tensor,
+    x2: Tensor,
+    hyper: dict[str, Tensor],
+    input_shape: Sequence[int] | None,
+    track_ntk: bool,
+    diag: bool = False,
+) -> KernelState:
+    layout = input_layout(net, input_shape)
+    state = KernelState.from_inputs(
+        x1, x2, diag=diag, same_inputs=diag or same_inputs(x1, x2), track_ntk=track_ntk,
+        input_shape=input_shape, full=layout.full,
+    )
+    return net.kernel_map(state, Hyperparameters(net, hyper))
+
+
+def _both(state: KernelState) -> tuple[Tensor, Tensor | None]:
+    return state.cov12, (state.ntk_or_zeros() if state.track_ntk else None)
+
+
+def _blocks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def evaluate(
+    net: Layer,
+    x1: Tensor,
+    x2: Tensor,
+    hyper: dict[str, Tensor],
+    *,
+    input_shape: Sequence[int] | None = None,
+    track_ntk: bool = True,
+    block_elements: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    r"""``(Σ(x1, x2), Θ(x1, x2) or None)``, ``(..., n1, n2)`` each, in blocks where needed."""
+    budget = DEFAULT_BLOCK_ELEMENTS if block_elements is None else block_elements
+    per_pair = input_layout(net, input_shape).elements_per_pair
+    n1, n2 = x1.shape[-2], x2.shape[-2]
+    if per_pair == 1 or n1 * n2 * per_pair <= budget:
+        return _both(_recursion(net, x1, x2, hyper, input_shape, track_ntk))
+    symmetric = same_inputs(x1, x2)
+    if symmetric or n2 * per_pair > budget:
+        size = max(1, math.isqrt(max(budget // per_pair, 1)))
+        rows, cols = _blocks(n1, size), _blocks(n2, size)
+    else:
+        rows, cols = _blocks(n1, max(1, budget // (n2 * per_pair))), [slice(0, n2)]
+    done: dict[tuple[int, int], tuple[Tensor, Tensor | None]] = {}
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            if symmetric and j < i:
+                cov, ntk = done[(j, i)]
+                done[(i, j)] = (cov.transpose(-1, -2), None if ntk is None else ntk.transpose(-1, -2))
+                continue
+            a = x1[..., r, :]
+            b = a if (symmetric and i == j and x2 is x1) else x2[..., c, :]
+            done[(i, j)] = _both(_recursion(net, a, b, hyper, input_shape, track_ntk))
+
+    def assemble(which: int) -> Tensor | None:
+        if done[(0, 0)][which] is None:
+            return None
+        return torch.cat([torch.cat([done[(i, j)][which] for j in range(len(cols))], -1) for i in range(len(rows))], -2)
+
+    return assemble(0), assemble(1)
+
+
+def covariance_function(
+    x1: Tensor,
+    x2: Tensor,
+    *,
+    net: Layer,
+    output: Output,
+    input_shape: Sequence[int] | None = None,
+    block_elements: int | None = None,
+    **hyper: Tensor,
+) -> Tensor:
     r"""The kernel matrix ``(..., n1, n2)`` between ``x1`` (..., n1, d) and ``x2`` (..., n2, d).
 
     ``hyper`` holds the network's hyperparameter tensors (``(..., 1, 1)`` each) keyed as in
     :class:`~gpntk.layers.base.Hyperparameters`; ``output`` picks the NTK :math:`\Theta` or the
-    NNGP :math:`\Sigma` of the readout.
+    NNGP :math:`\Sigma` of the readout; ``input_shape`` ``(C, *spatial)`` describes spatial inputs.
     """
-    state = KernelState.from_inputs(
-        x1, x2, diag=False, same_inputs=same_inputs(x1, x2), track_ntk=output == "ntk"
+    cov, ntk = evaluate(
+        net, x1, x2, hyper, input_shape=input_shape, track_ntk=output == "ntk", block_elements=block_elements
     )
-    state = net.kernel_map(state, Hyperparameters(net, hyper))
-    out = _readout(state, output)
+    out = cov if output == "nngp" else ntk
     batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(h.shape[:-2] for h in hyper.values()))
     return out.expand(*batch, x1.shape[-2], x2.shape[-2])
 
 
-def kernel_diagonal(x1: Tensor, x2: Tensor, *, net: Layer, output: Output, hyper: dict[str, Tensor]) -> Tensor:
+def kernel_diagonal(
+    x1: Tensor,
+    x2: Tensor,
+    *,
+    net: Layer,
+    output: Output,
+    hyper: dict[str, Tensor],
+    input_shape: Sequence[int] | None = None,
+    block_elements: int | None = None,
+) -> Tensor:
     r"""The diagonal :math:`k(x_{1,i}, x_{2,i})`, shape ``(..., n)``, without forming a matrix.
 
     When ``x1`` and ``x2`` are the same points this is the exact per-point recursion on the
     variances :math:`\Sigma(x, x)`, :math:`\Theta(x, x)` (differentiable in both ``x1`` and
-    ``x2``); otherwise each pair is evaluated on its own.
+    ``x2``); otherwise each pair is evaluated on its own. Points are taken in chunks so that a
+    spatial covariance of at most ``block_elements`` numbers is held at once.
     """
     batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(h.shape[:-2] for h in hyper.values()))
-    if same_inputs(x1, x2):
-        state = KernelState.from_inputs(x1, x2, diag=True, same_inputs=True, track_ntk=output == "ntk")
-        state = net.kernel_map(state, Hyperparameters(net, hyper))
-        out = _readout(state, output).squeeze(-1)
-    else:
-        # every pair (x1_i, x2_i) as its own 1 x 1 kernel, with the point index as a batch dimension
-        hyper = {name: value.unsqueeze(-3) for name, value in hyper.items()}
-        out = covariance_function(x1.unsqueeze(-2), x2.unsqueeze(-2), net=net, output=output, **hyper)
-        out = out[..., 0, 0]
+    budget = DEFAULT_BLOCK_ELEMENTS if block_elements is None else block_elements
+    per_point = input_layout(net, input_shape).elements_per_pair
+    chunks = _blocks(x1.shape[-2], max(1, budget // per_point))
+    track_ntk = output == "ntk"
+    parts = []
+    same = same_inputs(x1, x2)
+    for chunk in chunks:
+        a = x1[..., chunk, :]
+        b = a if x2 is x1 else x2[..., chunk, :]
+        if same:
+            state = _recursion(net, a, b, hyper, input_shape, track_ntk, diag=True)
+            out = (state.cov12 if output == "nngp" else state.ntk_or_zeros()).squeeze(-1)
+        else:
+            # every pair (x1_i, x2_i) as its own 1 x 1 kernel, with the point index as a batch dimension
+            point_hyper = {name: value.unsqueeze(-3) for name, value in hyper.items()}
+            cov, ntk = _both(_recursion(net, a.unsqueeze(-2), b.unsqueeze(-2), point_hyper, input_shape, track_ntk))
+            out = (cov if output == "nngp" else ntk)[..., 0, 0]
+        parts.append(out)
+    out = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
     return out.expand(*batch, x1.shape[-2])
 
 
@@ -72,8 +183,10 @@ def nngp_and_ntk(
     x1: Tensor,
     x2: Tensor | None = None,
     *,
+    input_shape: Sequence[int] | None = None,
     detach_hyperparameters: bool = False,
     track_ntk: bool = True,
+    block_elements: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     r"""Both kernel matrices :math:`(\Sigma(x_1, x_2), \Theta(x_1, x_2))` from one pass of the recursion.
 
@@ -87,6 +200,6 @@ def nngp_and_ntk(
     hyper = Hyperparameters.collect(net, like=x1)
     if detach_hyperparameters:
         hyper = {name: value.detach() for name, value in hyper.items()}
-    state = KernelState.from_inputs(x1, x2, diag=False, same_inputs=same_inputs(x1, x2), track_ntk=track_ntk)
-    state = net.kernel_map(state, Hyperparameters(net, hyper))
-    return state.cov12, (state.ntk_or_zeros() if track_ntk else None)
+    return evaluate(
+        net, x1, x2, hyper, input_shape=input_shape, track_ntk=track_ntk, block_elements=block_elements
+    )

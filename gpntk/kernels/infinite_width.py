@@ -12,7 +12,7 @@ from gpytorch.kernels import Kernel
 from linear_operator.operators import KernelLinearOperator
 from torch import Tensor
 
-from ..layers.base import Hyperparameters, Layer, Signature, parameterized_layers
+from ..layers.base import Hyperparameters, Layer, check_network, parameterized_layers
 from ..validation import check_inputs
 from .dense import Output, covariance_function, kernel_diagonal
 
@@ -30,6 +30,9 @@ class InfiniteWidthKernel(Kernel):
     :param input_shape: for spatial architectures, the shape ``(C, W)`` or ``(C, H, W)`` of one
         input; rows of ``x`` then hold ``C*H*W`` features in channels-first order. ``None``
         (default) treats rows as feature vectors.
+    :param block_elements: for spatial architectures, the most numbers one intermediate tensor
+        may hold: kernels are computed in blocks of input pairs of that size (default
+        ``2**23``, 64 MiB in float64), so memory does not grow as :math:`n^2 P^2`.
     :param batch_shape: GPyTorch batch shape: every hyperparameter gets shape
         ``(*batch_shape, 1, 1)`` (e.g. one set per output of a BoTorch multi-output model).
     :param active_dims: as for any GPyTorch kernel.
@@ -49,6 +52,7 @@ class InfiniteWidthKernel(Kernel):
         input_shape: Sequence[int] | None = None,
         batch_shape: torch.Size = torch.Size([]),
         active_dims: Sequence[int] | None = None,
+        block_elements: int | None = None,
         **kwargs,
     ):
         if not isinstance(net, Layer):
@@ -56,9 +60,15 @@ class InfiniteWidthKernel(Kernel):
                 f"{type(self).__name__} needs an architecture built from gpntk.layers, got {type(net).__name__}"
             )
         super().__init__(batch_shape=torch.Size(batch_shape), active_dims=active_dims, **kwargs)
-        net.check(Signature())
-        self.net = net
         self.input_shape = _check_input_shape(input_shape)
+        check_network(net, self.input_shape)
+        self.net = net
+        if block_elements is not None:
+            try:
+                block_elements = _positive_int(block_elements)
+            except (TypeError, ValueError):
+                raise ValueError(f"block_elements must be a positive integer, got {block_elements!r}") from None
+        self.block_elements = block_elements
         for layer in parameterized_layers(net):
             layer.expand_hyperparameters(self.batch_shape)
 
@@ -96,9 +106,10 @@ class InfiniteWidthKernel(Kernel):
                 f"{x1.shape[-2]} and {x2.shape[-2]} (shapes {tuple(x1.shape)} and {tuple(x2.shape)})"
             )
         hyper = Hyperparameters.collect(self.net, like=x1)
+        options = dict(net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements)
         if diag:
-            return kernel_diagonal(x1, x2, net=self.net, output=self._output, hyper=hyper)
-        return KernelLinearOperator(x1, x2, covar_func=covariance_function, net=self.net, output=self._output, **hyper)
+            return kernel_diagonal(x1, x2, hyper=hyper, **options)
+        return KernelLinearOperator(x1, x2, covar_func=covariance_function, **options, **hyper)
 
     # GPyTorch's Kernel only batches its own parameters; ours live in the layers of ``net``.
     def __getitem__(self, index) -> "InfiniteWidthKernel":

@@ -9,12 +9,19 @@ from ..activations import (
     ABReLU, GELU, Abs, Activation, Cos, Elementwise, Erf, Exp, Gaussian, LeakyReLU, Monomial,
     Polynomial, Rbf, RectifiedMonomial, ReLU, SiLU, Sigmoid, Sign, Sin, Softplus, Tanh,
 )
-from .base import Identity, Layer, Serial, Signature, serial
+from .affine import Affine
+from .base import Identity, Layer, Serial, Signature, check_network, serial
+from .branching import FanInConcat, FanInProd, FanInSum, FanOut, Parallel, parallel
+from .conv import Conv
 from .dense import Dense
 from .mlp import mlp
+from .normalization import LayerNorm
+from .pooling import AvgPool, Flatten, GlobalAvgPool
 
 __all__ = [
-    "Layer", "Serial", "Signature", "serial", "Identity", "Dense", "mlp", "Activation",
+    "Layer", "Serial", "Signature", "serial", "check_network", "Identity", "Affine", "Dense", "Conv",
+    "AvgPool", "GlobalAvgPool", "Flatten", "LayerNorm", "FanOut", "Parallel", "parallel", "FanInSum",
+    "FanInConcat", "FanInProd", "mlp", "Activation",
     "ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Exp",
     "Gaussian", "Monomial", "RectifiedMonomial", "Polynomial", "Elementwise", "Tanh", "Sigmoid",
     "Softplus", "SiLU",

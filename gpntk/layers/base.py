@@ -13,9 +13,10 @@ Every layer does three things:
 
 from __future__ import annotations
 
+import math
 import operator
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence, Union
 
 import gpytorch
 import torch
@@ -24,22 +25,64 @@ from torch import Tensor, nn
 from ..errors import ArchitectureError
 from ..state import KernelState
 
-__all__ = ["Layer", "Signature", "Hyperparameters", "Serial", "serial", "Identity"]
+__all__ = ["Layer", "Signature", "Hyperparameters", "Serial", "serial", "Identity", "check_network"]
+
+#: finite-width shapes of one input: ``(features,)`` / ``(C, *spatial)``, or None (vector, unknown)
+Shape = Union[tuple[int, ...], None]
 
 
 @dataclass(frozen=True)
 class Signature:
     """What a layer hands on to the next one, for the build-time checks.
 
-    ``gaussian``: whether the outputs are Gaussian pre-activations (an affine layer was just
-    applied), so that a nonlinearity may follow; ``None`` while unknown, at the start of a block
-    built on its own (``serial`` checks its inside when it is built, and the whole network is
-    checked from the input when a kernel or a finite network is made of it). ``last``: the name
-    of the layer that produced the outputs, for messages.
+    ``gaussian``: whether the outputs are Gaussian pre-activations with one variance per position
+    (an affine layer was just applied), so that a nonlinearity may follow. ``spatial``: the
+    spatial shape of the outputs (``()`` for vectors). ``channels``: ``"input"`` while the
+    features are the network's inputs, ``"hidden"`` after an affine layer (their number is the
+    width). ``independent``: the outputs are a fresh zero-mean function (an affine layer's with
+    its own weights), independent of any sibling branch, so that branches can be summed or
+    multiplied exactly. ``None`` means unknown, at the start of a block built on its own
+    (``serial`` checks its inside when it is built, and the whole network is checked from the
+    input when a kernel or a finite network is made of it). ``last``: the name of the layer that
+    produced the outputs, for messages.
     """
 
     gaussian: bool | None = False
     last: str = "the input"
+    spatial: tuple[int, ...] | None = ()
+    channels: str | None = "input"
+    independent: bool | None = False
+
+    def after(self, layer: "Layer", **changes) -> "Signature":
+        """This signature handed on by ``layer``, with ``changes``."""
+        return replace(self, last=layer.name, **changes)
+
+
+#: what flows between layers at build time: one signature, or one per branch after FanOut
+Signatures = Union[Signature, tuple[Signature, ...]]
+
+UNKNOWN = Signature(gaussian=None, last="the start of this block", spatial=None, channels=None, independent=None)
+
+
+def check_network(net: "Layer", input_shape: Sequence[int] | None = None) -> Signature:
+    """Check ``net`` from its input: with ``input_shape`` ``(C, *spatial)`` for spatial inputs.
+
+    The network must end with one non-spatial output (flattened or pooled), so that its kernel
+    is one number per pair of inputs.
+    """
+    spatial = tuple(input_shape[1:]) if input_shape is not None else ()
+    signature = net.check(Signature(spatial=spatial))
+    if isinstance(signature, tuple):
+        raise ArchitectureError(
+            f"the network ends with {len(signature)} parallel branches; combine them with FanInSum(), "
+            "FanInConcat() or FanInProd()"
+        )
+    if signature.spatial:
+        raise ArchitectureError(
+            f"the network's outputs still have spatial shape {signature.spatial} (after "
+            f"{signature.last}); end it with Flatten() or GlobalAvgPool() and a Dense readout"
+        )
+    return signature
 
 
 class Hyperparameters:
@@ -90,6 +133,10 @@ class Layer(gpytorch.Module):
 
     #: names of the constrained hyperparameters (properties) this layer owns
     hyperparameter_names: tuple[str, ...] = ()
+    #: whether the layer acts on the branches of a FanOut (parallel, FanIn*) rather than one input
+    takes_branches: bool = False
+    #: whether the layer has weights (Dense, Conv): the last ones form the network's readout
+    is_affine: bool = False
 
     def hyperparameter(self, name: str, like: Tensor | None = None) -> Tensor:
         """The current value of hyperparameter ``name``, in the dtype and device of ``like``."""
@@ -102,19 +149,31 @@ class Layer(gpytorch.Module):
     def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
         raise NotImplementedError
 
+    def needs_full(self, after: bool) -> bool:
+        """Whether this layer's input must hold the full position-by-position covariance.
+
+        ``after``: whether its output must. Pointwise and convolutional maps need the full
+        covariance exactly when their output does; pooling always needs it.
+        """
+        return after
+
+    def contains_affine(self) -> bool:
+        return self.is_affine or any(layer.contains_affine() for layer in self.children_layers())
+
     def build_finite(
         self,
-        in_features: int | None,
+        in_shape: Shape,
         width: int,
         out_features: int,
         is_output: bool,
         generator: torch.Generator | None = None,
-    ) -> tuple[nn.Module, int | None]:
-        """The finite-width torch module of this layer and its number of output features.
+    ) -> tuple[nn.Module, Shape]:
+        """The finite-width torch module of this layer and the shape of one output.
 
-        ``in_features`` is ``None`` when not yet known (the module then infers it lazily);
-        hidden affine layers get ``width`` outputs and the network's output layer
-        (``is_output``) gets ``out_features``.
+        ``in_shape`` is ``(features,)`` for vectors (``None`` when not yet known: the module
+        then infers it lazily) and ``(C, *spatial)`` for spatial inputs, channels first. Hidden
+        affine layers get ``width`` output channels; ``is_output`` says no affine layer follows,
+        so affine layers get ``out_features``.
         """
         raise NotImplementedError
 
@@ -142,26 +201,42 @@ class Layer(gpytorch.Module):
         width: int,
         *,
         in_features: int | None = None,
+        input_shape: Sequence[int] | None = None,
         out_features: int = 1,
         generator: torch.Generator | None = None,
     ) -> nn.Module:
         """The finite-width network of this architecture in NTK parameterization.
 
-        Every hidden affine layer has ``width`` output features and the readout has
+        Every hidden affine layer has ``width`` output channels and the readout has
         ``out_features``. Each affine layer computes
         :math:`h = \\sigma_w / \\sqrt{n_{in}}\\, W x + \\sigma_b\\, b` with
-        :math:`W, b \\sim \\mathcal N(0, 1)` drawn from ``generator``, and takes the current values
-        of the layer's hyperparameters. Weights of a layer object used in several places are
-        independent (only the hyperparameters are shared); frozen layers
-        (``trainable=False``) have ``requires_grad=False`` weights. ``in_features`` may be left
-        out: it is then inferred from the first batch of inputs.
+        :math:`W, b \\sim \\mathcal N(0, 1)` drawn from ``generator`` (:math:`n_{in}` is the
+        fan-in: input channels times window size for a convolution), and takes the current
+        values of the layer's hyperparameters. Weights of a layer object used in several places
+        are independent (only the hyperparameters are shared); frozen layers
+        (``trainable=False``) have ``requires_grad=False`` weights.
+
+        The module maps rows ``(n, d)`` to ``(n, out_features)``, like the kernels: with an
+        ``input_shape`` ``(C, *spatial)`` each row holds a channels-first tensor of ``d =
+        C·H·W`` features. ``in_features`` may be left out for vector inputs: it is then inferred
+        from the first batch.
         """
         width = _positive_integer("width", width)
         out_features = _positive_integer("out_features", out_features)
         if in_features is not None:
             in_features = _positive_integer("in_features", in_features)
-        self.check(Signature())
-        module, _ = self.build_finite(in_features, width, out_features, True, generator)
+        shape: Shape = None if in_features is None else (in_features,)
+        if input_shape is not None:
+            input_shape = tuple(_positive_integer("input_shape entries", s) for s in input_shape)
+            if in_features is not None and in_features != math.prod(input_shape):
+                raise ValueError(f"in_features={in_features} does not match input_shape {input_shape}")
+            shape = input_shape
+        check_network(self, input_shape)
+        module, _ = self.build_finite(shape, width, out_features, True, generator)
+        if input_shape is not None and len(input_shape) >= 2:
+            from ..finite import RowsToTensors
+
+            module = nn.Sequential(RowsToTensors(input_shape), module)
         return module
 
 
@@ -184,29 +259,45 @@ class Serial(Layer):
         if not flat:
             raise ArchitectureError("serial() needs at least one layer")
         self.layers = nn.ModuleList(flat)
-        self.check(Signature(gaussian=None, last="the start of this serial block"))
+        self.takes_branches = flat[0].takes_branches
+        self.check(UNKNOWN)
 
     def children_layers(self) -> Iterator[Layer]:
         return iter(self.layers)
 
-    def check(self, signature: Signature) -> Signature:
+    def check(self, signature: Signatures) -> Signatures:
         for layer in self.layers:
+            if isinstance(signature, tuple) and not layer.takes_branches:
+                raise ArchitectureError(
+                    f"{layer.name} gets the {len(signature)} branches of a FanOut; apply parallel(...) to "
+                    "them or combine them with FanInSum(), FanInConcat() or FanInProd() first"
+                )
             signature = layer.check(signature)
         return signature
 
-    def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
-        for layer in self.layers:
-            state = layer.kernel_map(state, hyper)
+    def needs_full(self, after: bool) -> bool:
+        for layer in reversed(self.layers):
+            after = layer.needs_full(after)
+        return after
+
+    def kernel_map(self, state, hyper: Hyperparameters):
+        keep = [False] * len(self.layers)
+        after = _keep_full(state)
+        for i in range(len(self.layers) - 1, -1, -1):
+            keep[i] = after
+            after = self.layers[i].needs_full(after)
+        for layer, keep_full in zip(self.layers, keep):
+            state = _settle(layer.kernel_map(_with_keep_full(state, keep_full), hyper))
         return state
 
-    def build_finite(self, in_features, width, out_features, is_output, generator=None):
+    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
         modules = []
-        features = in_features
-        last = len(self.layers) - 1
+        shape = in_shape
         for i, layer in enumerate(self.layers):
-            module, features = layer.build_finite(features, width, out_features, is_output and i == last, generator)
+            last = is_output and not any(later.contains_affine() for later in self.layers[i + 1 :])
+            module, shape = layer.build_finite(shape, width, out_features, last, generator)
             modules.append(module)
-        return nn.Sequential(*modules), features
+        return nn.Sequential(*modules), shape
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
@@ -226,6 +317,24 @@ def _positive_integer(name: str, value) -> int:
     return value
 
 
+def _keep_full(state) -> bool:
+    if isinstance(state, tuple):
+        return any(s.keep_full for s in state)
+    return state.keep_full
+
+
+def _with_keep_full(state, keep_full: bool):
+    if isinstance(state, tuple):
+        return tuple(s.replace(keep_full=keep_full) for s in state)
+    return state.replace(keep_full=keep_full)
+
+
+def _settle(state):
+    if isinstance(state, tuple):
+        return tuple(s.settle() for s in state)
+    return state.settle()
+
+
 def serial(*layers: Layer) -> Serial:
     """Compose layers in sequence; the architecture is checked now, not when it is used."""
     return Serial(*layers)
@@ -234,14 +343,16 @@ def serial(*layers: Layer) -> Serial:
 class Identity(Layer):
     """The identity layer: passes the state on unchanged."""
 
-    def check(self, signature: Signature) -> Signature:
+    takes_branches = True  # passes branches on unchanged too
+
+    def check(self, signature: Signatures) -> Signatures:
         return signature
 
-    def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
+    def kernel_map(self, state, hyper: Hyperparameters):
         return state
 
-    def build_finite(self, in_features, width, out_features, is_output, generator=None):
-        return nn.Identity(), in_features
+    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+        return nn.Identity(), in_shape
 
     def __repr__(self) -> str:
         return "Identity()"

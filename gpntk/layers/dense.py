@@ -2,47 +2,17 @@ r"""Fully-connected (``Dense``) layers in NTK parameterization."""
 
 from __future__ import annotations
 
-import math
-from functools import partial
+from torch import nn
 
-import torch
-from gpytorch.constraints import Interval, Positive
-from gpytorch.priors import Prior
-from torch import Tensor
-
-from ..errors import ArchitectureError
-from ..finite import NTKLinear
+from ..finite import ChannelsLast, NTKLinear
 from ..state import KernelState
-from .base import Hyperparameters, Layer, Signature
+from .affine import Affine
+from .base import Hyperparameters, Signature
 
 __all__ = ["Dense"]
 
 
-def _check_variance(name: str, value, allow_zero: bool) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ArchitectureError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ArchitectureError(f"{name} must be finite, got {value}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = "non-negative" if allow_zero else "positive"
-        raise ArchitectureError(f"{name} is a variance and must be {bound}, got {value}")
-    return value
-
-
-_FLOAT64 = torch.empty(0, dtype=torch.float64)
-
-
-def _get_variance(module: "Dense", name: str) -> Tensor:
-    return getattr(module, name)
-
-
-def _set_variance(module: "Dense", value, name: str) -> None:
-    module._set_variance(name, value)
-
-
-class Dense(Layer):
+class Dense(Affine):
     r"""Fully-connected affine layer in NTK parameterization.
 
     .. math::
@@ -52,7 +22,8 @@ class Dense(Layer):
     (Jacot et al. 2018; Lee et al. 2019). The term :math:`\Sigma_{\text{new}}` is the
     contribution of the layer's own weights and biases to the tangent kernel, so a frozen layer
     (``trainable=False``) maps :math:`\Theta \leftarrow \sigma_w^2 \Theta`. Freezing every layer
-    but the readout turns the NTK into the NNGP.
+    but the readout turns the NTK into the NNGP. On spatial inputs it acts on the channels at every
+    position (a 1×1 convolution), as in Neural Tangents.
 
     :param weight_variance: :math:`\sigma_w^2 > 0`.
     :param bias_variance: :math:`\sigma_b^2 \ge 0`. Zero builds a layer without bias (the
@@ -69,199 +40,27 @@ class Dense(Layer):
     its hyperparameters (not its finite-width weights).
     """
 
-    def __init__(
-        self,
-        weight_variance: float = 1.0,
-        bias_variance: float = 0.0,
-        trainable: bool = True,
-        *,
-        parameterization: str = "ntk",
-        weight_variance_prior: Prior | None = None,
-        bias_variance_prior: Prior | None = None,
-        weight_variance_constraint: Interval | None = None,
-        bias_variance_constraint: Interval | None = None,
-    ):
-        super().__init__()
-        if parameterization != "ntk":
-            raise ArchitectureError(
-                f"Dense supports parameterization='ntk' only, got {parameterization!r}"
-            )
-        weight_variance = _check_variance("weight_variance", weight_variance, allow_zero=False)
-        bias_variance = _check_variance("bias_variance", bias_variance, allow_zero=True)
-        if not isinstance(trainable, bool):
-            raise ArchitectureError(f"trainable must be True or False, got {trainable!r}")
-        self.trainable = trainable
-        self._exact_values: dict[str, tuple[Tensor, Tensor]] = {}
-        self.has_bias = bias_variance > 0
-        self.hyperparameter_names = ("weight_variance", "bias_variance") if self.has_bias else ("weight_variance",)
-        self._register_variance("weight_variance", weight_variance, weight_variance_prior, weight_variance_constraint)
-        if self.has_bias:
-            self._register_variance("bias_variance", bias_variance, bias_variance_prior, bias_variance_constraint)
-        elif bias_variance_prior is not None:
-            raise ArchitectureError("bias_variance_prior was given but bias_variance is 0 (a layer without bias)")
-
-    def _register_variance(self, name: str, value: float, prior: Prior | None, constraint: Interval | None) -> None:
-        raw = f"raw_{name}"
-        self.register_parameter(raw, torch.nn.Parameter(torch.zeros(1, 1)))
-        self.register_constraint(raw, constraint if constraint is not None else Positive())
-        if prior is not None:
-            if not isinstance(prior, Prior):
-                raise TypeError(f"{name}_prior must be a gpytorch.priors.Prior, got {type(prior).__name__}")
-            self.register_prior(
-                f"{name}_prior", prior, partial(_get_variance, name=name), partial(_set_variance, name=name)
-            )
-        self._set_variance(name, value)
-
-    def _set_variance(self, name: str, value) -> None:
-        raw = getattr(self, f"raw_{name}")
-        value = torch.as_tensor(value, dtype=torch.float64, device=raw.device)
-        if not torch.isfinite(value).all() or (value <= 0).any():
-            raise ValueError(f"{name} must be positive and finite, got {value.tolist()}")
-        constraint = getattr(self, f"raw_{name}_constraint")
-        try:
-            exact = value.expand(raw.shape).clone()
-        except RuntimeError:
-            raise ValueError(
-                f"{name} has shape {tuple(raw.shape)} (batch shape {tuple(raw.shape[:-2])}); a value of "
-                f"shape {tuple(value.shape)} does not broadcast to it"
-            ) from None
-        self.initialize(**{f"raw_{name}": constraint.inverse_transform(exact.to(raw.dtype))})
-        # Remember the value as given, in float64, so that converting the layer to float64 later
-        # (``kernel.double()``) recovers it exactly instead of its float32 rounding.
-        self._exact_values[name] = (exact, getattr(self, f"raw_{name}").detach().clone())
-
-    def _apply(self, fn, recurse: bool = True):
-        untouched = {
-            name: (exact, snapshot)
-            for name, (exact, snapshot) in self._exact_values.items()
-            if torch.equal(getattr(self, f"raw_{name}").detach(), snapshot)
-        }
-        super()._apply(fn, recurse)
-        self._exact_values = {}
-        for name, (exact, _) in untouched.items():
-            raw = getattr(self, f"raw_{name}")
-            if raw.shape == exact.shape:
-                self._set_variance(name, exact)
-        return self
-
-    def hyperparameter(self, name: str, like: Tensor | None = None) -> Tensor:
-        """The value of ``name`` in the dtype of ``like``, exact when it is more precise than the storage.
-
-        Hyperparameters live in the module's dtype (float32 by default in PyTorch), so a value
-        given as 0.1 is stored as its float32 rounding. When a kernel is evaluated in float64 and
-        the value has not been changed since it was set, the value as given is used instead,
-        with the gradient still flowing to the raw parameter; so float64 inputs get
-        reference-precision kernels without ``.double()``.
-        """
-        value = super().hyperparameter(name, like)
-        remembered = self._exact_values.get(name)
-        if like is None or remembered is None or value.dtype.itemsize <= getattr(self, f"raw_{name}").dtype.itemsize:
-            return value
-        exact, snapshot = remembered
-        if not torch.equal(getattr(self, f"raw_{name}").detach(), snapshot):
-            return value
-        return value + (exact.to(value) - value).detach()
-
-    @property
-    def weight_variance(self) -> Tensor:
-        return self.raw_weight_variance_constraint.transform(self.raw_weight_variance)
-
-    @weight_variance.setter
-    def weight_variance(self, value) -> None:
-        self._set_variance("weight_variance", value)
-
-    @property
-    def bias_variance(self) -> Tensor:
-        if not self.has_bias:
-            return torch.zeros_like(self.raw_weight_variance)
-        return self.raw_bias_variance_constraint.transform(self.raw_bias_variance)
-
-    @bias_variance.setter
-    def bias_variance(self, value) -> None:
-        if not self.has_bias:
-            raise ValueError("this Dense layer was built without bias (bias_variance=0); its bias variance is fixed")
-        self._set_variance("bias_variance", value)
-
-    # --- batch shapes -------------------------------------------------------------------------
-    def _raw_names(self) -> list[str]:
-        return [f"raw_{name}" for name in self.hyperparameter_names]
-
-    def _reshape_raw(self, name: str, reshape) -> None:
-        """Apply a batch reshaping (expand or index) to a raw parameter and its remembered exact value."""
-        param = getattr(self, f"raw_{name}")
-        remembered = self._exact_values.get(name)
-        untouched = remembered is not None and torch.equal(param.detach(), remembered[1])
-        param.data = reshape(param.data).clone()
-        self._exact_values.pop(name, None)
-        if untouched:
-            self._exact_values[name] = (reshape(remembered[0]).clone(), param.detach().clone())
-
-    def expand_hyperparameters(self, batch_shape: torch.Size) -> None:
-        for name in self.hyperparameter_names:
-            current = getattr(self, f"raw_{name}").shape[:-2]
-            try:
-                target = torch.broadcast_shapes(current, batch_shape)
-            except RuntimeError:
-                target = None
-            if target is None or (target != batch_shape and current != batch_shape):
-                raise ValueError(
-                    f"raw_{name} already has batch shape {tuple(current)}, which cannot take the batch "
-                    f"shape {tuple(batch_shape)}"
-                )
-            if current != batch_shape:
-                self._reshape_raw(name, lambda t: t.expand(*batch_shape, 1, 1))
-
-    def index_hyperparameters(self, index: tuple) -> None:
-        for name in self.hyperparameter_names:
-            self._reshape_raw(name, lambda t: t[index])
-
-    # --- architecture -------------------------------------------------------------------------
     def check(self, signature: Signature) -> Signature:
-        return Signature(gaussian=True, last=self.name)
+        return signature.after(self, gaussian=True, channels="hidden", independent=True)
 
     def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
-        weight_variance = hyper.get(self, "weight_variance")
-        if self.has_bias:
-            bias_variance = hyper.get(self, "bias_variance")
-            affine = lambda k: weight_variance * k + bias_variance  # noqa: E731
-        else:
-            affine = lambda k: weight_variance * k  # noqa: E731
-        cov12 = affine(state.cov12)
-        if state.diag:
-            var1 = var2 = cov12
-        else:
-            var1, var2 = affine(state.var1), affine(state.var2)
-        ntk12 = state.ntk12
-        if state.track_ntk:
-            scaled = None if ntk12 is None else weight_variance * ntk12
-            if self.trainable:
-                ntk12 = cov12 if scaled is None else scaled + cov12
-            else:
-                ntk12 = scaled
-        return state.replace(cov12=cov12, var1=var1, var2=var2, ntk12=ntk12)
+        return self.affine_map(state, hyper)
 
-    def build_finite(self, in_features, width, out_features, is_output, generator=None):
-        if self.weight_variance.numel() != 1:
-            raise ValueError(
-                "net.finite() needs scalar hyperparameters; this Dense layer has batch shape "
-                f"{tuple(self.weight_variance.shape[:-2])}"
-            )
+    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+        weight_std, bias_std = self.finite_stds()
         features = out_features if is_output else width
-        module = NTKLinear(
-            in_features,
+        spatial = in_shape is not None and len(in_shape) > 1
+        module: nn.Module = NTKLinear(
+            in_shape[0] if in_shape is not None else None,
             features,
-            weight_std=math.sqrt(self.hyperparameter("weight_variance", _FLOAT64).item()),
-            bias_std=math.sqrt(self.hyperparameter("bias_variance", _FLOAT64).item()) if self.has_bias else 0.0,
+            weight_std=weight_std,
+            bias_std=bias_std,
             trainable=self.trainable,
             generator=generator,
         )
-        return module, features
+        if spatial:
+            return ChannelsLast(module), (features, *in_shape[1:])
+        return module, (features,)
 
     def __repr__(self) -> str:
-        def fmt(t: Tensor) -> str:
-            return f"{t.item():.4g}" if t.numel() == 1 else f"<batch {tuple(t.shape[:-2])}>"
-
-        args = f"weight_variance={fmt(self.weight_variance)}, bias_variance={fmt(self.bias_variance)}"
-        if not self.trainable:
-            args += ", trainable=False"
-        return f"Dense({args})"
+        return f"Dense({self.variance_repr()})"

@@ -1,0 +1,144 @@
+r"""Convolutions (1-D and 2-D, channels first) in NTK parameterization."""
+
+from __future__ import annotations
+
+from ..errors import ArchitectureError
+from ..finite import NTKConv
+from ..spatial import PADDINGS, Layout, Window, convolve, window_geometry
+from ..state import KernelState
+from .affine import Affine
+from .base import Hyperparameters, Signature, _positive_integer
+
+__all__ = ["Conv"]
+
+
+def spatial_sizes(name: str, value, allow_none: bool = False) -> tuple[int, ...] | int | None:
+    """A positive int or a tuple of them (one per spatial axis), checked."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (tuple, list)):
+        if not value:
+            raise ArchitectureError(f"{name} must not be empty")
+        try:
+            return tuple(_positive_integer(name, v) for v in value)
+        except ValueError as error:
+            raise ArchitectureError(str(error)) from None
+    try:
+        return _positive_integer(name, value)
+    except ValueError as error:
+        raise ArchitectureError(str(error)) from None
+
+
+def check_padding(padding: str) -> str:
+    if padding not in PADDINGS:
+        raise ArchitectureError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    return padding
+
+
+def per_axis(layer_name: str, name: str, value, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """``value`` (an int or a tuple) as one entry per spatial axis of ``spatial``."""
+    if isinstance(value, tuple):
+        if len(value) != len(spatial):
+            raise ArchitectureError(
+                f"{layer_name} has {name}={value} ({len(value)} axes) but its inputs have spatial shape "
+                f"{spatial} ({len(spatial)} axes)"
+            )
+        return value
+    return (value,) * len(spatial)
+
+
+def windows_for(
+    layer_name: str, spatial: tuple[int, ...], kernel_size, stride, padding: str
+) -> tuple[Window, ...]:
+    """The per-axis windows of a convolution or pooling on inputs of spatial shape ``spatial``."""
+    sizes = per_axis(layer_name, "kernel_size", kernel_size, spatial)
+    strides = per_axis(layer_name, "stride", stride, spatial)
+    for size, length in zip(sizes, spatial):
+        if size > length:
+            raise ArchitectureError(
+                f"{layer_name} has kernel_size {sizes}, larger than its input's spatial shape {spatial}"
+            )
+    return tuple(window_geometry(length, k, s, padding) for length, k, s in zip(spatial, sizes, strides))
+
+
+def output_spatial(windows: tuple[Window, ...], spatial: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(w.output_size(length) for w, length in zip(windows, spatial))
+
+
+def spatial_input(layer: str, signature: Signature) -> None:
+    """Raise unless ``signature`` describes (possibly unknown) spatial inputs."""
+    if signature.spatial == ():
+        where = "the network's inputs are vectors (give the kernel input_shape=(C, W) or (C, H, W))" \
+            if signature.last == "the input" else f"the outputs of {signature.last} are vectors"
+        raise ArchitectureError(f"{layer} needs spatial inputs (channels first), but {where}")
+
+
+class Conv(Affine):
+    r"""Convolution over 1-D or 2-D inputs (channels first), in NTK parameterization.
+
+    The dimension follows the inputs: ``input_shape=(C, W)`` gives a 1-D, ``(C, H, W)`` a 2-D
+    convolution. Each output position :math:`p` sees the window :math:`w` of positions
+    :math:`s p + \delta`, so (Novak et al. 2019; Arora et al. 2019)
+
+    .. math::
+        \Sigma'_{p,p'} = \frac{\sigma_w^2}{|w|} \sum_{\delta \in w}
+            \Sigma_{sp+\delta,\, sp'+\delta} + \sigma_b^2, \qquad
+        \Theta'_{p,p'} = \frac{\sigma_w^2}{|w|} \sum_{\delta \in w}
+            \Theta_{sp+\delta,\, sp'+\delta} + \Sigma'_{p,p'},
+
+    with zero (``"same"``) or wrapped (``"circular"``) positions outside the input, or none
+    (``"valid"``). The diagonal :math:`p = p'` maps to itself, so without a later pooling layer
+    only :math:`\Sigma_{p,p}` is ever computed.
+
+    :param kernel_size: window size, an int or one per spatial axis.
+    :param stride: an int or one per axis.
+    :param padding: ``"same"`` (zeros, :math:`\lceil L/s\rceil` outputs), ``"valid"`` or
+        ``"circular"``, split as in TensorFlow / Neural Tangents.
+    :param weight_variance, bias_variance, trainable, ...: as for :class:`~gpntk.layers.Dense`.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: str = "same",
+        weight_variance: float = 1.0,
+        bias_variance: float = 0.0,
+        trainable: bool = True,
+        **kwargs,
+    ):
+        super().__init__(weight_variance, bias_variance, trainable, **kwargs)
+        self.kernel_size = spatial_sizes("kernel_size", kernel_size)
+        self.stride = spatial_sizes("stride", stride)
+        self.padding = check_padding(padding)
+
+    def windows(self, spatial: tuple[int, ...]) -> tuple[Window, ...]:
+        return windows_for(self.name, spatial, self.kernel_size, self.stride, self.padding)
+
+    def check(self, signature: Signature) -> Signature:
+        spatial_input(self.name, signature)
+        spatial = None
+        if signature.spatial is not None:
+            spatial = output_spatial(self.windows(signature.spatial), signature.spatial)
+        return signature.after(self, gaussian=True, channels="hidden", independent=True, spatial=spatial)
+
+    def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
+        layout = state.layout
+        windows = self.windows(layout.spatial)
+        out = Layout(output_spatial(windows, layout.spatial), layout.full)
+        state = state.map_linear(lambda t: convolve(t, layout, windows), out)
+        return self.affine_map(state, hyper)
+
+    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+        channels, spatial = in_shape[0], tuple(in_shape[1:])
+        windows = self.windows(spatial)
+        weight_std, bias_std = self.finite_stds()
+        features = out_features if is_output else width
+        module = NTKConv(channels, features, windows, weight_std, bias_std, self.trainable, generator)
+        return module, (features, *output_spatial(windows, spatial))
+
+    def __repr__(self) -> str:
+        return (
+            f"Conv(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}, "
+            f"{self.variance_repr()})"
+        )

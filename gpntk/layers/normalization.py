@@ -1,0 +1,69 @@
+r"""Layer normalisation over the channels."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import ArchitectureError
+from ..finite import ChannelNorm
+from ..state import KernelState
+from .base import Hyperparameters, Layer, Signature
+
+__all__ = ["LayerNorm"]
+
+
+def _inverse_sqrt(q: Tensor) -> Tensor:
+    """:math:`q^{-1/2}` where :math:`q > 0` and 0 elsewhere (a zero vector normalises to zero), with finite derivatives."""
+    positive = q > 0
+    return torch.where(positive, torch.rsqrt(torch.where(positive, q, torch.ones_like(q))), torch.zeros_like(q))
+
+
+class LayerNorm(Layer):
+    r"""Normalises the channels at every position to zero mean and unit variance (no learned affine).
+
+    At infinite width the channel mean of Gaussian pre-activations vanishes and their mean square
+    is the variance :math:`\Sigma(x, x)_{p,p}`, so the kernels are rescaled by the point variances
+    (Novak et al. 2020, as in Neural Tangents):
+
+    .. math::
+        \Sigma'(x, x')_{p,p'} = \frac{\Sigma(x, x')_{p,p'}}{\sqrt{\Sigma(x,x)_{p,p}\, \Sigma(x',x')_{p',p'}}},
+        \qquad \Theta' = \frac{\Theta}{\sqrt{\Sigma(x,x)_{p,p}\, \Sigma(x',x')_{p',p'}}}.
+
+    It needs Gaussian pre-activations (after ``Dense`` or ``Conv``): after a nonlinearity the
+    channel mean does not vanish and the normalised features are no longer described by these
+    kernels. The finite module subtracts the mean and divides by :math:`\sqrt{\mathrm{var} + \epsilon}`.
+    """
+
+    def __init__(self, eps: float = 1e-12):
+        super().__init__()
+        self.eps = float(eps)
+
+    def check(self, signature: Signature) -> Signature:
+        if signature.gaussian is False:
+            raise ArchitectureError(
+                f"LayerNorm needs Gaussian pre-activations, so it must follow an affine layer (Dense or "
+                f"Conv), not {signature.last}"
+            )
+        return signature.after(self)
+
+    def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
+        layout = state.layout
+        inv1 = _inverse_sqrt(layout.point_variances(state.var1))
+        inv2 = inv1 if state.diag else _inverse_sqrt(layout.point_variances(state.var2))
+
+        def scale(t: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+            return t * layout.rows_broadcast(rows) * layout.cols_broadcast(cols)
+
+        cov12 = scale(state.cov12, inv1, inv2)
+        var1 = var2 = cov12
+        if not state.diag:
+            var1, var2 = scale(state.var1, inv1, inv1), scale(state.var2, inv2, inv2)
+        ntk12 = None if state.ntk12 is None else scale(state.ntk12, inv1, inv2)
+        return state.replace(cov12=cov12, var1=var1, var2=var2, ntk12=ntk12)
+
+    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+        return ChannelNorm(self.eps), in_shape
+
+    def __repr__(self) -> str:
+        return "LayerNorm()"

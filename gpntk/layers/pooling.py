@@ -1,0 +1,122 @@
+r"""Layers that average over positions: ``AvgPool``, ``GlobalAvgPool`` and ``Flatten``."""
+
+from __future__ import annotations
+
+from ..finite import AvgPooling, FlattenRows, GlobalAvgPooling
+from ..spatial import Layout, Window, pool
+from ..state import KernelState
+from .base import Hyperparameters, Layer, Signature
+from .conv import check_padding, output_spatial, spatial_input, spatial_sizes, windows_for
+
+__all__ = ["AvgPool", "GlobalAvgPool", "Flatten"]
+
+
+class AvgPool(Layer):
+    r"""Average pooling over windows of positions (no parameters).
+
+    .. math::
+        \Sigma'_{p,p'} = \frac{1}{|w|^2} \sum_{\delta, \delta' \in w} \Sigma_{sp+\delta,\, sp'+\delta'}
+
+    and the same for :math:`\Theta`: it mixes *different* positions, so the layers before it keep
+    the full position-by-position covariance (Novak et al. 2019).
+
+    :param kernel_size: window size, an int or one per spatial axis.
+    :param stride: an int or one per axis; ``None`` (default) is the window size (torch's
+        convention: non-overlapping windows).
+    :param padding: ``"valid"`` (default), ``"same"`` (zeros, counted in the average, as torch's
+        ``count_include_pad=True``) or ``"circular"``.
+    """
+
+    def __init__(self, kernel_size: int | tuple[int, ...], stride: int | tuple[int, ...] | None = None,
+                 padding: str = "valid"):
+        super().__init__()
+        self.kernel_size = spatial_sizes("kernel_size", kernel_size)
+        stride = spatial_sizes("stride", stride, allow_none=True)
+        self.stride = self.kernel_size if stride is None else stride
+        self.padding = check_padding(padding)
+
+    def windows(self, spatial: tuple[int, ...]) -> tuple[Window, ...]:
+        return windows_for(self.name, spatial, self.kernel_size, self.stride, self.padding)
+
+    def check(self, signature: Signature) -> Signature:
+        spatial_input(self.name, signature)
+        spatial = None if signature.spatial is None else output_spatial(self.windows(signature.spatial), signature.spatial)
+        return signature.after(self, spatial=spatial)
+
+    def needs_full(self, after: bool) -> bool:
+        return True
+
+    def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
+        layout = state.layout
+        windows = self.windows(layout.spatial)
+        out = Layout(output_spatial(windows, layout.spatial), full=True)
+        return state.map_linear(lambda t: pool(t, layout, windows), out)
+
+    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+        windows = self.windows(tuple(in_shape[1:]))
+        return AvgPooling(windows), (in_shape[0], *output_spatial(windows, tuple(in_shape[1:])))
+
+    def __repr__(self) -> str:
+        return f"AvgPool(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r})"
+
+
+class GlobalAvgPool(Layer):
+    r"""Mean over all positions: :math:`\Sigma' = \frac{1}{P^2}\sum_{p,p'} \Sigma_{p,p'}` (same for :math:`\Theta`).
+
+    The outputs are vectors; the layers before it keep the full position-by-position covariance.
+    """
+
+    def check(self, signature: Signature) -> Signature:
+        spatial_input(self.name, signature)
+        return signature.after(self, spatial=())
+
+    def needs_full(self, after: bool) -> bool:
+        return True
+
+    def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
+        layout = state.layout
+        if not layout.full:
+            raise RuntimeError("GlobalAvgPool was given only the diagonal of the spatial covariance")
+        return state.map_linear(layout.mean_all, Layout())
+
+    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+        return GlobalAvgPooling(), (in_shape[0],)
+
+    def __repr__(self) -> str:
+        return "GlobalAvgPool()"
+
+
+class Flatten(Layer):
+    r"""Flattens ``(C, *spatial)`` features into one vector (channels first, as ``torch.flatten``).
+
+    A dense layer on the flattened features sees every position with its own weights, so its
+    kernel averages only matching positions: :math:`\Sigma' = \frac1P \sum_p \Sigma_{p,p}` (same
+    for :math:`\Theta`). The flattened features have different variances at different positions,
+    so a nonlinearity may not follow directly: put a ``Dense`` in between. On vector inputs it
+    does nothing.
+    """
+
+    def check(self, signature: Signature) -> Signature:
+        if signature.spatial == ():
+            return signature
+        return signature.after(self, spatial=(), gaussian=False if signature.spatial else None)
+
+    def needs_full(self, after: bool) -> bool:
+        return False
+
+    def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
+        layout = state.layout
+        if not layout.spatial:
+            return state
+        return state.map_linear(layout.mean_diagonal, Layout())
+
+    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+        if in_shape is None or len(in_shape) == 1:
+            return FlattenRows(), in_shape
+        size = 1
+        for s in in_shape:
+            size *= s
+        return FlattenRows(), (size,)
+
+    def __repr__(self) -> str:
+        return "Flatten()"
