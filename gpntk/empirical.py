@@ -16,7 +16,7 @@ kernels are checked against real networks.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ __all__ = ["empirical_ntk", "empirical_nngp", "monte_carlo_kernel"]
 #: torch modules that act on every input row separately and have no parameters the structured
 #: NTK does not know about (besides these, any module with ``gpntk_rowwise = True``).
 _ROWWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Sequential, nn.Identity, nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh,
+    nn.Sequential, nn.ModuleList, nn.Identity, nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh,
     nn.Sigmoid, nn.SiLU, nn.Softplus, nn.Mish, nn.Hardtanh, NTKLinear, ElementwiseActivation,
 )
 
@@ -298,6 +298,7 @@ def monte_carlo_kernel(
     kind: Literal["ntk", "nngp"] = "ntk",
     out_features: int = 1,
     seed: int = 0,
+    input_shape: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Monte Carlo estimate of the kernel of ``net.finite(width)`` over random initialisations.
 
@@ -308,6 +309,10 @@ def monte_carlo_kernel(
     layer) and a spread across networks of relative order ``1/sqrt(width)`` for the NTK and
     ``1/sqrt(width) + 1/sqrt(out_features)`` for the NNGP (one network's outputs are only
     ``out_features`` draws of the GP, so estimate the NNGP with many output channels).
+
+    ``input_shape`` ``(C, W)`` / ``(C, H, W)``: for spatial architectures (convolutions,
+    pooling), the channels-first shape of one input, passed to ``net.finite`` as for
+    ``NTKKernel(net, input_shape=...)``; each row of ``x1``, ``x2`` then holds ``C·H·W`` features.
     """
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
         raise ValueError(f"n_samples must be an integer of at least 2 (for a standard error), got {n_samples!r}")
@@ -319,7 +324,9 @@ def monte_carlo_kernel(
     estimator = empirical_ntk if kind == "ntk" else empirical_nngp
     samples = []
     for _ in range(n_samples):
-        model = net.finite(width, in_features=x1.shape[-1], out_features=out_features, generator=generator).to(x1)
+        model = net.finite(
+            width, in_features=x1.shape[-1], input_shape=input_shape, out_features=out_features, generator=generator
+        ).to(x1)
         samples.append(estimator(model, x1, x2))
     stacked = torch.stack(samples)
     return stacked.mean(0), stacked.std(0) / math.sqrt(n_samples)

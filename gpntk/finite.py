@@ -167,7 +167,13 @@ def _patches(x: Tensor, windows) -> Tensor:
     """``(n, C, *spatial)`` to windows ``(n, C, *out, *window)`` after padding."""
     x = _pad_spatial(x, windows)
     for axis, window in enumerate(windows):
-        x = x.unfold(2 + axis, window.size, window.stride)
+        # index_select rather than Tensor.unfold: its backward has a batching rule, so the
+        # structured empirical NTK's batched backward passes stay fast
+        length = (x.shape[2 + axis] - window.size) // window.stride + 1
+        index = (torch.arange(length, device=x.device) * window.stride)[:, None] + torch.arange(window.size, device=x.device)
+        x = x.index_select(2 + axis, index.flatten()).unflatten(2 + axis, (length, window.size))
+        x = x.movedim(3 + axis, -1)  # the window dim goes last
+    # windows were appended in axis order: (n, C, *out, *window)
     return x
 
 

@@ -85,7 +85,7 @@ def build_layers(layers: list, override: Override | None = None) -> list:
         if layer is None:
             if name == "serial":
                 layer = L.serial(*build_layers(kwargs["layers"], override))
-            elif name == "parallel":  # not in gpntk.layers yet: such cases are not selected today
+            elif name == "parallel":
                 branches = [L.serial(*build_layers(b, override)) for b in kwargs["branches"]]
                 layer = L.parallel(*branches)
             else:

@@ -276,3 +276,89 @@ def test_incompatible_batch_shapes_on_a_shared_net():
     gpntk.NTKKernel(net, batch_shape=torch.Size([2]))
     with pytest.raises(ValueError, match=r"batch shape \(2,\).*\(3,\)"):
         gpntk.NNGPKernel(net, batch_shape=torch.Size([3]))
+
+
+# --- invalid architectures (issue 4 layers) -------------------------------------------------------
+def _relu_dense():
+    return [L.ReLU(), L.Dense(2.0, 0.1)]
+
+
+@pytest.mark.parametrize(
+    "build, input_shape, message",
+    [
+        (lambda: L.serial(L.Conv(3), L.ReLU(), L.Flatten(), L.Dense()), None,
+         r"Conv needs spatial inputs .*input_shape=\(C, W\)"),
+        (lambda: L.serial(L.Conv(3), L.ReLU(), L.Flatten(), L.Conv(3), L.Dense()), (1, 8),
+         r"Conv needs spatial inputs \(channels first\), but the outputs of Flatten are vectors"),
+        (lambda: L.serial(L.Conv(5), L.ReLU(), L.Flatten(), L.Dense()), (1, 4),
+         r"kernel_size 5 .*larger than its input's spatial shape \(4,\)|kernel_size \(5,\), larger"),
+        (lambda: L.serial(L.Conv((2, 2)), L.ReLU(), L.Flatten(), L.Dense()), (1, 6),
+         r"kernel_size=\(2, 2\) \(2 axes\) but its inputs have spatial shape \(6,\)"),
+        (lambda: L.serial(L.Conv(3), L.ReLU(), L.Flatten(), L.ReLU(), L.Dense()), (1, 6),
+         r"ReLU needs Gaussian pre-activations.*not Flatten.*put a Dense between Flatten and ReLU"),
+        (lambda: L.serial(L.Conv(3), L.ReLU(), L.Dense()), (1, 6),
+         r"outputs still have spatial shape \(6,\).*Flatten\(\) or GlobalAvgPool\(\)"),
+        (lambda: L.serial(L.GlobalAvgPool(), L.Dense()), None, r"GlobalAvgPool needs spatial inputs"),
+        (lambda: L.serial(L.AvgPool(2), L.Flatten(), L.Dense()), None, r"AvgPool needs spatial inputs"),
+        (lambda: L.serial(L.Dense(), L.ReLU(), L.LayerNorm(), L.Dense()), None,
+         r"LayerNorm needs Gaussian pre-activations.*not ReLU"),
+        (lambda: L.serial(L.Dense(), L.FanOut(2), L.parallel(L.Conv(2, padding="valid"), L.Identity()), L.FanInSum(),
+                          L.Flatten(), L.Dense()), (1, 5),
+         r"FanInSum gets branches of different spatial shapes \[\(4,\), \(5,\)\]"),
+        (lambda: L.serial(L.FanOut(2), L.parallel(L.Dense(), L.Identity()), L.FanInSum(), L.Dense()), None,
+         r"FanInSum gets a branch with the network's input features and one with hidden features"),
+        (lambda: L.serial(L.Dense(), L.FanOut(2), L.parallel(L.ReLU(), L.Erf()), L.FanInSum(), L.Dense()), None,
+         r"FanInSum of branches \[0, 1\] is not computable.*end all branches but one with Dense or Conv"),
+        (lambda: L.serial(L.Dense(), L.FanOut(2), L.parallel(L.ReLU(), L.Identity()), L.FanInProd(), L.Dense()), None,
+         r"FanInProd of branches \[0, 1\] is not computable"),
+        (lambda: L.serial(L.Dense(), L.FanOut(2), L.parallel(L.ReLU(), L.Erf())), None,
+         r"the network ends with 2 parallel branches; combine them"),
+        (lambda: L.serial(L.Dense(), L.FanOut(2), L.ReLU(), L.Dense()), None,
+         r"ReLU gets the 2 branches of a FanOut; apply parallel"),
+        (lambda: L.serial(L.Dense(), L.parallel(L.ReLU(), L.Erf()), L.FanInSum(), L.Dense()), None,
+         r"parallel\(\) with 2 branches needs FanOut\(2\) before it, not Dense"),
+        (lambda: L.serial(L.Dense(), L.FanOut(3), L.parallel(L.ReLU(), L.Erf()), L.FanInConcat(), L.Dense()), None,
+         r"parallel\(\) has 2 branches but gets 3 inputs"),
+        (lambda: L.serial(L.Dense(), L.FanInSum(), L.Dense()), None,
+         r"FanInSum merges the branches of a FanOut, but gets one input \(Dense\)"),
+        (lambda: L.serial(L.Dense(), L.FanOut(2), L.parallel(L.ReLU(), L.Erf()), L.FanInConcat(), L.ReLU(), L.Dense()),
+         None, r"ReLU needs Gaussian pre-activations.*not FanInConcat"),
+    ],
+)
+def test_invalid_architectures_are_explained(build, input_shape, message):
+    with pytest.raises(gpntk.ArchitectureError, match=message):
+        net = build()
+        gpntk.NTKKernel(net, input_shape=input_shape)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: L.Conv(3, padding="full"), r"padding must be one of \('same', 'valid', 'circular'\), got 'full'"),
+        (lambda: L.Conv(0), r"kernel_size must be a positive integer, got 0"),
+        (lambda: L.Conv(3, stride=1.5), r"stride must be a positive integer, got 1.5"),
+        (lambda: L.AvgPool((2, -1)), r"kernel_size must be a positive integer, got -1"),
+        (lambda: L.FanOut(0), r"FanOut num must be a positive integer, got 0"),
+        (lambda: L.parallel(), r"parallel\(\) needs at least one branch"),
+        (lambda: L.parallel(L.ReLU(), "relu"), r"parallel\(\) takes gpntk layers or lists of them, got str"),
+        (lambda: L.Conv(3, weight_variance=-1.0), r"weight_variance is a variance and must be positive, got -1.0"),
+    ],
+)
+def test_invalid_layer_arguments_are_explained(build, message):
+    with pytest.raises(gpntk.ArchitectureError, match=message):
+        build()
+
+
+def test_finite_network_of_a_cnn_needs_the_input_shape():
+    cnn = L.serial(L.Conv(3), L.ReLU(), L.Flatten(), L.Dense())
+    with pytest.raises(gpntk.ArchitectureError, match="Conv needs spatial inputs"):
+        cnn.finite(8)
+    with pytest.raises(ValueError, match=r"in_features=10 does not match input_shape \(1, 8\)"):
+        cnn.finite(8, in_features=10, input_shape=(1, 8))
+
+
+def test_finite_branches_of_different_widths_are_explained():
+    net = L.serial(L.Dense(), L.FanOut(2), L.parallel([L.ReLU(), L.Dense()], L.Identity()), L.FanInSum())
+    gpntk.NTKKernel(net)  # fine as a kernel (per output channel)
+    with pytest.raises(gpntk.ArchitectureError, match=r"FanInSum gets branches of finite shapes \[\(1,\), \(8,\)\].*readout Dense"):
+        net.finite(8, in_features=3)

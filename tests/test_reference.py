@@ -1,6 +1,7 @@
-"""gpntk's fully-connected NNGP/NTK kernels against the Neural Tangents reference cases.
+"""gpntk's NNGP/NTK kernels against the Neural Tangents reference cases.
 
-Every ``fc_*`` kernel case whose layers all exist in ``gpntk.layers`` is checked in float64:
+Every kernel case (``fc_*`` fully-connected, residual, concatenation and layer-norm networks;
+``conv*`` 1-D and 2-D convolutional networks with pooling or flattening) is checked in float64:
 ``K(x1, x2)`` against ``*_12``, the off-diagonal of ``K(x1)`` against ``*_11``, and the diagonal
 of both ``K(x1)`` and ``K(x1, diag=True)`` against the diagonal of ``*_11``. Tolerances are
 relative (max abs error / max abs reference), as in ``tests/reference/README.md``.
@@ -22,15 +23,10 @@ from _reference import build_net, case_names, layer_names, load_case, missing_la
 
 # --- which cases ---------------------------------------------------------------------------------
 #
-# All ``fc_*`` cases are kernel cases. Those using a layer that gpntk.layers does not provide yet
-# are left out (not skipped): they belong to a later issue.
-#   fc_concat    needs FanOut, parallel, FanInConcat
-#   fc_residual  needs FanOut, parallel, FanInSum
-#   fc_layernorm needs LayerNorm
-# ``test_case_selection`` fails if any other case drops out (a renamed or missing layer).
-EXPECTED_LATER = {"fc_concat", "fc_residual", "fc_layernorm"}
-FC_CASES = case_names("fc_")
-CASES = [name for name in FC_CASES if not missing_layers(load_case(name).layers)]
+# Every ``fc_*`` and ``conv*`` case is a kernel case, and every one runs: ``test_case_selection``
+# fails if a case uses a layer gpntk.layers lacks (a renamed or missing layer).
+KERNEL_CASES = case_names("fc_") + case_names("conv")
+CASES = KERNEL_CASES
 
 #: layers whose duals are Gauss–Hermite quadratures (in gpntk and in the oracle)
 QUADRATURE_LAYERS = {"Tanh", "Sigmoid", "Softplus", "SiLU", "Elementwise"}
@@ -93,7 +89,7 @@ def _evaluate(name: str, quadrature_degree: int | None = None) -> dict[str, np.n
     out = {}
     with torch.no_grad():
         for kind, kernel_class in KERNELS.items():
-            kernel = kernel_class(net)
+            kernel = kernel_class(net, input_shape=case.spec.get("input_shape"))
             out[f"{kind}_12"] = kernel(x1, x2).to_dense().numpy()
             out[f"{kind}_11"] = kernel(x1).to_dense().numpy()
             out[f"{kind}_diag"] = kernel(x1, diag=True).numpy()
@@ -135,11 +131,14 @@ def _quadrature(name: str) -> dict[str, np.ndarray] | None:
 
 
 def test_case_selection():
-    excluded = {name for name in FC_CASES if name not in CASES}
-    assert excluded <= EXPECTED_LATER, f"reference cases unexpectedly left out: {excluded - EXPECTED_LATER}"
-    assert len(CASES) >= 35
+    every_case = case_names()
+    kernel_cases = {name for name in every_case if load_case(name).kind == "kernel"}
+    assert kernel_cases == set(CASES), "a kernel case is not selected, or a selected case is not a kernel case"
+    assert len(CASES) == 43  # 40 fc_* and 3 conv* cases
     for name in CASES:
-        assert load_case(name).kind == "kernel"
+        assert not missing_layers(load_case(name).layers), f"{name} uses a layer gpntk.layers lacks"
+    for name in ("conv1d_relu_gap", "conv2d_erf_pool", "conv2d_relu_flatten", "fc_concat", "fc_residual", "fc_layernorm"):
+        assert name in CASES
     for name in ORACLE_NAN_CASES:
         assert name in CASES
 

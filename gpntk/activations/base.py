@@ -149,5 +149,5 @@ def real_parameter(name: str, value) -> float:
 
 
 def double_factorial(n: int) -> int:
-    """:math:`n!! = n (n-2) (n-4) \cdots`, with :math:`n!! = 1` for :math:`n \le 0`."""
+    r""":math:`n!! = n (n-2) (n-4) \cdots`, with :math:`n!! = 1` for :math:`n \le 0`."""
     return math.prod(range(n, 0, -2)) if n > 0 else 1

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..errors import ArchitectureError
 from ..state import KernelState
-from .base import Hyperparameters, Layer, Signature
+from .base import Hyperparameters, Layer
 
 __all__ = ["Affine"]
 
