@@ -396,3 +396,28 @@ def test_trained_ensemble_of_a_cnn_interpolates_at_infinite_time():
     torch.testing.assert_close(post.moments(test_x, t=math.inf)[0], expected.detach(), rtol=1e-8, atol=1e-9)
     with pytest.raises(ValueError, match="needs 14 features per row"):
         gpntk.TrainedEnsemble(net, torch.randn(4, 10), torch.randn(4), input_shape=(2, 7))
+
+
+def test_cnn_kernel_batches_indexes_and_pickles():
+    import pickle
+
+    net = L.serial(L.Conv(2, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.AvgPool(2), L.Flatten(), L.Dense(1.0, 0.1))
+    kernel = gpntk.NTKKernel(net, input_shape=(2, 4), batch_shape=torch.Size([3]))
+    x = torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(17))  # (2, 3) batch of 5 inputs
+    k = kernel(x).to_dense()
+    assert k.shape == (2, 3, 5, 5)
+    single = gpntk.NTKKernel(copy_net(net), input_shape=(2, 4))
+    torch.testing.assert_close(k[1, 0], single(x[1, 0]).to_dense())
+    torch.testing.assert_close(kernel[1](x[:, 1]).to_dense(), k[:, 1])
+    restored = pickle.loads(pickle.dumps(kernel))
+    torch.testing.assert_close(restored(x).to_dense(), k)
+    assert restored.input_shape == (2, 4)
+
+
+def copy_net(net):
+    import copy
+
+    new = copy.deepcopy(net)
+    for layer in gpntk.layers.base.parameterized_layers(new):
+        layer.index_hyperparameters((0,))
+    return new

@@ -126,15 +126,19 @@ def safe_sqrt(x: Tensor) -> Tensor:
 def correlation(q11: Tensor, q12: Tensor, q22: Tensor) -> tuple[Tensor, Tensor]:
     r"""``(rho, sqrt_prod)``: :math:`\rho = q_{12}/\sqrt{q_{11} q_{22}}` clamped to [-1, 1], and :math:`\sqrt{q_{11}q_{22}}`.
 
-    Where a variance is zero the correlation is undefined and set to 0 (every kernel using it is
-    multiplied by a zero ``sqrt_prod`` there), with finite derivatives.
+    ``q11`` is ``(..., n1, 1)`` and ``q22`` ``(..., 1, n2)``. The square root is taken of the
+    product (so equal variances give exactly :math:`\rho = 1` for duplicated points). Where a
+    variance is zero the correlation is undefined and set to 0 (every kernel using it is multiplied
+    by a zero ``sqrt_prod`` there; :math:`q_{12} = 0` there too), with finite derivatives: zero
+    variances are replaced by one per point before the pairs are formed, and masked out after.
     """
-    prod = q11 * q22
-    sqrt_prod = safe_sqrt(prod)
-    positive = sqrt_prod > 0
-    denom = torch.where(positive, sqrt_prod, torch.ones_like(sqrt_prod))
-    rho = torch.where(positive, q12 / denom, torch.zeros_like(q12))
-    return rho.clamp(-1.0, 1.0), sqrt_prod
+    positive1, positive2 = q11 > 0, q22 > 0
+    ones1, ones2 = torch.ones_like(q11), torch.ones_like(q22)
+    denominator = torch.sqrt(torch.where(positive1, q11, ones1) * torch.where(positive2, q22, ones2))
+    rho = (q12 / denominator).clamp(-1.0, 1.0)
+    if bool(positive1.all()) and bool(positive2.all()):
+        return rho, denominator
+    return rho, denominator * (positive1.to(q11.dtype) * positive2.to(q22.dtype))
 
 
 def real_parameter(name: str, value) -> float:
