@@ -46,28 +46,11 @@ def _set_variance(module: "Affine", value, name: str) -> None:
 class Affine(Layer):
     r"""Base class of affine layers in NTK parameterization (:class:`Dense`, :class:`Conv`).
 
-    .. math::
-        \Sigma \leftarrow \sigma_w^2\, \Sigma + \sigma_b^2, \qquad
-        \Theta \leftarrow \sigma_w^2\, \Theta + \Sigma_{\text{new}}
-
-    (Jacot et al. 2018; Lee et al. 2019). The term :math:`\Sigma_{\text{new}}` is the
-    contribution of the layer's own weights and biases to the tangent kernel, so a frozen layer
-    (``trainable=False``) maps :math:`\Theta \leftarrow \sigma_w^2 \Theta`. Freezing every layer
-    but the readout turns the NTK into the NNGP.
-
-    :param weight_variance: :math:`\sigma_w^2 > 0`.
-    :param bias_variance: :math:`\sigma_b^2 \ge 0`. Zero builds a layer without bias (the
-        variance is then fixed at zero, not learnable).
-    :param trainable: whether the layer is trained (contributes to the NTK).
-    :param parameterization: only ``"ntk"`` (the convention of the reference data).
-    :param weight_variance_prior, bias_variance_prior: optional GPyTorch priors.
-    :param weight_variance_constraint, bias_variance_constraint: constraints on the raw
-        parameters (default :class:`~gpytorch.constraints.Positive`).
-
-    Hyperparameters are stored GPyTorch-style as ``raw_weight_variance`` /
-    ``raw_bias_variance`` of shape ``(*batch_shape, 1, 1)`` and exposed through the properties
-    ``weight_variance`` / ``bias_variance``. Using one ``Dense`` object in several places shares
-    its hyperparameters (not its finite-width weights).
+    Owns the hyperparameters :math:`\sigma_w^2` (``weight_variance``) and :math:`\sigma_b^2`
+    (``bias_variance``, 0 for a layer without bias), stored GPyTorch-style as raw parameters of
+    shape ``(*batch_shape, 1, 1)`` under a constraint (default
+    :class:`~gpytorch.constraints.Positive`), with optional priors; and the affine step of the
+    recursion, :meth:`affine_map`. ``trainable=False`` freezes the layer (no NTK term).
     """
 
     is_affine = True
