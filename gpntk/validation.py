@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["check_inputs"]
+__all__ = ["check_inputs", "check_kernel_inputs"]
 
 
 def check_inputs(name: str, x, *, batched: bool) -> None:
@@ -20,3 +22,33 @@ def check_inputs(name: str, x, *, batched: bool) -> None:
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         raise ValueError(f"{name} contains {int(bad.sum())} NaN or infinite values")
+
+
+def check_kernel_inputs(x1, x2, *, diag: bool, input_shape: tuple[int, ...] | None = None) -> None:
+    """The two inputs of a kernel call: finite float tensors ``(..., n, d)`` of one dtype, device and ``d``.
+
+    With ``diag`` they are paired row by row, so they need as many rows; with ``input_shape``
+    each row holds a tensor of that shape.
+    """
+    for name, x in (("x1", x1), ("x2", x2)):
+        check_inputs(name, x, batched=True)
+    if x1.dtype != x2.dtype:
+        raise TypeError(f"x1 is {x1.dtype} but x2 is {x2.dtype}; convert both to the same dtype")
+    if x1.device != x2.device:
+        raise ValueError(f"x1 is on {x1.device} but x2 is on {x2.device}")
+    if x1.shape[-1] != x2.shape[-1]:
+        raise ValueError(
+            f"x1 has {x1.shape[-1]} features but x2 has {x2.shape[-1]} (shapes {tuple(x1.shape)} "
+            f"and {tuple(x2.shape)})"
+        )
+    if input_shape is not None and x1.shape[-1] != math.prod(input_shape):
+        raise ValueError(
+            f"input_shape {input_shape} needs {math.prod(input_shape)} features per row, got {x1.shape[-1]}"
+        )
+    if x1.shape[-1] == 0:
+        raise ValueError("inputs have zero features")
+    if diag and x1.shape[-2] != x2.shape[-2]:
+        raise ValueError(
+            f"diag=True pairs the rows of x1 and x2, which needs as many points in both; got "
+            f"{x1.shape[-2]} and {x2.shape[-2]} (shapes {tuple(x1.shape)} and {tuple(x2.shape)})"
+        )

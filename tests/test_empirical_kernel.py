@@ -20,7 +20,7 @@ from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
 from linear_operator.operators import KernelLinearOperator
 from torch import nn
 
-from _models import ExactGP
+from _models import ExactGP, Float64Defaults
 import gpntk
 from gpntk.empirical import _structured_applicable
 from gpntk.kernels.empirical import EmpiricalNTKKernel
@@ -391,17 +391,8 @@ class _Moments(nn.Module):
         return torch.stack([x.mean(-1), x.square().mean(-1), x.amax(-1)], dim=-1)
 
 
-class TestEmpiricalKernelSuite(BaseKernelTestCase, unittest.TestCase):
+class TestEmpiricalKernelSuite(Float64Defaults, BaseKernelTestCase, unittest.TestCase):
     seed = 0
-
-    def setUp(self):
-        self._default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(DTYPE)
-        super().setUp()
-
-    def tearDown(self):
-        super().tearDown()
-        torch.set_default_dtype(self._default_dtype)
 
     def create_kernel_no_ard(self, **kwargs):
         generator = torch.Generator().manual_seed(0)

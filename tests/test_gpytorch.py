@@ -20,7 +20,7 @@ from gpytorch.priors import GammaPrior, NormalPrior
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
 from linear_operator.operators import LinearOperator
 
-from _models import ExactGP
+from _models import ExactGP, Float64Defaults
 import gpntk
 from gpntk import layers as L
 
@@ -50,21 +50,12 @@ def unshared_frozen_mlp() -> L.Serial:
 # --------------------------------------------------------------------------------------------
 # GPyTorch's BaseKernelTestCase, once per (kernel, architecture)
 # --------------------------------------------------------------------------------------------
-class _InfiniteWidthKernelTestCase(BaseKernelTestCase):
+class _InfiniteWidthKernelTestCase(Float64Defaults, BaseKernelTestCase):
     """Runs GPyTorch's kernel test-suite in float64 (the reference precision)."""
 
     seed = 0
     kernel_class: type = gpntk.NTKKernel
     make_net = staticmethod(relu_mlp)
-
-    def setUp(self):
-        self._default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(DTYPE)
-        super().setUp()
-
-    def tearDown(self):
-        super().tearDown()
-        torch.set_default_dtype(self._default_dtype)
 
     def create_kernel_no_ard(self, **kwargs):
         return self.kernel_class(self.make_net(), **kwargs)

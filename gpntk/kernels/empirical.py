@@ -37,7 +37,7 @@ from ..empirical import (
     _structured_applicable,
     empirical_ntk,
 )
-from ..validation import check_inputs
+from ..validation import check_kernel_inputs
 
 __all__ = ["EmpiricalNTKKernel", "empirical_covariance", "empirical_diagonal"]
 
@@ -163,20 +163,8 @@ class EmpiricalNTKKernel(Kernel):
         self.model._apply(fn, *args, **kwargs)
         return self
 
-    def _validate(self, x1: Tensor, x2: Tensor) -> None:
-        for name, x in (("x1", x1), ("x2", x2)):
-            check_inputs(name, x, batched=True)
-        if x1.dtype != x2.dtype:
-            raise TypeError(f"x1 is {x1.dtype} but x2 is {x2.dtype}; convert both to the same dtype")
-        if x1.device != x2.device:
-            raise ValueError(f"x1 is on {x1.device} but x2 is on {x2.device}")
-        if x1.shape[-1] != x2.shape[-1]:
-            raise ValueError(
-                f"x1 has {x1.shape[-1]} features but x2 has {x2.shape[-1]} (shapes {tuple(x1.shape)} "
-                f"and {tuple(x2.shape)})"
-            )
-        if x1.shape[-1] == 0:
-            raise ValueError("inputs have zero features")
+    def _validate(self, x1: Tensor, x2: Tensor, diag: bool) -> None:
+        check_kernel_inputs(x1, x2, diag=diag)
         device = _model_device(self.model)
         if device is not None and device != x1.device:
             raise ValueError(f"the inputs are on {x1.device} but the network is on {device}; use kernel.to(device)")
@@ -184,17 +172,12 @@ class EmpiricalNTKKernel(Kernel):
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
         if last_dim_is_batch:
             raise RuntimeError("EmpiricalNTKKernel does not support last_dim_is_batch")
-        self._validate(x1, x2)
+        self._validate(x1, x2, diag)
         same = x1 is x2
         x1 = x1.detach()
         x2 = x1 if same else x2.detach()
         batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
         if diag:
-            if x1.shape[-2] != x2.shape[-2]:
-                raise ValueError(
-                    f"diag=True pairs the rows of x1 and x2, which needs as many points in both; got "
-                    f"{x1.shape[-2]} and {x2.shape[-2]} (shapes {tuple(x1.shape)} and {tuple(x2.shape)})"
-                )
             out = empirical_diagonal(x1, x2, model=self.model, kind=self.kind, output=self.output)
             return out.expand(*batch, x1.shape[-2])
         if batch != x1.shape[:-2] or batch != x2.shape[:-2]:  # the kernel's own batch shape

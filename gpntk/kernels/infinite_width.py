@@ -2,7 +2,6 @@ r"""GPyTorch kernels of infinitely wide networks: :class:`NTKKernel` and :class:
 
 from __future__ import annotations
 
-import math
 import operator
 from copy import deepcopy
 from typing import Sequence
@@ -13,7 +12,7 @@ from linear_operator.operators import KernelLinearOperator
 from torch import Tensor
 
 from ..layers.base import Hyperparameters, Layer, check_network, parameterized_layers
-from ..validation import check_inputs
+from ..validation import check_kernel_inputs
 from .dense import Output, covariance_function, kernel_diagonal
 
 __all__ = ["InfiniteWidthKernel", "NTKKernel", "NNGPKernel"]
@@ -76,35 +75,10 @@ class InfiniteWidthKernel(Kernel):
     def is_stationary(self) -> bool:
         return False
 
-    def _validate(self, x1: Tensor, x2: Tensor) -> None:
-        for name, x in (("x1", x1), ("x2", x2)):
-            check_inputs(name, x, batched=True)
-        if x1.dtype != x2.dtype:
-            raise TypeError(f"x1 is {x1.dtype} but x2 is {x2.dtype}; convert both to the same dtype")
-        if x1.device != x2.device:
-            raise ValueError(f"x1 is on {x1.device} but x2 is on {x2.device}")
-        if x1.shape[-1] != x2.shape[-1]:
-            raise ValueError(
-                f"x1 has {x1.shape[-1]} features but x2 has {x2.shape[-1]} (shapes {tuple(x1.shape)} "
-                f"and {tuple(x2.shape)})"
-            )
-        if self.input_shape is not None and x1.shape[-1] != math.prod(self.input_shape):
-            raise ValueError(
-                f"input_shape {self.input_shape} needs {math.prod(self.input_shape)} features per row, "
-                f"got {x1.shape[-1]}"
-            )
-        if x1.shape[-1] == 0:
-            raise ValueError("inputs have zero features")
-
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
         if last_dim_is_batch:
             raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
-        self._validate(x1, x2)
-        if diag and x1.shape[-2] != x2.shape[-2]:
-            raise ValueError(
-                f"diag=True pairs the rows of x1 and x2, which needs as many points in both; got "
-                f"{x1.shape[-2]} and {x2.shape[-2]} (shapes {tuple(x1.shape)} and {tuple(x2.shape)})"
-            )
+        check_kernel_inputs(x1, x2, diag=diag, input_shape=self.input_shape)
         hyper = Hyperparameters.collect(self.net, like=x1)
         options = dict(net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements)
         if diag:
