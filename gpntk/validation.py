@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["check_inputs", "check_kernel_inputs"]
+__all__ = ["check_inputs", "check_kernel_inputs", "expanded_batch_shape"]
 
 
 def check_inputs(name: str, x, *, batched: bool) -> None:
@@ -52,3 +52,16 @@ def check_kernel_inputs(x1, x2, *, diag: bool, input_shape: tuple[int, ...] | No
             f"diag=True pairs the rows of x1 and x2, which needs as many points in both; got "
             f"{x1.shape[-2]} and {x2.shape[-2]} (shapes {tuple(x1.shape)} and {tuple(x2.shape)})"
         )
+
+
+def expanded_batch_shape(sizes: tuple, current: torch.Size) -> torch.Size:
+    """The batch shape asked of ``Kernel.expand_batch(*sizes)`` (sizes or one iterable), checked against ``current``."""
+    if len(sizes) == 1 and hasattr(sizes[0], "__iter__"):
+        shape = torch.Size(sizes[0])
+    else:
+        shape = torch.Size(sizes)
+    try:
+        torch.broadcast_shapes(shape, current)
+    except RuntimeError:
+        raise RuntimeError(f"Cannot expand a kernel with batch shape {current} to {shape}") from None
+    return shape

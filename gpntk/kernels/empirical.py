@@ -37,7 +37,7 @@ from ..empirical import (
     _structured_applicable,
     empirical_ntk,
 )
-from ..validation import check_kernel_inputs
+from ..validation import check_kernel_inputs, expanded_batch_shape
 
 __all__ = ["EmpiricalNTKKernel", "empirical_covariance", "empirical_diagonal"]
 
@@ -197,18 +197,9 @@ class EmpiricalNTKKernel(Kernel):
         return self._with_batch_shape(torch.empty(self.batch_shape)[index].shape)
 
     def expand_batch(self, *sizes) -> "EmpiricalNTKKernel":
-        if len(sizes) == 1 and hasattr(sizes[0], "__iter__"):
-            new_batch_shape = torch.Size(sizes[0])
-        else:
-            new_batch_shape = torch.Size(sizes)
+        new_batch_shape = expanded_batch_shape(sizes, self.batch_shape)
         if new_batch_shape == self.batch_shape:
             return self
-        try:
-            torch.broadcast_shapes(new_batch_shape, self.batch_shape)
-        except RuntimeError:
-            raise RuntimeError(
-                f"Cannot expand a kernel with batch shape {self.batch_shape} to {new_batch_shape}"
-            ) from None
         return self._with_batch_shape(new_batch_shape)
 
     def _with_batch_shape(self, batch_shape: torch.Size) -> "EmpiricalNTKKernel":

@@ -12,7 +12,7 @@ from linear_operator.operators import KernelLinearOperator
 from torch import Tensor
 
 from ..layers.base import Hyperparameters, Layer, check_network, parameterized_layers
-from ..validation import check_kernel_inputs
+from ..validation import check_kernel_inputs, expanded_batch_shape
 from .dense import Output, covariance_function, kernel_diagonal
 
 __all__ = ["InfiniteWidthKernel", "NTKKernel", "NNGPKernel"]
@@ -102,13 +102,9 @@ class InfiniteWidthKernel(Kernel):
         return new_kernel
 
     def expand_batch(self, *sizes) -> "InfiniteWidthKernel":
-        if len(sizes) == 1 and hasattr(sizes[0], "__iter__"):
-            new_batch_shape = torch.Size(sizes[0])
-        else:
-            new_batch_shape = torch.Size(sizes)
+        new_batch_shape = expanded_batch_shape(sizes, self.batch_shape)
         if new_batch_shape == self.batch_shape:
             return self
-        torch.broadcast_shapes(new_batch_shape, self.batch_shape)
         new_kernel = deepcopy(self)
         new_kernel._batch_shape = new_batch_shape
         for layer in parameterized_layers(new_kernel.net):
