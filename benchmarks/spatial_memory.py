@@ -65,7 +65,7 @@ def main() -> None:
     print(f"\nNTK of {n} digits images, CNN + GlobalAvgPool (P = 64, {whole:,} numbers per whole tensor):")
     for block in ("default", str(whole)):
         out = subprocess.run([sys.executable, "-c", MEASURE, str(n), block], capture_output=True, text=True)
-        label = "blocks of 2**23 (default)" if block == "default" else "one block (everything at once)"
+        label = "blocks of 2**18 (CPU default)" if block == "default" else "one block (everything at once)"
         if out.returncode != 0:
             print(f"  {label:32s} failed (exit {out.returncode}: killed for memory?)")
             continue

@@ -213,19 +213,41 @@ def convolve(t: Tensor, layout: Layout, windows: tuple[Window, ...]) -> Tensor:
 
     (the same shift :math:`\delta` on both sides; padded positions hold zero, or wrap around).
     In the diagonal layout this maps :math:`\Sigma_{p,p}` to :math:`\Sigma'_{p,p}` on its own.
+    Zero padding is never materialised: each shift adds the overlapping slice of the input.
     """
     for axis, window in enumerate(windows):
         dims = layout.axis_dims(axis)
-        for dim in dims:
-            t = pad(t, dim, window)
-        if len(dims) == 1:
-            t = t.unfold(dims[0], window.size, window.stride).mean(-1)
+        if window.circular:
+            for dim in dims:
+                t = pad(t, dim, window)
+            t = _shifted_sum(t, dims, Window(window.size, window.stride, 0, 0, False))
         else:
-            first, second = dims
-            # unfold both dims of the pair (windows appended last), keep matching shifts only
-            u = t.unfold(first, window.size, window.stride).unfold(second - 1 if second < 0 else second, window.size, window.stride)
-            t = torch.diagonal(u, dim1=-2, dim2=-1).mean(-1)
+            t = _shifted_sum(t, dims, window)
     return t
+
+
+def _shifted_sum(t: Tensor, dims: tuple[int, ...], window: Window) -> Tensor:
+    """``out[p] = mean_δ t[s p + δ - before]`` along every dim of ``dims`` at once (zero outside)."""
+    length = t.shape[dims[0]]
+    out_len = window.output_size(length)
+    shape = list(t.shape)
+    for dim in dims:
+        shape[dim] = out_len
+    out = t.new_zeros(shape)
+    for delta in range(window.size):
+        offset = delta - window.before  # source = stride * p + offset
+        lo = 0 if offset >= 0 else (-offset + window.stride - 1) // window.stride
+        hi = min(out_len, (length - 1 - offset) // window.stride + 1)
+        if hi <= lo:
+            continue
+        start = window.stride * lo + offset
+        target = [slice(None)] * t.dim()
+        source = [slice(None)] * t.dim()
+        for dim in dims:
+            target[dim] = slice(lo, hi)
+            source[dim] = slice(start, start + window.stride * (hi - lo - 1) + 1, window.stride)
+        out[tuple(target)] += t[tuple(source)]
+    return out / window.size
 
 
 def pool(t: Tensor, layout: Layout, windows: tuple[Window, ...]) -> Tensor:

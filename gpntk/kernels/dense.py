@@ -6,11 +6,14 @@ is the module-level function that GPyTorch's ``KernelLinearOperator`` calls with
 the hyperparameter tensors as arguments (it never closes over parameters, so batching, indexing
 and gradients follow GPyTorch's own machinery).
 
-Spatial architectures carry a covariance per pair of positions (``P`` or ``P²`` numbers per pair
-of inputs, see :mod:`gpntk.spatial`); their kernels are computed in blocks of input pairs so that
-no intermediate tensor holds more than ``block_elements`` numbers (default
-:data:`DEFAULT_BLOCK_ELEMENTS`). For inputs that are the same points only the blocks on and above
-the diagonal are computed.
+Kernels are computed in blocks of input pairs so that no intermediate tensor holds more than
+``block_elements`` numbers (default :func:`default_block_elements`). Spatial architectures carry a
+covariance per pair of positions (``P`` or ``P²`` numbers per pair of inputs, see
+:mod:`gpntk.spatial`), so for them blocks bound the memory; on CPUs small blocks are also much
+faster, because the dozens of elementwise passes of the recursion then run in cache instead of
+allocating fresh memory for every pass (measured: a 2000 x 2000 depth-3 ReLU NTK 2.8x faster in
+512 x 512 blocks, a CNN-with-pooling kernel 6x faster in blocks of 2**18 numbers than 2**23). For
+inputs that are the same points only the blocks on and above the diagonal are computed.
 """
 
 from __future__ import annotations
@@ -27,13 +30,18 @@ from ..state import KernelState
 
 __all__ = [
     "covariance_function", "kernel_diagonal", "nngp_and_ntk", "same_inputs", "input_layout",
-    "DEFAULT_BLOCK_ELEMENTS",
+    "default_block_elements",
 ]
 
 Output = Literal["ntk", "nngp"]
 
-#: the most numbers one intermediate kernel tensor of a block may hold (2**23 float64 = 64 MiB)
-DEFAULT_BLOCK_ELEMENTS = 2**23
+def default_block_elements(device: torch.device) -> int:
+    """The most numbers one intermediate tensor of a block holds by default.
+
+    On CPUs ``2**18`` (2 MiB in float64: the recursion's passes stay in cache); on GPUs ``2**25``
+    (256 MiB in float64: large kernels launches, few blocks).
+    """
+    return 2**18 if device.type == "cpu" else 2**25
 
 
 def same_inputs(x1: Tensor, x2: Tensor) -> bool:
@@ -84,10 +92,11 @@ def evaluate(
     block_elements: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     r"""``(Σ(x1, x2), Θ(x1, x2) or None)``, ``(..., n1, n2)`` each, in blocks where needed."""
-    budget = DEFAULT_BLOCK_ELEMENTS if block_elements is None else block_elements
-    per_pair = input_layout(net, input_shape).elements_per_pair
+    budget = default_block_elements(x1.device) if block_elements is None else block_elements
+    batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(h.shape[:-2] for h in hyper.values()))
+    per_pair = input_layout(net, input_shape).elements_per_pair * math.prod(batch)
     n1, n2 = x1.shape[-2], x2.shape[-2]
-    if per_pair == 1 or n1 * n2 * per_pair <= budget:
+    if n1 * n2 * per_pair <= budget:
         return _both(_recursion(net, x1, x2, hyper, input_shape, track_ntk))
     symmetric = same_inputs(x1, x2)
     if symmetric or n2 * per_pair > budget:
@@ -156,7 +165,7 @@ def kernel_diagonal(
     spatial covariance of at most ``block_elements`` numbers is held at once.
     """
     batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(h.shape[:-2] for h in hyper.values()))
-    budget = DEFAULT_BLOCK_ELEMENTS if block_elements is None else block_elements
+    budget = default_block_elements(x1.device) if block_elements is None else block_elements
     per_point = input_layout(net, input_shape).elements_per_pair
     chunks = _blocks(x1.shape[-2], max(1, budget // per_point))
     track_ntk = output == "ntk"

@@ -29,9 +29,10 @@ class InfiniteWidthKernel(Kernel):
     :param input_shape: for spatial architectures, the shape ``(C, W)`` or ``(C, H, W)`` of one
         input; rows of ``x`` then hold ``C*H*W`` features in channels-first order. ``None``
         (default) treats rows as feature vectors.
-    :param block_elements: for spatial architectures, the most numbers one intermediate tensor
-        may hold: kernels are computed in blocks of input pairs of that size (default
-        ``2**23``, 64 MiB in float64), so memory does not grow as :math:`n^2 P^2`.
+    :param block_elements: the most numbers one intermediate tensor may hold: kernels are
+        computed in blocks of input pairs of that size, so memory does not grow as
+        :math:`n^2 P^2` for spatial architectures (default ``2**18`` on CPU, where small blocks
+        are also faster, and ``2**25`` on GPU).
     :param batch_shape: GPyTorch batch shape: every hyperparameter gets shape
         ``(*batch_shape, 1, 1)`` (e.g. one set per output of a BoTorch multi-output model).
     :param active_dims: as for any GPyTorch kernel.
