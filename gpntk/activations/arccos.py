@@ -110,6 +110,34 @@ def arccos_j(rho: Tensor, p: int) -> Tensor:
     return _ArcCosJ.apply(rho, p)
 
 
+class _ArcCosJ1J0(torch.autograd.Function):
+    """``(J_1, J_0)`` from one arccos, with :math:`J_1' = J_0` and :math:`J_0' = 1/\sqrt{1-\rho^2}`."""
+
+    @staticmethod
+    def forward(ctx, rho: Tensor) -> tuple[Tensor, Tensor]:
+        j0 = torch.arccos(rho).neg_().add_(math.pi)
+        j1 = rho.square().neg_().add_(1).clamp_min_(0).sqrt_().addcmul_(j0, rho)
+        ctx.save_for_backward(rho, j0)
+        return j1, j0
+
+    @staticmethod
+    def backward(ctx, grad_j1: Tensor, grad_j0: Tensor):
+        rho, j0 = ctx.saved_tensors
+        grad = None
+        if grad_j1 is not None:
+            grad = grad_j1 * j0
+        if grad_j0 is not None:
+            tiny = torch.finfo(rho.dtype).eps
+            term = grad_j0 * torch.rsqrt((1 - rho.square()).clamp_min(tiny))
+            grad = term if grad is None else grad + term
+        return grad
+
+
+def arccos_j1_j0(rho: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`(J_1(\rho), J_0(\rho))` together, sharing one :math:`\arccos` (the ReLU family's NNGP and NTK)."""
+    return _ArcCosJ1J0.apply(rho)
+
+
 class ABReLU(Activation):
     r""":math:`\phi(x) = a \min(x, 0) + b \max(x, 0)`.
 
@@ -134,8 +162,15 @@ class ABReLU(Activation):
         a, b = self.a, self.b
         rho, sqrt_prod = correlation(q11, q12, q22)
         factor = (b - a) ** 2 / (2 * math.pi)
-        k12 = a * b * q12 + factor * sqrt_prod * arccos_j(rho, 1)
-        kdot12 = a * b + factor * arccos_j(rho, 0) if need_dot else None
+        if need_dot:
+            j1, j0 = arccos_j1_j0(rho)
+        else:
+            j1, j0 = arccos_j(rho, 1), None
+        k12 = (factor * sqrt_prod) * j1
+        kdot12 = None if j0 is None else factor * j0
+        if a * b != 0:
+            k12 = k12 + (a * b) * q12
+            kdot12 = None if kdot12 is None else kdot12 + a * b
         return k12, kdot12
 
     def dual_diag(self, q, need_dot):
