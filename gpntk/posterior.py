@@ -53,9 +53,9 @@ from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNorm
 from linear_operator.operators import DenseLinearOperator, IdentityLinearOperator, KroneckerProductLinearOperator
 from torch import Tensor
 
-from .kernels.dense import nngp_and_ntk
+from .kernels.dense import kernel_diagonal, nngp_and_ntk
 from .kernels.infinite_width import _check_input_shape
-from .layers.base import Layer, check_network
+from .layers.base import Hyperparameters, Layer, check_network
 from .validation import check_inputs
 
 __all__ = ["TrainedEnsemble", "Regime"]
@@ -89,6 +89,16 @@ class _KernelCache:
     def __init__(self, net: Layer, x1: Tensor, x2: Tensor | None, input_shape: tuple[int, ...] | None):
         self.net, self.x1, self.x2, self.input_shape = net, x1, x2, input_shape
         self._values: dict[str, Tensor] = {}
+
+    def diagonal(self, kind: str) -> Tensor:
+        """The per-point kernel :math:`k(x, x)` of ``x1`` (``x2`` is None), ``(n,)``, without the matrix."""
+        key = f"{kind}_diag"
+        if key not in self._values:
+            hyper = {name: value.detach() for name, value in Hyperparameters.collect(self.net, like=self.x1).items()}
+            self._values[key] = kernel_diagonal(
+                self.x1, self.x1, net=self.net, output=kind, hyper=hyper, input_shape=self.input_shape
+            )
+        return self._values[key]
 
     def get(self, kind: str) -> Tensor:
         if kind not in self._values:
@@ -247,13 +257,24 @@ class TrainedEnsemble:
         cross.get(dynamics), cross.get(prior), test.get(prior)
 
     # ----------------------------------------------------------------------------------------
-    def moments(self, test_x: Tensor, t: float | Tensor, regime: Regime = "ntk") -> tuple[Tensor, Tensor]:
+    def moments(
+        self, test_x: Tensor, t: float | Tensor, regime: Regime = "ntk", diag: bool = False
+    ) -> tuple[Tensor, Tensor]:
         r"""``(mean, cov)`` of the ensemble's outputs at ``test_x`` after training for time ``t``.
 
         ``mean`` is ``(m,)`` for 1-D targets and ``(m, k)`` otherwise; ``cov`` is ``(m, m)`` (shared
-        by all outputs). A 1-D tensor of ``T`` times adds a leading dimension: ``(T, m[, k])`` and
-        ``(T, m, m)``.
+        by all outputs), or with ``diag=True`` only its diagonal ``(m,)``, the variances, computed
+        without any test-by-test kernel (the per-point recursion and the test-by-train kernels
+        only). A 1-D tensor of ``T`` times adds a leading dimension: ``(T, m[, k])`` and
+        ``(T, m, m)`` / ``(T, m)``.
         """
+        return self._moments(test_x, t, regime, "diag" if diag else "full")
+
+    def mean(self, test_x: Tensor, t: float | Tensor, regime: Regime = "ntk") -> Tensor:
+        r"""The ensemble's mean :math:`\mu_t` at ``test_x`` alone (no covariance, no test-by-test kernel)."""
+        return self._moments(test_x, t, regime, None)[0]
+
+    def _moments(self, test_x: Tensor, t, regime: str, covariance: str | None) -> tuple[Tensor, Tensor | None]:
         regime = _check_regime(regime)
         times, batched = _check_times(t)
         check_inputs("test_x", test_x, batched=False)
@@ -265,27 +286,42 @@ class TrainedEnsemble:
         spectrum = self._spectrum(regime)
         cross, test = self._test_kernels(test_x)
         dynamics, prior = _REGIME_KERNELS[regime]
-        dynamics_tx, prior_tx, prior_tt = cross.get(dynamics), cross.get(prior), test.get(prior)
-        dynamics_v = dynamics_tx @ spectrum.eigenvectors  # (m, n)
-        prior_v = None if spectrum.prior_in_basis is None else prior_tx @ spectrum.eigenvectors
+        dynamics_v = cross.get(dynamics) @ spectrum.eigenvectors  # (m, n)
+        prior_v = None
+        if covariance is not None and spectrum.prior_in_basis is not None:
+            prior_v = cross.get(prior) @ spectrum.eigenvectors
+        if covariance == "full":
+            prior_tt = test.get(prior)
+        elif covariance == "diag":
+            prior_tt = test.diagonal(prior)
         means, covs = [], []
         for t_value in times:
             g = self._filters(spectrum, t_value)
             means.append(dynamics_v @ (g.unsqueeze(-1) * spectrum.targets))
+            if covariance is None:
+                continue
             if prior_v is None:
                 # G = P: Σ_t = P_tt - G_tx V diag(2g - λg²) V^T G_xt
                 h = 2 * g - spectrum.eigenvalues * g.square()
+                if covariance == "diag":
+                    covs.append(prior_tt - (dynamics_v.square() * h).sum(-1))
+                    continue
                 cov = prior_tt - (dynamics_v * h) @ dynamics_v.mT
             else:
                 weighted = dynamics_v * g  # G_tx V diag(g)
-                cross = weighted @ prior_v.mT
-                cov = prior_tt - cross - cross.mT + weighted @ spectrum.prior_in_basis @ weighted.mT
+                if covariance == "diag":
+                    quadratic = ((weighted @ spectrum.prior_in_basis) * weighted).sum(-1)
+                    covs.append(prior_tt - 2 * (weighted * prior_v).sum(-1) + quadratic)
+                    continue
+                cross_term = weighted @ prior_v.mT
+                cov = prior_tt - cross_term - cross_term.mT + weighted @ spectrum.prior_in_basis @ weighted.mT
             covs.append((cov + cov.mT) / 2)
         mean = torch.stack(means) if batched else means[0]
-        cov = torch.stack(covs) if batched else covs[0]
         if not self._multi_output:
             mean = mean.squeeze(-1)
-        return mean, cov
+        if covariance is None:
+            return mean, None
+        return mean, (torch.stack(covs) if batched else covs[0])
 
     def __call__(
         self, test_x: Tensor, t: float | Tensor, regime: Regime = "ntk"

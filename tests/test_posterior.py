@@ -319,3 +319,21 @@ def test_bad_inputs_raise_clear_errors():
         TrainedEnsemble(torch.nn.Linear(4, 1), x, y)
     with pytest.raises(ValueError, match="n must be a positive integer"):
         post.sample(xt, 1.0, 0)
+
+
+@pytest.mark.parametrize("regime", ["ntk", "nngp", "ntkgp"])
+@pytest.mark.parametrize("multi", [False, True])
+def test_mean_only_and_diagonal_variances_match_the_full_moments(regime, multi):
+    g = torch.Generator().manual_seed(21)
+    net = L.mlp(2, "erf", 1.5, 0.1)
+    x = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(9, 2, generator=g, dtype=torch.float64) if multi else torch.randn(9, generator=g, dtype=torch.float64)
+    post = gpntk.TrainedEnsemble(net, x, y, learning_rate=0.5, diag_reg=1e-3)
+    test_x = torch.cat([torch.randn(5, 3, generator=g, dtype=torch.float64), x[:2]])
+    times = torch.tensor([0.0, 3.0, 50.0, math.inf], dtype=torch.float64)
+    mean, cov = post.moments(test_x, times, regime)
+    torch.testing.assert_close(post.mean(test_x, times, regime), mean, rtol=1e-12, atol=1e-12)
+    diag_mean, variances = post.moments(test_x, times, regime, diag=True)
+    torch.testing.assert_close(diag_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(variances, cov.diagonal(dim1=-2, dim2=-1), rtol=1e-9, atol=1e-11)
+    assert variances.shape == (4, 7)
