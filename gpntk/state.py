@@ -15,7 +15,7 @@ variances of single points, which is what ``kernel(x, diag=True)`` needs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -24,6 +24,9 @@ from torch import Tensor
 from .spatial import Layout
 
 __all__ = ["KernelState"]
+
+#: the layout of vector (non-spatial) kernels
+VECTOR = Layout()
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class KernelState:
     diag: bool = False
     same_inputs: bool = False
     track_ntk: bool = True
-    layout: Layout = field(default_factory=Layout)
+    layout: Layout = VECTOR
     keep_full: bool = False
 
     @staticmethod
@@ -100,14 +103,14 @@ class KernelState:
 
         if diag:
             var = variance(midpoint(x1, x2))
-            return KernelState(var, var, var, None, diag=True, same_inputs=True, track_ntk=track_ntk)
+            return KernelState(var, var, var, None, diag=True, same_inputs=True, track_ntk=track_ntk, layout=VECTOR)
         var1 = variance(x1)
         var2 = var1.transpose(-1, -2) if x2 is x1 else variance(x2).transpose(-1, -2)
         cov12 = x1 @ x2.transpose(-1, -2) / d
         if same_inputs:
             point_var = var1 if x2 is x1 else variance(midpoint(x1, x2))
             cov12 = set_diagonal(cov12, point_var.squeeze(-1))
-        return KernelState(cov12, var1, var2, None, diag=False, same_inputs=same_inputs, track_ntk=track_ntk)
+        return KernelState(cov12, var1, var2, None, diag=False, same_inputs=same_inputs, track_ntk=track_ntk, layout=VECTOR)
 
     def replace(self, **changes) -> "KernelState":
         """A copy with some fields changed."""

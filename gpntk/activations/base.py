@@ -126,19 +126,18 @@ def safe_sqrt(x: Tensor) -> Tensor:
 def correlation(q11: Tensor, q12: Tensor, q22: Tensor) -> tuple[Tensor, Tensor]:
     r"""``(rho, sqrt_prod)``: :math:`\rho = q_{12}/\sqrt{q_{11} q_{22}}` clamped to [-1, 1], and :math:`\sqrt{q_{11}q_{22}}`.
 
-    ``q11`` is ``(..., n1, 1)`` and ``q22`` ``(..., 1, n2)``. The square root is taken of the
-    product (so equal variances give exactly :math:`\rho = 1` for duplicated points). Where a
-    variance is zero the correlation is undefined and set to 0 (every kernel using it is multiplied
-    by a zero ``sqrt_prod`` there; :math:`q_{12} = 0` there too), with finite derivatives: zero
-    variances are replaced by one per point before the pairs are formed, and masked out after.
+    ``q11`` is ``(..., n1, 1)`` and ``q22`` ``(..., 1, n2)``. The square root in :math:`\rho` is
+    taken of the product (so equal variances give exactly :math:`\rho = 1` for duplicated points);
+    ``sqrt_prod`` is the product of per-point square roots. Where a variance is zero the correlation
+    is undefined and set to 0 (every kernel using it is multiplied by a zero ``sqrt_prod`` there;
+    :math:`q_{12} = 0` there too), with finite derivatives: zero variances are replaced by one per
+    point before the pairs are formed. No data-dependent branch, so the function also compiles.
     """
     positive1, positive2 = q11 > 0, q22 > 0
     ones1, ones2 = torch.ones_like(q11), torch.ones_like(q22)
     denominator = torch.sqrt(torch.where(positive1, q11, ones1) * torch.where(positive2, q22, ones2))
     rho = (q12 / denominator).clamp(-1.0, 1.0)
-    if bool(positive1.all()) and bool(positive2.all()):
-        return rho, denominator
-    return rho, denominator * (positive1.to(q11.dtype) * positive2.to(q22.dtype))
+    return rho, safe_sqrt(q11) * safe_sqrt(q22)
 
 
 def real_parameter(name: str, value) -> float:
