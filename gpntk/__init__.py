@@ -6,7 +6,7 @@
 >>> ntk = gpntk.NTKKernel(net)          # a gpytorch.kernels.Kernel
 """
 
-from . import layers
+from . import layers, settings
 from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
 from .errors import ArchitectureError
 from .kernels import EmpiricalNTKKernel, NNGPKernel, NTKKernel
@@ -15,6 +15,6 @@ from .posterior import TrainedEnsemble
 __version__ = "0.1.0"
 
 __all__ = [
-    "layers", "NTKKernel", "NNGPKernel", "EmpiricalNTKKernel", "TrainedEnsemble", "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
+    "layers", "settings", "NTKKernel", "NNGPKernel", "EmpiricalNTKKernel", "TrainedEnsemble", "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
     "ArchitectureError", "__version__",
 ]

@@ -19,11 +19,13 @@ inputs that are the same points only the blocks on and above the diagonal are co
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
+from .. import settings
 from ..layers.base import Hyperparameters, Layer
 from ..spatial import Layout
 from ..state import KernelState
@@ -56,6 +58,46 @@ def input_layout(net: Layer, input_shape: Sequence[int] | None) -> Layout:
     return Layout(tuple(input_shape[1:]), full=net.needs_full(False))
 
 
+def _kernels(
+    net: Layer,
+    x1: Tensor,
+    x2: Tensor,
+    hyper: dict[str, Tensor],
+    input_shape: Sequence[int] | None,
+    track_ntk: bool,
+    same: bool,
+    diag: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``(Σ, Θ or None)`` of one block: the input kernel and every layer's map (compilable: no data-dependent branch)."""
+    layout = input_layout(net, input_shape)
+    state = KernelState.from_inputs(
+        x1, x2, diag=diag, same_inputs=same, track_ntk=track_ntk, input_shape=input_shape, full=layout.full
+    )
+    state = net.kernel_map(state, Hyperparameters(net, hyper))
+    return state.cov12, (state.ntk_or_zeros() if track_ntk else None)
+
+
+_compiled_kernels = None
+_compile_failed = False
+#: the torch.compile backend (tests use "aot_eager" to check tracing without C++ compilation)
+_COMPILE_BACKEND = "inductor"
+
+
+def _fused(elements: int, needs_grad: bool, spatial: bool):
+    """``_kernels``, compiled by :func:`torch.compile` when :class:`gpntk.settings.fusion` asks for it.
+
+    Spatial architectures always run eagerly: their recursion (window sums, layouts) takes minutes
+    to trace and compile, and its cost is dominated by the spatial maps rather than by chains of
+    elementwise passes.
+    """
+    global _compiled_kernels
+    if _compile_failed or spatial or not settings.fusion.enabled_for(elements, needs_grad):
+        return _kernels
+    if _compiled_kernels is None:
+        _compiled_kernels = torch.compile(_kernels, dynamic=True, backend=_COMPILE_BACKEND)
+    return _compiled_kernels
+
+
 def _recursion(
     net: Layer,
     x1: Tensor,
@@ -64,17 +106,29 @@ def _recursion(
     input_shape: Sequence[int] | None,
     track_ntk: bool,
     diag: bool = False,
-) -> KernelState:
-    layout = input_layout(net, input_shape)
-    state = KernelState.from_inputs(
-        x1, x2, diag=diag, same_inputs=diag or same_inputs(x1, x2), track_ntk=track_ntk,
-        input_shape=input_shape, full=layout.full,
+    elements: int = 0,
+) -> tuple[Tensor, Tensor | None]:
+    """One block's kernels; compiled when the whole evaluation (``elements`` numbers) is large enough."""
+    global _compile_failed
+    same = diag or same_inputs(x1, x2)
+    needs_grad = torch.is_grad_enabled() and (
+        x1.requires_grad or x2.requires_grad or any(h.requires_grad for h in hyper.values())
     )
-    return net.kernel_map(state, Hyperparameters(net, hyper))
-
-
-def _both(state: KernelState) -> tuple[Tensor, Tensor | None]:
-    return state.cov12, (state.ntk_or_zeros() if state.track_ntk else None)
+    spatial = input_shape is not None and len(input_shape) >= 2
+    function = _fused(elements, needs_grad, spatial)
+    if function is _kernels:
+        return _kernels(net, x1, x2, hyper, input_shape, track_ntk, same, diag)
+    try:
+        return function(net, x1, x2, hyper, input_shape, track_ntk, same, diag)
+    except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to eager, once
+        _compile_failed = True
+        warnings.warn(
+            f"torch.compile failed ({type(error).__name__}: {error}); gpntk evaluates kernels eagerly from "
+            "now on (see gpntk.settings.fusion)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _kernels(net, x1, x2, hyper, input_shape, track_ntk, same, diag)
 
 
 def _blocks(n: int, size: int) -> list[slice]:
@@ -96,31 +150,31 @@ def evaluate(
     batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(h.shape[:-2] for h in hyper.values()))
     per_pair = input_layout(net, input_shape).elements_per_pair * math.prod(batch)
     n1, n2 = x1.shape[-2], x2.shape[-2]
-    if n1 * n2 * per_pair <= budget:
-        return _both(_recursion(net, x1, x2, hyper, input_shape, track_ntk))
+    elements = n1 * n2 * per_pair
+    if elements <= budget:
+        return _recursion(net, x1, x2, hyper, input_shape, track_ntk, elements=elements)
     symmetric = same_inputs(x1, x2)
     if symmetric or n2 * per_pair > budget:
         size = max(1, math.isqrt(max(budget // per_pair, 1)))
         rows, cols = _blocks(n1, size), _blocks(n2, size)
     else:
         rows, cols = _blocks(n1, max(1, budget // (n2 * per_pair))), [slice(0, n2)]
-    done: dict[tuple[int, int], tuple[Tensor, Tensor | None]] = {}
+    outputs: list[Tensor | None] = [None, None]  # Σ and Θ, allocated at the first block
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             if symmetric and j < i:
-                cov, ntk = done[(j, i)]
-                done[(i, j)] = (cov.transpose(-1, -2), None if ntk is None else ntk.transpose(-1, -2))
                 continue
             a = x1[..., r, :]
             b = a if (symmetric and i == j and x2 is x1) else x2[..., c, :]
-            done[(i, j)] = _both(_recursion(net, a, b, hyper, input_shape, track_ntk))
-
-    def assemble(which: int) -> Tensor | None:
-        if done[(0, 0)][which] is None:
-            return None
-        return torch.cat([torch.cat([done[(i, j)][which] for j in range(len(cols))], -1) for i in range(len(rows))], -2)
-
-    return assemble(0), assemble(1)
+            for which, block in enumerate(_recursion(net, a, b, hyper, input_shape, track_ntk, elements=elements)):
+                if block is None:
+                    continue
+                if outputs[which] is None:
+                    outputs[which] = block.new_empty(*block.shape[:-2], n1, n2)
+                outputs[which][..., r, c] = block
+                if symmetric and j > i:
+                    outputs[which][..., c, r] = block.transpose(-1, -2)
+    return outputs[0], outputs[1]
 
 
 def covariance_function(
@@ -175,12 +229,12 @@ def kernel_diagonal(
         a = x1[..., chunk, :]
         b = a if x2 is x1 else x2[..., chunk, :]
         if same:
-            state = _recursion(net, a, b, hyper, input_shape, track_ntk, diag=True)
-            out = (state.cov12 if output == "nngp" else state.ntk_or_zeros()).squeeze(-1)
+            cov, ntk = _recursion(net, a, b, hyper, input_shape, track_ntk, diag=True)
+            out = (cov if output == "nngp" else ntk).squeeze(-1)
         else:
             # every pair (x1_i, x2_i) as its own 1 x 1 kernel, with the point index as a batch dimension
             point_hyper = {name: value.unsqueeze(-3) for name, value in hyper.items()}
-            cov, ntk = _both(_recursion(net, a.unsqueeze(-2), b.unsqueeze(-2), point_hyper, input_shape, track_ntk))
+            cov, ntk = _recursion(net, a.unsqueeze(-2), b.unsqueeze(-2), point_hyper, input_shape, track_ntk)
             out = (cov if output == "nngp" else ntk)[..., 0, 0]
         parts.append(out)
     out = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
