@@ -56,14 +56,13 @@ from __future__ import annotations
 import functools
 import math
 
-import pytest
 import torch
 from torch import nn
 
 from gpntk import layers as L
 from gpntk.finite import ElementwiseActivation, NTKLinear
-from gpntk.kernels.dense import nngp_and_ntk
-from gpntk.posterior import TrainedEnsemble
+
+from _ensemble_study import PosteriorAgreementTests, run_study
 
 N_NETWORKS = 400
 WIDTH = 1024
@@ -201,151 +200,22 @@ def train_ensemble(
     return torch.cat(initial), {t: torch.cat(v) for t, v in trained.items()}
 
 
-def linearized_infinite(net, regime: str, train_x, train_y, eval_x, f0, learning_rate: float, t: float) -> torch.Tensor:
-    """Per network, ``f0(x) + G(x, X) G⁻¹(I − e^{−τG})(Y − f0(X))`` with the analytic kernel G.
-
-    ``f0`` holds the networks' initial outputs on ``eval_x`` whose last ``n`` rows are ``train_x``.
-    An independent evaluation of the infinite-width linear dynamics (not gpntk.posterior).
-    """
-    n, k = train_y.shape
-    with torch.no_grad():
-        nngp, ntk = nngp_and_ntk(net, eval_x, train_x)
-        nngp_xx, ntk_xx = nngp_and_ntk(net, train_x)
-    g_ex, g_xx = (ntk, ntk_xx) if regime == "ntk" else (nngp, nngp_xx)
-    lam, vec = torch.linalg.eigh(g_xx)
-    tau = learning_rate * t / (n * k)
-    filt = -torch.expm1(-tau * lam) / lam
-    gain = g_ex @ vec @ torch.diag(filt) @ vec.T  # (m, n)
-    return f0 + torch.einsum("an,Nnk->Nak", gain, train_y - f0[:, -n:])
-
-
-# --- the comparison ------------------------------------------------------------------------------
-def compare(trained: torch.Tensor, mean_inf: torch.Tensor, var_inf: torch.Tensor, allowance: torch.Tensor) -> dict:
-    """Per (point, output): errors of the ensemble's mean and standard deviation and their tolerances.
-
-    ``trained (N, m, k)``; ``mean_inf (m, k)``; ``var_inf (m,)``; ``allowance (m, k)`` = rms(d).
-    ``excess`` is error / tolerance (≤ 1 passes).
-    """
-    n_networks = trained.shape[0]
-    mean_emp, var_emp = trained.mean(0), trained.var(0)
-    sd_inf = var_inf.clamp_min(0).sqrt().unsqueeze(-1).expand_as(mean_emp)
-    se_mean = (var_emp / n_networks).sqrt()
-    se_sd = sd_inf / math.sqrt(2 * (n_networks - 1))
-    mean_error = (mean_emp - mean_inf).abs()
-    sd_error = (var_emp.sqrt() - sd_inf).abs()
-    mean_tol = Z * se_mean + allowance
-    sd_tol = Z * se_sd + allowance
-    return {
-        "z_mean": mean_error / se_mean,
-        "var_ratio": var_emp / sd_inf.square(),
-        "z_var": (var_emp - sd_inf.square()).abs() / (sd_inf.square() * math.sqrt(2 / (n_networks - 1))),
-        "mean_excess": mean_error / mean_tol,
-        "sd_excess": sd_error / sd_tol,
-        "allowance_over_se": allowance / se_mean,
-    }
-
-
 @functools.lru_cache(maxsize=None)
 def study(regime: str, width: int = WIDTH, n_networks: int = N_NETWORKS, steps: tuple[int, ...] = STEPS) -> dict:
     """Train the ensemble of ``regime`` once; everything the tests look at."""
-    train_x, train_y, test_x = make_data()
     net, arch = architectures()
-    eval_x = torch.cat([test_x, train_x])
-    learning_rate = LR_FRACTION * TrainedEnsemble(net, train_x, train_y).max_learning_rate(regime)
-    post = TrainedEnsemble(net, train_x, train_y, learning_rate=learning_rate)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small products: one thread is fastest, and far faster on a busy machine
-    try:
-        f0, outputs = train_ensemble(
-            arch[regime], train_x, train_y, eval_x,
-            n_networks=n_networks, width=width, learning_rate=learning_rate, steps=steps,
-        )
-    finally:
-        torch.set_num_threads(threads)
-    scale = (train_y - f0[:, -train_x.shape[0]:]).square().mean().sqrt().item()  # initial residual; d ∝ it
-    result = {"post": post, "eval_x": eval_x, "f0": f0, "scale": scale, "lr": learning_rate, "times": {}}
-    for steps in steps:
-        lin = linearized_infinite(net, regime, train_x, train_y, eval_x, f0, learning_rate, steps)
-        deviation = outputs[steps] - lin
-        result["times"][steps] = {
-            "trained": outputs[steps],
-            "linearized": lin,
-            "allowance": deviation.square().mean(0).sqrt(),  # rms(d) per (point, output)
-        }
-    return result
+    return run_study(net, arch, regime, make_data(), train_ensemble, width=width, n_networks=n_networks,
+                     steps=steps, lr_fraction=LR_FRACTION)
 
 
-def _moments(post: TrainedEnsemble, x: torch.Tensor, t: float, regime: str):
-    mean, cov = post.moments(x, t, regime)
-    return mean, cov.diagonal()
+class TestPosteriorAgreement(PosteriorAgreementTests):
+    """The MLP ensembles against the posterior (tests in ``_ensemble_study.PosteriorAgreementTests``)."""
 
+    z, n_test, width, small_width, steps = Z, N_TEST, WIDTH, SMALL_WIDTH, STEPS
+    allowance_bounds = (1.5, 8)
 
-@pytest.mark.parametrize("regime", REGIMES)
-def test_trained_ensemble_matches_posterior(regime):
-    s = study(regime)
-    for steps, r in s["times"].items():
-        mean_inf, var_inf = _moments(s["post"], s["eval_x"], steps, regime)
-        c = compare(r["trained"], mean_inf, var_inf, r["allowance"])
-        print(
-            f"\n{regime} T={steps}: max |Δmean|/SE {c['z_mean'].max():.2f} (test {c['z_mean'][:N_TEST].max():.2f}), "
-            f"var ratio emp/inf {c['var_ratio'].min():.3f}..{c['var_ratio'].max():.3f}, "
-            f"max |Δvar|/SE {c['z_var'].max():.2f}, allowance/SE ≤ {c['allowance_over_se'].max():.2f}, "
-            f"max excess mean {c['mean_excess'].max():.2f} sd {c['sd_excess'].max():.2f}"
-        )
-        assert c["mean_excess"].max() <= 1, f"{regime} T={steps}: ensemble mean off: excess {c['mean_excess']}"
-        assert c["sd_excess"].max() <= 1, f"{regime} T={steps}: ensemble spread off: excess {c['sd_excess']}"
-
-
-@pytest.mark.parametrize("regime", REGIMES)
-def test_time_off_by_factor_two_is_rejected(regime):
-    """The same check against the posterior at t = 2T and t = T/2 fails, by a wide margin."""
-    s = study(regime)
-    for steps, r in s["times"].items():
-        for wrong in (2 * steps, steps / 2):
-            mean_inf, var_inf = _moments(s["post"], s["eval_x"], wrong, regime)
-            c = compare(r["trained"], mean_inf, var_inf, r["allowance"])
-            worst = max(c["mean_excess"].max().item(), c["sd_excess"].max().item())
-            print(f"\n{regime} T={steps} vs posterior at t={wrong:g}: worst excess {worst:.1f}")
-            assert worst > 2, f"{regime}: posterior at t={wrong} not rejected for ensembles trained {steps} steps"
-
-
-@pytest.mark.parametrize("regime", REGIMES)
-def test_linearized_ensemble_matches_posterior_without_allowance(regime):
-    """The Monte Carlo part alone: the linearised predictions from the networks' real initial
-    outputs match the posterior's mean and variance within Z standard errors, no allowance."""
-    s = study(regime)
-    for steps, r in s["times"].items():
-        mean_inf, var_inf = _moments(s["post"], s["eval_x"], steps, regime)
-        c = compare(r["linearized"], mean_inf, var_inf, torch.zeros_like(mean_inf))
-        assert c["mean_excess"].max() <= 1, c["z_mean"]
-        assert c["sd_excess"].max() <= 1, c["z_var"]
-
-
-@pytest.mark.parametrize("regime", REGIMES)
-def test_finite_width_allowance_is_small(regime):
-    """rms(d) is a few percent of the initial residual ``Y − f0(X)`` (which d is proportional to):
-    rms(d)·sqrt(width)/scale = O(1), about 0.5-1 typically and up to ~5 at the test input that
-    extrapolates most."""
-    s = study(regime)
-    for steps, r in s["times"].items():
-        constant = r["allowance"] * math.sqrt(WIDTH) / s["scale"]
-        print(
-            f"\n{regime} T={steps}: rms(d) max {r['allowance'].max():.4f} median {r['allowance'].median():.4f} "
-            f"(initial residual {s['scale']:.2f}); rms(d)·sqrt(width)/scale median {constant.median():.2f} "
-            f"max {constant.max():.2f}"
-        )
-        assert constant.median() < 1.5
-        assert constant.max() < 8
-
-
-@pytest.mark.parametrize("regime", REGIMES)
-def test_allowance_shrinks_like_inverse_sqrt_width(regime):
-    """The same ensemble at width 256: rms(d) is about twice that at width 1024 (sqrt(1024/256) = 2)."""
-    wide = study(regime)["times"][STEPS[0]]["allowance"]
-    narrow = study(regime, SMALL_WIDTH, 200, STEPS[:1])["times"][STEPS[0]]["allowance"]
-    ratio = (narrow.square().mean() / wide.square().mean()).sqrt().item()
-    print(f"\n{regime} T={STEPS[0]}: rms(d) width {SMALL_WIDTH} / width {WIDTH} = {ratio:.2f} (1/sqrt(width): 2)")
-    assert 1.5 < ratio < 2.7
+    def study(self, regime, width=None, n_networks=None, steps=None):
+        return study(regime, width or WIDTH, n_networks or N_NETWORKS, steps or STEPS)
 
 
 def test_batched_training_equals_plain_training_of_one_network():

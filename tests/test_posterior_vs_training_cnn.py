@@ -67,7 +67,8 @@ from torch import Tensor, nn
 from gpntk import layers as L
 from gpntk.finite import NTKConv, NTKLinear
 from gpntk.kernels.dense import nngp_and_ntk
-from gpntk.posterior import TrainedEnsemble
+
+from _ensemble_study import PosteriorAgreementTests, run_study
 
 N_NETWORKS = 400
 WIDTH = 256  # channels of the hidden convolution
@@ -244,81 +245,12 @@ def train_ensemble(
     return torch.cat(initial), {t: torch.cat(v) for t, v in trained.items()}
 
 
-def linearized_infinite(net, regime: str, train_x, train_y, eval_x, f0, learning_rate: float, t: float) -> Tensor:
-    """Per network, ``f0(x) + G(x, X) G⁻¹(I − e^{−τG})(Y − f0(X))`` with the analytic kernel G.
-
-    ``f0`` holds the networks' initial outputs on ``eval_x`` whose last ``n`` rows are ``train_x``.
-    An independent evaluation of the infinite-width linear dynamics (not gpntk.posterior).
-    """
-    n, k = train_y.shape
-    with torch.no_grad():
-        nngp, ntk = nngp_and_ntk(net, eval_x, train_x, input_shape=INPUT_SHAPE)
-        nngp_xx, ntk_xx = nngp_and_ntk(net, train_x, input_shape=INPUT_SHAPE)
-    g_ex, g_xx = (ntk, ntk_xx) if regime == "ntk" else (nngp, nngp_xx)
-    lam, vec = torch.linalg.eigh(g_xx)
-    tau = learning_rate * t / (n * k)
-    filt = -torch.expm1(-tau * lam) / lam
-    gain = g_ex @ vec @ torch.diag(filt) @ vec.T  # (m, n)
-    return f0 + torch.einsum("an,Nnk->Nak", gain, train_y - f0[:, -n:])
-
-
-# --- the comparison ------------------------------------------------------------------------------
-def compare(trained: Tensor, mean_inf: Tensor, var_inf: Tensor, allowance: Tensor) -> dict:
-    """Per (point, output): errors of the ensemble's mean and standard deviation and their tolerances.
-
-    ``trained (N, m, k)``; ``mean_inf (m, k)``; ``var_inf (m,)``; ``allowance (m, k)`` = rms(d).
-    ``excess`` is error / tolerance (≤ 1 passes).
-    """
-    n_networks = trained.shape[0]
-    mean_emp, var_emp = trained.mean(0), trained.var(0)
-    sd_inf = var_inf.clamp_min(0).sqrt().unsqueeze(-1).expand_as(mean_emp)
-    se_mean = (var_emp / n_networks).sqrt()
-    se_sd = sd_inf / math.sqrt(2 * (n_networks - 1))
-    mean_error = (mean_emp - mean_inf).abs()
-    sd_error = (var_emp.sqrt() - sd_inf).abs()
-    return {
-        "z_mean": mean_error / se_mean,
-        "z_sd": sd_error / se_sd,
-        "mean_excess": mean_error / (Z * se_mean + allowance),
-        "sd_excess": sd_error / (Z * se_sd + allowance),
-        "allowance_over_se": allowance / se_mean,
-    }
-
-
 @functools.lru_cache(maxsize=None)
 def study(regime: str, width: int = WIDTH, n_networks: int = N_NETWORKS, steps: tuple[int, ...] = STEPS) -> dict:
     """Train the ensemble of ``regime`` once; everything the tests look at."""
-    train_x, train_y, test_x = make_data()
     net, arch = architectures()
-    eval_x = torch.cat([test_x, train_x])
-    learning_rate = LR_FRACTION * TrainedEnsemble(
-        net, train_x, train_y, input_shape=INPUT_SHAPE
-    ).max_learning_rate(regime)
-    post = TrainedEnsemble(net, train_x, train_y, learning_rate=learning_rate, input_shape=INPUT_SHAPE)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small products: one thread is fastest, and far faster on a busy machine
-    try:
-        f0, outputs = train_ensemble(
-            arch[regime], train_x, train_y, eval_x,
-            n_networks=n_networks, width=width, learning_rate=learning_rate, steps=steps,
-        )
-    finally:
-        torch.set_num_threads(threads)
-    scale = (train_y - f0[:, -N_TRAIN:]).square().mean().sqrt().item()  # initial residual; d ∝ it
-    result = {"post": post, "eval_x": eval_x, "scale": scale, "lr": learning_rate, "times": {}}
-    for t in steps:
-        lin = linearized_infinite(net, regime, train_x, train_y, eval_x, f0, learning_rate, t)
-        result["times"][t] = {
-            "trained": outputs[t],
-            "linearized": lin,
-            "allowance": (outputs[t] - lin).square().mean(0).sqrt(),  # rms(d) per (point, output)
-        }
-    return result
-
-
-def _moments(post: TrainedEnsemble, x: Tensor, t: float, regime: str):
-    mean, cov = post.moments(x, t, regime)
-    return mean, cov.diagonal()
+    return run_study(net, arch, regime, make_data(), train_ensemble, width=width, n_networks=n_networks,
+                     steps=steps, lr_fraction=LR_FRACTION, input_shape=INPUT_SHAPE)
 
 
 # --- the tests -----------------------------------------------------------------------------------
@@ -334,74 +266,14 @@ def test_learning_rate_is_a_twentieth_of_the_stability_limit(regime):
     assert lr * lam_max / (N_TRAIN * K) == pytest.approx(0.1, rel=1e-10)
 
 
-@pytest.mark.parametrize("regime", REGIMES)
-def test_trained_ensemble_matches_posterior(regime):
-    s = study(regime)
-    for steps, r in s["times"].items():
-        mean_inf, var_inf = _moments(s["post"], s["eval_x"], steps, regime)
-        c = compare(r["trained"], mean_inf, var_inf, r["allowance"])
-        print(
-            f"\n{regime} T={steps}: max |Δmean|/SE {c['z_mean'].max():.2f} (test {c['z_mean'][:N_TEST].max():.2f}), "
-            f"max |Δsd|/SE {c['z_sd'].max():.2f}, allowance/SE ≤ {c['allowance_over_se'].max():.2f}, "
-            f"max excess mean {c['mean_excess'].max():.2f} sd {c['sd_excess'].max():.2f}"
-        )
-        assert c["mean_excess"].max() <= 1, f"{regime} T={steps}: ensemble mean off: excess {c['mean_excess']}"
-        assert c["sd_excess"].max() <= 1, f"{regime} T={steps}: ensemble spread off: excess {c['sd_excess']}"
+class TestPosteriorAgreement(PosteriorAgreementTests):
+    """The CNN ensembles against the posterior (tests in ``_ensemble_study.PosteriorAgreementTests``)."""
 
+    z, n_test, width, small_width, steps = Z, N_TEST, WIDTH, SMALL_WIDTH, STEPS
+    allowance_bounds = (1, 2)
 
-@pytest.mark.parametrize("regime", REGIMES)
-def test_time_off_by_factor_two_is_rejected(regime):
-    """The same check against the posterior at t = 2T and t = T/2 fails, by a wide margin."""
-    s = study(regime)
-    for steps, r in s["times"].items():
-        for wrong in (2 * steps, steps / 2):
-            mean_inf, var_inf = _moments(s["post"], s["eval_x"], wrong, regime)
-            c = compare(r["trained"], mean_inf, var_inf, r["allowance"])
-            worst = max(c["mean_excess"].max().item(), c["sd_excess"].max().item())
-            print(f"\n{regime} T={steps} vs posterior at t={wrong:g}: worst excess {worst:.2f}")
-            assert worst > 2, f"{regime}: posterior at t={wrong} not rejected for ensembles trained {steps} steps"
-
-
-@pytest.mark.parametrize("regime", REGIMES)
-def test_linearized_ensemble_matches_posterior_without_allowance(regime):
-    """The Monte Carlo part alone: the linearised predictions from the networks' real initial
-    outputs match the posterior's mean and standard deviation within Z standard errors, no allowance."""
-    s = study(regime)
-    for steps, r in s["times"].items():
-        mean_inf, var_inf = _moments(s["post"], s["eval_x"], steps, regime)
-        c = compare(r["linearized"], mean_inf, var_inf, torch.zeros_like(mean_inf))
-        print(
-            f"\n{regime} T={steps}: linearised max |Δmean|/SE {c['z_mean'].max():.2f} "
-            f"|Δsd|/SE {c['z_sd'].max():.2f}"
-        )
-        assert c["mean_excess"].max() <= 1, c["z_mean"]
-        assert c["sd_excess"].max() <= 1, c["z_sd"]
-
-
-@pytest.mark.parametrize("regime", REGIMES)
-def test_finite_width_allowance_is_small(regime):
-    """rms(d) is a few percent of the initial residual ``Y − f0(X)`` (which d is proportional to):
-    rms(d)·sqrt(width)/scale = O(1) (measured: median 0.35-0.5, max ≤ 0.85)."""
-    s = study(regime)
-    for steps, r in s["times"].items():
-        constant = r["allowance"] * math.sqrt(WIDTH) / s["scale"]
-        print(
-            f"\n{regime} T={steps}: rms(d) max {r['allowance'].max():.4f} median {r['allowance'].median():.4f} "
-            f"(initial residual {s['scale']:.2f}); rms(d)·sqrt(width)/scale median {constant.median():.2f} "
-            f"max {constant.max():.2f}"
-        )
-        assert constant.median() < 1
-        assert constant.max() < 2
-
-
-@pytest.mark.parametrize("regime", REGIMES)
-def test_allowance_shrinks_like_inverse_sqrt_width(regime):
-    """A width-64 ensemble has about twice the rms(d) of the width-256 one (sqrt(256/64) = 2)."""
-    wide = study(regime)["times"][STEPS[0]]["allowance"]
-    narrow = study(regime, SMALL_WIDTH, 200, STEPS[:1])["times"][STEPS[0]]["allowance"]
-    ratio = (narrow.square().mean() / wide.square().mean()).sqrt().item()
-    print(f"\n{regime} T={STEPS[0]}: rms(d) width {SMALL_WIDTH} / width {WIDTH} = {ratio:.2f} (1/sqrt(width): 2)")
-    assert 1.5 < ratio < 2.7
+    def study(self, regime, width=None, n_networks=None, steps=None):
+        return study(regime, width or WIDTH, n_networks or N_NETWORKS, steps or STEPS)
 
 
 def test_batched_training_equals_plain_training_of_one_network():
