@@ -4,10 +4,13 @@ r"""Library-wide settings, as context managers (in the manner of ``gpytorch.sett
 which fuses its dozens of elementwise passes per layer into a few loops (measured 10x faster per
 block on a CPU). Compilation costs seconds the first time a network is evaluated at a given dtype
 and device (cached on disk by PyTorch, so later processes pay less; with gradients it costs
-tens of seconds), so by default (``"auto"``) it is used only for evaluations of at least
-:data:`FUSION_MIN_ELEMENTS` numbers that need no gradient (posteriors, predictions, benchmarks of
-large kernels), where it pays for itself; ``fusion(True)`` compiles gradient evaluations too
-(long hyperparameter fits of large kernels). Fusion applies to fully-connected architectures
+tens of seconds; measured 5-68 s on a 2-core CPU against 0.2-3 s for one eager evaluation), so
+by default (``"auto"``) it is used only where it pays for itself: for evaluations of at least
+:data:`FUSION_MIN_ELEMENTS` numbers that need no gradient, once the same network has already been
+evaluated :data:`FUSION_AFTER_CALLS` times at that size, dtype and device (repeated posteriors,
+predictions over many test sets, benchmarks); a one-off evaluation never compiles.
+``fusion(True)`` compiles every evaluation, gradients included (long hyperparameter fits of large
+kernels). Fusion applies to fully-connected architectures
 (vector inputs); spatial ones always run eagerly.
 
 >>> import gpntk
@@ -20,10 +23,12 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-__all__ = ["fusion", "FUSION_MIN_ELEMENTS"]
+__all__ = ["fusion", "FUSION_MIN_ELEMENTS", "FUSION_AFTER_CALLS"]
 
 #: under ``fusion("auto")``, evaluations of at least this many numbers (pairs x per-pair entries) compile
 FUSION_MIN_ELEMENTS = 2**23
+#: ... once this many such evaluations of the same network (dtype, device, NNGP/NTK) have run eagerly
+FUSION_AFTER_CALLS = 2
 
 Mode = Literal["auto"] | bool
 
@@ -59,10 +64,18 @@ class fusion:
         cls._mode = mode
 
     @classmethod
-    def enabled_for(cls, elements: int, needs_grad: bool) -> bool:
-        """Whether an evaluation of ``elements`` numbers (with or without gradients) runs compiled."""
+    def enabled_for(cls, elements: int, needs_grad: bool, previous_calls: int = FUSION_AFTER_CALLS) -> bool:
+        """Whether an evaluation of ``elements`` numbers runs compiled.
+
+        ``previous_calls``: how many large evaluations of the same configuration ran before it.
+        """
         mode = cls._mode
-        return mode is True or (mode == "auto" and elements >= FUSION_MIN_ELEMENTS and not needs_grad)
+        if mode is True:
+            return True
+        return (
+            mode == "auto" and elements >= FUSION_MIN_ELEMENTS and not needs_grad
+            and previous_calls >= FUSION_AFTER_CALLS
+        )
 
     def __enter__(self) -> "fusion":
         self._previous = fusion._mode

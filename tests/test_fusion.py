@@ -18,6 +18,7 @@ def fresh_compiler(monkeypatch):
     """Each test starts with no compiled function and no recorded failure."""
     monkeypatch.setattr(dense, "_compiled_kernels", None)
     monkeypatch.setattr(dense, "_compile_failed", False)
+    monkeypatch.setattr(dense, "_large_calls", {})
 
 
 @pytest.fixture
@@ -69,16 +70,34 @@ def test_spatial_architectures_run_eagerly(fresh_compiler):
     assert dense._compiled_kernels is None
 
 
-def test_auto_policy_compiles_only_large_evaluations_without_gradients():
-    big = settings.FUSION_MIN_ELEMENTS
+def test_auto_policy_compiles_only_repeated_large_evaluations_without_gradients():
+    big, after = settings.FUSION_MIN_ELEMENTS, settings.FUSION_AFTER_CALLS
     with settings.fusion("auto"):
-        assert settings.fusion.enabled_for(big, needs_grad=False)
-        assert not settings.fusion.enabled_for(big - 1, needs_grad=False)
-        assert not settings.fusion.enabled_for(10 * big, needs_grad=True)
+        assert settings.fusion.enabled_for(big, needs_grad=False, previous_calls=after)
+        assert not settings.fusion.enabled_for(big, needs_grad=False, previous_calls=after - 1)
+        assert not settings.fusion.enabled_for(big - 1, needs_grad=False, previous_calls=after)
+        assert not settings.fusion.enabled_for(10 * big, needs_grad=True, previous_calls=after)
     with settings.fusion(True):
         assert settings.fusion.enabled_for(1, needs_grad=True)
     with settings.fusion(False):
         assert not settings.fusion.enabled_for(10 * big, needs_grad=False)
+
+
+def test_auto_compiles_from_the_third_large_evaluation_of_a_network(traced_only, monkeypatch):
+    monkeypatch.setattr(settings, "FUSION_MIN_ELEMENTS", 100)
+    net, other = L.mlp(1, "relu"), L.mlp(1, "erf")
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), settings.fusion("auto"):
+        for _ in range(settings.FUSION_AFTER_CALLS):
+            _both(net, x)  # one NNGP and one NTK evaluation each time: counted separately
+        assert dense._compiled_kernels is None
+        _both(other, x)  # another network has its own count
+        assert dense._compiled_kernels is None
+        fused = _both(net, x)
+        assert dense._compiled_kernels is not None
+    with settings.fusion(False):
+        for a, b in zip(_both(net, x), fused):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_small_evaluations_do_not_compile(fresh_compiler):

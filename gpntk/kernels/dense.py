@@ -79,23 +79,32 @@ def _kernels(
 
 _compiled_kernels = None
 _compile_failed = False
+#: large evaluations seen so far per configuration (net, dtype, device, NTK or not), for fusion "auto"
+_large_calls: dict[tuple, int] = {}
 #: the torch.compile backend (tests use "aot_eager" to check tracing without C++ compilation)
 _COMPILE_BACKEND = "inductor"
 
 
-def _fused(elements: int, needs_grad: bool, spatial: bool):
-    """``_kernels``, compiled by :func:`torch.compile` when :class:`gpntk.settings.fusion` asks for it.
+def _use_fusion(
+    net: Layer, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor], input_shape, track_ntk: bool, elements: int
+) -> bool:
+    """Whether this evaluation runs compiled (:class:`gpntk.settings.fusion`); counts large evaluations.
 
     Spatial architectures always run eagerly: their recursion (window sums, layouts) takes minutes
     to trace and compile, and its cost is dominated by the spatial maps rather than by chains of
     elementwise passes.
     """
-    global _compiled_kernels
-    if _compile_failed or spatial or not settings.fusion.enabled_for(elements, needs_grad):
-        return _kernels
-    if _compiled_kernels is None:
-        _compiled_kernels = torch.compile(_kernels, dynamic=True, backend=_COMPILE_BACKEND)
-    return _compiled_kernels
+    if _compile_failed or (input_shape is not None and len(input_shape) >= 2):
+        return False
+    needs_grad = torch.is_grad_enabled() and (
+        x1.requires_grad or x2.requires_grad or any(h.requires_grad for h in hyper.values())
+    )
+    previous = 0
+    if elements >= settings.FUSION_MIN_ELEMENTS:
+        key = (id(net), x1.dtype, x1.device, track_ntk)
+        previous = _large_calls.get(key, 0)
+        _large_calls[key] = previous + 1
+    return settings.fusion.enabled_for(elements, needs_grad, previous)
 
 
 def _recursion(
@@ -106,20 +115,17 @@ def _recursion(
     input_shape: Sequence[int] | None,
     track_ntk: bool,
     diag: bool = False,
-    elements: int = 0,
+    fused: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """One block's kernels; compiled when the whole evaluation (``elements`` numbers) is large enough."""
-    global _compile_failed
+    """One block's kernels, through the compiled function when ``fused``."""
+    global _compiled_kernels, _compile_failed
     same = diag or same_inputs(x1, x2)
-    needs_grad = torch.is_grad_enabled() and (
-        x1.requires_grad or x2.requires_grad or any(h.requires_grad for h in hyper.values())
-    )
-    spatial = input_shape is not None and len(input_shape) >= 2
-    function = _fused(elements, needs_grad, spatial)
-    if function is _kernels:
+    if not fused or _compile_failed:
         return _kernels(net, x1, x2, hyper, input_shape, track_ntk, same, diag)
+    if _compiled_kernels is None:
+        _compiled_kernels = torch.compile(_kernels, dynamic=True, backend=_COMPILE_BACKEND)
     try:
-        return function(net, x1, x2, hyper, input_shape, track_ntk, same, diag)
+        return _compiled_kernels(net, x1, x2, hyper, input_shape, track_ntk, same, diag)
     except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to eager, once
         _compile_failed = True
         warnings.warn(
@@ -151,8 +157,9 @@ def evaluate(
     per_pair = input_layout(net, input_shape).elements_per_pair * math.prod(batch)
     n1, n2 = x1.shape[-2], x2.shape[-2]
     elements = n1 * n2 * per_pair
+    fused = _use_fusion(net, x1, x2, hyper, input_shape, track_ntk, elements)
     if elements <= budget:
-        return _recursion(net, x1, x2, hyper, input_shape, track_ntk, elements=elements)
+        return _recursion(net, x1, x2, hyper, input_shape, track_ntk, fused=fused)
     symmetric = same_inputs(x1, x2)
     if symmetric or n2 * per_pair > budget:
         size = max(1, math.isqrt(max(budget // per_pair, 1)))
@@ -166,7 +173,7 @@ def evaluate(
                 continue
             a = x1[..., r, :]
             b = a if (symmetric and i == j and x2 is x1) else x2[..., c, :]
-            for which, block in enumerate(_recursion(net, a, b, hyper, input_shape, track_ntk, elements=elements)):
+            for which, block in enumerate(_recursion(net, a, b, hyper, input_shape, track_ntk, fused=fused)):
                 if block is None:
                     continue
                 if outputs[which] is None:
