@@ -82,6 +82,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _memory import peak_rss_kib, reset_peak_rss, status_kib
+
 DEFAULT_NT_PYTHON = "/work/main/.venv-nt/bin/python"
 MEASUREMENTS = ("gpntk", "gpntk-eager", "gpntk-nngp", "nt", "nt-nngp", "botorch", "matmul")
 WORKER_OF = {"gpntk": "gpntk", "gpntk-eager": "gpntk", "gpntk-nngp": "gpntk", "nt": "nt", "nt-nngp": "nt",
@@ -95,36 +97,6 @@ OUTPUTS = {"gpntk": ("nngp", "ntk"), "gpntk-eager": ("nngp", "ntk"), "gpntk-nngp
 
 # ---------------------------------------------------------------------------------------------
 # memory helpers (Linux)
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_kib() -> int:
-    hwm = _status_kib("VmHWM")
-    if hwm is None:
-        import resource
-
-        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return hwm
-
-
 class Measurement:
     """Warm-up call, then ``repeats`` timed calls of ``fn``; peak RSS of each phase."""
 
@@ -132,15 +104,15 @@ class Measurement:
         self.fn, self.block, self.repeats = fn, block, repeats
 
     def run(self) -> tuple[object, dict]:
-        reset_ok = _reset_peak_rss()
-        base_first = _status_kib("VmRSS") or 0
+        reset_ok = reset_peak_rss()
+        base_first = status_kib("VmRSS") or 0
         c0, t0 = time.process_time(), time.perf_counter()
         out = self.block(self.fn())
         first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
-        peak_first = _peak_rss_kib()
+        peak_first = peak_rss_kib()
         out = None
-        reset_ok = _reset_peak_rss() and reset_ok
-        base = _status_kib("VmRSS") or 0
+        reset_ok = reset_peak_rss() and reset_ok
+        base = status_kib("VmRSS") or 0
         wall, cpu = [], []
         for _ in range(self.repeats):
             out = None  # free the previous call's kernels before the next call
@@ -148,7 +120,7 @@ class Measurement:
             out = self.block(self.fn())
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-        peak = _peak_rss_kib()
+        peak = peak_rss_kib()
         return out, {
             "first": first, "first_cpu": first_cpu, "wall": wall, "cpu": cpu,
             "first_peak_kib": peak_first - base_first, "peak_kib": peak - base, "base_kib": base,

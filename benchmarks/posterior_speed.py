@@ -60,7 +60,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -71,6 +70,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _memory import peak_rss_kib, reset_peak_rss, status_kib
+
 DEFAULT_NT_PYTHON = "/work/main/.venv-nt/bin/python"
 INSTALL_HINT = "bash /work/shared/tools/install-neural-tangents.sh /work/main/.venv-nt"
 LIBS = ("gpntk", "gpntk-nograd", "nt")
@@ -79,32 +80,6 @@ LABELS = {"gpntk": "gpntk", "gpntk-nograd": "gpntk (no_grad)", "nt": "Neural Tan
 
 # ---------------------------------------------------------------------------------------------
 # memory helpers (Linux)
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_kib(reset_ok: bool) -> int:
-    hwm = _status_kib("VmHWM") if reset_ok else None
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 # ---------------------------------------------------------------------------------------------
 # workers
 def _median(values: list[float]) -> float:
@@ -134,8 +109,8 @@ def worker_gpntk(args) -> dict:
     no_grad = args.worker == "gpntk-nograd"
     grad_ctx = torch.no_grad if no_grad else torch.enable_grad
 
-    baseline = _status_kib("VmRSS") or 0
-    reset_ok = _reset_peak_rss()
+    baseline = status_kib("VmRSS") or 0
+    reset_ok = reset_peak_rss()
 
     cpu: list[float] = []
 
@@ -165,7 +140,7 @@ def worker_gpntk(args) -> dict:
             if i + 1 < args.repeats:
                 del mean, cov
         caught += [f"{rec.category.__name__}: {rec.message}" for rec in w]
-    peak = _peak_rss_kib(reset_ok)
+    peak = peak_rss_kib(reset_ok)
 
     # eigh alone, on the training kernel that drives the dynamics in this regime
     with torch.no_grad():
@@ -255,8 +230,8 @@ def worker_nt(args) -> dict:
         calls.append(key(x1, x2, get, kwargs))
         return kfn(x1, x2, get)
 
-    baseline = _status_kib("VmRSS") or 0
-    reset_ok = _reset_peak_rss()
+    baseline = status_kib("VmRSS") or 0
+    reset_ok = reset_peak_rss()
 
     cpu: list[float] = []
     last_cache: dict = {}
@@ -299,7 +274,7 @@ def worker_nt(args) -> dict:
             if i + 1 < args.repeats:
                 del out
         caught += [f"{rec.category.__name__}: {rec.message}" for rec in w]
-    peak = _peak_rss_kib(reset_ok)
+    peak = peak_rss_kib(reset_ok)
 
     k_dd = kfn(x, None, args.regime)
     dyn = k_dd + args.diag_reg * jnp.eye(x.shape[0], dtype=x.dtype)

@@ -184,3 +184,25 @@ class PosteriorAgreementTests:
         print(f"\n{regime} T={first[0]}: rms(d) width {self.small_width} / width {self.width} = {ratio:.2f} "
               f"(1/sqrt(width): {expected:.0f})")
         assert 0.75 * expected < ratio < 1.35 * expected
+
+
+def check_plain_training(model, f0: Tensor, trained: Tensor, train_x: Tensor, train_y: Tensor, eval_x: Tensor,
+                         learning_rate: float, steps: int, n_trainable: int) -> Tensor:
+    """Train one ``nn.Module`` by plain autograd gradient descent on ``1/(2nk)·‖f(X) − Y‖²`` and check
+    its initial and final outputs on ``eval_x`` against ``f0`` and ``trained`` (a batched scheme's)."""
+    n, k = train_y.shape
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == n_trainable
+    with torch.no_grad():
+        torch.testing.assert_close(model(eval_x), f0)
+    for _ in range(steps):
+        model.zero_grad()
+        loss = (model(train_x) - train_y).square().sum() / (2 * n * k)
+        loss.backward()
+        with torch.no_grad():
+            for p in params:
+                p -= learning_rate * p.grad
+    with torch.no_grad():
+        final = model(eval_x)
+    torch.testing.assert_close(final, trained)
+    return final

@@ -62,7 +62,7 @@ from torch import nn
 from gpntk import layers as L
 from gpntk.finite import ElementwiseActivation, NTKLinear
 
-from _ensemble_study import PosteriorAgreementTests, run_study
+from _ensemble_study import PosteriorAgreementTests, check_plain_training, run_study
 
 N_NETWORKS = 400
 WIDTH = 1024
@@ -228,19 +228,7 @@ def test_batched_training_equals_plain_training_of_one_network():
         f0, out = train_ensemble(arch[regime], train_x, train_y, eval_x, n_networks=3, width=width,
                                  learning_rate=lr, steps=(steps,), seed=7, chunk=3, dtype=torch.float64)
         gen = torch.Generator().manual_seed(7)
-        n, k = train_y.shape
         for i in range(3):
-            model = arch[regime].finite(width, in_features=D, out_features=k, generator=gen).double()
-            params = [p for p in model.parameters() if p.requires_grad]
-            assert len(params) == (4 if regime == "ntk" else 2)
-            with torch.no_grad():
-                torch.testing.assert_close(model(eval_x), f0[i])
-            for _ in range(steps):
-                model.zero_grad()
-                loss = (model(train_x) - train_y).square().sum() / (2 * n * k)
-                loss.backward()
-                with torch.no_grad():
-                    for p in params:
-                        p -= lr * p.grad
-            with torch.no_grad():
-                torch.testing.assert_close(model(eval_x), out[steps][i])
+            model = arch[regime].finite(width, in_features=D, out_features=train_y.shape[1], generator=gen).double()
+            check_plain_training(model, f0[i], out[steps][i], train_x, train_y, eval_x, lr, steps,
+                                 n_trainable=4 if regime == "ntk" else 2)

@@ -68,7 +68,7 @@ from gpntk import layers as L
 from gpntk.finite import NTKConv, NTKLinear
 from gpntk.kernels.dense import nngp_and_ntk
 
-from _ensemble_study import PosteriorAgreementTests, run_study
+from _ensemble_study import PosteriorAgreementTests, check_plain_training, run_study
 
 N_NETWORKS = 400
 WIDTH = 256  # channels of the hidden convolution
@@ -290,18 +290,6 @@ def test_batched_training_equals_plain_training_of_one_network():
         gen = torch.Generator().manual_seed(7)
         for i in range(n_networks):
             model = arch[regime].finite(width, input_shape=INPUT_SHAPE, out_features=k, generator=gen).double()
-            params = [p for p in model.parameters() if p.requires_grad]
-            assert len(params) == (4 if regime == "ntk" else 2)
-            with torch.no_grad():
-                torch.testing.assert_close(model(eval_x), f0[i])
-            for _ in range(steps):
-                model.zero_grad()
-                loss = (model(train_x) - train_y).square().sum() / (2 * n * k)
-                loss.backward()
-                with torch.no_grad():
-                    for p in params:
-                        p -= lr * p.grad
-            with torch.no_grad():
-                trained = model(eval_x)
-                torch.testing.assert_close(trained, out[steps][i])
-                assert (trained - f0[i]).abs().max() > 0.1  # training moved the outputs
+            trained = check_plain_training(model, f0[i], out[steps][i], train_x, train_y, eval_x, lr, steps,
+                                           n_trainable=4 if regime == "ntk" else 2)
+            assert (trained - f0[i]).abs().max() > 0.1  # training moved the outputs
