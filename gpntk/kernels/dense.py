@@ -68,7 +68,10 @@ def _kernels(
     same: bool,
     diag: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """``(Σ, Θ or None)`` of one block: the input kernel and every layer's map (compilable: no data-dependent branch)."""
+    """``(Σ, Θ or None)`` of one block: the input kernel and every layer's map.
+
+    ``same``: ``x1`` and ``x2`` are the same points. No data-dependent branch, so it compiles.
+    """
     layout = input_layout(net, input_shape)
     state = KernelState.from_inputs(
         x1, x2, diag=diag, same_inputs=same, track_ntk=track_ntk, input_shape=input_shape, full=layout.full
@@ -107,25 +110,15 @@ def _use_fusion(
     return settings.fusion.enabled_for(elements, needs_grad, previous)
 
 
-def _recursion(
-    net: Layer,
-    x1: Tensor,
-    x2: Tensor,
-    hyper: dict[str, Tensor],
-    input_shape: Sequence[int] | None,
-    track_ntk: bool,
-    diag: bool = False,
-    fused: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """One block's kernels, through the compiled function when ``fused``."""
+def _recursion(*args, fused: bool) -> tuple[Tensor, Tensor | None]:
+    """One block's kernels, ``_kernels(*args)``, through the compiled function when ``fused``."""
     global _compiled_kernels, _compile_failed
-    same = diag or same_inputs(x1, x2)
     if not fused or _compile_failed:
-        return _kernels(net, x1, x2, hyper, input_shape, track_ntk, same, diag)
+        return _kernels(*args)
     if _compiled_kernels is None:
         _compiled_kernels = torch.compile(_kernels, dynamic=True, backend=_COMPILE_BACKEND)
     try:
-        return _compiled_kernels(net, x1, x2, hyper, input_shape, track_ntk, same, diag)
+        return _compiled_kernels(*args)
     except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to eager, once
         _compile_failed = True
         warnings.warn(
@@ -134,7 +127,7 @@ def _recursion(
             RuntimeWarning,
             stacklevel=2,
         )
-        return _kernels(net, x1, x2, hyper, input_shape, track_ntk, same, diag)
+        return _kernels(*args)
 
 
 def _blocks(n: int, size: int) -> list[slice]:
@@ -158,9 +151,9 @@ def evaluate(
     n1, n2 = x1.shape[-2], x2.shape[-2]
     elements = n1 * n2 * per_pair
     fused = _use_fusion(net, x1, x2, hyper, input_shape, track_ntk, elements)
-    if elements <= budget:
-        return _recursion(net, x1, x2, hyper, input_shape, track_ntk, fused=fused)
     symmetric = same_inputs(x1, x2)
+    if elements <= budget:
+        return _recursion(net, x1, x2, hyper, input_shape, track_ntk, symmetric, False, fused=fused)
     if symmetric or n2 * per_pair > budget:
         size = max(1, math.isqrt(max(budget // per_pair, 1)))
         rows, cols = _blocks(n1, size), _blocks(n2, size)
@@ -173,7 +166,9 @@ def evaluate(
                 continue
             a = x1[..., r, :]
             b = a if (symmetric and i == j and x2 is x1) else x2[..., c, :]
-            for which, block in enumerate(_recursion(net, a, b, hyper, input_shape, track_ntk, fused=fused)):
+            same = symmetric and i == j  # a block on the diagonal of K(X, X): the same points
+            blocks = _recursion(net, a, b, hyper, input_shape, track_ntk, same, False, fused=fused)
+            for which, block in enumerate(blocks):
                 if block is None:
                     continue
                 if outputs[which] is None:
@@ -236,12 +231,14 @@ def kernel_diagonal(
         a = x1[..., chunk, :]
         b = a if x2 is x1 else x2[..., chunk, :]
         if same:
-            cov, ntk = _recursion(net, a, b, hyper, input_shape, track_ntk, diag=True)
+            cov, ntk = _recursion(net, a, b, hyper, input_shape, track_ntk, True, True, fused=False)
             out = (cov if output == "nngp" else ntk).squeeze(-1)
         else:
             # every pair (x1_i, x2_i) as its own 1 x 1 kernel, with the point index as a batch dimension
             point_hyper = {name: value.unsqueeze(-3) for name, value in hyper.items()}
-            cov, ntk = _recursion(net, a.unsqueeze(-2), b.unsqueeze(-2), point_hyper, input_shape, track_ntk)
+            cov, ntk = _recursion(
+                net, a.unsqueeze(-2), b.unsqueeze(-2), point_hyper, input_shape, track_ntk, False, False, fused=False
+            )
             out = (cov if output == "nngp" else ntk)[..., 0, 0]
         parts.append(out)
     out = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
