@@ -13,27 +13,73 @@ predictions over many test sets, benchmarks); a one-off evaluation never compile
 kernels). Fusion applies to fully-connected architectures
 (vector inputs); spatial ones always run eagerly.
 
+``kernel_backend``: whether kernel matrices are stored (dense) or matrix-free (blockwise, KeOps),
+for conjugate-gradient GPs and large-n posteriors.
+
 >>> import gpntk
 >>> with gpntk.settings.fusion(False):   # never compile (e.g. in short scripts)
+...     pass
+>>> with gpntk.settings.kernel_backend("blockwise"):   # never store an n x n kernel
 ...     pass
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["fusion", "FUSION_MIN_ELEMENTS", "FUSION_AFTER_CALLS"]
+__all__ = ["fusion", "kernel_backend", "FUSION_MIN_ELEMENTS", "FUSION_AFTER_CALLS", "DENSE_MAX_ELEMENTS"]
 
 #: under ``fusion("auto")``, evaluations of at least this many numbers (pairs x per-pair entries) compile
 FUSION_MIN_ELEMENTS = 2**23
 #: ... once this many such evaluations of the same network (dtype, device, NNGP/NTK) have run eagerly
 FUSION_AFTER_CALLS = 2
+#: under ``kernel_backend("auto")``, kernel matrices of more numbers than this are not stored (512 MiB in float64)
+DENSE_MAX_ELEMENTS = 2**26
 
 Mode = Literal["auto"] | bool
+Backend = Literal["auto", "dense", "blockwise", "keops"]
 
 
-class fusion:
+class _Setting:
+    """A process-wide mode, settable for a ``with`` block or with :meth:`set` (like ``gpytorch.settings``)."""
+
+    _mode: Any
+    _name: str
+
+    def __init__(self, mode):
+        self._check(mode)
+        self.mode = mode
+        self._previous = None
+
+    @classmethod
+    def _valid(cls, mode) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def _check(cls, mode) -> None:
+        if not cls._valid(mode):
+            raise ValueError(f"{cls._name} mode must be {cls._choices}, got {mode!r}")
+
+    @classmethod
+    def current(cls):
+        return cls._mode
+
+    @classmethod
+    def set(cls, mode) -> None:
+        cls._check(mode)
+        cls._mode = mode
+
+    def __enter__(self):
+        self._previous = type(self)._mode
+        type(self)._mode = self.mode
+        return self
+
+    def __exit__(self, *exc) -> None:
+        type(self)._mode = self._previous
+
+
+class fusion(_Setting):
     """``fusion(mode)``: ``"auto"`` (default: compile large evaluations without gradients), ``True`` or ``False``.
 
     Use as a context manager, or call :meth:`set` for the rest of the process. The environment
@@ -42,26 +88,12 @@ class fusion:
     eagerly from then on; results never depend on the mode beyond floating-point rounding.
     """
 
+    _name, _choices = "fusion", "'auto', True or False"
     _mode: Mode = {"0": False, "1": True}.get(os.environ.get("GPNTK_FUSION", ""), "auto")
 
-    def __init__(self, mode: Mode):
-        self._check(mode)
-        self.mode = mode
-        self._previous: Mode | None = None
-
-    @staticmethod
-    def _check(mode) -> None:
-        if not (isinstance(mode, bool) or (isinstance(mode, str) and mode == "auto")):
-            raise ValueError(f"fusion mode must be 'auto', True or False, got {mode!r}")
-
     @classmethod
-    def current(cls) -> Mode:
-        return cls._mode
-
-    @classmethod
-    def set(cls, mode: Mode) -> None:
-        cls._check(mode)
-        cls._mode = mode
+    def _valid(cls, mode) -> bool:
+        return isinstance(mode, bool) or (isinstance(mode, str) and mode == "auto")
 
     @classmethod
     def enabled_for(cls, elements: int, needs_grad: bool, previous_calls: int = FUSION_AFTER_CALLS) -> bool:
@@ -77,10 +109,32 @@ class fusion:
             and previous_calls >= FUSION_AFTER_CALLS
         )
 
-    def __enter__(self) -> "fusion":
-        self._previous = fusion._mode
-        fusion._mode = self.mode
-        return self
 
-    def __exit__(self, *exc) -> None:
-        fusion._mode = self._previous
+class kernel_backend(_Setting):
+    r"""How kernel matrices are represented: ``"auto"`` (default), ``"dense"``, ``"blockwise"`` or ``"keops"``.
+
+    * ``"dense"``: the matrix is computed once (in blocks) and stored; products are plain matmuls.
+    * ``"blockwise"``: matrix-free (:class:`gpntk.kernels.blockwise.BlockwiseKernelOperator`):
+      every product recomputes the kernel block by block, memory :math:`O(n)`; for every
+      architecture, on CPU and GPU.
+    * ``"keops"``: matrix-free through a pykeops formula (:mod:`gpntk.kernels.keops`); fully
+      connected architectures with closed-form activations; needs the ``keops`` extra.
+    * ``"auto"``: dense while the matrix holds at most :data:`DENSE_MAX_ELEMENTS` numbers or
+      GPyTorch would factorize it anyway (at most ``gpytorch.settings.max_cholesky_size`` rows
+      and columns) — a stored matrix makes each conjugate-gradient iteration a cheap matmul
+      instead of a whole kernel evaluation; beyond that matrix-free: KeOps on CUDA when the
+      architecture supports it and pykeops is installed, blockwise otherwise.
+
+    Matrices with a single row or column are always dense. ``NTKKernel(net, backend=...)`` sets
+    the backend of one kernel; the environment variable ``GPNTK_KERNEL_BACKEND`` the initial mode.
+    """
+
+    _name, _choices = "kernel_backend", "'auto', 'dense', 'blockwise' or 'keops'"
+    _mode: Backend = os.environ.get("GPNTK_KERNEL_BACKEND", "auto")  # type: ignore[assignment]
+
+    @classmethod
+    def _valid(cls, mode) -> bool:
+        return isinstance(mode, str) and mode in ("auto", "dense", "blockwise", "keops")
+
+
+kernel_backend._check(kernel_backend._mode)  # a bad GPNTK_KERNEL_BACKEND fails at import, naming the choices

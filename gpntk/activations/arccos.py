@@ -111,7 +111,7 @@ def arccos_j(rho: Tensor, p: int) -> Tensor:
 
 
 class _ArcCosJ1J0(torch.autograd.Function):
-    """``(J_1, J_0)`` from one arccos, with :math:`J_1' = J_0` and :math:`J_0' = 1/\sqrt{1-\rho^2}`."""
+    r"""``(J_1, J_0)`` from one arccos, with :math:`J_1' = J_0` and :math:`J_0' = 1/\sqrt{1-\rho^2}`."""
 
     @staticmethod
     def forward(ctx, rho: Tensor) -> tuple[Tensor, Tensor]:

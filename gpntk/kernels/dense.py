@@ -1,10 +1,9 @@
 r"""Dense evaluation of a network's kernels: run the layer recursion on whole matrices, or on blocks.
 
 This is the backend behind :class:`~gpntk.kernels.NTKKernel` and
-:class:`~gpntk.kernels.NNGPKernel` for matrices that fit in memory. :func:`covariance_function`
-is the module-level function that GPyTorch's ``KernelLinearOperator`` calls with the inputs and
-the hyperparameter tensors as arguments (it never closes over parameters, so batching, indexing
-and gradients follow GPyTorch's own machinery).
+:class:`~gpntk.kernels.NNGPKernel` for matrices that fit in memory (and the per-block engine of
+the matrix-free backend, :mod:`gpntk.kernels.blockwise`); :mod:`gpntk.kernels.backends` decides
+which one a kernel matrix gets.
 
 Kernels are computed in blocks of input pairs so that no intermediate tensor holds more than
 ``block_elements`` numbers (default :func:`default_block_elements`). Spatial architectures carry a
@@ -31,7 +30,7 @@ from ..spatial import Layout
 from ..state import KernelState
 
 __all__ = [
-    "covariance_function", "kernel_diagonal", "nngp_and_ntk", "same_inputs", "input_layout",
+    "evaluate", "kernel_diagonal", "nngp_and_ntk", "same_inputs", "input_layout",
     "default_block_elements",
 ]
 
@@ -134,6 +133,35 @@ def _blocks(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def block_plan(
+    n1: int, n2: int, per_pair: int, budget: int, symmetric: bool, mirror: bool = True
+) -> list[tuple[slice, slice, bool, bool]]:
+    """The blocks ``(rows, cols, on_diagonal, mirrored)`` that cover an ``n1 x n2`` kernel.
+
+    Each block holds at most ``budget`` numbers (``per_pair`` per pair of inputs). For a
+    ``symmetric`` kernel K(X, X) the blocks are squares and ``on_diagonal`` blocks pair the same
+    points; with ``mirror`` only blocks on and above the diagonal are listed, the ``mirrored``
+    ones standing for their transpose below it too. Otherwise, when a whole row fits, blocks are
+    full-width row bands.
+    """
+    if symmetric or n2 * per_pair > budget:
+        size = max(1, math.isqrt(max(budget // per_pair, 1)))
+        rows, cols = _blocks(n1, size), _blocks(n2, size)
+    else:
+        rows, cols = _blocks(n1, max(1, budget // (n2 * per_pair))), [slice(0, n2)]
+    return [
+        (r, c, symmetric and i == j, symmetric and mirror and j > i)
+        for i, r in enumerate(rows)
+        for j, c in enumerate(cols)
+        if not (symmetric and mirror and j < i)
+    ]
+
+
+def batch_shape_of(x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> torch.Size:
+    """The broadcast batch shape of the inputs and the hyperparameters."""
+    return torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(h.shape[:-2] for h in hyper.values()))
+
+
 def evaluate(
     net: Layer,
     x1: Tensor,
@@ -146,61 +174,27 @@ def evaluate(
 ) -> tuple[Tensor, Tensor | None]:
     r"""``(Σ(x1, x2), Θ(x1, x2) or None)``, ``(..., n1, n2)`` each, in blocks where needed."""
     budget = default_block_elements(x1.device) if block_elements is None else block_elements
-    batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(h.shape[:-2] for h in hyper.values()))
-    per_pair = input_layout(net, input_shape).elements_per_pair * math.prod(batch)
+    per_pair = input_layout(net, input_shape).elements_per_pair * math.prod(batch_shape_of(x1, x2, hyper))
     n1, n2 = x1.shape[-2], x2.shape[-2]
     elements = n1 * n2 * per_pair
     fused = _use_fusion(net, x1, x2, hyper, input_shape, track_ntk, elements)
     symmetric = same_inputs(x1, x2)
     if elements <= budget:
         return _recursion(net, x1, x2, hyper, input_shape, track_ntk, symmetric, False, fused=fused)
-    if symmetric or n2 * per_pair > budget:
-        size = max(1, math.isqrt(max(budget // per_pair, 1)))
-        rows, cols = _blocks(n1, size), _blocks(n2, size)
-    else:
-        rows, cols = _blocks(n1, max(1, budget // (n2 * per_pair))), [slice(0, n2)]
     outputs: list[Tensor | None] = [None, None]  # Σ and Θ, allocated at the first block
-    for i, r in enumerate(rows):
-        for j, c in enumerate(cols):
-            if symmetric and j < i:
+    for r, c, same, mirrored in block_plan(n1, n2, per_pair, budget, symmetric):
+        a = x1[..., r, :]
+        b = a if (same and x2 is x1) else x2[..., c, :]
+        blocks = _recursion(net, a, b, hyper, input_shape, track_ntk, same, False, fused=fused)
+        for which, block in enumerate(blocks):
+            if block is None:
                 continue
-            a = x1[..., r, :]
-            b = a if (symmetric and i == j and x2 is x1) else x2[..., c, :]
-            same = symmetric and i == j  # a block on the diagonal of K(X, X): the same points
-            blocks = _recursion(net, a, b, hyper, input_shape, track_ntk, same, False, fused=fused)
-            for which, block in enumerate(blocks):
-                if block is None:
-                    continue
-                if outputs[which] is None:
-                    outputs[which] = block.new_empty(*block.shape[:-2], n1, n2)
-                outputs[which][..., r, c] = block
-                if symmetric and j > i:
-                    outputs[which][..., c, r] = block.transpose(-1, -2)
+            if outputs[which] is None:
+                outputs[which] = block.new_empty(*block.shape[:-2], n1, n2)
+            outputs[which][..., r, c] = block
+            if mirrored:
+                outputs[which][..., c, r] = block.transpose(-1, -2)
     return outputs[0], outputs[1]
-
-
-def covariance_function(
-    x1: Tensor,
-    x2: Tensor,
-    *,
-    net: Layer,
-    output: Output,
-    input_shape: Sequence[int] | None = None,
-    block_elements: int | None = None,
-    **hyper: Tensor,
-) -> Tensor:
-    r"""The kernel matrix ``(..., n1, n2)`` between ``x1`` (..., n1, d) and ``x2`` (..., n2, d).
-
-    ``hyper`` holds the network's hyperparameter tensors (``(..., 1, 1)`` each) keyed as in
-    :class:`~gpntk.layers.base.Hyperparameters`; ``output`` picks the NTK :math:`\Theta` or the
-    NNGP :math:`\Sigma` of the readout; ``input_shape`` ``(C, *spatial)`` describes spatial inputs.
-    """
-    cov, ntk = evaluate(
-        net, x1, x2, hyper, input_shape=input_shape, track_ntk=output == "ntk", block_elements=block_elements
-    )
-    out = cov if output == "nngp" else ntk
-    batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(h.shape[:-2] for h in hyper.values()))
-    return out.expand(*batch, x1.shape[-2], x2.shape[-2])
 
 
 def kernel_diagonal(
@@ -220,7 +214,7 @@ def kernel_diagonal(
     ``x2``); otherwise each pair is evaluated on its own. Points are taken in chunks so that a
     spatial covariance of at most ``block_elements`` numbers is held at once.
     """
-    batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(h.shape[:-2] for h in hyper.values()))
+    batch = batch_shape_of(x1, x2, hyper)
     budget = default_block_elements(x1.device) if block_elements is None else block_elements
     per_point = input_layout(net, input_shape).elements_per_pair
     chunks = _blocks(x1.shape[-2], max(1, budget // per_point))

@@ -8,12 +8,13 @@ from typing import Sequence
 
 import torch
 from gpytorch.kernels import Kernel
-from linear_operator.operators import KernelLinearOperator
 from torch import Tensor
 
 from ..layers.base import Hyperparameters, Layer, check_network, parameterized_layers
 from ..validation import check_kernel_inputs, expanded_batch_shape
-from .dense import Output, covariance_function, kernel_diagonal
+from .. import settings
+from .backends import InfiniteWidthKernelOperator, covariance_function
+from .dense import Output, kernel_diagonal
 
 __all__ = ["InfiniteWidthKernel", "NTKKernel", "NNGPKernel"]
 
@@ -33,6 +34,11 @@ class InfiniteWidthKernel(Kernel):
         computed in blocks of input pairs of that size, so memory does not grow as
         :math:`n^2 P^2` for spatial architectures (default ``2**18`` on CPU, where small blocks
         are also faster, and ``2**25`` on GPU).
+    :param backend: how kernel matrices are represented: ``"dense"`` (stored), ``"blockwise"``
+        (matrix-free: every product recomputes the kernel block by block, memory :math:`O(n)`, for
+        conjugate-gradient GPs at large n), ``"keops"`` (matrix-free pykeops formula), ``"auto"``;
+        ``None`` (default) follows :class:`gpntk.settings.kernel_backend` (``"auto"``: dense while
+        it fits, see there).
     :param batch_shape: GPyTorch batch shape: every hyperparameter gets shape
         ``(*batch_shape, 1, 1)`` (e.g. one set per output of a BoTorch multi-output model).
     :param active_dims: as for any GPyTorch kernel.
@@ -53,6 +59,7 @@ class InfiniteWidthKernel(Kernel):
         batch_shape: torch.Size = torch.Size([]),
         active_dims: Sequence[int] | None = None,
         block_elements: int | None = None,
+        backend: settings.Backend | None = None,
         **kwargs,
     ):
         if not isinstance(net, Layer):
@@ -69,6 +76,15 @@ class InfiniteWidthKernel(Kernel):
             except (TypeError, ValueError):
                 raise ValueError(f"block_elements must be a positive integer, got {block_elements!r}") from None
         self.block_elements = block_elements
+        if backend is not None:
+            settings.kernel_backend._check(backend)
+            if backend == "keops":
+                from .backends import keops_unsupported_reason
+
+                reason = keops_unsupported_reason(net, self.input_shape)
+                if reason is not None:
+                    raise ValueError(f"backend='keops' cannot evaluate this kernel: {reason}")
+        self.backend = backend
         for layer in parameterized_layers(net):
             layer.expand_hyperparameters(self.batch_shape)
 
@@ -84,7 +100,9 @@ class InfiniteWidthKernel(Kernel):
         options = dict(net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements)
         if diag:
             return kernel_diagonal(x1, x2, hyper=hyper, **options)
-        return KernelLinearOperator(x1, x2, covar_func=covariance_function, **options, **hyper)
+        return InfiniteWidthKernelOperator(
+            x1, x2, covar_func=covariance_function, backend=self.backend, **options, **hyper
+        )
 
     # GPyTorch's Kernel only batches its own parameters; ours live in the layers of ``net``.
     def __getitem__(self, index) -> "InfiniteWidthKernel":

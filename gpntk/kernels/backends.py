@@ -1,0 +1,131 @@
+r"""Which representation a kernel matrix gets: dense, blockwise (matrix-free) or KeOps.
+
+:func:`covariance_function` is the module-level function GPyTorch's ``KernelLinearOperator``
+calls with the inputs and the hyperparameter tensors (it never closes over parameters, so
+batching, indexing and gradients follow GPyTorch's own machinery). It decides from the shapes it
+is given (:func:`choose_backend`, :class:`gpntk.settings.kernel_backend`) whether to return
+
+* a dense tensor (:mod:`gpntk.kernels.dense`), stored once, for matrices that fit;
+* a :class:`~gpntk.kernels.blockwise.BlockwiseKernelOperator`, whose products recompute the
+  kernel block by block (any architecture, memory :math:`O(n)`);
+* a pykeops ``LazyTensor`` (:mod:`gpntk.kernels.keops`), a symbolic matrix whose products are
+  KeOps reductions (fully-connected architectures with closed-form activations).
+
+:class:`InfiniteWidthKernelOperator` is the ``KernelLinearOperator`` the kernels return; its
+``to_dense`` evaluates the kernel directly instead of multiplying by an identity matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import gpytorch
+from linear_operator.operators import KernelLinearOperator
+from linear_operator.utils.memoize import cached
+from torch import Tensor
+
+from .. import settings
+from ..layers.base import Layer
+from .blockwise import BlockwiseKernelOperator
+from .dense import Output, batch_shape_of, evaluate, input_layout
+
+__all__ = ["covariance_function", "choose_backend", "InfiniteWidthKernelOperator"]
+
+
+def keops_available() -> bool:
+    """Whether pykeops can be imported (the ``keops`` extra)."""
+    try:
+        import pykeops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def keops_unsupported_reason(net: Layer, input_shape: Sequence[int] | None) -> str | None:
+    """``None`` when the KeOps backend can evaluate ``net``, else why not."""
+    if not keops_available():
+        return "pykeops is not installed (pip install 'gpntk[keops]')"
+    from .keops import keops_supported
+
+    return keops_supported(net, input_shape)
+
+
+def choose_backend(
+    net: Layer,
+    x1: Tensor,
+    x2: Tensor,
+    hyper: dict[str, Tensor],
+    input_shape: Sequence[int] | None,
+    backend: settings.Backend | None = None,
+) -> str:
+    """``"dense"``, ``"blockwise"`` or ``"keops"`` for the kernel between ``x1`` and ``x2``.
+
+    ``backend``: the kernel's own choice (``None``: :class:`gpntk.settings.kernel_backend`).
+    See :class:`gpntk.settings.kernel_backend` for the ``"auto"`` rule.
+    """
+    mode = settings.kernel_backend.current() if backend is None else backend
+    n1, n2 = x1.shape[-2], x2.shape[-2]
+    if mode == "dense" or min(n1, n2) <= 1:
+        return "dense"
+    if mode == "keops":
+        reason = keops_unsupported_reason(net, input_shape)
+        if reason is not None:
+            raise ValueError(f"the KeOps backend cannot evaluate this kernel: {reason}")
+        return "keops"
+    if mode == "blockwise":
+        return "blockwise"
+    elements = n1 * n2 * input_layout(net, input_shape).elements_per_pair * math.prod(batch_shape_of(x1, x2, hyper))
+    if elements <= settings.DENSE_MAX_ELEMENTS or max(n1, n2) <= gpytorch.settings.max_cholesky_size.value():
+        return "dense"
+    if x1.device.type == "cuda" and keops_unsupported_reason(net, input_shape) is None:
+        return "keops"
+    return "blockwise"
+
+
+def covariance_function(
+    x1: Tensor,
+    x2: Tensor,
+    *,
+    net: Layer,
+    output: Output,
+    input_shape: Sequence[int] | None = None,
+    block_elements: int | None = None,
+    backend: settings.Backend | None = None,
+    **hyper: Tensor,
+):
+    r"""The kernel matrix ``(..., n1, n2)`` between ``x1`` (..., n1, d) and ``x2`` (..., n2, d).
+
+    ``hyper`` holds the network's hyperparameter tensors (``(..., 1, 1)`` each) keyed as in
+    :class:`~gpntk.layers.base.Hyperparameters`; ``output`` picks the NTK :math:`\Theta` or the
+    NNGP :math:`\Sigma` of the readout; ``input_shape`` ``(C, *spatial)`` describes spatial inputs.
+    Returns a tensor, a :class:`~gpntk.kernels.blockwise.BlockwiseKernelOperator` or a pykeops
+    ``LazyTensor`` (:func:`choose_backend`); each supports ``@`` and gradients.
+    """
+    chosen = choose_backend(net, x1, x2, hyper, input_shape, backend)
+    if chosen == "blockwise":
+        return BlockwiseKernelOperator.from_hyperparameters(
+            x1, x2, hyper, net=net, output=output, input_shape=input_shape, block_elements=block_elements
+        )
+    if chosen == "keops":
+        from .keops import keops_covariance
+
+        return keops_covariance(x1, x2, net=net, output=output, hyper=hyper)
+    cov, ntk = evaluate(
+        net, x1, x2, hyper, input_shape=input_shape, track_ntk=output == "ntk", block_elements=block_elements
+    )
+    out = cov if output == "nngp" else ntk
+    return out.expand(*batch_shape_of(x1, x2, hyper), x1.shape[-2], x2.shape[-2])
+
+
+class InfiniteWidthKernelOperator(KernelLinearOperator):
+    """The lazy kernel matrix :class:`~gpntk.NTKKernel` and :class:`~gpntk.NNGPKernel` return.
+
+    A ``KernelLinearOperator`` over :func:`covariance_function`; :meth:`to_dense` evaluates the
+    kernel itself (dense backend) rather than multiplying the operator by an identity.
+    """
+
+    @cached
+    def to_dense(self) -> Tensor:
+        options = {**self.nontensor_params, "backend": "dense"}
+        return self.covar_func(self.x1, self.x2, **self.tensor_params, **options)
