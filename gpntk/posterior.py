@@ -33,12 +33,38 @@ ridgeless kernel regression and the variance vanishes at the training inputs.
 (:math:`G(X, X) + \text{diag\_reg}\, I`) and, where the prior is that same kernel, to
 :math:`P(X, X)` too (the conventions of Neural Tangents' ``gradient_descent_mse_ensemble``).
 
-Numerics: one symmetric eigendecomposition :math:`G = V \Lambda V^\top` per regime, cached, so
-any number of times costs only matrix products; the filter
+Numerics, ``solver="eigh"``: one symmetric eigendecomposition :math:`G = V \Lambda V^\top` per
+regime, cached, so any number of times costs only matrix products; the filter
 :math:`(1 - e^{-\tau\lambda})/\lambda = \tau\, \varphi_1(\tau\lambda)` is evaluated with
 ``expm1`` (exact for tiny and zero eigenvalues); negative round-off eigenvalues are clipped to
 zero; at :math:`t = \infty` eigenvalues below ``n·eps·λ_max`` are treated as zero (a
 pseudo-inverse) with a warning, instead of producing huge or NaN values.
+
+Numerics, ``solver="lanczos"`` (:mod:`gpntk.lanczos`; the default above :data:`EIGH_MAX_TRAIN`
+training points): the :math:`n \times n` training kernel is never formed, only products
+:math:`G(X, X)\, V` computed block by block (an injectable ``train_product``, by default
+:func:`gpntk.kernels.blockwise.kernel_matmul`), each a pass over the :math:`n^2` pairs, which is
+the cost. Every quantity is a matrix function of :math:`G` between vectors, for the filters
+:math:`g_t(\lambda) = (1 - e^{-\tau\lambda})/\lambda` and
+:math:`h_t = 2 g_t - \lambda g_t^2 = (1 - e^{-2\tau\lambda})/\lambda`:
+
+* the mean :math:`\mu_t = G(X_*, X)\, g_t(G)\, Y`: Lanczos from the columns of :math:`Y`,
+  with :math:`G(X_*, X)\, q_j` accumulated on the way (one pass);
+* when :math:`G = P`, the variances :math:`P(x, x) - b_x^\top h_t(G)\, b_x` with
+  :math:`b_x = G(X, x)` by Gauss quadrature, and the covariance
+  :math:`P(X_*, X_*) - G(X_*, X)\, h_t(G)\, G(X, X_*)` from the same projections (one pass);
+* when :math:`G \ne P` (``"ntk"``), :math:`W = g_t(G)\, G(X, X_*)` (two-pass Lanczos) and one
+  more product :math:`P(X, X)\, W`:
+  :math:`\Sigma_t = P_{**} - W^\top P(X, X_*) - P(X_*, X) W + W^\top P(X, X) W`.
+
+All columns (targets and test points) share one Lanczos run, one product with an ``(n, k + m)``
+block per step, and all times come from it (the tridiagonals do not depend on :math:`t`). The
+number of steps grows with :math:`\sqrt{\tau\lambda_{\max}}` at finite times and with
+:math:`\sqrt{\lambda_{\max}/\lambda_{\min}}` at :math:`t = \infty`, where ``diag_reg > 0``
+keeps it bounded (without a ridge :math:`1/\lambda` on a nearly singular kernel may not
+converge within ``max_iterations``). The test-by-train kernels are ``(m, n)`` dense matrices.
+Memory: :math:`O(n (k + m))` numbers times a small constant, plus at most
+:data:`LANCZOS_MEMORY_BYTES` of stored Lanczos vectors or projections.
 """
 
 from __future__ import annotations
@@ -46,22 +72,59 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
 from linear_operator.operators import DenseLinearOperator, IdentityLinearOperator, KroneckerProductLinearOperator
 from torch import Tensor
 
+from .kernels.blockwise import kernel_matmul
 from .kernels.dense import kernel_diagonal, nngp_and_ntk
 from .kernels.infinite_width import _check_input_shape
+from .lanczos import MatrixFunction, largest_eigenvalue, lanczos
 from .layers.base import Hyperparameters, Layer, check_network
 from .validation import check_inputs
 
-__all__ = ["TrainedEnsemble", "Regime"]
+__all__ = ["TrainedEnsemble", "Regime", "Solver", "TrainProduct", "EIGH_MAX_TRAIN"]
 
 Regime = Literal["ntk", "nngp", "ntkgp"]
 _REGIMES = ("ntk", "nngp", "ntkgp")
+Solver = Literal["auto", "eigh", "lanczos"]
+_SOLVERS = ("auto", "eigh", "lanczos")
+
+#: ``solver="auto"`` uses the eigendecomposition up to this many training points and Lanczos above.
+#: At n = 8000 the dense path holds a few n x n float64 matrices (0.5 GB each) and its
+#: eigendecomposition takes minutes on a laptop CPU, while a Lanczos step (one pass over the n^2
+#: kernel pairs) takes seconds; below, the dense path is faster unless t is small.
+EIGH_MAX_TRAIN = 8000
+#: memory (bytes) the Lanczos solver may spend beyond its O(n (k + m)) working blocks: Lanczos vectors
+#: kept for pass 2 (fewer replayed products), or the projections a full covariance is assembled from
+LANCZOS_MEMORY_BYTES = 2**30
+#: Rademacher probes of the Hutchinson estimate of tr Sigma_t(X, X) in ``train_loss`` (Lanczos solver)
+TRACE_PROBES = 64
+
+#: ``train_product(V, kinds)``: the products ``K_kind(X, X) @ V`` of the (unregularized) training
+#: kernels, ``V`` ``(n, c)``, one ``(n, c)`` tensor per kind in ``kinds`` (a subset of ``("nngp", "ntk")``)
+TrainProduct = Callable[[Tensor, Sequence[str]], Sequence[Tensor]]
+
+
+class _BlockwiseProduct:
+    """The default :data:`TrainProduct`: :func:`~gpntk.kernels.blockwise.kernel_matmul` on the training inputs.
+
+    The network's hyperparameters are read at the first product and then held as constants.
+    """
+
+    def __init__(self, net: Layer, train_x: Tensor, input_shape: tuple[int, ...] | None):
+        self.net, self.x, self.input_shape = net, train_x, input_shape
+        self._hyper: dict[str, Tensor] | None = None
+
+    def __call__(self, rhs: Tensor, kinds: Sequence[str]) -> tuple[Tensor, ...]:
+        if self._hyper is None:
+            self._hyper = {k: v.detach() for k, v in Hyperparameters.collect(self.net, like=self.x).items()}
+        return kernel_matmul(
+            self.net, self.x, self.x, self._hyper, rhs, kinds=tuple(kinds), input_shape=self.input_shape
+        )
 
 
 @dataclass(frozen=True)
@@ -122,13 +185,28 @@ class TrainedEnsemble:
     :param diag_reg: absolute ridge added to the training kernel (0 for ridgeless).
     :param input_shape: ``(C, W)`` or ``(C, H, W)`` for spatial architectures (rows of the inputs
         hold channels-first tensors), as for :class:`~gpntk.NTKKernel`.
+    :param solver: ``"eigh"`` (an eigendecomposition of the :math:`n \times n` training kernel),
+        ``"lanczos"`` (matrix functions applied to vectors, the kernel never formed; see the
+        module docstring) or ``"auto"``: eigh up to :data:`EIGH_MAX_TRAIN` training points,
+        Lanczos above. The chosen one is ``self.solver``.
+    :param tolerance: Lanczos: stop when the estimated relative error of every result is at most
+        this (:func:`gpntk.lanczos.lanczos`: the change between checks five steps apart, enlarged
+        when convergence is slow); means are judged as vectors over the test points, variances
+        relative to themselves (floored at 1e-3 of the prior variance). Measured errors against
+        ``"eigh"`` are about this size or smaller.
+    :param max_iterations: Lanczos: the most products with the training kernel per solve; beyond,
+        a warning (raise it, or at :math:`t = \infty` use ``diag_reg > 0``).
+    :param train_product: Lanczos: how :math:`K(X, X)\, V` is computed (:data:`TrainProduct`);
+        default :func:`~gpntk.kernels.blockwise.kernel_matmul`, block by block. ``num_products``
+        counts its calls.
 
     ``post(test_x, t, regime)`` returns a GPyTorch ``MultivariateNormal`` for 1-D targets and a
     ``MultitaskMultivariateNormal`` (covariance :math:`\Sigma_t \otimes I_k`) for ``(n, k)``
     targets; ``t`` is a float, ``math.inf`` or a 1-D tensor of times, which adds a leading batch
     dimension. Kernels are evaluated in the dtype of ``train_x`` (float64 recommended) with the
     network's hyperparameters at construction time treated as constants: gradients flow to
-    ``test_x`` (e.g. for acquisition optimisation), not to the hyperparameters or training data.
+    ``test_x`` (e.g. for acquisition optimisation; ``solver="eigh"`` only), not to the
+    hyperparameters or training data.
     """
 
     def __init__(
@@ -139,6 +217,10 @@ class TrainedEnsemble:
         learning_rate: float = 1.0,
         diag_reg: float = 0.0,
         input_shape: tuple[int, ...] | None = None,
+        solver: Solver = "auto",
+        tolerance: float = 1e-8,
+        max_iterations: int = 1000,
+        train_product: TrainProduct | None = None,
     ):
         if not isinstance(net, Layer):
             raise TypeError(f"TrainedEnsemble needs an architecture built from gpntk.layers, got {type(net).__name__}")
@@ -166,6 +248,14 @@ class TrainedEnsemble:
         diag_reg = float(diag_reg)
         if not math.isfinite(diag_reg) or diag_reg < 0:
             raise ValueError(f"diag_reg must be non-negative and finite, got {diag_reg}")
+        if solver not in _SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(_SOLVERS)}")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+            raise ValueError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+        if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+            raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
+        if train_product is not None and not callable(train_product):
+            raise TypeError(f"train_product must be callable, got {type(train_product).__name__}")
         self.net = net
         self.train_x = train_x
         self._multi_output = train_y.dim() == 2
@@ -175,6 +265,17 @@ class TrainedEnsemble:
         self._train_kernels_cache = _KernelCache(net, train_x.detach(), None, self.input_shape)
         self._spectra: dict[str, _Spectrum] = {}
         self._test_cache: tuple[Tensor, _KernelCache, _KernelCache] | None = None
+        if solver == "auto":
+            solver = "lanczos" if train_x.shape[0] > EIGH_MAX_TRAIN else "eigh"
+        self.solver: Literal["eigh", "lanczos"] = solver
+        self.tolerance = float(tolerance)
+        self.max_iterations = max_iterations
+        if train_product is None:
+            train_product = _BlockwiseProduct(net, train_x.detach(), self.input_shape)
+        self._product = train_product
+        #: products with the training kernel so far (Lanczos solver), each a pass over its n^2 entries
+        self.num_products = 0
+        self._largest: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -200,7 +301,13 @@ class TrainedEnsemble:
     def _spectrum(self, regime: str) -> _Spectrum:
         if regime not in self._spectra:
             dynamics, prior = self._train_kernels(regime)
-            eigenvalues, eigenvectors = torch.linalg.eigh(dynamics)
+            # regimes with the same dynamics ("ntk", "ntkgp") share one eigendecomposition
+            kind = _REGIME_KERNELS[regime][0]
+            shared = next((s for r, s in self._spectra.items() if _REGIME_KERNELS[r][0] == kind), None)
+            if shared is not None:
+                eigenvalues, eigenvectors = shared.eigenvalues, shared.eigenvectors
+            else:
+                eigenvalues, eigenvectors = torch.linalg.eigh(dynamics)
             scale = eigenvalues[-1].clamp_min(torch.finfo(eigenvalues.dtype).tiny)
             if eigenvalues[0] < -1e-6 * scale:
                 warnings.warn(
@@ -230,12 +337,7 @@ class TrainedEnsemble:
                     RuntimeWarning,
                     stacklevel=4,
                 )
-            return torch.where(small, torch.zeros_like(lam), 1 / torch.where(small, torch.ones_like(lam), lam))
-        tau = t * self._time_scale()
-        z = tau * lam
-        # τ·φ1(z) with φ1(z) = (1 - e^{-z}) / z, φ1(0) = 1
-        phi1 = torch.where(z > 0, -torch.expm1(-z) / torch.where(z > 0, z, torch.ones_like(z)), torch.ones_like(z))
-        return tau * phi1
+        return _time_filter(lam, t * self._time_scale(), spectrum.rank_cutoff)
 
     def _test_kernels(self, test_x: Tensor) -> tuple[_KernelCache, _KernelCache]:
         """Lazily computed kernels (test, train) and (test, test), cached for the last ``test_x``."""
@@ -251,7 +353,8 @@ class TrainedEnsemble:
 
     def _prepare(self, test_x: Tensor, regime: str) -> None:
         """Compute (and cache) every kernel matrix ``moments(test_x, t, regime)`` needs (for timing)."""
-        self._train_kernels(regime)
+        if self.solver == "eigh":
+            self._train_kernels(regime)
         cross, test = self._test_kernels(test_x.to(self.train_x))
         dynamics, prior = _REGIME_KERNELS[regime]
         cross.get(dynamics), cross.get(prior), test.get(prior)
@@ -283,6 +386,17 @@ class TrainedEnsemble:
                 f"test_x has {test_x.shape[-1]} features but train_x has {self.train_x.shape[-1]}"
             )
         test_x = test_x.to(self.train_x)
+        if self.solver == "lanczos":
+            mean, cov = self._moments_lanczos(test_x, times, regime, covariance)
+        else:
+            mean, cov = self._moments_eigh(test_x, times, regime, covariance)
+        mean = mean if batched else mean[0]
+        if not self._multi_output:
+            mean = mean.squeeze(-1)
+        return mean, (None if cov is None else cov if batched else cov[0])
+
+    def _moments_eigh(self, test_x: Tensor, times: list[float], regime: str, covariance: str | None):
+        """``(mean (T, m, k), cov (T, m, m) / (T, m) / None)`` from the eigendecomposition of the training kernel."""
         spectrum = self._spectrum(regime)
         cross, test = self._test_kernels(test_x)
         dynamics, prior = _REGIME_KERNELS[regime]
@@ -316,12 +430,107 @@ class TrainedEnsemble:
                 cross_term = weighted @ prior_v.mT
                 cov = prior_tt - cross_term - cross_term.mT + weighted @ spectrum.prior_in_basis @ weighted.mT
             covs.append((cov + cov.mT) / 2)
-        mean = torch.stack(means) if batched else means[0]
-        if not self._multi_output:
-            mean = mean.squeeze(-1)
-        if covariance is None:
-            return mean, None
-        return mean, (torch.stack(covs) if batched else covs[0])
+        return torch.stack(means), (torch.stack(covs) if covs else None)
+
+    # --- the Lanczos solver -----------------------------------------------------------------
+    def _train_products(self, rhs: Tensor, kinds: tuple[str, ...]) -> tuple[Tensor, ...]:
+        """``K_kind(X, X) @ rhs`` for each kind, by ``train_product`` (counted in ``num_products``)."""
+        out = tuple(self._product(rhs, kinds))
+        self.num_products += 1
+        if len(out) != len(kinds) or any(o.shape != rhs.shape for o in out):
+            raise ValueError(
+                f"train_product returned shapes {[tuple(o.shape) for o in out]} for kinds {kinds}, "
+                f"expected {len(kinds)} of {tuple(rhs.shape)}"
+            )
+        return out
+
+    def _dynamics_operator(self, regime: str) -> Callable[[Tensor], Tensor]:
+        r""":math:`V \mapsto (G(X, X) + \text{diag\_reg}\, I)\, V` for the regime, by products."""
+        kind, reg = _REGIME_KERNELS[regime][0], self.diag_reg
+
+        def matmul(rhs: Tensor) -> Tensor:
+            (out,) = self._train_products(rhs, (kind,))
+            return out + reg * rhs if reg else out
+
+        return matmul
+
+    def _ritz_filters(
+        self, times: list[float], combine: Callable[[Tensor, Tensor], Tensor] | None = None
+    ) -> MatrixFunction:
+        r"""Ritz values :math:`\theta` ``(a, k)`` to ``(T, a, k)``: :math:`g_t(\theta)` per time, or ``combine(θ, g)``.
+
+        At :math:`t = \infty` Ritz values below ``n·eps·θ_max`` (per tridiagonal) count as zero (a
+        pseudo-inverse, as for the eigendecomposition).
+        """
+        scale, eps, n = self._time_scale(), torch.finfo(self.train_x.dtype).eps, self.num_train
+
+        def function(theta: Tensor) -> Tensor:
+            cutoff = n * eps * theta.amax(-1, keepdim=True) if theta.shape[-1] else 0.0
+            rows = []
+            for t in times:
+                g = _time_filter(theta, t * scale, cutoff)
+                rows.append(g if combine is None else combine(theta, g))
+            return torch.stack(rows)
+
+        return function
+
+    def _lanczos(self, matmul: Callable[[Tensor], Tensor], start: Tensor, functions, **options):
+        return lanczos(
+            matmul, start, functions, tolerance=self.tolerance, max_iterations=self.max_iterations, **options
+        )
+
+    def _moments_lanczos(self, test_x: Tensor, times: list[float], regime: str, covariance: str | None):
+        """``(mean (T, m, k), cov (T, m, m) / (T, m) / None)`` by Lanczos (see the module docstring)."""
+        if torch.is_grad_enabled() and test_x.requires_grad:
+            raise NotImplementedError(
+                "gradients with respect to test_x need solver='eigh'; the Lanczos solver computes values only"
+            )
+        cross, test = self._test_kernels(test_x)
+        dynamics, prior = _REGIME_KERNELS[regime]
+        same = dynamics == prior  # G = P: one pass; else W = g(G) G(X, X*) by two passes
+        with torch.no_grad():
+            dynamics_xt = cross.get(dynamics).mT  # G(X, X*), (n, m)
+            targets, (n, k), m = self.train_y, self.train_y.shape, dynamics_xt.shape[1]
+            matmul = self._dynamics_operator(regime)
+            g = self._ritz_filters(times)
+            if covariance is None:
+                run = self._lanczos(matmul, targets, g, left=dynamics_xt)
+                return run.projections(), None
+            itemsize = targets.element_size()
+            # G = P, full covariance: G(X*, X) h(G) G(X, X*) from projections if they fit, else pass 2
+            projections_fit = m * (k + m) * self.max_iterations * itemsize <= LANCZOS_MEMORY_BYTES
+            projected = covariance == "full" and same and projections_fit
+            second_pass = not same or (covariance == "full" and not projected)
+            h = self._ritz_filters(times, lambda theta, g: 2 * g - theta * g.square())
+            prior_tt = test.diagonal(prior) if covariance == "diag" else test.get(prior)
+            run = self._lanczos(
+                matmul,
+                torch.cat([targets, dynamics_xt], dim=-1),
+                [g] * k + [h if same else g] * m,
+                quadrature=[False] * k + [same and covariance == "diag"] * m,
+                # variances P(x, x) - b^T h(G) b converge relative to themselves, not to b^T h(G) b
+                reference=torch.cat([targets.new_zeros(k), prior_tt]) if same and covariance == "diag" else None,
+                left=dynamics_xt,
+                left_columns=range(k + m if projected else k),
+                keep_bytes=LANCZOS_MEMORY_BYTES if second_pass else 0,
+            )
+            projections = run.projections()  # (T, m, k [+ m])
+            mean = projections[..., :k]
+            if same and covariance == "diag":
+                return mean, prior_tt - run.quadratic_forms()[:, k:]
+            if same:
+                quadratic = projections[..., k:] if projected else dynamics_xt.mT @ run.apply(matmul)[..., k:]
+                cov = prior_tt - quadratic
+                return mean, (cov + cov.mT) / 2
+            weighted = run.apply(matmul)[..., k:]  # W = g(G) G(X, X*), (T, n, m)
+            prior_xt = cross.get(prior).mT  # P(X, X*), (n, m)
+            (prior_weighted,) = self._train_products(weighted.movedim(0, -2).reshape(n, -1), (prior,))
+            prior_weighted = prior_weighted.reshape(n, len(times), m).movedim(-2, 0)  # P(X, X) W
+            if covariance == "diag":
+                return mean, prior_tt - 2 * (weighted * prior_xt).sum(-2) + (weighted * prior_weighted).sum(-2)
+            cross_term = weighted.mT @ prior_xt
+            cov = prior_tt - cross_term - cross_term.mT + weighted.mT @ prior_weighted
+            return mean, (cov + cov.mT) / 2
 
     def __call__(
         self, test_x: Tensor, t: float | Tensor, regime: Regime = "ntk"
@@ -371,9 +580,22 @@ class TrainedEnsemble:
         :math:`\frac{1}{2nk}\lVert e^{-\tau G} Y\rVert^2`). The expected loss adds
         :math:`\frac{1}{2n}\operatorname{tr}\Sigma_t(X, X)`. Costs :math:`O(n)` per time once the
         regime's eigendecomposition exists. Returns a scalar tensor, or ``(T,)`` for a tensor of times.
+
+        With ``solver="lanczos"`` the loss of the mean is a Gauss quadrature
+        :math:`\sum_j y_j^\top r_t(G)^2 y_j`, :math:`r_t(\lambda) = 1 - (\lambda - \text{reg})\, g_t(\lambda)`,
+        and the trace is a Hutchinson estimate from :data:`TRACE_PROBES` seeded Rademacher probes
+        :math:`z` (:math:`z^\top \Sigma_t(X, X) z` by quadrature when :math:`G = P`, by two-pass
+        Lanczos and one more product otherwise), with the prior :math:`z^\top P(X, X) z`, whose
+        trace is known exactly (the per-point kernel), as a control variate: exact at
+        :math:`t = 0`, and otherwise of relative error about
+        :math:`\sqrt{2(1 - \rho^2)/\text{probes}}\,\lVert\Sigma_t\rVert_F / \operatorname{tr}\Sigma_t`
+        (:math:`\rho`: the correlation of the two quadratic forms over probes).
         """
         regime = _check_regime(regime)
         times, batched = _check_times(t)
+        if self.solver == "lanczos":
+            losses = self._train_loss_lanczos(times, regime, include_variance)
+            return losses if batched else losses[0]
         spectrum = self._spectrum(regime)
         lam = spectrum.eigenvalues
         unregularized = (lam - self.diag_reg).clamp_min(0)  # eigenvalues of G(X, X) itself
@@ -399,14 +621,96 @@ class TrainedEnsemble:
         network multiplies the residual by :math:`I - \eta G/(nk)` per step, which converges iff
         :math:`\eta < 2nk/\lambda_{\max}`.
         """
-        spectrum = self._spectrum(_check_regime(regime))
-        return 2 * self.num_train * self.num_outputs / spectrum.eigenvalues[-1].item()
+        regime = _check_regime(regime)
+        if self.solver == "lanczos":
+            if regime not in self._largest:
+                with torch.no_grad():
+                    self._largest[regime] = largest_eigenvalue(
+                        self._dynamics_operator(regime), self.num_train, dtype=self.train_x.dtype,
+                        device=self.train_x.device,
+                    )
+            largest = self._largest[regime]
+        else:
+            largest = self._spectrum(regime).eigenvalues[-1].item()
+        return 2 * self.num_train * self.num_outputs / largest
+
+    def _train_loss_lanczos(self, times: list[float], regime: str, include_variance: bool) -> Tensor:
+        """``train_loss`` for each time, ``(T,)``, by Lanczos (see :meth:`train_loss`)."""
+        dynamics, prior = _REGIME_KERNELS[regime]
+        same, reg = dynamics == prior, self.diag_reg
+        targets, (n, k) = self.train_y, self.train_y.shape
+
+        def residual(theta: Tensor, g: Tensor) -> Tensor:  # r = 1 - K g with K = G - reg I
+            return 1 - (theta - reg).clamp_min(0) * g
+
+        def variance(theta: Tensor, g: Tensor) -> Tensor:  # Σ_t(X, X) = K - K h(G) K when G = P
+            unregularized = (theta - reg).clamp_min(0)
+            return unregularized - unregularized.square() * (2 * g - theta * g.square())
+
+        squared = self._ritz_filters(times, lambda theta, g: residual(theta, g).square())
+        start, functions, quadrature = targets, [squared] * k, [True] * k
+        if include_variance:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+            probes = torch.randint(0, 2, (n, TRACE_PROBES), generator=generator).to(targets) * 2 - 1
+            start = torch.cat([targets, probes], dim=-1)
+            functions += [self._ritz_filters(times, variance if same else residual)] * TRACE_PROBES
+            quadrature += [same] * TRACE_PROBES
+        with torch.no_grad():
+            matmul = self._dynamics_operator(regime)
+            run = self._lanczos(
+                matmul, start, functions, quadrature=quadrature,
+                keep_bytes=LANCZOS_MEMORY_BYTES if include_variance and not same else 0,
+            )
+            forms = run.quadratic_forms()  # (T, k [+ probes])
+            loss = forms[:, :k].sum(-1)
+            if include_variance:
+                if same:  # z^T Σ_t z by quadrature; z^T K z = |z|^2 (α_0 - reg) from the first step
+                    samples = forms[:, k:]
+                    controls = run.norms[k:].square() * (run.alpha[0, k:] - reg)
+                else:  # z^T R P R z with R = r(G): R z by pass 2, then P [R z, z] in one product
+                    fitted = run.apply(matmul)[..., k:]  # (T, n, probes)
+                    columns = torch.cat([fitted.movedim(0, -2).reshape(n, -1), probes], dim=-1)
+                    (prior_columns,) = self._train_products(columns, (prior,))
+                    prior_fitted = prior_columns[:, : -TRACE_PROBES].reshape(n, len(times), TRACE_PROBES).movedim(-2, 0)
+                    samples = (fitted * prior_fitted).sum(-2)
+                    controls = (probes * prior_columns[:, -TRACE_PROBES:]).sum(-2)
+                trace = _control_variate_mean(samples, controls, self._train_kernels_cache.diagonal(prior).sum())
+                loss = loss + k * trace
+        return loss.clamp_min(0) / (2 * n * k)
 
     def __repr__(self) -> str:
         return (
             f"TrainedEnsemble({self.net!r}, n={self.num_train}, k={self.num_outputs}, "
-            f"learning_rate={self.learning_rate}, diag_reg={self.diag_reg})"
+            f"learning_rate={self.learning_rate}, diag_reg={self.diag_reg}, solver={self.solver!r})"
         )
+
+
+def _control_variate_mean(samples: Tensor, controls: Tensor, control_mean: Tensor) -> Tensor:
+    r"""The mean of ``samples`` ``(T, p)`` with ``controls`` ``(p,)`` of known mean as a control variate, ``(T,)``.
+
+    :math:`\bar a - c\,(\bar b - \mathbb E b)` with
+    :math:`c = \widehat{\operatorname{cov}}(a, b) / \widehat{\operatorname{var}}(b)`.
+    """
+    centred = controls - controls.mean()
+    variance = centred.square().sum()
+    if variance <= 0:
+        return samples.mean(-1)
+    slope = ((samples - samples.mean(-1, keepdim=True)) * centred).sum(-1) / variance
+    return samples.mean(-1) - slope * (controls.mean() - control_mean)
+
+
+def _time_filter(lam: Tensor, tau: float, cutoff: float | Tensor) -> Tensor:
+    r""":math:`g = (1 - e^{-\tau\lambda})/\lambda = \tau\,\varphi_1(\tau\lambda)` elementwise (``expm1``: exact near 0).
+
+    At :math:`\tau = \infty`, :math:`1/\lambda`, and 0 for :math:`\lambda \le` ``cutoff`` (a pseudo-inverse).
+    """
+    if math.isinf(tau):
+        small = lam <= cutoff
+        return torch.where(small, torch.zeros_like(lam), 1 / torch.where(small, torch.ones_like(lam), lam))
+    z = tau * lam
+    # τ·φ1(z) with φ1(z) = (1 - e^{-z}) / z, φ1(0) = 1
+    phi1 = torch.where(z > 0, -torch.expm1(-z) / torch.where(z > 0, z, torch.ones_like(z)), torch.ones_like(z))
+    return tau * phi1
 
 
 def _check_regime(regime: str) -> str:
