@@ -340,13 +340,13 @@ def test_compiled_formula_grows_linearly():
     import keopscore.formulas.GetReduction as reduction_module
     from keopscore.formulas.variables import Var
 
-    from gpntk.kernels import keops
+    from gpntk.kernels.keops.formula import _build, _plan
 
     counts, arccos = [], []
     for depth in range(1, 8):
         net = L.mlp(depth, "relu")
-        structure = keops._plan(net, list(Hyperparameters.collect(net)), "ntk").structure
-        formula = keops._build(structure, "matmul", D, 4)[1]
+        structure = _plan(net, list(Hyperparameters.collect(net)), "ntk").structure
+        formula = _build(structure, "matmul", D, 4)[1]
         aliases = {name: Var(position, dim, cat) for position, (name, cat, dim) in enumerate(formula.aliases)}
         formula = eval(formula.text, dict(vars(reduction_module)), aliases)  # as keopscore's parser does
         stack, nodes, acos = [formula], 0, 0
