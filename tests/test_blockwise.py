@@ -185,21 +185,23 @@ def test_backend_choice(monkeypatch):
     x, z = _inputs(1000, 3, 15), _inputs(5, 3, 16)
     hyper = Hyperparameters.collect(net, like=x)
     choose = backends.choose_backend
-    assert choose(net, x, x, hyper, None) == "dense"  # 10**6 numbers fit
-    monkeypatch.setattr(settings, "DENSE_MAX_ELEMENTS", 10_000)
-    assert choose(net, x, x, hyper, None) == "blockwise"  # CPU: KeOps only on CUDA under "auto"
-    assert choose(net, x, z, hyper, None) == "dense"  # GPyTorch factorizes at most max_cholesky_size
-    with gpytorch.settings.max_cholesky_size(2000):
-        assert choose(net, x, x, hyper, None) == "dense"
-    with settings.kernel_backend("dense"):
-        assert choose(net, x, x, hyper, None) == "dense"
-        assert choose(net, x, x, hyper, None, backend="blockwise") == "blockwise"  # the kernel's own choice wins
-    monkeypatch.setattr(settings, "DENSE_MAX_ELEMENTS", 2**26)
-    with settings.kernel_backend("blockwise"):
-        assert choose(net, x, x, hyper, None) == "blockwise"
-        assert choose(net, x[:1], x, hyper, None) == "dense"  # single rows stay dense
-        operator = gpntk.NTKKernel(net)(x).evaluate_kernel()
-        assert isinstance(operator.covar_mat, BlockwiseKernelOperator)
+    # importing BoTorch raises GPyTorch's default max_cholesky_size: pin GPyTorch's own default
+    with gpytorch.settings.max_cholesky_size(800):
+        assert choose(net, x, x, hyper, None) == "dense"  # 10**6 numbers fit
+        monkeypatch.setattr(settings, "DENSE_MAX_ELEMENTS", 10_000)
+        assert choose(net, x, x, hyper, None) == "blockwise"  # CPU: KeOps only on CUDA under "auto"
+        assert choose(net, x, z, hyper, None) == "dense"  # 5000 numbers
+        with gpytorch.settings.max_cholesky_size(2000):  # GPyTorch would factorize it: keep it dense
+            assert choose(net, x, x, hyper, None) == "dense"
+        with settings.kernel_backend("dense"):
+            assert choose(net, x, x, hyper, None) == "dense"
+            assert choose(net, x, x, hyper, None, backend="blockwise") == "blockwise"  # the kernel's own choice wins
+        monkeypatch.setattr(settings, "DENSE_MAX_ELEMENTS", 2**26)
+        with settings.kernel_backend("blockwise"):
+            assert choose(net, x, x, hyper, None) == "blockwise"
+            assert choose(net, x[:1], x, hyper, None) == "dense"  # single rows stay dense
+            operator = gpntk.NTKKernel(net)(x).evaluate_kernel()
+            assert isinstance(operator.covar_mat, BlockwiseKernelOperator)
 
 
 def test_backend_errors():
