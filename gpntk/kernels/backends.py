@@ -17,7 +17,6 @@ is given (:func:`choose_backend`, :class:`gpntk.settings.kernel_backend`) whethe
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import gpytorch
@@ -28,7 +27,7 @@ from torch import Tensor
 from .. import settings
 from ..layers.base import Layer
 from .blockwise import BlockwiseKernelOperator
-from .dense import Output, batch_shape_of, evaluate, input_layout
+from .dense import Output, batch_shape_of, evaluate, numbers_per_pair
 
 __all__ = ["covariance_function", "choose_backend", "InfiniteWidthKernelOperator"]
 
@@ -75,7 +74,7 @@ def choose_backend(
         return "keops"
     if mode == "blockwise":
         return "blockwise"
-    elements = n1 * n2 * input_layout(net, input_shape).elements_per_pair * math.prod(batch_shape_of(x1, x2, hyper))
+    elements = n1 * n2 * numbers_per_pair(net, x1, x2, hyper, input_shape)
     if elements <= settings.DENSE_MAX_ELEMENTS or max(n1, n2) <= gpytorch.settings.max_cholesky_size.value():
         return "dense"
     if x1.device.type == "cuda" and keops_unsupported_reason(net, input_shape) is None:

@@ -23,7 +23,6 @@ its autograd graph either (one block's graph at a time).
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -31,23 +30,11 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ..layers.base import Layer
-from .dense import (
-    Output, _recursion, _use_fusion, batch_shape_of, block_plan, default_block_elements, evaluate, input_layout,
-    same_inputs,
-)
+from .dense import Output, _recursion, _use_fusion, batch_shape_of, evaluate, kernel_blocks
 
 __all__ = ["kernel_matmul", "BlockwiseKernelOperator"]
 
 _KINDS = ("nngp", "ntk")
-
-
-def _plan(net: Layer, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor], input_shape, block_elements, mirror=True):
-    """``(blocks, numbers in the whole kernel)`` for a kernel between ``x1`` and ``x2`` (see ``block_plan``)."""
-    budget = default_block_elements(x1.device) if block_elements is None else block_elements
-    per_pair = input_layout(net, input_shape).elements_per_pair * math.prod(batch_shape_of(x1, x2, hyper))
-    n1, n2 = x1.shape[-2], x2.shape[-2]
-    symmetric = same_inputs(x1, x2)
-    return block_plan(n1, n2, per_pair, budget, symmetric, mirror), n1 * n2 * per_pair
 
 
 def kernel_matmul(
@@ -80,7 +67,7 @@ def kernel_matmul(
     if rhs.shape[-2] != x2.shape[-2]:
         raise ValueError(f"rhs has {rhs.shape[-2]} rows but x2 has {x2.shape[-2]} points")
     track_ntk = "ntk" in kinds
-    blocks, elements = _plan(net, x1, x2, hyper, input_shape, block_elements)
+    blocks, elements, _ = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
     batch = torch.broadcast_shapes(batch_shape_of(x1, x2, hyper), rhs.shape[:-2])
     outputs = [rhs.new_zeros(*batch, x1.shape[-2], rhs.shape[-1]) for _ in kinds]
     with torch.no_grad():
@@ -191,7 +178,7 @@ class BlockwiseKernelOperator(LinearOperator):
         hyper = {name: value.detach().requires_grad_(want) for (name, value), want in zip(self.hyper.items(), wanted[2:])}
         # a mirrored block's input gradients would belong to the other rows: mirror only for hyperparameters
         mirror = not (wanted[0] or wanted[1])
-        blocks, elements = _plan(self.net, x1, x2, hyper, self.input_shape, self.block_elements, mirror)
+        blocks, elements, _ = kernel_blocks(self.net, x1, x2, hyper, self.input_shape, self.block_elements, mirror)
         grad_x1 = torch.zeros_like(x1) if wanted[0] else None
         grad_x2 = torch.zeros_like(x2) if wanted[1] else None
         grad_hyper = {name: torch.zeros_like(value) for name, value in hyper.items() if value.requires_grad}

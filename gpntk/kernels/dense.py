@@ -162,6 +162,38 @@ def batch_shape_of(x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> torch.Si
     return torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(h.shape[:-2] for h in hyper.values()))
 
 
+def numbers_per_pair(
+    net: Layer, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor], input_shape: Sequence[int] | None
+) -> int:
+    """Numbers one pair of inputs takes in the recursion: spatial entries times the batch size."""
+    return input_layout(net, input_shape).elements_per_pair * math.prod(batch_shape_of(x1, x2, hyper))
+
+
+def kernel_blocks(
+    net: Layer,
+    x1: Tensor,
+    x2: Tensor,
+    hyper: dict[str, Tensor],
+    input_shape: Sequence[int] | None,
+    block_elements: int | None,
+    mirror: bool = True,
+) -> tuple[list[tuple[slice, slice, bool, bool]], int, bool]:
+    """``(blocks, numbers in the whole kernel, same points)`` of the kernel between ``x1`` and ``x2``.
+
+    ``blocks`` as in :func:`block_plan`, for the budget ``block_elements`` (default
+    :func:`default_block_elements`); "same points": ``x1`` and ``x2`` hold equal values.
+    """
+    budget = default_block_elements(x1.device) if block_elements is None else block_elements
+    per_pair = numbers_per_pair(net, x1, x2, hyper, input_shape)
+    n1, n2 = x1.shape[-2], x2.shape[-2]
+    symmetric = same_inputs(x1, x2)
+    if n1 * n2 * per_pair <= budget:
+        blocks = [(slice(0, n1), slice(0, n2), symmetric, False)]
+    else:
+        blocks = block_plan(n1, n2, per_pair, budget, symmetric, mirror)
+    return blocks, n1 * n2 * per_pair, symmetric
+
+
 def evaluate(
     net: Layer,
     x1: Tensor,
@@ -173,16 +205,13 @@ def evaluate(
     block_elements: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     r"""``(Σ(x1, x2), Θ(x1, x2) or None)``, ``(..., n1, n2)`` each, in blocks where needed."""
-    budget = default_block_elements(x1.device) if block_elements is None else block_elements
-    per_pair = input_layout(net, input_shape).elements_per_pair * math.prod(batch_shape_of(x1, x2, hyper))
-    n1, n2 = x1.shape[-2], x2.shape[-2]
-    elements = n1 * n2 * per_pair
+    blocks, elements, symmetric = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
     fused = _use_fusion(net, x1, x2, hyper, input_shape, track_ntk, elements)
-    symmetric = same_inputs(x1, x2)
-    if elements <= budget:
+    if len(blocks) == 1:
         return _recursion(net, x1, x2, hyper, input_shape, track_ntk, symmetric, False, fused=fused)
+    n1, n2 = x1.shape[-2], x2.shape[-2]
     outputs: list[Tensor | None] = [None, None]  # Σ and Θ, allocated at the first block
-    for r, c, same, mirrored in block_plan(n1, n2, per_pair, budget, symmetric):
+    for r, c, same, mirrored in blocks:
         a = x1[..., r, :]
         b = a if (same and x2 is x1) else x2[..., c, :]
         blocks = _recursion(net, a, b, hyper, input_shape, track_ntk, same, False, fused=fused)
