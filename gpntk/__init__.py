@@ -13,6 +13,7 @@ from .kernels import EmpiricalNTKKernel, NNGPKernel, NTKKernel
 from .posterior import TrainedEnsemble
 
 __version__ = "0.1.0"
+"""The version of gpntk."""
 
 __all__ = [
     "layers", "settings", "NTKKernel", "NNGPKernel", "EmpiricalNTKKernel", "TrainedEnsemble", "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",

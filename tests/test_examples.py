@@ -13,6 +13,7 @@ def test_examples_exist():
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_runs(path, capsys):
+def test_example_runs(path, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the figures an example saves go to the current directory
     runpy.run_path(str(path), run_name="__main__")
     assert capsys.readouterr().out.strip()

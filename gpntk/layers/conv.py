@@ -94,7 +94,11 @@ class Conv(Affine):
     :param stride: an int or one per axis.
     :param padding: ``"same"`` (zeros, :math:`\lceil L/s\rceil` outputs), ``"valid"`` or
         ``"circular"``, split as in TensorFlow / Neural Tangents.
-    :param weight_variance, bias_variance, trainable, ...: as for :class:`~gpntk.layers.Dense`.
+    :param weight_variance: :math:`\sigma_w^2 > 0`, as for :class:`~gpntk.layers.Dense`.
+    :param bias_variance: :math:`\sigma_b^2 \ge 0`, as for :class:`~gpntk.layers.Dense`.
+    :param trainable: whether the layer is trained, as for :class:`~gpntk.layers.Dense`.
+    :param kwargs: the keyword-only options of :class:`~gpntk.layers.Dense` (parameterization,
+        priors and constraints).
     """
 
     def __init__(

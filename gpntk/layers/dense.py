@@ -30,9 +30,12 @@ class Dense(Affine):
         variance is then fixed at zero, not learnable).
     :param trainable: whether the layer is trained (contributes to the NTK).
     :param parameterization: only ``"ntk"`` (the convention of the reference data).
-    :param weight_variance_prior, bias_variance_prior: optional GPyTorch priors.
-    :param weight_variance_constraint, bias_variance_constraint: constraints on the raw
-        parameters (default :class:`~gpytorch.constraints.Positive`).
+    :param weight_variance_prior: optional GPyTorch prior on :math:`\sigma_w^2`.
+    :param bias_variance_prior: optional GPyTorch prior on :math:`\sigma_b^2`.
+    :param weight_variance_constraint: constraint on the raw weight variance (default
+        :class:`~gpytorch.constraints.Positive`).
+    :param bias_variance_constraint: constraint on the raw bias variance (default
+        :class:`~gpytorch.constraints.Positive`).
 
     Hyperparameters are stored GPyTorch-style as ``raw_weight_variance`` /
     ``raw_bias_variance`` of shape ``(*batch_shape, 1, 1)`` and exposed through the properties
