@@ -69,9 +69,11 @@ Memory: :math:`O(n (k + m))` numbers times a small constant, plus at most
 
 from __future__ import annotations
 
+import copy
 import math
+import numbers
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -132,6 +134,7 @@ class _Spectrum:
     """The eigendecomposition of the training kernel of one regime, and what is reused per time."""
 
     eigenvalues: Tensor  # (n,), clipped at 0
+    unclipped: Tensor  # (n,), as computed (a ridge shift acts on these)
     eigenvectors: Tensor  # (n, n)
     targets: Tensor  # V^T Y, (n, k)
     prior_in_basis: Tensor | None  # V^T P(X, X) V (n, n) when P differs from G, else None
@@ -245,9 +248,7 @@ class TrainedEnsemble:
         learning_rate = float(learning_rate)
         if not math.isfinite(learning_rate) or learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive and finite, got {learning_rate}")
-        diag_reg = float(diag_reg)
-        if not math.isfinite(diag_reg) or diag_reg < 0:
-            raise ValueError(f"diag_reg must be non-negative and finite, got {diag_reg}")
+        diag_reg = _check_diag_reg(diag_reg)
         if solver not in _SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(_SOLVERS)}")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
@@ -308,6 +309,7 @@ class TrainedEnsemble:
                 eigenvalues, eigenvectors = shared.eigenvalues, shared.eigenvectors
             else:
                 eigenvalues, eigenvectors = torch.linalg.eigh(dynamics)
+            unclipped = eigenvalues
             scale = eigenvalues[-1].clamp_min(torch.finfo(eigenvalues.dtype).tiny)
             if eigenvalues[0] < -1e-6 * scale:
                 warnings.warn(
@@ -318,11 +320,41 @@ class TrainedEnsemble:
                 )
             eigenvalues = eigenvalues.clamp_min(0)
             prior_in_basis = None if prior is None else eigenvectors.mT @ prior @ eigenvectors
-            cutoff = self.num_train * torch.finfo(eigenvalues.dtype).eps * scale.item()
             self._spectra[regime] = _Spectrum(
-                eigenvalues, eigenvectors, eigenvectors.mT @ self.train_y, prior_in_basis, cutoff
+                eigenvalues, unclipped, eigenvectors, eigenvectors.mT @ self.train_y, prior_in_basis,
+                self._rank_cutoff(eigenvalues),
             )
         return self._spectra[regime]
+
+    def _rank_cutoff(self, eigenvalues: Tensor) -> float:
+        """Eigenvalues at most n·ε·λ_max count as zero at t = ∞."""
+        scale = eigenvalues[-1].clamp_min(torch.finfo(eigenvalues.dtype).tiny).item()
+        return self.num_train * torch.finfo(eigenvalues.dtype).eps * scale
+
+    def with_diag_reg(self, diag_reg: float) -> "TrainedEnsemble":
+        r"""The same ensemble with the ridge ``diag_reg`` instead, reusing every kernel matrix and eigendecomposition.
+
+        :math:`G + r' I = V (\Lambda + (r' - r) I) V^	op`: the eigenvectors do not depend on the
+        ridge, so with ``solver="eigh"`` the new ensemble shifts the eigenvalues of the
+        decompositions already computed (and shares the training and test kernels), which makes
+        choosing ``diag_reg`` on validation data as cheap as choosing ``t``. With the Lanczos solver
+        nothing is stored to reuse; the result is a new ensemble with the same settings. ``self``
+        is unchanged.
+        """
+        diag_reg = _check_diag_reg(diag_reg)
+        other = copy.copy(self)
+        other.diag_reg = diag_reg
+        other._largest = {}
+        other.num_products = 0
+        shift = diag_reg - self.diag_reg
+        other._spectra = {}
+        for regime, spectrum in self._spectra.items():
+            unclipped = spectrum.unclipped + shift
+            eigenvalues = unclipped.clamp_min(0)
+            other._spectra[regime] = replace(
+                spectrum, eigenvalues=eigenvalues, unclipped=unclipped, rank_cutoff=other._rank_cutoff(eigenvalues)
+            )
+        return other
 
     def _filters(self, spectrum: _Spectrum, t: float) -> Tensor:
         r""":math:`g = (1 - e^{-\tau\lambda})/\lambda` per eigenvalue, for one time."""
@@ -711,6 +743,17 @@ def _time_filter(lam: Tensor, tau: float, cutoff: float | Tensor) -> Tensor:
     # τ·φ1(z) with φ1(z) = (1 - e^{-z}) / z, φ1(0) = 1
     phi1 = torch.where(z > 0, -torch.expm1(-z) / torch.where(z > 0, z, torch.ones_like(z)), torch.ones_like(z))
     return tau * phi1
+
+
+def _check_diag_reg(diag_reg) -> float:
+    if isinstance(diag_reg, bool) or not (
+        isinstance(diag_reg, numbers.Real) or torch.is_tensor(diag_reg) and diag_reg.numel() == 1
+    ):
+        raise TypeError(f"diag_reg must be a number, got {type(diag_reg).__name__}")
+    diag_reg = float(diag_reg)
+    if not math.isfinite(diag_reg) or diag_reg < 0:
+        raise ValueError(f"diag_reg must be non-negative and finite, got {diag_reg}")
+    return diag_reg
 
 
 def _check_regime(regime: str) -> str:

@@ -337,3 +337,43 @@ def test_mean_only_and_diagonal_variances_match_the_full_moments(regime, multi):
     torch.testing.assert_close(diag_mean, mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(variances, cov.diagonal(dim1=-2, dim2=-1), rtol=1e-9, atol=1e-11)
     assert variances.shape == (4, 7)
+
+
+@pytest.mark.parametrize("solver", ["eigh", "lanczos"])
+def test_with_diag_reg_equals_a_new_ensemble_and_reuses_the_eigendecomposition(solver, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    test_x = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    net = L.mlp(2, "relu", 2.0, 0.1)
+    times = torch.tensor([0.0, 5.0, 500.0, math.inf], dtype=torch.float64)
+    base = TrainedEnsemble(net, x, y, learning_rate=0.7, diag_reg=1e-3, solver=solver)
+    if solver == "lanczos":
+        times = times[1:3]
+    for regime in ("ntk", "nngp", "ntkgp"):
+        base.moments(test_x, times, regime)
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or eigh(*a, **k))
+    ridges, regimes = ((0.0, 0.05, 2.0), ("ntk", "nngp", "ntkgp")) if solver == "eigh" else ((0.05,), ("ntk",))
+    for ridge in ridges:
+        shifted = base.with_diag_reg(ridge)
+        assert shifted.diag_reg == ridge and base.diag_reg == 1e-3
+        fresh = TrainedEnsemble(net, x, y, learning_rate=0.7, diag_reg=ridge, solver=solver)
+        for regime in regimes:
+            tol = dict(rtol=1e-9, atol=1e-9) if solver == "eigh" else dict(rtol=1e-5, atol=1e-6)
+            for ours, theirs in zip(shifted.moments(test_x, times, regime), fresh.moments(test_x, times, regime)):
+                torch.testing.assert_close(ours, theirs, **tol)
+            torch.testing.assert_close(shifted.train_loss(times, regime), fresh.train_loss(times, regime), **tol)
+            assert shifted.max_learning_rate(regime) == pytest.approx(fresh.max_learning_rate(regime), rel=1e-6)
+    if solver == "eigh":  # only the fresh ensembles decomposed their kernels (2 dynamics kernels each)
+        assert len(calls) == 3 * 2
+    # the original is untouched
+    torch.testing.assert_close(
+        base.mean(test_x, 5.0), TrainedEnsemble(net, x, y, 0.7, 1e-3, solver=solver).mean(test_x, 5.0),
+        rtol=1e-9, atol=1e-9,
+    )
+    with pytest.raises(ValueError, match="diag_reg must be non-negative"):
+        base.with_diag_reg(-1.0)
+    with pytest.raises(TypeError, match="diag_reg must be a number"):
+        base.with_diag_reg("0.1")

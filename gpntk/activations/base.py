@@ -132,12 +132,35 @@ def correlation(q11: Tensor, q12: Tensor, q22: Tensor) -> tuple[Tensor, Tensor]:
     is undefined and set to 0 (every kernel using it is multiplied by a zero ``sqrt_prod`` there;
     :math:`q_{12} = 0` there too), with finite derivatives: zero variances are replaced by one per
     point before the pairs are formed. No data-dependent branch, so the function also compiles.
+
+    Before the product is formed each variance is scaled by an even power of two, :math:`q_i 4^{-k_i}
+    \in [1, 4)`, and :math:`q_{12}` by :math:`2^{-k_1-k_2}` (see :func:`_unit_scales`). Powers of
+    two scale exactly, so wherever :math:`q_{11} q_{22}` is representable :math:`\rho` is bit for bit
+    :math:`q_{12}/\sqrt{q_{11} q_{22}}`; without the scaling, tiny variances (for example after a
+    hyperparameter fit has driven :math:`\sigma_w^2` to ``1e-262``) made the product underflow to 0
+    and :math:`\rho = 0/0 = ` NaN, and huge ones made it overflow to infinity and :math:`\rho = 0`.
     """
-    positive1, positive2 = q11 > 0, q22 > 0
-    ones1, ones2 = torch.ones_like(q11), torch.ones_like(q22)
-    denominator = torch.sqrt(torch.where(positive1, q11, ones1) * torch.where(positive2, q22, ones2))
-    rho = (q12 / denominator).clamp(-1.0, 1.0)
+    p11 = torch.where(q11 > 0, q11, torch.ones_like(q11))
+    p22 = torch.where(q22 > 0, q22, torch.ones_like(q22))
+    (t1, s1), (t2, s2) = _unit_scales(p11), _unit_scales(p22)
+    denominator = torch.sqrt((p11 * s1) * (p22 * s2))
+    rho = ((q12 * (t1 * t2)) / denominator).clamp(-1.0, 1.0)
     return rho, safe_sqrt(q11) * safe_sqrt(q22)
+
+
+def _unit_scales(q: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(t, t²)`` with :math:`t = 2^{-k}` a power of two such that :math:`q t^2 \in [1, 4)` (constants).
+
+    ``q`` must be positive; :math:`|k|` is capped so that a product :math:`t_1 t_2` of two scales
+    cannot overflow (for float64 this only matters below ``1e-307``, where the scaled variances are
+    still far from underflowing).
+    """
+    limit = int(math.log2(torch.finfo(q.dtype).max)) // 2 - 2  # float64: 510, float32: 62
+    # k = floor(log2(q) / 2) in floating point (torch.frexp's integer exponents do not compile
+    # with inductor on CPUs); any integer k near it will do
+    k = torch.floor(torch.log2(q.detach()) * 0.5).clamp(-limit, limit)
+    t = torch.exp2(-k)
+    return t, t * t
 
 
 def real_parameter(name: str, value) -> float:

@@ -57,8 +57,13 @@ def _safe_rsqrt(q: Tensor) -> Tensor:
 
 
 def _arccos_correlation(c: _Calculus, sigma: _Dual, r_i: _Dual, r_j: _Dual, same) -> _Dual:
-    r""":math:`\rho = \Sigma_{12} / \sqrt{q_1 q_2}` clamped to [-1, 1], exactly 1 for identical points."""
-    rho = c.clamp_unit(c.mul(sigma, c.mul(r_i, r_j)))
+    r""":math:`\rho = \Sigma_{12} / \sqrt{q_1 q_2}` clamped to [-1, 1], exactly 1 for identical points.
+
+    Multiplied as :math:`(\Sigma_{12} / \sqrt{q_1}) / \sqrt{q_2}`: the partial product is at most
+    :math:`\sqrt{q_2}`, whereas :math:`1/\sqrt{q_1 q_2}` overflows when the variances are tiny
+    (float64 below about 1e-154 each, float32 below about 1e-19), giving 0 x inf = NaN.
+    """
+    rho = c.clamp_unit(c.mul(c.mul(sigma, r_i), r_j))
     if same is not None:
         rho = c.if_nonnegative(same, c.integer(1), rho)
     return rho
