@@ -107,8 +107,8 @@ def test_ensemble_classifier_is_kernel_regression_at_infinite_time():
     data = uci.read_dataset(DATA / "iris")
     train, test = data.folds[0]
     depth, fix, ridges = 2, 1, (1e-3, 1e-1)
-    accuracy = uci.ensemble_accuracies(data, depth, fix, 0.0, ridges, (10.0, math.inf), train, test)
-    assert accuracy.shape == (2, 2)
+    accuracy, error = uci.ensemble_scores(data, depth, fix, 0.0, ridges, (10.0, math.inf), train, test)
+    assert accuracy.shape == error.shape == (2, 2)
     k = arora_kernels(data.x.numpy(), 5)[depth, fix]  # proportional to gpntk's: the relative ridge absorbs it
     k_train = k[np.ix_(train, train)]
     targets = np.eye(3)[data.y.numpy()[train]]
@@ -117,6 +117,8 @@ def test_ensemble_classifier_is_kernel_regression_at_infinite_time():
         mean = k[np.ix_(test, train)] @ np.linalg.solve(k_train + reg * np.eye(len(train)), targets)
         expected = 100.0 * np.mean(mean.argmax(-1) == data.y.numpy()[test])
         assert accuracy[i, 1].item() == pytest.approx(expected)
+        squared_error = np.mean(np.sum((mean - np.eye(3)[data.y.numpy()[test]]) ** 2, axis=-1))
+        assert error[i, 1].item() == pytest.approx(squared_error, rel=1e-6)
 
 
 def test_ensemble_protocol_chooses_on_validation():
@@ -125,9 +127,16 @@ def test_ensemble_protocol_chooses_on_validation():
     assert result.method == "ensemble" and 0.0 <= result.test <= 100.0
     assert result.validation >= 90.0 and result.test >= 80.0
     # the reported validation accuracy is the best over the whole grid
-    grid = [uci.ensemble_accuracies(data, depth, fix, bias, (0.0, 1e-2), uci.STEP_GRID, data.train, data.validation)
-            for depth in range(3) for fix in range(depth + 1) for bias in (0.0, 0.1)]
-    assert result.validation == pytest.approx(max(a.max().item() for a in grid))
+    grid = {
+        (depth, fix, bias): uci.ensemble_scores(data, depth, fix, bias, (0.0, 1e-2), uci.STEP_GRID, data.train,
+                                                data.validation)
+        for depth in range(3) for fix in range(depth + 1) for bias in (0.0, 0.1)
+    }
+    # the setting with the smallest validation squared error, and its validation accuracy
+    key, (accuracy, error) = min(grid.items(), key=lambda item: item[1][1].min().item())
+    r, t = divmod(int(error.flatten().argmin()), len(uci.STEP_GRID))
+    assert result.chosen == str(uci.EnsembleChoice(*key, (0.0, 1e-2)[r], uci.STEP_GRID[t]))
+    assert result.validation == pytest.approx(accuracy[r, t].item())
     assert "depth=" in result.chosen and "t=" in result.chosen and "ridge=" in result.chosen
 
 
