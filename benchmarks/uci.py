@@ -306,6 +306,13 @@ class ProgressBar:
         sys.stderr.write(f"\r[{bar}] {done}/{self.total} {elapsed:6.0f} s  {label:<32.32s}")
         sys.stderr.flush()
 
+    def print(self, line: str) -> None:
+        """Print ``line`` to stdout, starting the bar afresh below it."""
+        if self.enabled:
+            sys.stderr.write("\r" + " " * (self.width + 64) + "\r")
+            sys.stderr.flush()
+        print(line, flush=True)
+
     def close(self) -> None:
         if self.enabled:
             sys.stderr.write("\n")
@@ -318,6 +325,7 @@ def run(
     methods: tuple[str, ...] = METHODS,
     max_depth: int = 5,
     ridges: tuple[float, ...] = DEFAULT_RIDGES,
+    biases: tuple[float, ...] = DEFAULT_BIASES,
     max_points: int = 5000,
     progress: bool = True,
     csv_path: Path | None = None,
@@ -339,7 +347,7 @@ def run(
         if "svm" in methods:
             results[data.name]["svm"] = svm_protocol(data, paper_kernels(data.x, max_depth))
         if "ensemble" in methods:
-            results[data.name]["ensemble"] = ensemble_protocol(data, max_depth, ridges)
+            results[data.name]["ensemble"] = ensemble_protocol(data, max_depth, ridges, biases)
         seconds = time.perf_counter() - started
         line = f"{data.name:<28s} {data.num_points:>5d} {data.num_features:>4d} {data.classes:>3d}"
         for method in methods:
@@ -348,8 +356,7 @@ def run(
             rows.append([data.name, data.num_points, data.num_features, data.classes, method,
                          f"{r.validation:.4f}", f"{r.test:.4f}", r.chosen, f"{seconds:.1f}"])
         line += "  " + " | ".join(f"{m}: {results[data.name][m].chosen}" for m in methods)
-        bar.close() if progress else None
-        print(line, flush=True)
+        bar.print(line)
         bar.show(i + 1, folder.name)
     bar.close()
     print()
@@ -379,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Result]]:
     parser.add_argument("--max-depth", type=int, default=5, help="hidden layers 0..max-depth-1 (paper: 5)")
     parser.add_argument("--ridges", type=float, nargs="+", default=list(DEFAULT_RIDGES),
                         help="ensemble diag_reg grid, relative to the mean kernel diagonal")
+    parser.add_argument("--bias-variances", type=float, nargs="+", default=list(DEFAULT_BIASES),
+                        help="ensemble σb² grid (the paper's networks have no bias: 0)")
     parser.add_argument("--max-points", type=int, default=5000, help="skip larger datasets (paper: 5000)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--csv", type=Path, default=None, help="also write the per-dataset rows here")
@@ -388,10 +397,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Result]]:
         parser.error("--max-depth must be at least 1")
     if any(r < 0 or not math.isfinite(r) for r in args.ridges):
         parser.error("--ridges must be non-negative and finite")
+    if any(b < 0 or not math.isfinite(b) for b in args.bias_variances):
+        parser.error("--bias-variances must be non-negative and finite")
     if args.threads:
         torch.set_num_threads(args.threads)
     return run(args.data, args.datasets, tuple(args.methods), args.max_depth, tuple(args.ridges),
-               args.max_points, not args.no_progress, args.csv)
+               tuple(args.bias_variances), args.max_points, not args.no_progress, args.csv)
 
 
 if __name__ == "__main__":

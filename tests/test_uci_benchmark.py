@@ -143,7 +143,7 @@ def test_ensemble_protocol_chooses_on_validation():
 def test_command_line(capsys, tmp_path):
     out_csv = tmp_path / "rows.csv"
     results = uci.main([str(DATA), "--datasets", "balloons", "fertility", "--max-depth", "2",
-                        "--ridges", "0", "--csv", str(out_csv)])
+                        "--ridges", "0", "--bias-variances", "0", "0.1", "--csv", str(out_csv)])
     captured = capsys.readouterr()
     assert set(results) == {"balloons", "fertility"}
     assert "average test accuracy over 2 datasets" in captured.out
@@ -162,3 +162,5 @@ def test_bad_arguments():
         uci.paper_network(2, 3)
     with pytest.raises(SystemExit):
         uci.main([str(DATA), "--ridges", "-1"])
+    with pytest.raises(SystemExit):
+        uci.main([str(DATA), "--bias-variances", "nan"])
