@@ -91,14 +91,20 @@ def _index_lines(path: Path) -> list[list[int]]:
     return [[int(v) for v in line.split()] for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_dataset(folder: Path) -> Dataset:
-    """Read ``folder/NAME.txt``, its data file and its two split files (see the module docstring)."""
-    name = folder.name
+def read_info(folder: Path) -> dict[str, str]:
+    """The ``key= value`` lines of ``folder/NAME.txt`` (``n_entradas``, ``n_clases``, ``n_patrons1``, ``fich1``, ...)."""
     info = {}
-    for line in (folder / f"{name}.txt").read_text().splitlines():
+    for line in (folder / f"{folder.name}.txt").read_text().splitlines():
         if "=" in line:
             key, value = line.split("=", 1)
             info[key.strip()] = value.strip()
+    return info
+
+
+def read_dataset(folder: Path) -> Dataset:
+    """Read ``folder/NAME.txt``, its data file and its two split files (see the module docstring)."""
+    name = folder.name
+    info = read_info(folder)
     rows = [line.split() for line in (folder / info["fich1"]).read_text().splitlines()[1:] if line.strip()]
     x = torch.tensor([[float(v) for v in row[1:-1]] for row in rows], dtype=torch.float64)
     y = torch.tensor([int(row[-1]) for row in rows])
@@ -120,13 +126,10 @@ def dataset_folders(root: Path, names: list[str] | None = None, max_points: int 
         if unknown:
             raise ValueError(f"unknown datasets under {root}: {', '.join(unknown)}")
         folders = [p for p in folders if p.name in names]
-    keep = []
-    for folder in folders:
-        text = (folder / f"{folder.name}.txt").read_text()
-        points = int(text.split("n_patrons1=")[1].split()[0])
-        if points <= max_points and "n_patrons2=" not in text:
-            keep.append(folder)
-    return keep
+    def usable(info: dict[str, str]) -> bool:  # small enough, and no separate test file
+        return int(info["n_patrons1"]) <= max_points and "n_patrons2" not in info
+
+    return [folder for folder in folders if usable(read_info(folder))]
 
 
 # --- kernels -------------------------------------------------------------------------------------

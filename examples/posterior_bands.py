@@ -103,13 +103,14 @@ def main(argv: list[str] | None = None):
     times = torch.tensor(TIMES, dtype=torch.float64)
     print(f"{len(train_x)} training points, {len(grid)} grid points; net: mlp(2, relu, σw²=2, σb²=0.5)")
 
+    # one ensemble serves both regimes; with learning_rate=1 its time is η·t, so t steps at
+    # learning rate η are asked for as time η·t
+    post = gpntk.TrainedEnsemble(net, train_x, train_y)
     results = {}  # regime -> (learning rate, means (T, m), stds (T, m), train stds (T, n), train means (T, n))
     for regime in ("ntk", "nngp"):
-        probe = gpntk.TrainedEnsemble(net, train_x, train_y)
-        learning_rate = LR_FRACTION * probe.max_learning_rate(regime)
-        post = gpntk.TrainedEnsemble(net, train_x, train_y, learning_rate=learning_rate)
-        means, variances = post.moments(grid, times, regime=regime, diag=True)
-        train_means, train_vars = post.moments(train_x, times, regime=regime, diag=True)
+        learning_rate = LR_FRACTION * post.max_learning_rate(regime)
+        means, variances = post.moments(grid, times * learning_rate, regime=regime, diag=True)
+        train_means, train_vars = post.moments(train_x, times * learning_rate, regime=regime, diag=True)
         results[regime] = (learning_rate, means, variances.clamp_min(0).sqrt(), train_vars.clamp_min(0).sqrt(),
                            train_means)
         print(f"regime {regime}: learning rate {learning_rate:.4g} ({LR_FRACTION} of the stable edge)")
@@ -130,10 +131,9 @@ def main(argv: list[str] | None = None):
     finite_out = train_finite(net, train_x, train_y, torch.cat([grid, train_x]), learning_rate, steps,
                               n_networks, width)
     finite_grid, finite_train = finite_out[:, : len(grid)], finite_out[:, len(grid):]
-    post = gpntk.TrainedEnsemble(net, train_x, train_y, learning_rate=learning_rate)
-    inf_mean, inf_var = post.moments(grid, float(steps), regime="ntk", diag=True)
+    inf_mean, inf_var = post.moments(grid, steps * learning_rate, regime="ntk", diag=True)
     inf_std = inf_var.clamp_min(0).sqrt()
-    _, inf_train_var = post.moments(train_x, float(steps), regime="ntk", diag=True)
+    _, inf_train_var = post.moments(train_x, steps * learning_rate, regime="ntk", diag=True)
     finite_mean, finite_std = finite_grid.mean(0), finite_grid.std(0)
     print(f"finite ensemble: {n_networks} networks of width {width}, {steps} GD steps at learning rate "
           f"{learning_rate:.4g}")

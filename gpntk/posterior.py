@@ -306,7 +306,7 @@ class TrainedEnsemble:
             kind = _REGIME_KERNELS[regime][0]
             shared = next((s for r, s in self._spectra.items() if _REGIME_KERNELS[r][0] == kind), None)
             if shared is not None:
-                eigenvalues, eigenvectors = shared.eigenvalues, shared.eigenvectors
+                eigenvalues, eigenvectors = shared.unclipped, shared.eigenvectors
             else:
                 eigenvalues, eigenvectors = torch.linalg.eigh(dynamics)
             unclipped = eigenvalues
@@ -334,7 +334,7 @@ class TrainedEnsemble:
     def with_diag_reg(self, diag_reg: float) -> "TrainedEnsemble":
         r"""The same ensemble with the ridge ``diag_reg`` instead, reusing every kernel matrix and eigendecomposition.
 
-        :math:`G + r' I = V (\Lambda + (r' - r) I) V^	op`: the eigenvectors do not depend on the
+        :math:`G + r' I = V (\Lambda + (r' - r) I) V^\top`: the eigenvectors do not depend on the
         ridge, so with ``solver="eigh"`` the new ensemble shifts the eigenvalues of the
         decompositions already computed (and shares the training and test kernels), which makes
         choosing ``diag_reg`` on validation data as cheap as choosing ``t``. With the Lanczos solver
