@@ -8,7 +8,7 @@
 
 from . import layers, settings
 from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
-from .errors import ArchitectureError
+from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning
 from .kernels import EmpiricalNTKKernel, NNGPKernel, NTKKernel
 from .posterior import TrainedEnsemble
 
@@ -17,5 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "layers", "settings", "NTKKernel", "NNGPKernel", "EmpiricalNTKKernel", "TrainedEnsemble", "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
-    "ArchitectureError", "__version__",
+    "ArchitectureError", "GPNTKWarning", "NumericalWarning", "ApproximationWarning",
+    "CompositionWarning", "__version__",
 ]

@@ -76,6 +76,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import NumericalWarning
+
 __all__ = ["lanczos", "largest_eigenvalue", "LanczosRun", "MatrixFunction", "MatMul"]
 
 #: ``f``: Ritz values ``(a, k)`` of ``a`` tridiagonals (float64 on the CPU, round-off negatives clipped to 0) to
@@ -261,7 +263,7 @@ class LanczosRun:
                 f"pass 2 of Lanczos did not reproduce the Lanczos vectors of pass 1 (relative deviation "
                 f"{deviation:.2g}): the product is not deterministic, so the result may be inaccurate; keep "
                 "more Lanczos vectors (a larger memory budget) or make the product deterministic",
-                RuntimeWarning,
+                NumericalWarning,
                 stacklevel=2,
             )
         return out
@@ -403,7 +405,7 @@ def lanczos(
             f"Lanczos did not converge in {max_iterations} iterations for {len(unconverged)} of {c} columns "
             f"(estimated relative error {max_change:.2g} > tolerance {tolerance:.2g}); raise max_iterations, loosen "
             "the tolerance, or add a ridge (diag_reg > 0) to bound the condition number",
-            RuntimeWarning,
+            NumericalWarning,
             stacklevel=2,
         )
     left_projections = None
@@ -502,7 +504,7 @@ def largest_eigenvalue(
     warnings.warn(
         f"the largest eigenvalue did not converge in {max_iterations} Lanczos iterations; "
         f"using the Ritz value {top:.6g}",
-        RuntimeWarning,
+        NumericalWarning,
         stacklevel=2,
     )
     return top

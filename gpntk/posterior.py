@@ -84,6 +84,7 @@ from torch import Tensor
 from .kernels.blockwise import kernel_matmul
 from .kernels.dense import kernel_diagonal, nngp_and_ntk
 from .kernels.infinite_width import _check_input_shape
+from .errors import NumericalWarning
 from .lanczos import MatrixFunction, largest_eigenvalue, lanczos
 from .layers.base import Hyperparameters, Layer, check_network
 from .validation import check_inputs
@@ -315,7 +316,7 @@ class TrainedEnsemble:
                 warnings.warn(
                     f"the {regime} training kernel has a negative eigenvalue {eigenvalues[0].item():.3g} "
                     f"(largest {scale.item():.3g}) beyond round-off; it is clipped to zero",
-                    RuntimeWarning,
+                    NumericalWarning,
                     stacklevel=3,
                 )
             eigenvalues = eigenvalues.clamp_min(0)
@@ -366,7 +367,7 @@ class TrainedEnsemble:
                     f"the training kernel is numerically singular ({int(small.sum())} of {lam.numel()} "
                     f"eigenvalues below {spectrum.rank_cutoff:.3g}); at t = inf those directions are "
                     "never fitted (pseudo-inverse); consider diag_reg > 0",
-                    RuntimeWarning,
+                    NumericalWarning,
                     stacklevel=4,
                 )
         return _time_filter(lam, t * self._time_scale(), spectrum.rank_cutoff)

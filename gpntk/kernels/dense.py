@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import settings
+from ..errors import NumericalWarning
 from ..layers.base import Hyperparameters, Layer
 from ..spatial import Layout
 from ..state import KernelState
@@ -123,7 +124,7 @@ def _recursion(*args, fused: bool) -> tuple[Tensor, Tensor | None]:
         warnings.warn(
             f"torch.compile failed ({type(error).__name__}: {error}); gpntk evaluates kernels eagerly from "
             "now on (see gpntk.settings.fusion)",
-            RuntimeWarning,
+            NumericalWarning,
             stacklevel=2,
         )
         return _kernels(*args)
