@@ -76,17 +76,18 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Literal, Sequence
 
+import numpy as np
 import torch
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
 from linear_operator.operators import DenseLinearOperator, IdentityLinearOperator, KroneckerProductLinearOperator
 from torch import Tensor
 
 from .kernels.blockwise import kernel_matmul
-from .kernels.dense import kernel_diagonal, nngp_and_ntk
+from .kernels.dense import evaluate, kernel_diagonal
 from .kernels.infinite_width import _check_input_shape
 from .errors import NumericalWarning
 from .lanczos import MatrixFunction, largest_eigenvalue, lanczos
-from .layers.base import Hyperparameters, Layer, check_network
+from .layers.base import Hyperparameters, Layer, check_network, parameterized_layers
 from .validation import check_inputs
 
 __all__ = ["TrainedEnsemble", "Regime", "Solver", "TrainProduct", "EIGH_MAX_TRAIN"]
@@ -115,18 +116,15 @@ TrainProduct = Callable[[Tensor, Sequence[str]], Sequence[Tensor]]
 class _BlockwiseProduct:
     """The default :data:`TrainProduct`: :func:`~gpntk.kernels.blockwise.kernel_matmul` on the training inputs.
 
-    The network's hyperparameters are read at the first product and then held as constants.
+    ``hyper`` is the ensemble's snapshot of the network's hyperparameters (constants).
     """
 
-    def __init__(self, net: Layer, train_x: Tensor, input_shape: tuple[int, ...] | None):
-        self.net, self.x, self.input_shape = net, train_x, input_shape
-        self._hyper: dict[str, Tensor] | None = None
+    def __init__(self, net: Layer, hyper: dict[str, Tensor], train_x: Tensor, input_shape: tuple[int, ...] | None):
+        self.net, self.hyper, self.x, self.input_shape = net, hyper, train_x, input_shape
 
     def __call__(self, rhs: Tensor, kinds: Sequence[str]) -> tuple[Tensor, ...]:
-        if self._hyper is None:
-            self._hyper = {k: v.detach() for k, v in Hyperparameters.collect(self.net, like=self.x).items()}
         return kernel_matmul(
-            self.net, self.x, self.x, self._hyper, rhs, kinds=tuple(kinds), input_shape=self.input_shape
+            self.net, self.x, self.x, self.hyper, rhs, kinds=tuple(kinds), input_shape=self.input_shape
         )
 
 
@@ -150,28 +148,31 @@ class _KernelCache:
     """Kernel matrices between fixed inputs and the training inputs, computed only when needed.
 
     One pass of the layer recursion gives the NNGP and, when asked for, the NTK; a regime that needs
-    only the NNGP never computes the NTK.
+    only the NNGP never computes the NTK. ``hyper`` is the ensemble's snapshot of the network's
+    hyperparameters. The values keep the autograd graph of ``x1`` (so a cache must not outlive one
+    differentiable call; see :meth:`TrainedEnsemble._test_kernels`).
     """
 
-    def __init__(self, net: Layer, x1: Tensor, x2: Tensor | None, input_shape: tuple[int, ...] | None):
-        self.net, self.x1, self.x2, self.input_shape = net, x1, x2, input_shape
+    def __init__(
+        self, net: Layer, hyper: dict[str, Tensor], x1: Tensor, x2: Tensor | None, input_shape: tuple[int, ...] | None
+    ):
+        self.net, self.hyper, self.x1, self.x2, self.input_shape = net, hyper, x1, x2, input_shape
         self._values: dict[str, Tensor] = {}
 
     def diagonal(self, kind: str) -> Tensor:
         """The per-point kernel :math:`k(x, x)` of ``x1`` (``x2`` is None), ``(n,)``, without the matrix."""
         key = f"{kind}_diag"
         if key not in self._values:
-            hyper = {name: value.detach() for name, value in Hyperparameters.collect(self.net, like=self.x1).items()}
             self._values[key] = kernel_diagonal(
-                self.x1, self.x1, net=self.net, output=kind, hyper=hyper, input_shape=self.input_shape
+                self.x1, self.x1, net=self.net, output=kind, hyper=self.hyper, input_shape=self.input_shape
             )
         return self._values[key]
 
     def get(self, kind: str) -> Tensor:
         if kind not in self._values:
-            nngp, ntk = nngp_and_ntk(
-                self.net, self.x1, self.x2, input_shape=self.input_shape, detach_hyperparameters=True,
-                track_ntk=kind == "ntk",
+            x2 = self.x1 if self.x2 is None else self.x2
+            nngp, ntk = evaluate(
+                self.net, self.x1, x2, self.hyper, input_shape=self.input_shape, track_ntk=kind == "ntk"
             )
             self._values["nngp"] = nngp
             if ntk is not None:
@@ -182,9 +183,9 @@ class _KernelCache:
 class TrainedEnsemble:
     r"""The posterior of an ensemble of infinitely wide networks trained by gradient descent for time t.
 
-    :param net: the architecture (its current hyperparameters are used).
-    :param train_x: training inputs ``(n, d)``.
-    :param train_y: training targets ``(n,)`` or ``(n, k)``.
+    :param net: the architecture; the ensemble keeps a snapshot of it (see below).
+    :param train_x: training inputs ``(n, d)`` (copied).
+    :param train_y: real training targets ``(n,)`` or ``(n, k)`` (copied).
     :param learning_rate: :math:`\eta` of the gradient descent the time is counted in.
     :param diag_reg: absolute ridge added to the training kernel (0 for ridgeless).
     :param input_shape: ``(C, W)`` or ``(C, H, W)`` for spatial architectures (rows of the inputs
@@ -206,11 +207,24 @@ class TrainedEnsemble:
 
     ``post(test_x, t, regime)`` returns a GPyTorch ``MultivariateNormal`` for 1-D targets and a
     ``MultitaskMultivariateNormal`` (covariance :math:`\Sigma_t \otimes I_k`) for ``(n, k)``
-    targets; ``t`` is a float, ``math.inf`` or a 1-D tensor of times, which adds a leading batch
-    dimension. Kernels are evaluated in the dtype of ``train_x`` (float64 recommended) with the
-    network's hyperparameters at construction time treated as constants: gradients flow to
-    ``test_x`` (e.g. for acquisition optimisation; ``solver="eigh"`` only), not to the
-    hyperparameters or training data.
+    targets; ``t`` is a number (Python or NumPy), ``math.inf``, or a 1-D tensor or NumPy array of
+    times, which adds a leading batch dimension. Kernels are evaluated in the dtype of ``train_x``
+    (float64 recommended).
+
+    **A snapshot.** The ensemble is fixed at construction: it keeps a deep copy of ``net`` and
+    the values of its hyperparameters (in the dtype of ``train_x``), and copies of ``train_x``
+    and ``train_y``. Nothing that later happens to the network or the tensors passed in (fitting
+    a GP whose kernel shares ``net``, an optimiser step, an in-place edit) changes its answers.
+    After changing the hyperparameters, build a new ensemble
+    (``TrainedEnsemble(net, train_x, train_y, ...)``) to use them. ``post.net`` returns a fresh
+    copy of the snapshot architecture each time (editing it changes nothing). Networks whose
+    hyperparameters have a batch shape (e.g. after ``NTKKernel(net, batch_shape=[m])``) are
+    refused: build one ensemble per batch element from an unbatched network.
+
+    **Gradients** flow to ``test_x`` (e.g. for acquisition optimisation; ``solver="eigh"`` only),
+    not to the hyperparameters or training data. Repeated calls, calls after ``torch.no_grad``
+    calls and different leaves with equal values each get their own graph (kernels are cached
+    for reuse only on calls that need no gradient).
     """
 
     def __init__(
@@ -238,46 +252,68 @@ class TrainedEnsemble:
             )
         if not torch.is_tensor(train_y):
             raise TypeError(f"train_y must be a torch.Tensor, got {type(train_y).__name__}")
+        if train_y.is_complex():
+            raise TypeError(
+                f"train_y must be real, got dtype {train_y.dtype}: the posterior of real-valued networks "
+                "has no complex targets (fit the real and imaginary parts as two outputs, (n, 2))"
+            )
+        if train_y.dtype == torch.bool:
+            raise TypeError("train_y must hold numbers, got a bool tensor")
         if train_y.dim() not in (1, 2):
             raise ValueError(f"train_y must have shape (n,) or (n, k), got {tuple(train_y.shape)}")
         if train_y.shape[0] != train_x.shape[0]:
             raise ValueError(
                 f"train_x has {train_x.shape[0]} points but train_y has {train_y.shape[0]} targets"
             )
+        if train_y.dim() == 2 and train_y.shape[1] == 0:
+            raise ValueError("train_y has no outputs (shape (n, 0))")
         if not torch.isfinite(train_y).all():
             raise ValueError(f"train_y contains {int((~torch.isfinite(train_y)).sum())} NaN or infinite values")
-        learning_rate = float(learning_rate)
-        if not math.isfinite(learning_rate) or learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive and finite, got {learning_rate}")
+        learning_rate = _check_positive_number("learning_rate", learning_rate)
         diag_reg = _check_diag_reg(diag_reg)
         if solver not in _SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(_SOLVERS)}")
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        if not _is_real_number(tolerance) or not 0 < float(tolerance) < 1:
             raise ValueError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
-        if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+        if not _is_integer(max_iterations) or int(max_iterations) < 1:
             raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
         if train_product is not None and not callable(train_product):
             raise TypeError(f"train_product must be callable, got {type(train_product).__name__}")
-        self.net = net
-        self.train_x = train_x
+        # the snapshot: a frozen copy of the architecture, its hyperparameter values, the data
+        self._net, self._hyper = _snapshot(net, like=train_x)
+        self.train_x = train_x.detach().clone()
         self._multi_output = train_y.dim() == 2
-        self.train_y = train_y.to(train_x) if self._multi_output else train_y.to(train_x).unsqueeze(-1)
+        train_y = train_y.detach().to(self.train_x, copy=True)
+        self.train_y = train_y if self._multi_output else train_y.unsqueeze(-1)
         self.learning_rate = learning_rate
         self.diag_reg = diag_reg
-        self._train_kernels_cache = _KernelCache(net, train_x.detach(), None, self.input_shape)
+        self._train_kernels_cache = _KernelCache(self._net, self._hyper, self.train_x, None, self.input_shape)
         self._spectra: dict[str, _Spectrum] = {}
         self._test_cache: tuple[Tensor, _KernelCache, _KernelCache] | None = None
         if solver == "auto":
             solver = "lanczos" if train_x.shape[0] > EIGH_MAX_TRAIN else "eigh"
         self.solver: Literal["eigh", "lanczos"] = solver
         self.tolerance = float(tolerance)
-        self.max_iterations = max_iterations
+        self.max_iterations = int(max_iterations)
         if train_product is None:
-            train_product = _BlockwiseProduct(net, train_x.detach(), self.input_shape)
+            train_product = _BlockwiseProduct(self._net, self._hyper, self.train_x, self.input_shape)
         self._product = train_product
         #: products with the training kernel so far (Lanczos solver), each a pass over its n^2 entries
         self.num_products = 0
         self._largest: dict[str, float] = {}
+
+    @property
+    def net(self) -> Layer:
+        """A copy of the architecture this ensemble was built with, hyperparameters as at construction.
+
+        A fresh copy on every access: editing it does not change the ensemble (build a new one).
+        """
+        return copy.deepcopy(self._net)
+
+    @property
+    def hyperparameters(self) -> dict[str, Tensor]:
+        """Copies of the hyperparameter values the ensemble uses, keyed as :class:`~gpntk.layers.base.Hyperparameters`."""
+        return {name: value.clone() for name, value in self._hyper.items()}
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -357,31 +393,42 @@ class TrainedEnsemble:
             )
         return other
 
-    def _filters(self, spectrum: _Spectrum, t: float) -> Tensor:
-        r""":math:`g = (1 - e^{-\tau\lambda})/\lambda` per eigenvalue, for one time."""
+    def _filters(self, spectrum: _Spectrum, t: float, factor: float = 1.0) -> Tensor:
+        r""":math:`(1 - e^{-c\tau\lambda})/\lambda` per eigenvalue for one time (``factor`` :math:`c`: 1 for :math:`g_t`, 2 for :math:`h_t`).
+
+        Eigenvalues at most ``rank_cutoff`` count as zero at every time (see :func:`_time_filter`);
+        a warning says when that could matter (:func:`_warn_dropped`).
+        """
         lam = spectrum.eigenvalues
-        if math.isinf(t):
-            small = lam <= spectrum.rank_cutoff
-            if bool(small.any()):
-                warnings.warn(
-                    f"the training kernel is numerically singular ({int(small.sum())} of {lam.numel()} "
-                    f"eigenvalues below {spectrum.rank_cutoff:.3g}); at t = inf those directions are "
-                    "never fitted (pseudo-inverse); consider diag_reg > 0",
-                    NumericalWarning,
-                    stacklevel=4,
-                )
-        return _time_filter(lam, t * self._time_scale(), spectrum.rank_cutoff)
+        tau = t * self._time_scale()
+        if factor == 1.0:
+            _warn_dropped(int((lam <= spectrum.rank_cutoff).sum()), lam.numel(), spectrum.rank_cutoff, tau, lam.dtype)
+        return _time_filter(lam, factor * tau, spectrum.rank_cutoff)
 
     def _test_kernels(self, test_x: Tensor) -> tuple[_KernelCache, _KernelCache]:
-        """Lazily computed kernels (test, train) and (test, test), cached for the last ``test_x``."""
-        cache = self._test_cache
-        if cache is None or cache[0].shape != test_x.shape or not torch.equal(cache[0], test_x):
-            cache = (
-                test_x.detach().clone(),
-                _KernelCache(self.net, test_x, self.train_x.detach(), self.input_shape),
-                _KernelCache(self.net, test_x, None, self.input_shape),
+        """Lazily computed kernels (test, train) and (test, test).
+
+        A call that records gradients (grad mode on and ``test_x`` requiring grad) gets new kernels
+        built on its own ``test_x``: a cache keyed by value would hand one leaf's graph to another
+        leaf of equal value, or a graph already freed by ``backward``. Only calls that need no
+        gradient share kernels, cached for the last ``test_x`` by value (and dtype, device).
+        """
+        differentiable = torch.is_grad_enabled() and test_x.requires_grad
+        if differentiable:
+            return (
+                _KernelCache(self._net, self._hyper, test_x, self.train_x, self.input_shape),
+                _KernelCache(self._net, self._hyper, test_x, None, self.input_shape),
             )
-            self._test_cache = cache
+        with torch.no_grad():
+            cache = self._test_cache
+            if cache is None or not _same_values(cache[0], test_x):
+                key = test_x.detach().clone()
+                cache = (
+                    key,
+                    _KernelCache(self._net, self._hyper, key, self.train_x, self.input_shape),
+                    _KernelCache(self._net, self._hyper, key, None, self.input_shape),
+                )
+                self._test_cache = cache
         return cache[1], cache[2]
 
     def _prepare(self, test_x: Tensor, regime: str) -> None:
@@ -442,27 +489,34 @@ class TrainedEnsemble:
         elif covariance == "diag":
             prior_tt = test.diagonal(prior)
         means, covs = [], []
+        n = self.num_train
         for t_value in times:
             g = self._filters(spectrum, t_value)
             means.append(dynamics_v @ (g.unsqueeze(-1) * spectrum.targets))
             if covariance is None:
                 continue
             if prior_v is None:
-                # G = P: Σ_t = P_tt - G_tx V diag(2g - λg²) V^T G_xt
-                h = 2 * g - spectrum.eigenvalues * g.square()
+                # G = P: Σ_t = P_tt - G_tx V diag(h) V^T G_xt, h = (1 - e^{-2τλ})/λ
+                h = self._filters(spectrum, t_value, factor=2.0)
+                explained = (dynamics_v.square() * h).sum(-1)  # the diagonal of the subtracted term, >= 0
+                scale = explained
                 if covariance == "diag":
-                    covs.append(prior_tt - (dynamics_v.square() * h).sum(-1))
+                    covs.append(_repair_variances(prior_tt - explained, prior_tt + scale, n))
                     continue
                 cov = prior_tt - (dynamics_v * h) @ dynamics_v.mT
             else:
                 weighted = dynamics_v * g  # G_tx V diag(g)
+                in_prior = weighted @ spectrum.prior_in_basis  # G_tx V diag(g) V^T P(X, X) V
+                quadratic = (in_prior * weighted).sum(-1)
+                crossed = (weighted * prior_v).sum(-1)
+                scale = 2 * crossed.abs() + quadratic.abs()
                 if covariance == "diag":
-                    quadratic = ((weighted @ spectrum.prior_in_basis) * weighted).sum(-1)
-                    covs.append(prior_tt - 2 * (weighted * prior_v).sum(-1) + quadratic)
+                    covs.append(_repair_variances(prior_tt - 2 * crossed + quadratic, prior_tt + scale, n))
                     continue
                 cross_term = weighted @ prior_v.mT
-                cov = prior_tt - cross_term - cross_term.mT + weighted @ spectrum.prior_in_basis @ weighted.mT
-            covs.append((cov + cov.mT) / 2)
+                cov = prior_tt - cross_term - cross_term.mT + in_prior @ weighted.mT
+            cov = (cov + cov.mT) / 2
+            covs.append(_repair_diagonal(cov, prior_tt.diagonal() + scale, n))
         return torch.stack(means), (torch.stack(covs) if covs else None)
 
     # --- the Lanczos solver -----------------------------------------------------------------
@@ -489,23 +543,15 @@ class TrainedEnsemble:
 
     def _ritz_filters(
         self, times: list[float], combine: Callable[[Tensor, Tensor], Tensor] | None = None
-    ) -> MatrixFunction:
+    ) -> "_RitzFilter":
         r"""Ritz values :math:`\theta` ``(a, k)`` to ``(T, a, k)``: :math:`g_t(\theta)` per time, or ``combine(θ, g)``.
 
-        At :math:`t = \infty` Ritz values below ``n·eps·θ_max`` (per tridiagonal) count as zero (a
-        pseudo-inverse, as for the eigendecomposition).
+        Ritz values below ``n·eps·θ_max`` (per tridiagonal) count as zero at every time (a
+        pseudo-inverse at :math:`t = \infty`, as for the eigendecomposition; see :func:`_time_filter`).
         """
-        scale, eps, n = self._time_scale(), torch.finfo(self.train_x.dtype).eps, self.num_train
-
-        def function(theta: Tensor) -> Tensor:
-            cutoff = n * eps * theta.amax(-1, keepdim=True) if theta.shape[-1] else 0.0
-            rows = []
-            for t in times:
-                g = _time_filter(theta, t * scale, cutoff)
-                rows.append(g if combine is None else combine(theta, g))
-            return torch.stack(rows)
-
-        return function
+        return _RitzFilter(
+            [t * self._time_scale() for t in times], combine, self.num_train, torch.finfo(self.train_x.dtype).eps
+        )
 
     def _lanczos(self, matmul: Callable[[Tensor], Tensor], start: Tensor, functions, **options):
         return lanczos(
@@ -526,8 +572,10 @@ class TrainedEnsemble:
             targets, (n, k), m = self.train_y, self.train_y.shape, dynamics_xt.shape[1]
             matmul = self._dynamics_operator(regime)
             g = self._ritz_filters(times)
+            dtype, n_eps = targets.dtype, self.num_train
             if covariance is None:
                 run = self._lanczos(matmul, targets, g, left=dynamics_xt)
+                g.warn(dtype)
                 return run.projections(), None
             itemsize = targets.element_size()
             # G = P, full covariance: G(X*, X) h(G) G(X, X*) from projections if they fit, else pass 2
@@ -547,23 +595,34 @@ class TrainedEnsemble:
                 left_columns=range(k + m if projected else k),
                 keep_bytes=LANCZOS_MEMORY_BYTES if second_pass else 0,
             )
+            g.warn(dtype)
+            h.warn(dtype)
             projections = run.projections()  # (T, m, k [+ m])
             mean = projections[..., :k]
+            # negative variances: repaired within round-off plus the solver's tolerance (see _repair_variances)
+            allowance = self.tolerance
             if same and covariance == "diag":
-                return mean, prior_tt - run.quadratic_forms()[:, k:]
+                explained = run.quadratic_forms()[:, k:]
+                return mean, _repair_variances(prior_tt - explained, prior_tt + explained.abs(), n_eps, allowance)
             if same:
                 quadratic = projections[..., k:] if projected else dynamics_xt.mT @ run.apply(matmul)[..., k:]
                 cov = prior_tt - quadratic
-                return mean, (cov + cov.mT) / 2
+                cov = (cov + cov.mT) / 2
+                scale = prior_tt.diagonal() + quadratic.diagonal(dim1=-2, dim2=-1).abs()
+                return mean, _repair_diagonal(cov, scale, n_eps, allowance)
             weighted = run.apply(matmul)[..., k:]  # W = g(G) G(X, X*), (T, n, m)
             prior_xt = cross.get(prior).mT  # P(X, X*), (n, m)
             (prior_weighted,) = self._train_products(weighted.movedim(0, -2).reshape(n, -1), (prior,))
             prior_weighted = prior_weighted.reshape(n, len(times), m).movedim(-2, 0)  # P(X, X) W
+            crossed = (weighted * prior_xt).sum(-2)
+            quadratic = (weighted * prior_weighted).sum(-2)
+            prior_diagonal = prior_tt if covariance == "diag" else prior_tt.diagonal()
+            scale = prior_diagonal + 2 * crossed.abs() + quadratic.abs()
             if covariance == "diag":
-                return mean, prior_tt - 2 * (weighted * prior_xt).sum(-2) + (weighted * prior_weighted).sum(-2)
+                return mean, _repair_variances(prior_tt - 2 * crossed + quadratic, scale, n_eps, allowance)
             cross_term = weighted.mT @ prior_xt
             cov = prior_tt - cross_term - cross_term.mT + weighted.mT @ prior_weighted
-            return mean, (cov + cov.mT) / 2
+            return mean, _repair_diagonal((cov + cov.mT) / 2, scale, n_eps, allowance)
 
     def __call__(
         self, test_x: Tensor, t: float | Tensor, regime: Regime = "ntk"
@@ -591,8 +650,9 @@ class TrainedEnsemble:
         Uses an eigendecomposition of the covariance with round-off negative eigenvalues clipped,
         so it works where the covariance is singular (at the training inputs as :math:`t \to \infty`).
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not _is_integer(n) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
+        n = int(n)
         mean, cov = self.moments(test_x, t, regime)
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         root = eigenvectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(-2)  # (..., m, m)
@@ -694,6 +754,8 @@ class TrainedEnsemble:
                 matmul, start, functions, quadrature=quadrature,
                 keep_bytes=LANCZOS_MEMORY_BYTES if include_variance and not same else 0,
             )
+            for function in {id(f): f for f in functions}.values():
+                function.warn(targets.dtype)
             forms = run.quadratic_forms()  # (T, k [+ probes])
             loss = forms[:, :k].sum(-1)
             if include_variance:
@@ -713,9 +775,43 @@ class TrainedEnsemble:
 
     def __repr__(self) -> str:
         return (
-            f"TrainedEnsemble({self.net!r}, n={self.num_train}, k={self.num_outputs}, "
+            f"TrainedEnsemble({self._net!r}, n={self.num_train}, k={self.num_outputs}, "
             f"learning_rate={self.learning_rate}, diag_reg={self.diag_reg}, solver={self.solver!r})"
         )
+
+
+class _RitzFilter:
+    """A :data:`~gpntk.lanczos.MatrixFunction` of the training times that remembers Ritz values it treated as zero.
+
+    Once a Ritz value falls below the cutoff it stays below (the smallest Ritz value decreases
+    with the steps and the cutoff grows with the largest), so what the last evaluations dropped
+    is what the results dropped; :meth:`warn` reports it like the eigendecomposition does.
+    """
+
+    def __init__(self, taus: list[float], combine, n: int, eps: float):
+        self.taus, self.combine, self.n, self.eps = taus, combine, n, eps
+        self.dropped, self.size, self.cutoff = 0, 0, 0.0
+
+    def __call__(self, theta: Tensor) -> Tensor:
+        if theta.shape[-1]:
+            cutoff = self.n * self.eps * theta.amax(-1, keepdim=True)
+            small = theta <= cutoff
+            dropped = int(small.sum(-1).max())
+            if dropped:
+                self.dropped = max(self.dropped, dropped)
+                self.size = max(self.size, theta.shape[-1])
+                self.cutoff = max(self.cutoff, float(cutoff[small.any(-1)].max()))
+        else:
+            cutoff = 0.0
+        rows = []
+        for tau in self.taus:
+            g = _time_filter(theta, tau, cutoff)
+            rows.append(g if self.combine is None else self.combine(theta, g))
+        return torch.stack(rows)
+
+    def warn(self, dtype: torch.dtype) -> None:
+        """Warn (:func:`_warn_dropped`) for the longest time if Ritz values were treated as zero where it could matter."""
+        _warn_dropped(self.dropped, self.size, self.cutoff, max(self.taus), dtype)
 
 
 def _control_variate_mean(samples: Tensor, controls: Tensor, control_mean: Tensor) -> Tensor:
@@ -735,21 +831,150 @@ def _control_variate_mean(samples: Tensor, controls: Tensor, control_mean: Tenso
 def _time_filter(lam: Tensor, tau: float, cutoff: float | Tensor) -> Tensor:
     r""":math:`g = (1 - e^{-\tau\lambda})/\lambda = \tau\,\varphi_1(\tau\lambda)` elementwise (``expm1``: exact near 0).
 
-    At :math:`\tau = \infty`, :math:`1/\lambda`, and 0 for :math:`\lambda \le` ``cutoff`` (a pseudo-inverse).
+    At :math:`\tau = \infty`, :math:`1/\lambda`. Eigenvalues :math:`\lambda \le` ``cutoff`` count
+    as exactly zero *at every time*, and their directions are never fitted (:math:`g = 0`), as
+    at :math:`t = \infty` (a pseudo-inverse): such an eigenvalue is indistinguishable from
+    round-off, and for a PSD kernel a zero eigenvector :math:`v` has :math:`G(x, X)\, v = 0`, so
+    the exact contribution :math:`G(x, X)\, v\, \tau\, v^\top Y` is zero while the computed one is
+    round-off times :math:`\tau` (unbounded as :math:`t` grows). With this convention
+    :math:`0 \le \lambda g \le 1` and :math:`g` increases with :math:`t` to its value at
+    :math:`t = \infty`, so every spectral component of the mean approaches its limit
+    monotonically.
     """
+    small = lam <= cutoff
     if math.isinf(tau):
-        small = lam <= cutoff
         return torch.where(small, torch.zeros_like(lam), 1 / torch.where(small, torch.ones_like(lam), lam))
     z = tau * lam
-    # τ·φ1(z) with φ1(z) = (1 - e^{-z}) / z, φ1(0) = 1
-    phi1 = torch.where(z > 0, -torch.expm1(-z) / torch.where(z > 0, z, torch.ones_like(z)), torch.ones_like(z))
-    return tau * phi1
+    # τ·φ1(z) with φ1(z) = (1 - e^{-z}) / z (z > 0 wherever λ is above the cutoff, unless τ = 0: φ1(0) = 1)
+    positive = z > 0
+    phi1 = torch.where(positive, -torch.expm1(-z) / torch.where(positive, z, torch.ones_like(z)), torch.ones_like(z))
+    return torch.where(small, torch.zeros_like(lam), tau * phi1)
+
+
+#: at a finite time, directions with eigenvalues below the cutoff are dropped silently while they could have
+#: been fitted by at most this fraction, 1 - exp(-τ·cutoff) (relative to the dtype's sqrt(eps)); beyond, a warning
+DROPPED_FIT_WARNING = 1.0
+
+
+def _warn_dropped(count: int, total: int, cutoff: float, tau: float, dtype: torch.dtype) -> None:
+    r"""Warn that ``count`` eigen- (or Ritz) values at most ``cutoff`` were treated as zero, where that could matter.
+
+    At :math:`t = \infty` always (a pseudo-inverse). At a finite time only when such a direction
+    could have been fitted by more than :math:`\sqrt{\varepsilon}` (:data:`DROPPED_FIT_WARNING`
+    times it): :math:`1 - e^{-\tau \cdot \text{cutoff}}`; below, the exact contribution of the
+    dropped directions is smaller than that fraction of the targets' component in them.
+    """
+    if count == 0:
+        return
+    if math.isinf(tau):
+        warnings.warn(
+            f"the training kernel is numerically singular ({count} of {total} eigenvalues below "
+            f"{cutoff:.3g}); at t = inf those directions are never fitted (pseudo-inverse); consider diag_reg > 0",
+            NumericalWarning,
+            stacklevel=5,
+        )
+    elif -math.expm1(-tau * cutoff) > DROPPED_FIT_WARNING * math.sqrt(torch.finfo(dtype).eps):
+        warnings.warn(
+            f"the training kernel is numerically singular ({count} of {total} eigenvalues below {cutoff:.3g}, "
+            f"indistinguishable from round-off); those directions are treated as exactly zero and never fitted, "
+            f"although at this time (tau * cutoff = {tau * cutoff:.3g}) a true eigenvalue that small could have "
+            "been partly fitted; consider diag_reg > 0 or float64",
+            NumericalWarning,
+            stacklevel=5,
+        )
+
+
+#: a negative variance of size at most VARIANCE_ROUNDING * n * eps * (the sum of the magnitudes of the terms it
+#: is computed from) is round-off and set to zero silently; a larger one is set to zero with a NumericalWarning
+VARIANCE_ROUNDING = 10.0
+
+
+def _repair_variances(variances: Tensor, scale: Tensor, n: int, allowance: float = 0.0) -> Tensor:
+    r"""Negative ``variances`` set to zero; a :class:`NumericalWarning` when one is beyond round-off.
+
+    A variance :math:`P(x, x) - q` is a difference of non-negative terms whose magnitudes sum to
+    ``scale``; its round-off is bounded by :data:`VARIANCE_ROUNDING` :math:`\cdot n \varepsilon`
+    ``scale`` (plus ``allowance`` ``scale``: the Lanczos solver's tolerance). Negative values
+    within that bound are set to zero silently, larger ones too but with a warning (the result
+    lost precision: an ill-conditioned training kernel, float32, or an unconverged solver).
+    """
+    eps = torch.finfo(variances.dtype).eps
+    bound = (VARIANCE_ROUNDING * n * eps + allowance) * scale.detach().abs()
+    worst = (-variances.detach() - bound).max() if variances.numel() else None
+    if worst is not None and worst > 0:
+        ratio = (-variances.detach() / scale.detach().abs().clamp_min(torch.finfo(variances.dtype).tiny)).max()
+        warnings.warn(
+            f"{int((variances.detach() < -bound).sum())} posterior variances were negative beyond round-off "
+            f"(down to {variances.detach().min().item():.3g}, {ratio.item():.2g} of the terms they are computed "
+            f"from; the bound is {VARIANCE_ROUNDING * n * eps + allowance:.2g}) and were set to zero: the training "
+            "kernel is ill-conditioned for this dtype; consider diag_reg > 0 or float64",
+            NumericalWarning,
+            stacklevel=5,
+        )
+    return variances.clamp_min(0)
+
+
+def _repair_diagonal(cov: Tensor, scale: Tensor, n: int, allowance: float = 0.0) -> Tensor:
+    """``cov`` ``(m, m)`` with its diagonal repaired by :func:`_repair_variances`."""
+    diagonal = cov.diagonal(dim1=-2, dim2=-1)
+    repaired = _repair_variances(diagonal, scale, n, allowance)
+    return cov + torch.diag_embed(repaired - diagonal)
+
+
+def _snapshot(net: Layer, like: Tensor) -> tuple[Layer, dict[str, Tensor]]:
+    """A frozen deep copy of ``net`` and its hyperparameter values (detached copies in the dtype of ``like``).
+
+    Networks with batched hyperparameters (a batch shape before the trailing ``(1, 1)``) are
+    refused.
+    """
+    for layer in parameterized_layers(net):
+        for name in layer.hyperparameter_names:
+            value = layer.hyperparameter(name)
+            if value.dim() > 2 or value.numel() != 1:
+                raise ValueError(
+                    f"TrainedEnsemble needs one value per hyperparameter, but {layer.name}.{name} has shape "
+                    f"{tuple(value.shape)} (a batch of hyperparameters, e.g. after NTKKernel(net, batch_shape=...)); "
+                    "build one ensemble per batch element from a network with unbatched hyperparameters"
+                )
+    try:
+        frozen = copy.deepcopy(net)
+    except Exception as error:  # pragma: no cover - every gpntk layer can be copied
+        raise TypeError(f"TrainedEnsemble keeps a copy of the network, but it cannot be copied: {error}") from error
+    frozen.requires_grad_(False)
+    hyper = {name: value.detach().clone() for name, value in Hyperparameters.collect(frozen, like=like).items()}
+    return frozen, hyper
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors have the same shape, dtype, device and values."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b.detach()))
+
+
+def _is_real_number(value) -> bool:
+    """A real number: Python or NumPy (not bool), or a one-element real tensor."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if torch.is_tensor(value):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real)
+
+
+def _is_integer(value) -> bool:
+    """An integer: Python or NumPy (not bool)."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Integral)
+
+
+def _check_positive_number(name: str, value) -> float:
+    if not _is_real_number(value):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return value
 
 
 def _check_diag_reg(diag_reg) -> float:
-    if isinstance(diag_reg, bool) or not (
-        isinstance(diag_reg, numbers.Real) or torch.is_tensor(diag_reg) and diag_reg.numel() == 1
-    ):
+    if not _is_real_number(diag_reg):
         raise TypeError(f"diag_reg must be a number, got {type(diag_reg).__name__}")
     diag_reg = float(diag_reg)
     if not math.isfinite(diag_reg) or diag_reg < 0:
@@ -764,18 +989,30 @@ def _check_regime(regime: str) -> str:
 
 
 def _check_times(t) -> tuple[list[float], bool]:
+    """The times as floats and whether they were a 1-D tensor or array (a batch).
+
+    ``t`` is a real number (Python or NumPy, ``math.inf``), or a 1-D tensor or NumPy array of them
+    (a 0-d one counts as a number).
+    """
+    if isinstance(t, np.ndarray):
+        if t.dtype.kind not in "iuf":
+            raise TypeError(f"t must hold real numbers, got a NumPy array of dtype {t.dtype}")
+        t = torch.from_numpy(np.asarray(t, dtype=np.float64))
     if torch.is_tensor(t):
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"t must hold real numbers, got a tensor of dtype {t.dtype}")
         if t.dim() > 1:
             raise ValueError(f"t must be a number or a 1-D tensor of times, got shape {tuple(t.shape)}")
         batched = t.dim() == 1
-        values = [float(v) for v in t.reshape(-1).tolist()]
+        values = [float(v) for v in t.detach().reshape(-1).tolist()]
         if batched and not values:
             raise ValueError("t is an empty tensor of times")
     else:
-        try:
-            values = [float(t)]
-        except (TypeError, ValueError):
-            raise TypeError(f"t must be a number, math.inf or a 1-D tensor of times, got {t!r}") from None
+        if not _is_real_number(t):
+            raise TypeError(
+                f"t must be a number, math.inf or a 1-D tensor of times, got {t!r} ({type(t).__name__})"
+            )
+        values = [float(t)]
         batched = False
     for value in values:
         if math.isnan(value) or value < 0:
