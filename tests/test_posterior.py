@@ -321,6 +321,46 @@ def test_bad_inputs_raise_clear_errors():
         post.sample(xt, 1.0, 0)
 
 
+def test_complex_targets_and_malformed_numbers_raise_and_numpy_numbers_are_accepted():
+    import numpy as np
+
+    x, y, xt = _problem()
+    net = L.mlp(1, "erf")
+    with pytest.raises(TypeError, match="train_y must be real"):
+        TrainedEnsemble(net, x, y.to(torch.complex128))
+    with pytest.raises(TypeError, match="train_y must be real"):
+        TrainedEnsemble(net, x, torch.complex(y, torch.zeros_like(y)))
+    with pytest.raises(ValueError, match="train_y contains 1 NaN or infinite"):
+        TrainedEnsemble(net, x, torch.where(torch.arange(12) == 0, math.inf, y))
+    for learning_rate in ("0.1", True, None, 1 + 1j):
+        with pytest.raises(TypeError, match="learning_rate must be a real number"):
+            TrainedEnsemble(net, x, y, learning_rate=learning_rate)
+    for learning_rate in (0.0, -1.0, math.nan, math.inf, np.float64(-2.0)):
+        with pytest.raises(ValueError, match="learning_rate must be positive and finite"):
+            TrainedEnsemble(net, x, y, learning_rate=learning_rate)
+    post = TrainedEnsemble(net, x, y, learning_rate=0.5, diag_reg=0.01)
+    mean, var = post.moments(xt, torch.tensor([0.0, 3.0, math.inf]), diag=True)
+    # NumPy numbers and arrays wherever Python numbers and tensors are accepted
+    same = TrainedEnsemble(
+        net, x, y, learning_rate=np.float32(0.5), diag_reg=np.float64(0.01), tolerance=np.float32(1e-8),
+        max_iterations=np.int64(1000),
+    )
+    np_mean, np_var = same.moments(xt, np.array([0.0, 3.0, math.inf]), diag=True)
+    torch.testing.assert_close(np_mean, mean, rtol=0, atol=0)
+    torch.testing.assert_close(np_var, var, rtol=0, atol=0)
+    torch.testing.assert_close(same.moments(xt, np.float64(3.0), diag=True)[0], mean[1], rtol=0, atol=0)
+    torch.testing.assert_close(same.moments(xt, np.int64(3), diag=True)[0], mean[1], rtol=0, atol=0)
+    torch.testing.assert_close(same.moments(xt, np.array(3), diag=True)[0], mean[1], rtol=0, atol=0)
+    assert same.sample(xt, 3.0, np.int64(4)).shape == (4, len(xt))
+    with pytest.raises(ValueError, match="t must be >= 0"):
+        post.moments(xt, np.array([1.0, -1.0]))
+    for bad in (np.array([1.0 + 0j]), torch.tensor([1.0 + 0j]), True, torch.tensor([True]), 2 + 0j):
+        with pytest.raises(TypeError, match="t must"):
+            post.moments(xt, bad)
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        post.sample(xt, 1.0, 2.0)
+
+
 @pytest.mark.parametrize("regime", ["ntk", "nngp", "ntkgp"])
 @pytest.mark.parametrize("multi", [False, True])
 def test_mean_only_and_diagonal_variances_match_the_full_moments(regime, multi):
