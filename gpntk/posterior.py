@@ -37,8 +37,17 @@ Numerics, ``solver="eigh"``: one symmetric eigendecomposition :math:`G = V \Lamb
 regime, cached, so any number of times costs only matrix products; the filter
 :math:`(1 - e^{-\tau\lambda})/\lambda = \tau\, \varphi_1(\tau\lambda)` is evaluated with
 ``expm1`` (exact for tiny and zero eigenvalues); negative round-off eigenvalues are clipped to
-zero; at :math:`t = \infty` eigenvalues below ``n·eps·λ_max`` are treated as zero (a
-pseudo-inverse) with a warning, instead of producing huge or NaN values.
+zero. Eigenvalues below ``n·eps·λ_max`` (Ritz values below ``n·eps·θ_max`` with Lanczos) are
+indistinguishable from round-off and treated as exactly zero at *every* time, as by the
+pseudo-inverse at :math:`t = \infty` (see :func:`_time_filter`): for a PSD kernel their exact
+contribution vanishes, while the computed one would be round-off times :math:`\tau`. So the
+mean approaches its limit monotonically in every eigendirection, for singular kernels in
+float32 as in float64. A warning says when that could matter (:func:`_warn_dropped`).
+Variances, differences of non-negative terms, are set to zero where round-off makes them
+negative, with a warning beyond :data:`VARIANCE_ROUNDING` (:func:`_repair_variances`).
+
+The ensemble is a snapshot: a frozen copy of the network and its hyperparameter values, and
+copies of the data, taken at construction (see :class:`TrainedEnsemble`).
 
 Numerics, ``solver="lanczos"`` (:mod:`gpntk.lanczos`; the default above :data:`EIGH_MAX_TRAIN`
 training points): the :math:`n \times n` training kernel is never formed, only products
@@ -312,7 +321,7 @@ class TrainedEnsemble:
 
     @property
     def hyperparameters(self) -> dict[str, Tensor]:
-        """Copies of the hyperparameter values the ensemble uses, keyed as :class:`~gpntk.layers.base.Hyperparameters`."""
+        """Copies of the hyperparameter values the ensemble uses, keyed as in ``Hyperparameters``."""
         return {name: value.clone() for name, value in self._hyper.items()}
 
     # ----------------------------------------------------------------------------------------
@@ -394,7 +403,9 @@ class TrainedEnsemble:
         return other
 
     def _filters(self, spectrum: _Spectrum, t: float, factor: float = 1.0) -> Tensor:
-        r""":math:`(1 - e^{-c\tau\lambda})/\lambda` per eigenvalue for one time (``factor`` :math:`c`: 1 for :math:`g_t`, 2 for :math:`h_t`).
+        r""":math:`(1 - e^{-c\tau\lambda})/\lambda` per eigenvalue for one time.
+
+        ``factor`` :math:`c`: 1 for :math:`g_t`, 2 for :math:`h_t`.
 
         Eigenvalues at most ``rank_cutoff`` count as zero at every time (see :func:`_time_filter`);
         a warning says when that could matter (:func:`_warn_dropped`).
@@ -810,7 +821,7 @@ class _RitzFilter:
         return torch.stack(rows)
 
     def warn(self, dtype: torch.dtype) -> None:
-        """Warn (:func:`_warn_dropped`) for the longest time if Ritz values were treated as zero where it could matter."""
+        """Warn (:func:`_warn_dropped`, longest time) if Ritz values were treated as zero where it could matter."""
         _warn_dropped(self.dropped, self.size, self.cutoff, max(self.taus), dtype)
 
 

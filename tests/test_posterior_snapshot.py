@@ -122,7 +122,8 @@ def test_net_is_a_read_only_copy_of_the_snapshot():
         net.layers[0].weight_variance = 7.0
     assert post.net.layers[0].weight_variance.item() == pytest.approx(2.0)
     assert all(value.item() == pytest.approx(v) for value, v in zip(post.hyperparameters.values(), (2.0, 0.1)))
-    torch.testing.assert_close(post.mean(test_x + 1.0, 2.0), _closed_form(L.mlp(2, "erf", 2.0, 0.1), x, y, test_x + 1.0, 2.0)[0])
+    expected = _closed_form(L.mlp(2, "erf", 2.0, 0.1), x, y, test_x + 1.0, 2.0)[0]
+    torch.testing.assert_close(post.mean(test_x + 1.0, 2.0), expected)
     torch.testing.assert_close(post.mean(test_x, 2.0), before, rtol=0, atol=0)
     with pytest.raises(AttributeError):
         post.net = net  # no setter: rebuild the ensemble instead
