@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 from .finite import ElementwiseActivation, NTKLinear
+from .validation import integer_argument
 
 __all__ = ["empirical_ntk", "empirical_nngp", "monte_carlo_kernel"]
 
@@ -357,8 +358,9 @@ def monte_carlo_kernel(
     pooling), the channels-first shape of one input, passed to ``net.finite`` as for
     ``NTKKernel(net, input_shape=...)``; each row of ``x1``, ``x2`` then holds ``C·H·W`` features.
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise ValueError(f"n_samples must be an integer of at least 2 (for a standard error), got {n_samples!r}")
+    n_samples = integer_argument("n_samples (at least 2, for a standard error)", n_samples, minimum=2)
+    width = integer_argument("width", width, minimum=1)
+    out_features = integer_argument("out_features", out_features, minimum=1)
     if kind not in ("ntk", "nngp"):
         raise ValueError(f"kind must be 'ntk' or 'nngp', got {kind!r}")
     x2 = x1 if x2 is None else x2

@@ -39,7 +39,7 @@ from ..empirical import (
     _structured_applicable,
     empirical_ntk,
 )
-from ..validation import check_kernel_inputs, expanded_batch_shape
+from ..validation import check_kernel_inputs, expanded_batch_shape, integer_argument
 
 __all__ = ["EmpiricalNTKKernel", "empirical_covariance", "empirical_diagonal"]
 
@@ -115,10 +115,8 @@ class EmpiricalNTKKernel(Kernel):
             raise TypeError(f"EmpiricalNTKKernel needs a torch.nn.Module, got {type(model).__name__}")
         if kind not in ("ntk", "nngp"):
             raise ValueError(f"kind must be 'ntk' or 'nngp', got {kind!r}")
-        if output is not None and (isinstance(output, bool) or not isinstance(output, int) or output < 0):
-            raise ValueError(
-                f"output must be None (mean over channels) or a non-negative channel index, got {output!r}"
-            )
+        if output is not None:
+            output = integer_argument("output (None: mean over channels; or a channel index)", output, minimum=0)
         if kind == "ntk" and not any(p.requires_grad for p in model.parameters()):
             raise ValueError(
                 f"{type(model).__name__} has no trainable parameters (requires_grad=True), so its NTK is zero; "
