@@ -44,7 +44,9 @@ def integer_argument(name: str, value, *, minimum: int | None = None, error: typ
     Raises ``error`` (a ValueError subclass by default) naming ``name`` for a bool, a float (even
     ``3.0``), a string, a complex number, or a value below ``minimum``.
     """
-    bound = "an integer" if minimum is None else f"an integer >= {minimum}"
+    bound = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}"
+    )
     if isinstance(value, (bool, np.bool_)) or isinstance(value, str):
         raise error(f"{name} must be {bound}, got {_describe(value)}")
     if isinstance(value, (torch.Tensor, np.ndarray)):
@@ -61,7 +63,7 @@ def integer_argument(name: str, value, *, minimum: int | None = None, error: typ
     except TypeError:
         raise error(f"{name} must be {bound}, got {_describe(value)}") from None
     if minimum is not None and result < minimum:
-        raise error(f"{name} must be {bound}, got {result}")
+        raise error(f"{name} must be {bound}, got {value!r}")
     return int(result)
 
 
@@ -81,7 +83,7 @@ def real_argument(
     with ``strict``).
     """
     if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
-        raise error(f"{name} must be a real number, got {_describe(value)}")
+        raise error(f"{name} must be a number, got {_describe(value)}")
     if isinstance(value, (torch.Tensor, np.ndarray)):
         size = value.size if isinstance(value, np.ndarray) else value.numel()
         complex_or_bool = (
@@ -89,15 +91,18 @@ def real_argument(
             else value.dtype.is_complex or value.dtype == torch.bool
         )
         if size != 1 or complex_or_bool:
-            raise error(f"{name} must be a real number, got {_describe(value)}")
+            raise error(f"{name} must be a number, got {_describe(value)}")
         value = value.reshape(-1)[0].item()
     if not isinstance(value, numbers.Real):
-        raise error(f"{name} must be a real number, got {_describe(value)}")
+        raise error(f"{name} must be a number, got {_describe(value)}")
     result = float(value)
     if math.isnan(result) or (finite and math.isinf(result)):
-        raise error(f"{name} must be a finite real number, got {result}")
+        raise error(f"{name} must be finite, got {result}")
     if minimum is not None and (result < minimum or (strict and result == minimum)):
-        raise error(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {result}")
+        bound = {(0, True): "positive", (0, False): "non-negative"}.get(
+            (minimum, strict), f"{'>' if strict else '>='} {minimum:g}"
+        )
+        raise error(f"{name} must be {bound}, got {result}")
     return result
 
 

@@ -50,12 +50,12 @@ def test_real_argument_accepts_reals_of_any_library(value):
 @pytest.mark.parametrize("value", [True, "0.5", "12", 0.5 + 0j, np.complex128(0.5), torch.tensor(0.5j), math.nan,
                                    math.inf, -math.inf, None, [0.5], torch.tensor([0.5, 1.0])])
 def test_real_argument_refuses_non_reals(value):
-    with pytest.raises(ValueError, match="a must be a (finite )?real number"):
+    with pytest.raises(ValueError, match="a must be (a number|finite)"):
         real_argument("a", value)
 
 
 def test_real_argument_bounds():
-    with pytest.raises(ValueError, match="> 0"):
+    with pytest.raises(ValueError, match="eps must be positive"):
         real_argument("eps", 0.0, minimum=0, strict=True)
     assert real_argument("eps", 0.0, minimum=0) == 0.0
     assert real_argument("t", math.inf, finite=False) == math.inf
@@ -135,11 +135,11 @@ def test_polynomial_string_is_not_a_list_of_digits():
         Polynomial("12")
     with pytest.raises(ArchitectureError, match="sequence of numbers"):
         Polynomial(b"12")
-    with pytest.raises(ArchitectureError, match=r"coef\[1\] must be a real number"):
+    with pytest.raises(ArchitectureError, match=r"coef\[1\] must be a number"):
         Polynomial([1.0, "2"])
-    with pytest.raises(ArchitectureError, match=r"coef\[0\] must be a real number"):
+    with pytest.raises(ArchitectureError, match=r"coef\[0\] must be a number"):
         Polynomial([True])
-    with pytest.raises(ArchitectureError, match=r"coef\[0\] must be a real number"):
+    with pytest.raises(ArchitectureError, match=r"coef\[0\] must be a number"):
         Polynomial([1j])
 
 

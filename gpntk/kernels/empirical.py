@@ -116,7 +116,10 @@ class EmpiricalNTKKernel(Kernel):
         if kind not in ("ntk", "nngp"):
             raise ValueError(f"kind must be 'ntk' or 'nngp', got {kind!r}")
         if output is not None:
-            output = integer_argument("output (None: mean over channels; or a channel index)", output, minimum=0)
+            try:
+                output = integer_argument("output", output, minimum=0)
+            except ValueError as error:
+                raise ValueError(f"{error} (a channel index, or None for the mean over channels)") from None
         if kind == "ntk" and not any(p.requires_grad for p in model.parameters()):
             raise ValueError(
                 f"{type(model).__name__} has no trainable parameters (requires_grad=True), so its NTK is zero; "
