@@ -180,6 +180,11 @@ def test_half_precision_inputs_are_refused_naming_the_dtype(dtype):
             kernel(x, diag=True)
     with pytest.raises(TypeError, match=str(dtype)):
         gpntk.TrainedEnsemble(net, x, torch.zeros(x.shape[0], dtype=dtype))
+    model = torch.nn.Linear(3, 1)
+    with pytest.raises(TypeError, match=str(dtype)):
+        gpntk.EmpiricalNTKKernel(model)(x).to_dense()
+    with pytest.raises(TypeError, match=str(dtype)):  # a half-precision network, float32 inputs
+        gpntk.EmpiricalNTKKernel(model.to(dtype))(x.float()).to_dense()
 
 
 def test_complex_inputs_are_refused():

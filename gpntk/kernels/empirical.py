@@ -39,7 +39,7 @@ from ..empirical import (
     _structured_applicable,
     empirical_ntk,
 )
-from ..validation import check_kernel_inputs, expanded_batch_shape, integer_argument
+from ..validation import SUPPORTED_DTYPES, check_kernel_inputs, expanded_batch_shape, integer_argument
 
 __all__ = ["EmpiricalNTKKernel", "empirical_covariance", "empirical_diagonal"]
 
@@ -368,6 +368,11 @@ def _evaluating(
         if tensor is not None and tensor.device != x1.device:
             raise ValueError(f"the inputs are on {x1.device} but the network is on {tensor.device}")
         dtype = x1.dtype if tensor is None else tensor.dtype
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"the network's dtype is {dtype}, which gpntk does not compute kernels in (too small a range and "
+                "precision); convert it with kernel.float() or kernel.double()"
+            )
         keep = _differentiable(x1, x2)
         xa = (x1 if keep else x1.detach()).to(dtype)
         xb = xa if x2 is x1 else (x2 if keep else x2.detach()).to(dtype)
