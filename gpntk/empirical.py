@@ -60,6 +60,7 @@ def _outputs_of_inputs(model: nn.Module, x: Tensor) -> Tensor:
     if not _differentiable(x):
         with torch.no_grad():
             return _outputs(model, x)
+    _ensure_initialized(model, x.detach())  # lazy parameters cannot be detached before they exist
     return _outputs_functional(model, _detached_parameters(model), x)
 
 

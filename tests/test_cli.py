@@ -327,4 +327,5 @@ def test_identical_inputs_get_identical_predictions(tmp_path):
     train = _write(tmp_path / "train.csv", ["x1", "x2", "y"], np.c_[x, y])
     main(["fit", train, "--times", "10", "1000", "inf", "-o", str(tmp_path / "out.csv")])
     _, values = _read(tmp_path / "out.csv")
-    np.testing.assert_array_equal(values[0], values[-1])
+    # a function of x: equal up to rounding (today: apart by far more, see issue 14 item 4)
+    np.testing.assert_allclose(values[-1], values[0], rtol=1e-9, atol=1e-9)

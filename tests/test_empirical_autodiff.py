@@ -137,7 +137,9 @@ def test_second_derivative_matches_finite_differences_of_the_gradient(path):
 
     x = _x(1, D, seed=8).requires_grad_(True)
     hessian = torch.autograd.functional.hessian(value, x)  # (1, D, 1, D)
-    expected = torch.stack([_central_difference(lambda y: gradient(y)[0, i], x.detach(), eps=1e-5)[0] for i in range(D)])
+    expected = torch.stack(
+        [_central_difference(lambda y: gradient(y)[0, i], x.detach(), eps=1e-5)[0] for i in range(D)]
+    )
     torch.testing.assert_close(hessian[0, :, 0, :], expected, rtol=1e-5, atol=1e-7)
 
 
