@@ -366,7 +366,7 @@ def monte_carlo_kernel(
         raise ValueError(f"kind must be 'ntk' or 'nngp', got {kind!r}")
     x2 = x1 if x2 is None else x2
     _check_inputs(x1, x2)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(integer_argument("seed", seed))
     estimator = empirical_ntk if kind == "ntk" else empirical_nngp
     samples = []
     for _ in range(n_samples):

@@ -104,6 +104,8 @@ def test_numpy_integers_in_finite_networks_and_monte_carlo():
     torch.testing.assert_close(module(x), reference(x), rtol=0, atol=0)
     mean, _ = gpntk.monte_carlo_kernel(net, _x(), width=np.int64(8), n_samples=np.int64(2), out_features=np.int64(1))
     expected, _ = gpntk.monte_carlo_kernel(net, _x(), width=8, n_samples=2, out_features=1)
+    seeded, _ = gpntk.monte_carlo_kernel(net, _x(), width=8, n_samples=2, seed=np.int64(3))
+    torch.testing.assert_close(seeded, gpntk.monte_carlo_kernel(net, _x(), width=8, n_samples=2, seed=3)[0])
     torch.testing.assert_close(mean, expected, rtol=0, atol=0)
     from gpntk.finite import ChannelNorm, NTKLinear
 
@@ -117,6 +119,16 @@ def test_numpy_integers_in_kernel_arguments():
     x = _x()
     numpy_output = gpntk.EmpiricalNTKKernel(model, output=np.int64(1))(x).to_dense()
     torch.testing.assert_close(numpy_output, gpntk.EmpiricalNTKKernel(model, output=1)(x).to_dense())
+
+
+def test_numpy_numbers_in_demo_problems():
+    from gpntk.demo import make_problem, make_sine_problem
+
+    for make in (make_sine_problem, make_problem):
+        plain = make(n_train=np.int64(10), seed=np.int64(2), noise=np.float64(0.5))
+        reference = make(n_train=10, seed=2, noise=0.5)
+        for a, b in zip(plain, reference):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_numpy_numbers_in_lanczos_options():
@@ -135,6 +147,10 @@ def test_polynomial_string_is_not_a_list_of_digits():
         Polynomial("12")
     with pytest.raises(ArchitectureError, match="sequence of numbers"):
         Polynomial(b"12")
+    with pytest.raises(ArchitectureError, match="sequence of numbers"):
+        Polynomial({1.0, 2.0})
+    with pytest.raises(ArchitectureError, match="sequence of numbers"):
+        Polynomial(3.0)
     with pytest.raises(ArchitectureError, match=r"coef\[1\] must be a number"):
         Polynomial([1.0, "2"])
     with pytest.raises(ArchitectureError, match=r"coef\[0\] must be a number"):

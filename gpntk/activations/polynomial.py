@@ -54,9 +54,10 @@ class Polynomial(Activation):
 
     def __init__(self, coef):
         super().__init__()
-        if isinstance(coef, (str, bytes)) or not isinstance(coef, Iterable):
-            # a string is iterable but no sequence of numbers: Polynomial("12") is not [1, 2]
-            raise ArchitectureError(f"Polynomial coef must be a sequence of numbers, got {coef!r}")
+        if isinstance(coef, (str, bytes, set, frozenset, dict)) or not isinstance(coef, Iterable):
+            # a string is iterable but no sequence of numbers: Polynomial("12") is not [1, 2]; a set
+            # or dict has no order of coefficients
+            raise ArchitectureError(f"Polynomial coef must be a sequence of numbers (c0, c1, ...), got {coef!r}")
         if isinstance(coef, (torch.Tensor, np.ndarray)) and coef.ndim != 1:
             raise ArchitectureError(f"Polynomial coef must be one-dimensional, got shape {tuple(coef.shape)}")
         coef = [real_parameter(f"coef[{i}]", c) for i, c in enumerate(coef)]
