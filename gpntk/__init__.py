@@ -6,11 +6,19 @@
 >>> ntk = gpntk.NTKKernel(net)          # a gpytorch.kernels.Kernel
 """
 
-from . import layers, settings
-from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
-from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning
-from .kernels import EmpiricalNTKKernel, NNGPKernel, NTKKernel
-from .posterior import TrainedEnsemble
+from ._quiet_import import stdout_to_stderr
+
+# importing GPyTorch imports pykeops, which prints a banner on stdout: send it to stderr
+with stdout_to_stderr():
+    import gpytorch  # noqa: F401
+
+    from . import layers, settings
+    from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
+    from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning
+    from .kernels import EmpiricalNTKKernel, NNGPKernel, NTKKernel
+    from .posterior import TrainedEnsemble
+
+del stdout_to_stderr
 
 __version__ = "0.1.0"
 """The version of gpntk."""

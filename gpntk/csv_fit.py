@@ -11,6 +11,13 @@ Conventions:
 
 * float64 throughout; cells must be finite numbers (the row, counted as the file's line number with
   the header on line 1, and the column of a bad cell are reported);
+* the first row must be a header: a first row of numbers only (a file without a header) is refused,
+  as are duplicate column names; a UTF-8 byte-order mark is ignored;
+* the output file must not be one of the input files (compared by resolved path and by
+  ``os.path.samefile``, so symbolic and hard links count): ``gpntk fit`` never overwrites its input;
+* training times must be distinct (two equal times would give two columns of one name);
+* a prediction that is not finite (data too large for float64 arithmetic, e.g. values near
+  1e200 without standardization) is an error (:class:`CSVFitError`, exit status 2), never written;
 * features and targets are standardized with the training set's mean and standard deviation
   (a constant column is only centred) unless ``standardize=False``; predictions are mapped back to
   the original units: ``mean * y_std + y_mean`` and ``std * y_std``;
@@ -27,9 +34,12 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
+import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence, TextIO
 
@@ -37,11 +47,14 @@ import numpy as np
 import torch
 
 from . import layers as L
+from ._quiet_import import stdout_to_stderr
 from .activations import ACTIVATION_NAMES
+from .errors import NumericalWarning
 from .posterior import _REGIMES, TrainedEnsemble
 
 __all__ = [
     "CSVFitError", "Table", "read_table", "format_time", "parse_time", "standardize", "fit_csv",
+    "check_distinct_files", "check_times",
     "DEFAULT_TIMES", "DEFAULT_DIAG_REG", "DEFAULT_LEARNING_RATE_FRACTION", "NLL_STD_FLOOR",
 ]
 
@@ -84,7 +97,7 @@ def read_table(path: str, required: Sequence[str] | None = None) -> Table:
     (naming its line number and column).
     """
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # utf-8-sig: drop a byte-order mark
             rows = list(csv.reader(handle))
     except FileNotFoundError:
         raise CSVFitError(f"file not found: {path}") from None
@@ -94,6 +107,11 @@ def read_table(path: str, required: Sequence[str] | None = None) -> Table:
     if not rows:
         raise CSVFitError(f"{path} is empty (a header row naming the columns is needed)")
     columns = [name.strip() for name in rows[0]]
+    if all(_is_number(name) for name in columns):
+        raise CSVFitError(
+            f"{path}: the first row {rows[0]} holds only numbers; a header row naming the columns is needed "
+            "(add one, e.g. x1,x2,y)"
+        )
     seen = set()
     for name in columns:
         if not name:
@@ -124,6 +142,49 @@ def read_table(path: str, required: Sequence[str] | None = None) -> Table:
     return Table(path, columns, values)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_distinct_files(output: str, inputs: Sequence[str]) -> None:
+    """Raise :class:`CSVFitError` if the ``output`` path names one of the ``inputs`` files.
+
+    Compared by resolved path (``os.path.realpath``: ``./train.csv``, symbolic links) and, where
+    both exist, by ``os.path.samefile`` (hard links).
+    """
+    target = os.path.realpath(output)
+    for path in inputs:
+        same = os.path.realpath(path) == target
+        if not same and os.path.exists(output) and os.path.exists(path):
+            try:
+                same = os.path.samefile(output, path)
+            except OSError:
+                same = False
+        if same:
+            raise CSVFitError(
+                f"the output {output!r} is the input file {path!r}; refusing to overwrite it (choose another --output)"
+            )
+
+
+def check_times(times: Sequence[float]) -> list[float]:
+    """The training times as floats: non-empty, each ``>= 0`` or inf, no two equal."""
+    times = [float(t) for t in times]
+    if not times:
+        raise CSVFitError("no training times given")
+    for t in times:
+        if math.isnan(t) or t < 0:
+            raise CSVFitError(f"training times must be >= 0 (or inf), got {t}")
+    names = [format_time(t) for t in times]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise CSVFitError(f"training time(s) {', '.join(repeated)} given twice; each time gives its own columns")
+    return times
+
+
 def parse_time(text: str) -> float:
     """A training time from the command line: a non-negative float or ``inf``; ValueError otherwise."""
     value = float(text)
@@ -142,14 +203,20 @@ def format_time(t: float) -> str:
 
 
 def standardize(train: np.ndarray, enabled: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and scales ``(d,)``, ``(d,)`` of ``train`` ``(n, d)``; zeros and ones if not ``enabled``.
+    r"""Column means and scales ``(d,)``, ``(d,)`` of ``train`` ``(n, d)``; zeros and ones if not ``enabled``.
 
-    The scale is the (population) standard deviation, 1 for a constant column.
+    The scale is the (population) standard deviation, 1 for a constant column. Both are computed
+    after dividing each column by its largest magnitude :math:`m`, as
+    :math:`\mu = m\,\mathrm{mean}(x/m)` and :math:`s = m\,\mathrm{std}(x/m)`, so that no
+    intermediate overflows for any finite data (the plain sum of squares overflows near 1e154).
     """
     if not enabled:
         return np.zeros(train.shape[1]), np.ones(train.shape[1])
-    mean = train.mean(axis=0)
-    scale = train.std(axis=0)
+    peak = np.abs(train).max(axis=0)
+    peak = np.where(peak > 0, peak, 1.0)
+    unit = train / peak
+    mean = unit.mean(axis=0) * peak
+    scale = unit.std(axis=0) * peak
     return mean, np.where(scale > 0, scale, 1.0)
 
 
@@ -175,6 +242,10 @@ def fit_csv(
     print_fn: Callable[[str], None] = print,
 ) -> dict:
     r"""Fit ``train_path`` and write predictions at ``predict_path`` (or the training points).
+
+    Raises :class:`CSVFitError` for bad files, columns or options, an ``output`` that is one of the
+    input files, and predictions that are not finite; warns (:class:`~gpntk.NumericalWarning`) when
+    ``learning_rate`` is at or above the largest stable one, ``max_learning_rate(regime)``.
 
     :param targets: target column names (default: the last column).
     :param features: input column names (default: every column not a target).
@@ -213,12 +284,9 @@ def fit_csv(
     train = read_table(train_path, required=features + targets)
     if train.values.shape[0] < MIN_TRAIN_ROWS:
         raise CSVFitError(f"{train_path}: {train.values.shape[0]} data row(s); at least {MIN_TRAIN_ROWS} are needed")
-    times = [float(t) for t in times]
-    if not times:
-        raise CSVFitError("no training times given")
-    for t in times:
-        if math.isnan(t) or t < 0:
-            raise CSVFitError(f"training times must be >= 0 (or inf), got {t}")
+    times = check_times(times)
+    if isinstance(output, str) and output != "-":
+        check_distinct_files(output, [train_path] + ([predict_path] if predict_path is not None else []))
     if regime not in _REGIMES:
         raise CSVFitError(f"unknown regime {regime!r}; choose one of {', '.join(_REGIMES)}")
     if activation.lower() not in ACTIVATION_NAMES:
@@ -242,25 +310,60 @@ def fit_csv(
     x_mean, x_scale = standardize(x_train, standardize_data)
     y_mean, y_scale = standardize(y_train, standardize_data)
     to_tensor = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
-    train_x = to_tensor((x_train - x_mean) / x_scale)
-    train_y = to_tensor((y_train - y_mean) / y_scale)
-    test_x = to_tensor((x_test - x_mean) / x_scale)
+    with np.errstate(over="ignore", invalid="ignore"):
+        train_x = to_tensor((x_train - x_mean) / x_scale)
+        train_y = to_tensor((y_train - y_mean) / y_scale)
+        test_x = to_tensor((x_test - x_mean) / x_scale)
+    for name, array in (("training features", train_x), ("training targets", train_y), ("prediction features", test_x)):
+        if not bool(torch.isfinite(array).all()):
+            raise CSVFitError(
+                f"the {name} are not finite after standardization (values too large for float64 arithmetic); "
+                "rescale the data"
+            )
     if len(targets) == 1:
         train_y = train_y.squeeze(-1)
 
+    # whatever a dependency prints while computing (e.g. a KeOps compilation notice) goes to
+    # stderr when stdout carries the CSV
+    quiet = stdout_to_stderr() if output == "-" else contextlib.nullcontext()
+    stdout = sys.stdout
     try:
-        net = L.mlp(depth, activation, weight_variance=weight_variance, bias_variance=bias_variance)
-        post = TrainedEnsemble(net, train_x, train_y, learning_rate=learning_rate or 1.0, diag_reg=diag_reg)
-        if learning_rate is None:
-            # only the time scale depends on the learning rate; nothing cached needs recomputing
-            post.learning_rate = DEFAULT_LEARNING_RATE_FRACTION * post.max_learning_rate(regime)
-        mean, var = post.moments(test_x, t=torch.tensor(times, dtype=torch.float64), regime=regime, diag=True)
+        with quiet:
+            net = L.mlp(depth, activation, weight_variance=weight_variance, bias_variance=bias_variance)
+            post = TrainedEnsemble(net, train_x, train_y, learning_rate=learning_rate or 1.0, diag_reg=diag_reg)
+            limit = post.max_learning_rate(regime)
+            if learning_rate is None:
+                # only the time scale depends on the learning rate; nothing cached needs recomputing
+                post.learning_rate = DEFAULT_LEARNING_RATE_FRACTION * limit
+            elif learning_rate >= limit:
+                warnings.warn(
+                    f"learning rate {learning_rate:.6g} is at or above the largest stable one for regime {regime}, "
+                    f"{limit:.6g} (= 2nk / largest eigenvalue of the training kernel): discrete gradient descent "
+                    "diverges at this rate; the predictions are those of the continuous-time flow with times "
+                    "counted in steps of this size",
+                    NumericalWarning,
+                    stacklevel=2,
+                )
+            mean, var = post.moments(test_x, t=torch.tensor(times, dtype=torch.float64), regime=regime, diag=True)
     except (ValueError, TypeError) as error:
         raise CSVFitError(str(error)) from None
+    except torch.linalg.LinAlgError as error:
+        raise CSVFitError(
+            f"the training kernel could not be decomposed ({error}); the data may be too large for float64 "
+            "arithmetic" + ("" if standardize_data else " without standardization") + "; nothing was written"
+        ) from None
     mean = mean.detach().numpy().reshape(len(times), -1, len(targets))  # (T, m, k)
     std = var.detach().clamp_min(0).sqrt().numpy()[..., None]  # (T, m, 1): shared by the targets
-    mean = mean * y_scale + y_mean
-    std = std * y_scale  # (T, m, k)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = mean * y_scale + y_mean
+        std = std * y_scale  # (T, m, k)
+    bad = ~(np.isfinite(mean) & np.isfinite(std))
+    if bad.any():
+        raise CSVFitError(
+            f"{int(bad.sum())} of {bad.size} predictions are not finite (NaN or infinite); the data may be too "
+            "large for float64 arithmetic" + ("" if standardize_data else " without standardization")
+            + "; nothing was written"
+        )
 
     columns = list(features)
     for j, target in enumerate(targets):
@@ -279,8 +382,8 @@ def fit_csv(
             writer.writerow([_format_value(v) for v in row])
 
     if output == "-":
-        write(sys.stdout)
-        sys.stdout.flush()
+        write(stdout)
+        stdout.flush()
     elif isinstance(output, str):
         try:
             with open(output, "w", newline="") as handle:
@@ -306,7 +409,8 @@ def fit_csv(
             j = targets.index(target)
             for i, t in enumerate(times):
                 err = truth[:, jj] - mean[i, :, j]
-                rmse = float(np.sqrt(np.mean(err**2)))
+                peak = float(np.abs(err).max()) or 1.0  # sqrt(mean(err²)) without overflow
+                rmse = peak * float(np.sqrt(np.mean((err / peak) ** 2)))
                 s = np.maximum(std[i, :, j], NLL_STD_FLOOR * y_scale[j])
                 nll = float(np.mean(0.5 * math.log(2 * math.pi) + np.log(s) + 0.5 * (err / s) ** 2))
                 metrics[(target, format_time(t))] = (rmse, nll)

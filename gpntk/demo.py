@@ -23,6 +23,7 @@ import torch
 from . import layers as L
 from .kernels import NNGPKernel, NTKKernel
 from .posterior import TrainedEnsemble
+from .validation import integer_argument, real_argument
 
 #: the training times shown by the demo, in gradient-descent steps at DEMO_LEARNING_RATE
 DEMO_TIMES = (0.0, 10.0, 100.0, 1000.0, math.inf)
@@ -31,7 +32,9 @@ DEMO_LEARNING_RATE = 0.2
 
 def make_sine_problem(n_train: int = 8, noise: float = 0.1, seed: int = 1):
     """Noisy samples of sin(x) on [-π, π] (as in the Neural Tangents cookbook) and a test grid."""
-    generator = torch.Generator().manual_seed(seed)
+    n_train = integer_argument("n_train", n_train, minimum=1)
+    noise = real_argument("noise", noise, minimum=0)
+    generator = torch.Generator().manual_seed(integer_argument("seed", seed))
     train_x = torch.linspace(-math.pi, math.pi, n_train, dtype=torch.float64).unsqueeze(-1)
     train_x = train_x + 0.3 * torch.rand(n_train, 1, generator=generator, dtype=torch.float64)
     train_y = torch.sin(train_x).squeeze(-1) + noise * torch.randn(n_train, generator=generator, dtype=torch.float64)
@@ -113,7 +116,10 @@ def make_problem(n_train: int = 200, n_test: int = 500, noise: float = 1.0, seed
     and scaled to unit variance (dot-product kernels such as the NNGP/NTK see angles and norms,
     so centring matters), targets are standardised with the training statistics.
     """
-    generator = torch.Generator().manual_seed(seed)
+    n_train = integer_argument("n_train", n_train, minimum=2)
+    n_test = integer_argument("n_test", n_test, minimum=1)
+    noise = real_argument("noise", noise, minimum=0)
+    generator = torch.Generator().manual_seed(integer_argument("seed", seed))
 
     def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.rand(n, 10, generator=generator, dtype=torch.float64)

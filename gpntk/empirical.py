@@ -11,6 +11,11 @@ over the parameters with ``requires_grad=True`` (frozen layers contribute nothin
 over random initialisations of ``net.finite(width)``, both converge to the infinite-width
 kernels as the width grows (Jacot et al. 2018; Lee et al. 2019), which is how the analytic
 kernels are checked against real networks.
+
+**Gradients.** The kernels are differentiable in the inputs: when ``x1`` or ``x2`` requires grad
+(and grad mode is on), the per-layer output gradients are computed with ``create_graph=True``, so
+:math:`\partial\hat\Theta/\partial x` (and higher derivatives) come out of ordinary autograd. The
+network's parameters are then used detached: no gradient ever reaches them through a kernel.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 from .finite import ElementwiseActivation, NTKLinear
+from .validation import integer_argument
 
 __all__ = ["empirical_ntk", "empirical_nngp", "monte_carlo_kernel"]
 
@@ -37,6 +43,25 @@ _ROWWISE_MODULES: tuple[type[nn.Module], ...] = (
 def _outputs(model: nn.Module, x: Tensor) -> Tensor:
     out = model(x)
     return out.unsqueeze(-1) if out.dim() == 1 else out.reshape(out.shape[0], -1)
+
+
+def _differentiable(*xs: Tensor) -> bool:
+    """Whether a kernel of ``xs`` must be differentiable in them: grad mode on and one requires grad."""
+    return torch.is_grad_enabled() and any(torch.is_tensor(x) and x.requires_grad for x in xs)
+
+
+def _detached_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """The model's parameters, detached, for :func:`torch.func.functional_call` (no gradient reaches them)."""
+    return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _outputs_of_inputs(model: nn.Module, x: Tensor) -> Tensor:
+    """``(n, k)`` outputs, differentiable in ``x`` if it requires grad, never in the parameters."""
+    if not _differentiable(x):
+        with torch.no_grad():
+            return _outputs(model, x)
+    _ensure_initialized(model, x.detach())  # lazy parameters cannot be detached before they exist
+    return _outputs_functional(model, _detached_parameters(model), x)
 
 
 def _check_inputs(x1: Tensor, x2: Tensor) -> None:
@@ -109,7 +134,9 @@ def _structured_applicable(model: nn.Module) -> bool:
     return all(id(p) in known for p in model.parameters() if p.requires_grad)
 
 
-def _layer_gradients(model: nn.Module, x: Tensor) -> tuple[int, list[tuple[nn.Module, Tensor, Tensor]]]:
+def _layer_gradients(
+    model: nn.Module, x: Tensor, create_graph: bool = False
+) -> tuple[int, list[tuple[nn.Module, Tensor, Tensor]]]:
     """``(k, [(module, a, g)])`` for every trainable affine module of a row-wise ``model``.
 
     ``a`` ``(n, P, n_in)`` are the module's inputs and ``g`` ``(k, n, P, n_out)`` the derivatives of
@@ -117,6 +144,10 @@ def _layer_gradients(model: nn.Module, x: Tensor) -> tuple[int, list[tuple[nn.Mo
     positions at which the module was applied (several uses of one module, extra dimensions).
     Because rows do not interact, the derivative of the sum over rows of channel ``k`` gives every
     row's own derivative, so ``k`` backward passes suffice for all ``n`` inputs.
+
+    With ``create_graph`` (inputs that require grad) ``a`` and ``g`` stay differentiable in ``x``
+    (``g`` by a double-backward graph) and the parameters are used detached; otherwise both are
+    detached.
     """
     records: dict[int, list] = {}
     modules: dict[int, nn.Module] = {}
@@ -136,7 +167,10 @@ def _layer_gradients(model: nn.Module, x: Tensor) -> tuple[int, list[tuple[nn.Mo
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.enable_grad():
-            out = _outputs(model, x)
+            if create_graph:
+                out = _outputs_functional(model, _detached_parameters(model), x)
+            else:
+                out = _outputs(model, x)
     finally:
         for handle in handles:
             handle.remove()
@@ -147,10 +181,15 @@ def _layer_gradients(model: nn.Module, x: Tensor) -> tuple[int, list[tuple[nn.Mo
     seeds = eye.unsqueeze(1).expand(k, n, k)
     if hs and out.requires_grad:
         try:
-            grads = torch.autograd.grad(out, hs, seeds, is_grads_batched=True, allow_unused=True)
+            grads = torch.autograd.grad(
+                out, hs, seeds, is_grads_batched=True, allow_unused=True, create_graph=create_graph
+            )
         except RuntimeError:  # an operation vmap cannot batch: one backward pass per channel
             per_channel = [
-                torch.autograd.grad(out, hs, seeds[c], retain_graph=True, allow_unused=True) for c in range(k)
+                torch.autograd.grad(
+                    out, hs, seeds[c], retain_graph=True, allow_unused=True, create_graph=create_graph
+                )
+                for c in range(k)
             ]
             grads = [
                 None if per_channel[0][u] is None else torch.stack([pc[u] for pc in per_channel])
@@ -166,8 +205,10 @@ def _layer_gradients(model: nn.Module, x: Tensor) -> tuple[int, list[tuple[nn.Mo
                 continue
             if g is None:
                 g = torch.zeros((k, *h.shape), dtype=h.dtype, device=h.device)
-            a_parts.append(a.detach().reshape(n, -1, a.shape[-1]))
-            g_parts.append(g.detach().reshape(k, n, -1, h.shape[-1]))
+            if not create_graph:
+                a, g = a.detach(), g.detach()
+            a_parts.append(a.reshape(n, -1, a.shape[-1]))
+            g_parts.append(g.reshape(k, n, -1, h.shape[-1]))
         if a_parts:
             layers.append((modules[key], torch.cat(a_parts, 1), torch.cat(g_parts, 2)))
     return k, layers
@@ -189,8 +230,9 @@ def _ntk_structured(model: nn.Module, x1: Tensor, x2: Tensor, channels: str) -> 
     which costs :math:`O(n_1 n_2 k^2 \cdot \text{width})` per layer instead of materialising
     the :math:`n k \times \#\text{params}` Jacobian.
     """
-    k, layers1 = _layer_gradients(model, x1)
-    layers2 = layers1 if x2 is x1 else _layer_gradients(model, x2)[1]
+    create_graph = _differentiable(x1, x2)
+    k, layers1 = _layer_gradients(model, x1, create_graph)
+    layers2 = layers1 if x2 is x1 else _layer_gradients(model, x2, create_graph)[1]
     n1, n2 = x1.shape[0], x2.shape[0]
     shape = (n1, n2, k) if channels == "diag" else (n1, n2, k, k)
     if not layers1:
@@ -240,6 +282,9 @@ def empirical_ntk(
         needs a network of row-wise modules whose trainable parameters all belong to
         :class:`~gpntk.finite.NTKLinear` / ``nn.Linear`` layers, as ``net.finite()`` builds;
         ``"auto"`` (default) takes ``"structured"`` where it applies.
+
+    Differentiable in ``x1``, ``x2`` when they require grad (never in the parameters); see the
+    module docstring.
     """
     x2 = x1 if x2 is None else x2
     _check_inputs(x1, x2)
@@ -269,14 +314,14 @@ def empirical_nngp(
     r"""One sample of the NNGP: :math:`\hat\Sigma(x_1, x_2) = f(x_1) f(x_2)^\top`, averaged over output channels.
 
     With ``reduce="none"`` the ``(n1, n2, k, k)`` outer products. Its expectation over random
-    initialisations is the finite-width NNGP kernel.
+    initialisations is the finite-width NNGP kernel. Differentiable in ``x1``, ``x2`` when they
+    require grad (never in the parameters).
     """
     x2 = x1 if x2 is None else x2
     _check_inputs(x1, x2)
     _check_reduce(reduce)
-    with torch.no_grad():
-        f1 = _outputs(model, x1)
-        f2 = f1 if x2 is x1 else _outputs(model, x2)
+    f1 = _outputs_of_inputs(model, x1)
+    f2 = f1 if x2 is x1 else _outputs_of_inputs(model, x2)
     if reduce == "mean":  # never the (n1, n2, k, k) outer products: k can be in the thousands
         return (f1 @ f2.transpose(0, 1)) / f1.shape[-1]
     return torch.einsum("ia,jb->ijab", f1, f2)
@@ -314,13 +359,14 @@ def monte_carlo_kernel(
     pooling), the channels-first shape of one input, passed to ``net.finite`` as for
     ``NTKKernel(net, input_shape=...)``; each row of ``x1``, ``x2`` then holds ``C·H·W`` features.
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise ValueError(f"n_samples must be an integer of at least 2 (for a standard error), got {n_samples!r}")
+    n_samples = integer_argument("n_samples (at least 2, for a standard error)", n_samples, minimum=2)
+    width = integer_argument("width", width, minimum=1)
+    out_features = integer_argument("out_features", out_features, minimum=1)
     if kind not in ("ntk", "nngp"):
         raise ValueError(f"kind must be 'ntk' or 'nngp', got {kind!r}")
     x2 = x1 if x2 is None else x2
     _check_inputs(x1, x2)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(integer_argument("seed", seed))
     estimator = empirical_ntk if kind == "ntk" else empirical_nngp
     samples = []
     for _ in range(n_samples):

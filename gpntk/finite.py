@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
+from .validation import integer_argument, real_argument
+
 __all__ = [
     "NTKLinear", "NTKConv", "ElementwiseActivation", "ChannelsLast", "RowsToTensors", "FlattenRows",
     "GlobalAvgPooling", "AvgPooling", "ChannelNorm", "Branches", "ParallelBranches", "MergeBranches",
@@ -32,9 +34,8 @@ __all__ = [
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    """``value`` as an int >= 1 (Python or numpy integers), or a ValueError naming ``name``."""
+    return integer_argument(name, value, minimum=1)
 
 
 class NTKLinear(LazyModuleMixin, nn.Module):
@@ -61,11 +62,8 @@ class NTKLinear(LazyModuleMixin, nn.Module):
         if in_features is not None:
             in_features = _positive_int("in_features", in_features)
         out_features = _positive_int("out_features", out_features)
-        weight_std, bias_std = float(weight_std), float(bias_std)
-        if not (math.isfinite(weight_std) and weight_std > 0):
-            raise ValueError(f"weight_std must be positive and finite, got {weight_std}")
-        if not (math.isfinite(bias_std) and bias_std >= 0):
-            raise ValueError(f"bias_std must be non-negative and finite, got {bias_std}")
+        weight_std = real_argument("weight_std", weight_std, minimum=0, strict=True)
+        bias_std = real_argument("bias_std", bias_std, minimum=0)
         self.out_features = out_features
         self.weight_std = float(weight_std)
         self.bias_std = float(bias_std)
@@ -246,7 +244,7 @@ class ChannelNorm(nn.Module):
 
     def __init__(self, eps: float = 1e-12):
         super().__init__()
-        self.eps = eps
+        self.eps = real_argument("eps", eps, minimum=0, strict=True)
 
     def forward(self, x: Tensor) -> Tensor:
         centred = x - x.mean(dim=1, keepdim=True)

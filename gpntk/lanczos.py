@@ -77,6 +77,7 @@ import torch
 from torch import Tensor
 
 from .errors import NumericalWarning
+from .validation import integer_argument, real_argument
 
 __all__ = ["lanczos", "largest_eigenvalue", "LanczosRun", "MatrixFunction", "MatMul"]
 
@@ -270,12 +271,9 @@ class LanczosRun:
 
 
 def _check_options(tolerance: float, max_iterations: int, check_every: int) -> None:
-    number = isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool)
-    if not number or not math.isfinite(tolerance) or tolerance <= 0:
-        raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
+    real_argument("tolerance", tolerance, minimum=0, strict=True)
     for name, value in (("max_iterations", max_iterations), ("check_every", check_every)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        integer_argument(name, value, minimum=1)
 
 
 def lanczos(

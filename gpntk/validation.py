@@ -1,20 +1,122 @@
-"""Input checks shared by the kernels and the posterior: errors that name what is wrong."""
+"""Input and argument checks shared by gpntk's modules: errors that name what is wrong.
+
+Arguments (:func:`integer_argument`, :func:`real_argument`) accept what a user would call an
+integer or a real number, whatever library made it: Python ``int``/``float``, numpy scalars
+(``np.int64(5)``, ``np.float32(0.1)``), 0-dimensional numpy arrays and one-element real torch
+tensors. They refuse, with a message naming the argument, what only looks like one: ``bool``
+(``True`` is no width), strings (``"12"`` is no number and no list of digits), complex numbers,
+integral-valued floats where an integer is needed (``3.0`` layers), NaN and infinities.
+
+Tensor inputs (:func:`check_inputs`) must be float32 or float64: float16 and bfloat16 have too
+small a range for the kernel recursions (squared norms of inputs with entries near 100 overflow
+float16) and too few digits for a Cholesky factorisation, so they are refused with a TypeError
+naming the dtype rather than returning NaN; convert with ``x.float()`` or ``x.double()``.
+"""
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
+import numpy as np
 import torch
 
-__all__ = ["check_inputs", "check_kernel_inputs", "expanded_batch_shape"]
+__all__ = [
+    "check_inputs", "check_kernel_inputs", "expanded_batch_shape", "integer_argument", "real_argument",
+    "SUPPORTED_DTYPES",
+]
+
+#: the floating-point dtypes gpntk computes in
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def integer_argument(name: str, value, *, minimum: int | None = None, error: type[Exception] = ValueError) -> int:
+    """``value`` as a Python ``int``: a Python or numpy integer or an integer tensor/array of one element.
+
+    Raises ``error`` (a ValueError subclass by default) naming ``name`` for a bool, a float (even
+    ``3.0``), a string, a complex number, or a value below ``minimum``.
+    """
+    bound = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}"
+    )
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, str):
+        raise error(f"{name} must be {bound}, got {_describe(value)}")
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if isinstance(value, np.ndarray):
+            size, integral = value.size, value.dtype.kind in "iu"
+        else:
+            size = value.numel()
+            integral = not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
+        if size != 1 or not integral:
+            raise error(f"{name} must be {bound}, got {_describe(value)}")
+        value = value.reshape(-1)[0].item()
+    try:
+        result = operator.index(value)
+    except TypeError:
+        raise error(f"{name} must be {bound}, got {_describe(value)}") from None
+    if minimum is not None and result < minimum:
+        raise error(f"{name} must be {bound}, got {value!r}")
+    return int(result)
+
+
+def real_argument(
+    name: str,
+    value,
+    *,
+    minimum: float | None = None,
+    strict: bool = False,
+    finite: bool = True,
+    error: type[Exception] = ValueError,
+) -> float:
+    """``value`` as a Python ``float``: any real number (Python, numpy, one-element real tensor/array).
+
+    Raises ``error`` naming ``name`` for a bool, a string, a complex number, NaN, an infinity
+    (unless ``finite=False``, which still refuses NaN), or a value below ``minimum`` (at or below it
+    with ``strict``).
+    """
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
+        raise error(f"{name} must be a number, got {_describe(value)}")
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        size = value.size if isinstance(value, np.ndarray) else value.numel()
+        complex_or_bool = (
+            value.dtype.kind in "cbOSU" if isinstance(value, np.ndarray)
+            else value.dtype.is_complex or value.dtype == torch.bool
+        )
+        if size != 1 or complex_or_bool:
+            raise error(f"{name} must be a number, got {_describe(value)}")
+        value = value.reshape(-1)[0].item()
+    if not isinstance(value, numbers.Real):
+        raise error(f"{name} must be a number, got {_describe(value)}")
+    result = float(value)
+    if math.isnan(result) or (finite and math.isinf(result)):
+        raise error(f"{name} must be finite, got {result}")
+    if minimum is not None and (result < minimum or (strict and result == minimum)):
+        bound = {(0, True): "positive", (0, False): "non-negative"}.get(
+            (minimum, strict), f"{'>' if strict else '>='} {minimum:g}"
+        )
+        raise error(f"{name} must be {bound}, got {result}")
+    return result
 
 
 def check_inputs(name: str, x, *, batched: bool) -> None:
-    """``x`` must be a finite floating-point tensor of shape ``(..., n, d)`` (``(n, d)`` unless ``batched``)."""
+    """``x`` must be a finite float32 or float64 tensor of shape ``(..., n, d)`` (``(n, d)`` unless ``batched``)."""
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}, which gpntk does not compute in (too small a range and precision for "
+            "the kernel recursions); convert it with .float() (float32) or .double() (float64)"
+        )
     if batched and x.dim() < 2:
         raise ValueError(f"{name} must have shape (..., n, d), got {tuple(x.shape)}")
     if not batched and x.dim() != 2:

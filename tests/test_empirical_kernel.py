@@ -336,10 +336,15 @@ def test_converting_the_lazy_operator_leaves_the_network_alone():
     torch.testing.assert_close(op.to(torch.float32).to_dense(), op.to_dense().float())
 
 
-def test_no_gradient_reaches_the_inputs():
+def test_gradient_reaches_the_inputs_but_not_the_weights():
+    """The kernel is differentiable in x (checked against finite differences in test_empirical_autodiff)."""
     x = _x(4, D, seed=19).requires_grad_(True)
-    K = EmpiricalNTKKernel(_mlp())(x).to_dense()
-    assert not K.requires_grad
+    model = _mlp()
+    K = EmpiricalNTKKernel(model)(x).to_dense()
+    assert K.requires_grad
+    K.sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_pickle_and_deepcopy_round_trip():

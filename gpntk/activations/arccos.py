@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArchitectureError
+from ..validation import integer_argument
 from .base import Activation, correlation, double_factorial, real_parameter as _real
 
 __all__ = ["ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "RectifiedMonomial", "arccos_j"]
@@ -245,8 +246,7 @@ class RectifiedMonomial(Activation):
 
     def __init__(self, degree: int):
         super().__init__()
-        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
-            raise ArchitectureError(f"RectifiedMonomial degree must be a non-negative integer, got {degree!r}")
+        degree = integer_argument("RectifiedMonomial degree", degree, minimum=0, error=ArchitectureError)
         self.degree = degree
 
     def fn(self, x: Tensor) -> Tensor:

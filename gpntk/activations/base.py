@@ -24,6 +24,7 @@ from ..errors import ArchitectureError
 from ..finite import ElementwiseActivation
 from ..layers.base import Hyperparameters, Layer, Signature
 from ..state import KernelState, midpoint, set_diagonal
+from ..validation import real_argument
 
 __all__ = ["Activation", "correlation", "safe_sqrt", "real_parameter", "double_factorial"]
 
@@ -164,14 +165,12 @@ def _unit_scales(q: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def real_parameter(name: str, value) -> float:
-    """``value`` as a finite float, or an :class:`ArchitectureError` naming ``name``."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ArchitectureError(f"{name} must be a real number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ArchitectureError(f"{name} must be finite, got {value}")
-    return value
+    """``value`` as a finite float, or an :class:`ArchitectureError` naming ``name``.
+
+    Any real number is accepted (Python, numpy, a one-element real tensor); bools, strings and
+    complex numbers are not (:func:`gpntk.validation.real_argument`).
+    """
+    return real_argument(name, value, error=ArchitectureError)
 
 
 def double_factorial(n: int) -> int:

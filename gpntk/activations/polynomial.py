@@ -15,11 +15,14 @@ and :math:`\dot k_{12}` from the coefficients of :math:`\phi'`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import ArchitectureError
+from ..validation import integer_argument
 from .base import Activation, double_factorial, real_parameter
 
 __all__ = ["Polynomial", "Monomial", "gaussian_moment"]
@@ -51,10 +54,13 @@ class Polynomial(Activation):
 
     def __init__(self, coef):
         super().__init__()
-        try:
-            coef = [real_parameter(f"coef[{i}]", c) for i, c in enumerate(coef)]
-        except TypeError:
-            raise ArchitectureError(f"Polynomial coef must be a sequence of numbers, got {coef!r}") from None
+        if isinstance(coef, (str, bytes, set, frozenset, dict)) or not isinstance(coef, Iterable):
+            # a string is iterable but no sequence of numbers: Polynomial("12") is not [1, 2]; a set
+            # or dict has no order of coefficients
+            raise ArchitectureError(f"Polynomial coef must be a sequence of numbers (c0, c1, ...), got {coef!r}")
+        if isinstance(coef, (torch.Tensor, np.ndarray)) and coef.ndim != 1:
+            raise ArchitectureError(f"Polynomial coef must be one-dimensional, got shape {tuple(coef.shape)}")
+        coef = [real_parameter(f"coef[{i}]", c) for i, c in enumerate(coef)]
         if not coef:
             raise ArchitectureError("Polynomial coef must not be empty")
         self.coef = coef
@@ -82,8 +88,7 @@ class Monomial(Polynomial):
     r""":math:`\phi(x) = x^p`: :math:`k_{12} = \mathbb E[u^p v^p]`, :math:`\dot k_{12} = p^2\,\mathbb E[u^{p-1} v^{p-1}]`."""
 
     def __init__(self, degree: int):
-        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
-            raise ArchitectureError(f"Monomial degree must be a non-negative integer, got {degree!r}")
+        degree = integer_argument("Monomial degree", degree, minimum=0, error=ArchitectureError)
         super().__init__([0.0] * degree + [1.0])
         self.degree = degree
 

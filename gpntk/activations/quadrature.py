@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArchitectureError
+from ..validation import integer_argument
 from .base import Activation, correlation, safe_sqrt
 
 __all__ = ["Elementwise", "Tanh", "Sigmoid", "Softplus", "SiLU"]
@@ -105,8 +106,7 @@ class Elementwise(Activation):
             raise ArchitectureError(f"Elementwise needs a callable fn, got {fn!r}")
         if derivative is not None and not callable(derivative):
             raise ArchitectureError(f"derivative must be callable, got {derivative!r}")
-        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 2:
-            raise ArchitectureError(f"degree must be an integer >= 2, got {degree!r}")
+        degree = integer_argument("degree", degree, minimum=2, error=ArchitectureError)
         self._fn = fn
         self._derivative = derivative if derivative is not None else _AutogradDerivative(fn)
         self.degree = degree

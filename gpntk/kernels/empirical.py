@@ -31,13 +31,15 @@ from torch import Tensor, nn
 
 from ..empirical import (
     _affine_scales,
+    _differentiable,
     _ensure_initialized,
     _jacobian,
     _layer_gradients,
+    _outputs_of_inputs,
     _structured_applicable,
     empirical_ntk,
 )
-from ..validation import check_kernel_inputs, expanded_batch_shape
+from ..validation import SUPPORTED_DTYPES, check_kernel_inputs, expanded_batch_shape, integer_argument
 
 __all__ = ["EmpiricalNTKKernel", "empirical_covariance", "empirical_diagonal"]
 
@@ -80,15 +82,17 @@ class EmpiricalNTKKernel(Kernel):
     too (the one object, in place, as ``Module.to`` does with submodules), and pickling or
     deep-copying the kernel carries the network along.
 
-    Calling the kernel returns a lazy ``KernelLinearOperator`` of shape ``(..., n1, n2)``;
+    Calling the kernel returns a lazy ``KernelLinearOperator`` of shape ``(..., n1, n2)`` (a dense
+    tensor when the inputs require grad in grad mode, so that derivatives of any order exist);
     ``diag=True`` returns the ``(..., n)`` values :math:`k(x_{1,i}, x_{2,i})` from per-point
     Jacobians (NTK) or outputs (NNGP), without the full matrix. Inputs are ``(..., n, d)``
     floating-point tensors on the network's device. **dtype rule**: the network is run in its own
     dtype (inputs are converted to it) and the kernel is returned in the inputs' dtype, so a
     float32 network gives a float32-accurate kernel even for float64 inputs; call
-    ``kernel.double()`` for float64 accuracy. The kernel is **not differentiable in the inputs**
-    (they are detached), so gradient-based optimisation over ``x`` (e.g. of a BoTorch acquisition
-    function) sees no gradient through it.
+    ``kernel.double()`` for float64 accuracy. The kernel is **differentiable in the inputs**
+    (first and higher derivatives, by autograd through the per-layer output gradients computed
+    with ``create_graph=True``), so gradient-based optimisation over ``x``, e.g. BoTorch's
+    ``optimize_acqf``, works; no gradient reaches the network's weights.
 
     Example::
 
@@ -111,10 +115,11 @@ class EmpiricalNTKKernel(Kernel):
             raise TypeError(f"EmpiricalNTKKernel needs a torch.nn.Module, got {type(model).__name__}")
         if kind not in ("ntk", "nngp"):
             raise ValueError(f"kind must be 'ntk' or 'nngp', got {kind!r}")
-        if output is not None and (isinstance(output, bool) or not isinstance(output, int) or output < 0):
-            raise ValueError(
-                f"output must be None (mean over channels) or a non-negative channel index, got {output!r}"
-            )
+        if output is not None:
+            try:
+                output = integer_argument("output", output, minimum=0)
+            except ValueError as error:
+                raise ValueError(f"{error} (a channel index, or None for the mean over channels)") from None
         if kind == "ntk" and not any(p.requires_grad for p in model.parameters()):
             raise ValueError(
                 f"{type(model).__name__} has no trainable parameters (requires_grad=True), so its NTK is zero; "
@@ -174,8 +179,6 @@ class EmpiricalNTKKernel(Kernel):
             raise RuntimeError("EmpiricalNTKKernel does not support last_dim_is_batch")
         self._validate(x1, x2, diag)
         same = x1 is x2
-        x1 = x1.detach()
-        x2 = x1 if same else x2.detach()
         batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
         if diag:
             out = empirical_diagonal(x1, x2, model=self.model, kind=self.kind, output=self.output)
@@ -183,6 +186,10 @@ class EmpiricalNTKKernel(Kernel):
         if batch != x1.shape[:-2] or batch != x2.shape[:-2]:  # the kernel's own batch shape
             x1 = x1.expand(*batch, *x1.shape[-2:])
             x2 = x1 if same else x2.expand(*batch, *x2.shape[-2:])
+        if _differentiable(x1, x2):
+            # a tensor: autograd reaches x1, x2 to any order (linear_operator's matmul Function, through
+            # which a KernelLinearOperator's dense matrix is used, supports first derivatives only)
+            return empirical_covariance(x1, x2, model=self.model, kind=self.kind, output=self.output)
         # the network travels in a holder: LinearOperator.to / .cpu / .type would otherwise convert it
         return KernelLinearOperator(
             x1, x2, covar_func=empirical_covariance, model=_NetworkRef(self.model), kind=self.kind, output=self.output
@@ -240,13 +247,16 @@ def empirical_covariance(
 
     ``kind`` picks :math:`\hat\Theta` or :math:`\hat\Sigma`, ``output`` the channel (``None``: the
     mean over channels). Batch dimensions broadcast (for the NTK, the matrix of each distinct batch
-    element is computed once). Not differentiable in ``x1``, ``x2``.
+    element is computed once, unless the inputs require grad). Differentiable in ``x1``, ``x2``
+    when they require grad.
     """
     model = model.module if isinstance(model, _NetworkRef) else model
     batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
     n1, n2, d = x1.shape[-2], x2.shape[-2], x1.shape[-1]
     dtype = x1.dtype
-    same = _same_inputs(x1, x2)
+    differentiable = _differentiable(x1, x2)
+    # equal values of two different tensors share one computation only where no gradient is due
+    same = x1 is x2 if differentiable else _same_inputs(x1, x2)
     count = math.prod(batch)
     if n1 == 0 or n2 == 0 or count == 0:
         return torch.zeros(*batch, n1, n2, dtype=dtype, device=x1.device)
@@ -260,7 +270,7 @@ def empirical_covariance(
         elif n1 == 1 and n2 == 1 and count > 1:  # single entries, e.g. from KernelLinearOperator's diagonal
             out = _paired_ntk(net, xa[:, 0], xb[:, 0], same=same)
         else:
-            out = torch.stack(_ntk_blocks(net, xa, xb, same=same))
+            out = torch.stack(_ntk_blocks(net, xa, xb, same=same, reuse=not differentiable))
             if same:  # exactly symmetric (the layer-by-layer sums are only so up to rounding)
                 out = (out + out.transpose(-2, -1)) / 2
     return out.reshape(*batch, n1, n2).to(dtype)
@@ -280,7 +290,7 @@ def empirical_diagonal(
     batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
     n, d = x1.shape[-2], x1.shape[-1]
     dtype = x1.dtype
-    same = _same_inputs(x1, x2)
+    same = x1 is x2 if _differentiable(x1, x2) else _same_inputs(x1, x2)
     if n * math.prod(batch) == 0:
         return torch.zeros(*batch, n, dtype=dtype, device=x1.device)
     with _evaluating(model, output, x1, x2) as (net, xa, xb):
@@ -334,9 +344,8 @@ def _same_inputs(x1: Tensor, x2: Tensor) -> bool:
 
 
 def _flat_outputs(net: nn.Module, x: Tensor) -> Tensor:
-    with torch.no_grad():
-        out = net(x)
-    return out.unsqueeze(-1) if out.dim() == 1 else out.reshape(out.shape[0], -1)
+    """``(n, k)`` outputs; differentiable in ``x`` if it requires grad, never in the weights."""
+    return _outputs_of_inputs(net, x)
 
 
 @contextmanager
@@ -346,7 +355,8 @@ def _evaluating(
     """Eval mode, lazy parameters materialised, inputs in the model's dtype, the shapes checked.
 
     Yields ``(net, x1, x2)``: the network to evaluate (``model`` or its channel ``output``) and the
-    inputs converted to the network's dtype (and detached). ``x1`` must hold at least one point.
+    inputs converted to the network's dtype (detached unless they require grad in grad mode).
+    ``x1`` must hold at least one point.
     """
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -358,8 +368,14 @@ def _evaluating(
         if tensor is not None and tensor.device != x1.device:
             raise ValueError(f"the inputs are on {x1.device} but the network is on {tensor.device}")
         dtype = x1.dtype if tensor is None else tensor.dtype
-        xa = x1.detach().to(dtype)
-        xb = xa if x2 is x1 else x2.detach().to(dtype)
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"the network's dtype is {dtype}, which gpntk does not compute kernels in (too small a range and "
+                "precision); convert it with kernel.float() or kernel.double()"
+            )
+        keep = _differentiable(x1, x2)
+        xa = (x1 if keep else x1.detach()).to(dtype)
+        xb = xa if x2 is x1 else (x2 if keep else x2.detach()).to(dtype)
         _check_outputs(model, output, probe.to(dtype), x1, x2)
         yield (model if output is None else _Channel(model, output)), xa, xb
     finally:
@@ -390,17 +406,20 @@ def _check_outputs(model: nn.Module, output: int | None, probe: Tensor, x1: Tens
         raise ValueError(f"output={output} but {name} has {k} output channel{'s' * (k != 1)}")
 
 
-def _ntk_blocks(net: nn.Module, xa: Tensor, xb: Tensor, *, same: bool) -> list[Tensor]:
-    """The ``(n1, n2)`` NTK of every batch element of ``xa`` (B, n1, d), ``xb`` (B, n2, d), repeats computed once."""
+def _ntk_blocks(net: nn.Module, xa: Tensor, xb: Tensor, *, same: bool, reuse: bool = True) -> list[Tensor]:
+    """The ``(n1, n2)`` NTK of every batch element of ``xa`` (B, n1, d), ``xb`` (B, n2, d).
+
+    With ``reuse`` (no gradient due) equal-valued batch elements are computed once.
+    """
     done: list[tuple[Tensor, Tensor, Tensor]] = []
     blocks = []
     for a, b in zip(xa, xb):
-        for da, db, value in done:
+        for da, db, value in done if reuse else ():
             if torch.equal(da, a) and torch.equal(db, b):
                 blocks.append(value)
                 break
         else:
-            value = empirical_ntk(net, a, None if same or _same_inputs(a, b) else b)
+            value = empirical_ntk(net, a, None if same or (reuse and _same_inputs(a, b)) else b)
             done.append((a, b, value))
             blocks.append(value)
     return blocks
@@ -434,8 +453,9 @@ def _paired_ntk_structured(net: nn.Module, xa: Tensor, xb: Tensor, *, same: bool
     + c_b^2 (\sum_p g_{\alpha,p}) \cdot (\sum_q g'_{\alpha,q})`, the primes marking row :math:`i` of
     ``xb``: :math:`O(m k \cdot \text{width})` per layer, no Jacobian and no :math:`m \times m` matrix.
     """
-    k, layers_a = _layer_gradients(net, xa)
-    layers_b = layers_a if same else _layer_gradients(net, xb)[1]
+    create_graph = _differentiable(xa, xb)
+    k, layers_a = _layer_gradients(net, xa, create_graph)
+    layers_b = layers_a if same else _layer_gradients(net, xb, create_graph)[1]
     m = xa.shape[0]
     if not layers_a:
         return torch.zeros(m, dtype=xa.dtype, device=xa.device)

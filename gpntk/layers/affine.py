@@ -14,18 +14,14 @@ from torch import Tensor
 
 from ..errors import ArchitectureError
 from ..state import KernelState
+from ..validation import real_argument
 from .base import Hyperparameters, Layer
 
 __all__ = ["Affine"]
 
 
 def _check_variance(name: str, value, allow_zero: bool) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ArchitectureError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ArchitectureError(f"{name} must be finite, got {value}")
+    value = real_argument(name, value, error=ArchitectureError)  # numbers only: no bools, strings, complex
     if value < 0 or (value == 0 and not allow_zero):
         bound = "non-negative" if allow_zero else "positive"
         raise ArchitectureError(f"{name} is a variance and must be {bound}, got {value}")

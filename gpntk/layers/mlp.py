@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..activations import Activation, activation_from_name
 from ..errors import ArchitectureError
+from ..validation import integer_argument
 from .base import Serial, serial
 from .dense import Dense
 
@@ -25,8 +26,7 @@ def mlp(
     is a name (see :data:`gpntk.activations.ACTIVATION_NAMES`, keyword arguments passed on) or an
     activation layer. ``depth=0`` is the linear model (a single ``Dense``).
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-        raise ArchitectureError(f"depth must be a non-negative integer, got {depth!r}")
+    depth = integer_argument("depth", depth, minimum=0, error=ArchitectureError)
     if isinstance(activation, Activation) and activation_kwargs:
         raise ArchitectureError("activation keyword arguments are only accepted with an activation name")
     act = activation_from_name(activation, **activation_kwargs)

@@ -8,6 +8,7 @@ from torch import Tensor
 from ..errors import ArchitectureError
 from ..finite import ChannelNorm
 from ..state import KernelState
+from ..validation import real_argument
 from .base import Hyperparameters, Layer, Signature
 
 __all__ = ["LayerNorm"]
@@ -37,7 +38,8 @@ class LayerNorm(Layer):
 
     def __init__(self, eps: float = 1e-12):
         super().__init__()
-        self.eps = float(eps)
+        # only the finite network uses eps (added to the channel variance before dividing by its root)
+        self.eps = real_argument("LayerNorm eps", eps, minimum=0, strict=True, error=ArchitectureError)
 
     def check(self, signature: Signature) -> Signature:
         if signature.gaussian is False:
@@ -66,4 +68,4 @@ class LayerNorm(Layer):
         return ChannelNorm(self.eps), in_shape
 
     def __repr__(self) -> str:
-        return "LayerNorm()"
+        return "LayerNorm()" if self.eps == 1e-12 else f"LayerNorm(eps={self.eps:g})"
