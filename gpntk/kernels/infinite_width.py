@@ -13,7 +13,7 @@ from torch import Tensor
 from ..layers.base import Hyperparameters, Layer, check_network, parameterized_layers
 from ..validation import check_kernel_inputs, expanded_batch_shape
 from .. import settings
-from .backends import InfiniteWidthKernelOperator, covariance_function
+from .backends import InfiniteWidthKernelOperator, choose_backend, covariance_function
 from .dense import Output, kernel_diagonal
 
 __all__ = ["InfiniteWidthKernel", "NTKKernel", "NNGPKernel"]
@@ -22,11 +22,12 @@ __all__ = ["InfiniteWidthKernel", "NTKKernel", "NNGPKernel"]
 class InfiniteWidthKernel(Kernel):
     r"""Base class of the NTK and NNGP kernels of an architecture ``net``.
 
-    :param net: the architecture, e.g. ``gpntk.layers.mlp(3, "relu")``. The kernel owns the
-        net's hyperparameters (σw², σb² of every ``Dense``): they appear among the kernel's
-        parameters (``kernel.named_hyperparameters()``), are learnt by the marginal likelihood, and
-        are shared with every other kernel built on the same ``net`` object (use
-        ``copy.deepcopy(net)`` for independent ones).
+    :param net: the architecture, e.g. ``gpntk.layers.mlp(3, "relu")``. The net's layers own its
+        hyperparameters (σw², σb² of every ``Dense``, with their constraints and priors): they
+        appear among the kernel's parameters (``kernel.named_hyperparameters()``), are learnt by
+        the marginal likelihood, and are shared with every other kernel built on the same ``net``
+        object (use ``copy.deepcopy(net)`` for independent ones). ``kernel.net`` is the network the
+        kernel evaluates: ``net`` itself, except for a batched kernel (below).
     :param input_shape: for spatial architectures, the shape ``(C, W)`` or ``(C, H, W)`` of one
         input; rows of ``x`` then hold ``C*H*W`` features in channels-first order. ``None``
         (default) treats rows as feature vectors.
@@ -41,10 +42,22 @@ class InfiniteWidthKernel(Kernel):
         it fits, see there).
     :param batch_shape: GPyTorch batch shape: every hyperparameter gets shape
         ``(*batch_shape, 1, 1)`` (e.g. one set per output of a BoTorch multi-output model).
+        Building a batched kernel never changes ``net``: unless the net's hyperparameters already
+        have this batch shape (e.g. ``net`` is another batched kernel's ``.net``), the kernel
+        works on its own deep copy, ``kernel.net``, whose hyperparameters are batched; read and
+        set them there.
     :param active_dims: as for any GPyTorch kernel.
 
-    Calling the kernel returns a lazy ``KernelLinearOperator`` of shape ``(..., n1, n2)``;
-    ``diag=True`` returns the exact diagonal ``(..., n)`` from the per-point recursion.
+    Other GPyTorch ``Kernel`` arguments (``ard_num_dims``, ``lengthscale_prior``,
+    ``lengthscale_constraint``, ``eps``) have no meaning here (the kernel has no length scale)
+    and raise ``TypeError``; priors and constraints go on the layers
+    (``Dense(weight_variance_prior=...)``).
+
+    Calling the kernel returns GPyTorch's lazy kernel tensor of shape ``(..., n1, n2)``; when
+    evaluated, :meth:`forward` gives a dense tensor wherever the dense backend is chosen (so
+    GPyTorch multiplies, adds and factorizes it exactly, as it does an RBF kernel's) and a
+    matrix-free operator otherwise (see ``backend``). ``diag=True`` returns the exact diagonal
+    ``(..., n)`` from the per-point recursion.
     Inputs are ``(..., n, d)`` float tensors; the hyperparameters are cast to their dtype and
     device, and the input kernel is :math:`x \cdot x' / d` (Novak et al. 2020 convention).
     """
@@ -66,10 +79,11 @@ class InfiniteWidthKernel(Kernel):
             raise TypeError(
                 f"{type(self).__name__} needs an architecture built from gpntk.layers, got {type(net).__name__}"
             )
-        super().__init__(batch_shape=torch.Size(batch_shape), active_dims=active_dims, **kwargs)
+        _reject_unsupported_kwargs(type(self).__name__, kwargs)
+        super().__init__(batch_shape=torch.Size(batch_shape), active_dims=active_dims)
         self.input_shape = _check_input_shape(input_shape)
         check_network(net, self.input_shape)
-        self.net = net
+        self.net = _net_with_batch_shape(net, self.batch_shape)
         if block_elements is not None:
             try:
                 block_elements = _positive_int(block_elements)
@@ -85,7 +99,7 @@ class InfiniteWidthKernel(Kernel):
                 if reason is not None:
                     raise ValueError(f"backend='keops' cannot evaluate this kernel: {reason}")
         self.backend = backend
-        for layer in parameterized_layers(net):
+        for layer in parameterized_layers(self.net):
             layer.expand_hyperparameters(self.batch_shape)
 
     @property
@@ -100,6 +114,9 @@ class InfiniteWidthKernel(Kernel):
         options = dict(net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements)
         if diag:
             return kernel_diagonal(x1, x2, hyper=hyper, **options)
+        if choose_backend(self.net, x1, x2, hyper, self.input_shape, self.backend) == "dense":
+            # a tensor: GPyTorch multiplies, adds and factorizes it exactly (as it does RBF's)
+            return covariance_function(x1, x2, backend="dense", **options, **hyper)
         return InfiniteWidthKernelOperator(
             x1, x2, covar_func=covariance_function, backend=self.backend, **options, **hyper
         )
@@ -158,6 +175,38 @@ class NNGPKernel(InfiniteWidthKernel):
     """
 
     _output = "nngp"
+
+
+#: GPyTorch ``Kernel`` arguments that gpntk kernels do not take, and why
+_UNSUPPORTED_KWARGS = {
+    "ard_num_dims": "the kernel has no length scales (scale inputs yourself, or use a first Dense layer)",
+    "lengthscale_prior": "the kernel has no length scale; put priors on the layers (Dense(weight_variance_prior=...))",
+    "lengthscale_constraint": "the kernel has no length scale; put constraints on the layers "
+    "(Dense(weight_variance_constraint=...))",
+    "eps": "the kernel has no length scale",
+}
+
+
+def _reject_unsupported_kwargs(kernel_name: str, kwargs: dict) -> None:
+    """Raise ``TypeError`` for keyword arguments a gpntk kernel would otherwise ignore silently."""
+    if not kwargs:
+        return
+    name = next(iter(kwargs))
+    reason = _UNSUPPORTED_KWARGS.get(name, "it is not an argument of this kernel")
+    raise TypeError(f"{kernel_name} does not take {name}=: {reason}")
+
+
+def _net_with_batch_shape(net: Layer, batch_shape: torch.Size) -> Layer:
+    """``net`` itself when its hyperparameters already have ``batch_shape``, else a deep copy to batch.
+
+    Batching a network's hyperparameters changes their shape in place, which would break every
+    model already built on ``net``; so a batched kernel gets its own copy.
+    """
+    layers = parameterized_layers(net)
+    shapes = {layer.hyperparameter(name).shape[:-2] for layer in layers for name in layer.hyperparameter_names}
+    if not layers or shapes <= {batch_shape}:
+        return net
+    return deepcopy(net)
 
 
 def _check_input_shape(input_shape) -> tuple[int, ...] | None:
