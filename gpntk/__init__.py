@@ -9,7 +9,7 @@
 from . import layers, settings
 from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
 from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning
-from .kernels import EmpiricalNTKKernel, NNGPKernel, NTKKernel
+from .kernels import EmpiricalNTKKernel, NeuralKernelSum, NNGPKernel, NTKKernel
 from .posterior import TrainedEnsemble
 
 __version__ = "0.1.0"
@@ -19,4 +19,5 @@ __all__ = [
     "layers", "settings", "NTKKernel", "NNGPKernel", "EmpiricalNTKKernel", "TrainedEnsemble", "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
     "ArchitectureError", "GPNTKWarning", "NumericalWarning", "ApproximationWarning",
     "CompositionWarning", "__version__",
+    "NeuralKernelSum",
 ]

@@ -2,6 +2,7 @@ r"""GPyTorch kernels of infinitely wide networks: :class:`NTKKernel` and :class:
 
 from __future__ import annotations
 
+import math
 import operator
 from copy import deepcopy
 from typing import Sequence
@@ -14,9 +15,10 @@ from ..layers.base import Hyperparameters, Layer, check_network, parameterized_l
 from ..validation import check_kernel_inputs, expanded_batch_shape
 from .. import settings
 from .backends import InfiniteWidthKernelOperator, choose_backend, covariance_function
-from .dense import Output, kernel_diagonal
+from .dense import Output, batch_shape_of, evaluate, kernel_diagonal
+from .shared_priors import track_network_priors
 
-__all__ = ["InfiniteWidthKernel", "NTKKernel", "NNGPKernel"]
+__all__ = ["InfiniteWidthKernel", "NTKKernel", "NNGPKernel", "NeuralKernelSum"]
 
 
 class InfiniteWidthKernel(Kernel):
@@ -83,7 +85,9 @@ class InfiniteWidthKernel(Kernel):
         super().__init__(batch_shape=torch.Size(batch_shape), active_dims=active_dims)
         self.input_shape = _check_input_shape(input_shape)
         check_network(net, self.input_shape)
-        self.net = _net_with_batch_shape(net, self.batch_shape)
+        net = _net_with_batch_shape(net, self.batch_shape)
+        track_network_priors(net, type(self).__name__)
+        self.net = net
         if block_elements is not None:
             try:
                 block_elements = _positive_int(block_elements)
@@ -150,6 +154,39 @@ class InfiniteWidthKernel(Kernel):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.net!r})"
 
+    # --- a + b on one network: one kernel, one recursion, the network's priors counted once ---------
+    def _weights(self) -> tuple[float, float]:
+        """``(a, b)`` with this kernel equal to a·Θ + b·Σ of its network."""
+        return (1.0, 0.0) if self._output == "ntk" else (0.0, 1.0)
+
+    def _same_evaluation(self, other: "InfiniteWidthKernel") -> bool:
+        """Whether ``other`` evaluates the same network on the same inputs in the same way."""
+        same_dims = (self.active_dims is None and other.active_dims is None) or (
+            self.active_dims is not None and other.active_dims is not None
+            and torch.equal(self.active_dims, other.active_dims)
+        )
+        return (
+            other.net is self.net and same_dims and other.input_shape == self.input_shape
+            and other.batch_shape == self.batch_shape and other.block_elements == self.block_elements
+            and other.backend == self.backend
+        )
+
+    def __add__(self, other):
+        """``k1 + k2``: one :class:`NeuralKernelSum` when both are gpntk kernels of the same network.
+
+        GPyTorch's ``AdditiveKernel`` of two kernels on one network would register the network
+        twice, and its marginal likelihood would count the network's priors twice; the sum
+        kernel evaluates a·Θ + b·Σ in a single pass of the recursion instead.
+        """
+        if isinstance(other, InfiniteWidthKernel) and self._same_evaluation(other):
+            (a, b), (c, d) = self._weights(), other._weights()
+            return NeuralKernelSum(
+                self.net, ntk_weight=a + c, nngp_weight=b + d, input_shape=self.input_shape,
+                batch_shape=self.batch_shape, active_dims=self.active_dims, block_elements=self.block_elements,
+                backend=self.backend,
+            )
+        return super().__add__(other)
+
 
 class NTKKernel(InfiniteWidthKernel):
     r"""The neural tangent kernel :math:`\Theta(x, x')` of the infinitely wide network ``net``.
@@ -207,6 +244,70 @@ def _net_with_batch_shape(net: Layer, batch_shape: torch.Size) -> Layer:
     if not layers or shapes <= {batch_shape}:
         return net
     return deepcopy(net)
+
+
+class NeuralKernelSum(InfiniteWidthKernel):
+    r"""The kernel :math:`a\,\Theta(x, x') + b\,\Sigma(x, x')` of one network, in one recursion.
+
+    What ``NTKKernel(net) + NNGPKernel(net)`` returns (``a = b = 1``; sums of several such
+    kernels on the same ``net`` add their weights). Unlike GPyTorch's ``AdditiveKernel`` of the
+    two, it holds the network once, so the marginal likelihood counts a prior on the network's
+    hyperparameters once, and both kernels come from a single pass of the layer recursion
+    (dense backend; matrix-free backends evaluate the two operators).
+
+    :param net: the architecture; its layers own the hyperparameters, shared with every kernel on ``net``.
+    :param ntk_weight: :math:`a \ge 0`, a fixed number (wrap in ``ScaleKernel`` for a learnt
+        overall scale).
+    :param nngp_weight: :math:`b \ge 0`, a fixed number.
+
+    The other arguments are those of :class:`InfiniteWidthKernel`.
+    """
+
+    _output = "ntk"
+
+    def __init__(self, net: Layer, ntk_weight: float = 1.0, nngp_weight: float = 1.0, **kwargs):
+        super().__init__(net, **kwargs)
+        self.ntk_weight = _nonnegative_weight("ntk_weight", ntk_weight)
+        self.nngp_weight = _nonnegative_weight("nngp_weight", nngp_weight)
+
+    def _weights(self) -> tuple[float, float]:
+        return self.ntk_weight, self.nngp_weight
+
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+        if last_dim_is_batch:
+            raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
+        check_kernel_inputs(x1, x2, diag=diag, input_shape=self.input_shape)
+        hyper = Hyperparameters.collect(self.net, like=x1)
+        options = dict(net=self.net, input_shape=self.input_shape, block_elements=self.block_elements)
+        a, b = self.ntk_weight, self.nngp_weight
+        if diag:
+            return a * kernel_diagonal(x1, x2, hyper=hyper, output="ntk", **options) + b * kernel_diagonal(
+                x1, x2, hyper=hyper, output="nngp", **options
+            )
+        if choose_backend(self.net, x1, x2, hyper, self.input_shape, self.backend) == "dense":
+            cov, ntk = evaluate(self.net, x1, x2, hyper, track_ntk=True, **{k: options[k] for k in ("input_shape", "block_elements")})
+            out = a * ntk + b * cov
+            return out.expand(*batch_shape_of(x1, x2, hyper), x1.shape[-2], x2.shape[-2])
+        parts = [
+            InfiniteWidthKernelOperator(
+                x1, x2, covar_func=covariance_function, backend=self.backend, output=output, **options, **hyper
+            ) * weight
+            for output, weight in (("ntk", a), ("nngp", b)) if weight != 0 or (output == "ntk" and b == 0)
+        ]
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.net!r}, ntk_weight={self.ntk_weight:g}, nngp_weight={self.nngp_weight:g})"
+
+
+def _nonnegative_weight(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite non-negative number, got {value}")
+    return value
 
 
 def _check_input_shape(input_shape) -> tuple[int, ...] | None:
