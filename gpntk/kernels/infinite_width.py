@@ -115,6 +115,7 @@ class InfiniteWidthKernel(Kernel):
             raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
         check_kernel_inputs(x1, x2, diag=diag, input_shape=self.input_shape)
         hyper = Hyperparameters.collect(self.net, like=x1)
+        self._check_batch_shapes(x1, x2, hyper)
         options = dict(net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements)
         if diag:
             return kernel_diagonal(x1, x2, hyper=hyper, **options)
@@ -124,6 +125,19 @@ class InfiniteWidthKernel(Kernel):
         return InfiniteWidthKernelOperator(
             x1, x2, covar_func=covariance_function, backend=self.backend, **options, **hyper
         )
+
+    def _check_batch_shapes(self, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> None:
+        try:
+            torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+        except RuntimeError:
+            raise RuntimeError(f"Incompatible data shapes for x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)}") from None
+        try:
+            batch_shape_of(x1, x2, hyper)
+        except RuntimeError:
+            raise RuntimeError(
+                f"{type(self).__name__} with batch shape {tuple(self.batch_shape)} is incompatible with data shapes "
+                f"{tuple(x1.shape)} and {tuple(x2.shape)}"
+            ) from None
 
     # GPyTorch's Kernel only batches its own parameters; ours live in the layers of ``net``.
     def __getitem__(self, index) -> "InfiniteWidthKernel":
@@ -278,6 +292,7 @@ class NeuralKernelSum(InfiniteWidthKernel):
             raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
         check_kernel_inputs(x1, x2, diag=diag, input_shape=self.input_shape)
         hyper = Hyperparameters.collect(self.net, like=x1)
+        self._check_batch_shapes(x1, x2, hyper)
         options = dict(net=self.net, input_shape=self.input_shape, block_elements=self.block_elements)
         a, b = self.ntk_weight, self.nngp_weight
         if diag:

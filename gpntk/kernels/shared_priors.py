@@ -41,10 +41,10 @@ __all__ = ["track_network_priors"]
 _PATHS: "weakref.WeakKeyDictionary[nn.Module, Counter[int]]" = weakref.WeakKeyDictionary()
 #: parent -> {child name: child} for the children of a parent that are in _PATHS
 _TRACKED_CHILDREN: "weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]]" = weakref.WeakKeyDictionary()
-#: id of a prior-carrying layer -> a description for messages
-_NAMES: dict[int, str] = {}
-#: ids of layers already warned about
-_WARNED: set[int] = set()
+#: id of a prior-carrying layer -> the layer (while it lives), for messages and warn-once
+_LAYERS: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
+#: layers already warned about
+_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def _has_priors(module: nn.Module) -> bool:
@@ -58,7 +58,7 @@ def _count_paths(module: nn.Module, memo: dict[int, Counter]) -> Counter:
         counts: Counter = Counter()
         if _has_priors(module):
             counts[id(module)] += 1
-            _NAMES[id(module)] = f"{type(module).__name__} (priors {', '.join(module._priors)})"
+            _LAYERS[id(module)] = module
         for _, child in module.named_children():
             counts.update(_count_paths(child, memo))
         memo[key] = counts
@@ -78,17 +78,23 @@ def track_network_priors(net: nn.Module, where: str) -> None:
 
 
 def _warn_if_repeated(counts: Counter, where: str) -> None:
-    for layer, paths in counts.items():
-        if paths > 1 and layer not in _WARNED:
+    """One warning for every prior-carrying layer newly reached by more than one path."""
+    repeated = []
+    for key, paths in counts.items():
+        layer = _LAYERS.get(key)
+        if paths > 1 and layer is not None and layer not in _WARNED:
             _WARNED.add(layer)
-            warnings.warn(
-                f"the prior on {_NAMES.get(layer, 'a layer')} is reachable by {paths} paths in {where}, so "
-                f"GPyTorch's marginal likelihood counts it {paths} times. Add two gpntk kernels on one network "
-                "with `+` (one gpntk.NeuralKernelSum) instead of wrapping them separately, or give only one "
-                "of the networks a prior.",
-                CompositionWarning,
-                stacklevel=4,
-            )
+            repeated.append(f"{type(layer).__name__} ({', '.join(layer._priors)}): {paths} paths")
+    if repeated:
+        times = max(counts.values())
+        warnings.warn(
+            f"priors of a gpntk network are reachable by several paths in {where}, and GPyTorch's marginal "
+            f"likelihood counts each prior once per path (the most repeated: counts it {times} times): "
+            f"{'; '.join(repeated)}. Add two gpntk kernels on one network with `+` (one gpntk.NeuralKernelSum) "
+            "instead of wrapping them separately, or give only one of the networks a prior.",
+            CompositionWarning,
+            stacklevel=4,
+        )
 
 
 def _registration_hook(parent: nn.Module, name: str, child: nn.Module | None) -> None:
