@@ -194,3 +194,16 @@ def test_unsupported_kernel_arguments_raise(cls, kwargs):
     name = next(iter(kwargs))
     with pytest.raises(TypeError, match=rf"{cls.__name__} does not take {name}="):
         cls(L.mlp(1), **kwargs)
+
+
+def test_neural_kernel_sum_matrix_free():
+    """The blockwise backend gives the same matrix and products as the dense one."""
+    net = L.mlp(2, "relu", 2.0, 0.1)
+    x = torch.randn(40, 3, dtype=DTYPE)
+    rhs = torch.randn(40, 2, dtype=DTYPE)
+    reference = 0.5 * dense(gpntk.NTKKernel(net), x) + 2.0 * dense(gpntk.NNGPKernel(net), x)
+    kernel = gpntk.NeuralKernelSum(net, ntk_weight=0.5, nngp_weight=2.0, backend="blockwise", block_elements=256)
+    with torch.no_grad():
+        operator = kernel(x).evaluate_kernel()
+        torch.testing.assert_close(operator @ rhs, reference @ rhs, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(operator.to_dense(), reference, rtol=1e-12, atol=1e-12)
