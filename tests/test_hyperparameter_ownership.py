@@ -207,3 +207,12 @@ def test_neural_kernel_sum_matrix_free():
         operator = kernel(x).evaluate_kernel()
         torch.testing.assert_close(operator @ rhs, reference @ rhs, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(operator.to_dense(), reference, rtol=1e-12, atol=1e-12)
+
+
+def test_layer_reused_in_nested_blocks_warns_when_the_kernel_is_built():
+    """A prior-carrying layer reached through two sub-blocks of one network is counted twice by GPyTorch."""
+    shared = L.Dense(2.0, 0.1, weight_variance_prior=GammaPrior(3.0, 1.5))
+    net = L.serial(L.serial(shared, L.ReLU()), L.serial(shared, L.ReLU()), L.Dense(1.0, 0.1))
+    with pytest.warns(gpntk.CompositionWarning, match="counts it 2 times"):
+        kernel = gpntk.NTKKernel(net)
+    torch.testing.assert_close(prior_log_prob(kernel), 2 * GammaPrior(3.0, 1.5).log_prob(shared.weight_variance).sum())
