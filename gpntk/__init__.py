@@ -15,7 +15,7 @@ with stdout_to_stderr():
     from . import layers, settings
     from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
     from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning
-    from .kernels import EmpiricalNTKKernel, NNGPKernel, NTKKernel
+    from .kernels import EmpiricalNTKKernel, NeuralKernelSum, NNGPKernel, NTKKernel
     from .posterior import TrainedEnsemble
 
 del stdout_to_stderr
@@ -27,4 +27,5 @@ __all__ = [
     "layers", "settings", "NTKKernel", "NNGPKernel", "EmpiricalNTKKernel", "TrainedEnsemble", "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
     "ArchitectureError", "GPNTKWarning", "NumericalWarning", "ApproximationWarning",
     "CompositionWarning", "__version__",
+    "NeuralKernelSum",
 ]

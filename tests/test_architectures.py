@@ -314,7 +314,7 @@ def test_finite_networks_have_the_architecture():
 def test_batch_shape_hyperparameters_broadcast_over_positions():
     net = L.serial(L.Conv(2, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.GlobalAvgPool(), L.Dense(1.0, 0.1))
     kernel = gpntk.NTKKernel(net, input_shape=(1, 5), batch_shape=torch.Size([2]))
-    conv = net.layers[0]
+    conv = kernel.net.layers[0]  # a batched kernel works on its own copy of the network
     conv.weight_variance = torch.tensor([1.0, 3.0]).reshape(2, 1, 1)
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(11))
     k = kernel(x).to_dense()

@@ -61,6 +61,7 @@ def test_products_equal_dense(name, symmetric):
 def test_products_with_batched_hyperparameters_and_vectors():
     net = L.mlp(2, "relu")
     kernel = gpntk.NTKKernel(net, batch_shape=torch.Size([2]), backend="blockwise", block_elements=BLOCK)
+    net = kernel.net  # a batched kernel works on its own copy; kernels on that copy share it
     net.layers[0].weight_variance = torch.tensor([[[1.0]], [[2.5]]])
     x = _inputs(90, 4, 3)
     operator = kernel(x).evaluate_kernel()

@@ -102,6 +102,7 @@ def test_single_task_gp_multi_output_batched_kernel():
     train_Y = torch.stack([branin_like(train_X), torch.cos(5 * train_X.sum(-1))], dim=-1)
     net = L.mlp(depth=2, activation="erf", weight_variance=2.0, bias_variance=0.3)
     covar = gpntk.NTKKernel(net, batch_shape=torch.Size([2]))
+    net = covar.net  # a batched kernel works on its own copy of the network
     with no_kernel_warnings():
         model = SingleTaskGP(train_X, train_Y, covar_module=covar)
         assert model._aug_batch_shape == torch.Size([2])

@@ -272,10 +272,16 @@ def test_kernel_of_a_non_layer(cls, net):
 
 
 def test_incompatible_batch_shapes_on_a_shared_net():
+    """Batched kernels copy the network, so kernels of different batch shapes on one net coexist."""
     net = L.mlp(1)
-    gpntk.NTKKernel(net, batch_shape=torch.Size([2]))
+    first = gpntk.NTKKernel(net, batch_shape=torch.Size([2]))
+    second = gpntk.NNGPKernel(net, batch_shape=torch.Size([3]))
+    assert net.layers[0].raw_weight_variance.shape == (1, 1)
+    assert first.net.layers[0].raw_weight_variance.shape == (2, 1, 1)
+    assert second.net.layers[0].raw_weight_variance.shape == (3, 1, 1)
+    # a network that already has a batch shape cannot take another one
     with pytest.raises(ValueError, match=r"batch shape \(2,\).*\(3,\)"):
-        gpntk.NNGPKernel(net, batch_shape=torch.Size([3]))
+        gpntk.NNGPKernel(first.net, batch_shape=torch.Size([3]))
 
 
 # --- invalid architectures (issue 4 layers) -------------------------------------------------------

@@ -189,8 +189,7 @@ def test_bad_in_features_raises(in_features):
 
 
 def test_batch_shaped_hyperparameters_raise_a_clear_error():
-    net = L.mlp(1, "relu")
-    gpntk.NTKKernel(net, batch_shape=torch.Size([3]))  # gives the net's Dense batch-shaped σ²
+    net = gpntk.NTKKernel(L.mlp(1, "relu"), batch_shape=torch.Size([3])).net  # a copy with batch-shaped σ²
     with pytest.raises(ValueError, match=r"scalar hyperparameters.*batch shape \(3,\)"):
         net.finite(8)
 

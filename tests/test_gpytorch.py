@@ -359,6 +359,7 @@ def test_batch_kernel_with_different_hyperparameters_per_batch(cls):
     net = L.mlp(2, "relu", 2.0, 0.1)
     kernel = cls(net, batch_shape=torch.Size([2]))
     assert kernel.batch_shape == torch.Size([2])
+    net = kernel.net  # a batched kernel works on its own copy of the network
     dense = net.layers[0]
     assert dense.raw_weight_variance.shape == (2, 1, 1)
     dense.weight_variance = torch.tensor([1.0, 3.0]).view(2, 1, 1)
@@ -393,6 +394,7 @@ def test_batch_kernel_with_different_hyperparameters_per_batch(cls):
 def test_batch_kernel_gradients_per_batch():
     net = L.mlp(1, "erf", 2.0, 0.1)
     kernel = gpntk.NTKKernel(net, batch_shape=torch.Size([2]))
+    net = kernel.net  # a batched kernel works on its own copy of the network
     x = torch.randn(5, 2, dtype=DTYPE)
     out = kernel(x).to_dense()
     out[0].sum().backward()
@@ -405,6 +407,7 @@ def test_batch_kernel_gradients_per_batch():
 def test_pickle_roundtrip(cls):
     net = unshared_frozen_mlp()
     kernel = ScaleKernel(cls(net, batch_shape=torch.Size([2])))
+    net = kernel.base_kernel.net  # a batched kernel works on its own copy of the network
     net.layers[0].weight_variance = torch.tensor([1.0, 2.5]).view(2, 1, 1)
     x = torch.randn(6, 3, dtype=DTYPE)
     clone = pickle.loads(pickle.dumps(kernel))

@@ -11,12 +11,16 @@ is given (:func:`choose_backend`, :class:`gpntk.settings.kernel_backend`) whethe
 * a pykeops ``LazyTensor`` (:mod:`gpntk.kernels.keops`), a symbolic matrix whose products are
   KeOps reductions (fully-connected architectures with closed-form activations).
 
-:class:`InfiniteWidthKernelOperator` is the ``KernelLinearOperator`` the kernels return; its
-``to_dense`` evaluates the kernel directly instead of multiplying by an identity matrix.
+:class:`NTKKernel.forward <gpntk.NTKKernel>` returns the dense tensor where the dense backend is
+chosen (so GPyTorch treats it as it treats an RBF kernel's matrix: sums and products exact, no
+root decompositions), and :class:`InfiniteWidthKernelOperator`, a ``KernelLinearOperator``, where
+it is matrix-free; its ``to_dense`` evaluates the kernel directly instead of multiplying by an
+identity matrix.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import gpytorch
@@ -25,6 +29,7 @@ from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from .. import settings
+from ..errors import ApproximationWarning
 from ..layers.base import Layer
 from .blockwise import BlockwiseKernelOperator
 from .dense import Output, batch_shape_of, evaluate, numbers_per_pair
@@ -118,13 +123,35 @@ def covariance_function(
 
 
 class InfiniteWidthKernelOperator(KernelLinearOperator):
-    """The lazy kernel matrix :class:`~gpntk.NTKKernel` and :class:`~gpntk.NNGPKernel` return.
+    """The matrix-free kernel matrix :class:`~gpntk.NTKKernel` and :class:`~gpntk.NNGPKernel` return.
 
-    A ``KernelLinearOperator`` over :func:`covariance_function`; :meth:`to_dense` evaluates the
-    kernel itself (dense backend) rather than multiplying the operator by an identity.
+    Returned by the kernels' ``forward`` only where the backend is matrix-free (blockwise or
+    KeOps); where the dense backend is chosen they return a tensor. A ``KernelLinearOperator``
+    over :func:`covariance_function`; :meth:`to_dense` evaluates the kernel itself (dense backend)
+    rather than multiplying the operator by an identity.
+
+    GPyTorch multiplies two kernel matrices elementwise exactly only when one is dense; for two
+    matrix-free ones (or one and a structured operator such as an ``IndexKernel``'s) it replaces
+    each factor by a root decomposition, a low-rank Lanczos approximation above
+    ``max_cholesky_size``. :meth:`root_decomposition` therefore warns with
+    :class:`~gpntk.ApproximationWarning`.
     """
 
     @cached
     def to_dense(self) -> Tensor:
         options = {**self.nontensor_params, "backend": "dense"}
         return self.covar_func(self.x1, self.x2, **self.tensor_params, **options)
+
+    def root_decomposition(self, method: str | None = None):
+        n = self.shape[-1]
+        how = method
+        if how is None:
+            how = "Cholesky with jitter" if n <= gpytorch.settings.max_cholesky_size.value() else "Lanczos, low rank"
+        warnings.warn(
+            f"GPyTorch is replacing a matrix-free gpntk kernel matrix ({n} x {n}) by a root decomposition "
+            f"({how}): results computed from it (products with other kernels, samples) are approximate. "
+            "Use backend='dense' where the matrix fits, or avoid products of matrix-free kernels.",
+            ApproximationWarning,
+            stacklevel=2,
+        )
+        return super().root_decomposition(method=method)

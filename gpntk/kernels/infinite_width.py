@@ -2,6 +2,7 @@ r"""GPyTorch kernels of infinitely wide networks: :class:`NTKKernel` and :class:
 
 from __future__ import annotations
 
+import math
 import operator
 from copy import deepcopy
 from typing import Sequence
@@ -13,20 +14,22 @@ from torch import Tensor
 from ..layers.base import Hyperparameters, Layer, check_network, parameterized_layers
 from ..validation import check_kernel_inputs, expanded_batch_shape
 from .. import settings
-from .backends import InfiniteWidthKernelOperator, covariance_function
-from .dense import Output, kernel_diagonal
+from .backends import InfiniteWidthKernelOperator, choose_backend, covariance_function
+from .dense import Output, batch_shape_of, evaluate, kernel_diagonal
+from .shared_priors import track_network_priors
 
-__all__ = ["InfiniteWidthKernel", "NTKKernel", "NNGPKernel"]
+__all__ = ["InfiniteWidthKernel", "NTKKernel", "NNGPKernel", "NeuralKernelSum"]
 
 
 class InfiniteWidthKernel(Kernel):
     r"""Base class of the NTK and NNGP kernels of an architecture ``net``.
 
-    :param net: the architecture, e.g. ``gpntk.layers.mlp(3, "relu")``. The kernel owns the
-        net's hyperparameters (σw², σb² of every ``Dense``): they appear among the kernel's
-        parameters (``kernel.named_hyperparameters()``), are learnt by the marginal likelihood, and
-        are shared with every other kernel built on the same ``net`` object (use
-        ``copy.deepcopy(net)`` for independent ones).
+    :param net: the architecture, e.g. ``gpntk.layers.mlp(3, "relu")``. The net's layers own its
+        hyperparameters (σw², σb² of every ``Dense``, with their constraints and priors): they
+        appear among the kernel's parameters (``kernel.named_hyperparameters()``), are learnt by
+        the marginal likelihood, and are shared with every other kernel built on the same ``net``
+        object (use ``copy.deepcopy(net)`` for independent ones). ``kernel.net`` is the network the
+        kernel evaluates: ``net`` itself, except for a batched kernel (below).
     :param input_shape: for spatial architectures, the shape ``(C, W)`` or ``(C, H, W)`` of one
         input; rows of ``x`` then hold ``C*H*W`` features in channels-first order. ``None``
         (default) treats rows as feature vectors.
@@ -41,10 +44,22 @@ class InfiniteWidthKernel(Kernel):
         it fits, see there).
     :param batch_shape: GPyTorch batch shape: every hyperparameter gets shape
         ``(*batch_shape, 1, 1)`` (e.g. one set per output of a BoTorch multi-output model).
+        Building a batched kernel never changes ``net``: unless the net's hyperparameters already
+        have this batch shape (e.g. ``net`` is another batched kernel's ``.net``), the kernel
+        works on its own deep copy, ``kernel.net``, whose hyperparameters are batched; read and
+        set them there.
     :param active_dims: as for any GPyTorch kernel.
 
-    Calling the kernel returns a lazy ``KernelLinearOperator`` of shape ``(..., n1, n2)``;
-    ``diag=True`` returns the exact diagonal ``(..., n)`` from the per-point recursion.
+    Other GPyTorch ``Kernel`` arguments (``ard_num_dims``, ``lengthscale_prior``,
+    ``lengthscale_constraint``, ``eps``) have no meaning here (the kernel has no length scale)
+    and raise ``TypeError``; priors and constraints go on the layers
+    (``Dense(weight_variance_prior=...)``).
+
+    Calling the kernel returns GPyTorch's lazy kernel tensor of shape ``(..., n1, n2)``; when
+    evaluated, :meth:`forward` gives a dense tensor wherever the dense backend is chosen (so
+    GPyTorch multiplies, adds and factorizes it exactly, as it does an RBF kernel's) and a
+    matrix-free operator otherwise (see ``backend``). ``diag=True`` returns the exact diagonal
+    ``(..., n)`` from the per-point recursion.
     Inputs are ``(..., n, d)`` float tensors; the hyperparameters are cast to their dtype and
     device, and the input kernel is :math:`x \cdot x' / d` (Novak et al. 2020 convention).
     """
@@ -66,9 +81,12 @@ class InfiniteWidthKernel(Kernel):
             raise TypeError(
                 f"{type(self).__name__} needs an architecture built from gpntk.layers, got {type(net).__name__}"
             )
-        super().__init__(batch_shape=torch.Size(batch_shape), active_dims=active_dims, **kwargs)
+        _reject_unsupported_kwargs(type(self).__name__, kwargs)
+        super().__init__(batch_shape=torch.Size(batch_shape), active_dims=active_dims)
         self.input_shape = _check_input_shape(input_shape)
         check_network(net, self.input_shape)
+        net = _net_with_batch_shape(net, self.batch_shape)
+        track_network_priors(net, type(self).__name__)
         self.net = net
         if block_elements is not None:
             try:
@@ -85,7 +103,7 @@ class InfiniteWidthKernel(Kernel):
                 if reason is not None:
                     raise ValueError(f"backend='keops' cannot evaluate this kernel: {reason}")
         self.backend = backend
-        for layer in parameterized_layers(net):
+        for layer in parameterized_layers(self.net):
             layer.expand_hyperparameters(self.batch_shape)
 
     @property
@@ -97,12 +115,29 @@ class InfiniteWidthKernel(Kernel):
             raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
         check_kernel_inputs(x1, x2, diag=diag, input_shape=self.input_shape)
         hyper = Hyperparameters.collect(self.net, like=x1)
+        self._check_batch_shapes(x1, x2, hyper)
         options = dict(net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements)
         if diag:
             return kernel_diagonal(x1, x2, hyper=hyper, **options)
+        if choose_backend(self.net, x1, x2, hyper, self.input_shape, self.backend) == "dense":
+            # a tensor: GPyTorch multiplies, adds and factorizes it exactly (as it does RBF's)
+            return covariance_function(x1, x2, backend="dense", **options, **hyper)
         return InfiniteWidthKernelOperator(
             x1, x2, covar_func=covariance_function, backend=self.backend, **options, **hyper
         )
+
+    def _check_batch_shapes(self, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> None:
+        try:
+            torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+        except RuntimeError:
+            raise RuntimeError(f"Incompatible data shapes for x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)}") from None
+        try:
+            batch_shape_of(x1, x2, hyper)
+        except RuntimeError:
+            raise RuntimeError(
+                f"{type(self).__name__} with batch shape {tuple(self.batch_shape)} is incompatible with data shapes "
+                f"{tuple(x1.shape)} and {tuple(x2.shape)}"
+            ) from None
 
     # GPyTorch's Kernel only batches its own parameters; ours live in the layers of ``net``.
     def __getitem__(self, index) -> "InfiniteWidthKernel":
@@ -133,6 +168,39 @@ class InfiniteWidthKernel(Kernel):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.net!r})"
 
+    # --- a + b on one network: one kernel, one recursion, the network's priors counted once ---------
+    def _weights(self) -> tuple[float, float]:
+        """``(a, b)`` with this kernel equal to a·Θ + b·Σ of its network."""
+        return (1.0, 0.0) if self._output == "ntk" else (0.0, 1.0)
+
+    def _same_evaluation(self, other: "InfiniteWidthKernel") -> bool:
+        """Whether ``other`` evaluates the same network on the same inputs in the same way."""
+        same_dims = (self.active_dims is None and other.active_dims is None) or (
+            self.active_dims is not None and other.active_dims is not None
+            and torch.equal(self.active_dims, other.active_dims)
+        )
+        return (
+            other.net is self.net and same_dims and other.input_shape == self.input_shape
+            and other.batch_shape == self.batch_shape and other.block_elements == self.block_elements
+            and other.backend == self.backend
+        )
+
+    def __add__(self, other):
+        """``k1 + k2``: one :class:`NeuralKernelSum` when both are gpntk kernels of the same network.
+
+        GPyTorch's ``AdditiveKernel`` of two kernels on one network would register the network
+        twice, and its marginal likelihood would count the network's priors twice; the sum
+        kernel evaluates a·Θ + b·Σ in a single pass of the recursion instead.
+        """
+        if isinstance(other, InfiniteWidthKernel) and self._same_evaluation(other):
+            (a, b), (c, d) = self._weights(), other._weights()
+            return NeuralKernelSum(
+                self.net, ntk_weight=a + c, nngp_weight=b + d, input_shape=self.input_shape,
+                batch_shape=self.batch_shape, active_dims=self.active_dims, block_elements=self.block_elements,
+                backend=self.backend,
+            )
+        return super().__add__(other)
+
 
 class NTKKernel(InfiniteWidthKernel):
     r"""The neural tangent kernel :math:`\Theta(x, x')` of the infinitely wide network ``net``.
@@ -158,6 +226,103 @@ class NNGPKernel(InfiniteWidthKernel):
     """
 
     _output = "nngp"
+
+
+#: GPyTorch ``Kernel`` arguments that gpntk kernels do not take, and why
+_UNSUPPORTED_KWARGS = {
+    "ard_num_dims": "the kernel has no length scales (scale inputs yourself, or use a first Dense layer)",
+    "lengthscale_prior": "the kernel has no length scale; put priors on the layers (Dense(weight_variance_prior=...))",
+    "lengthscale_constraint": "the kernel has no length scale; put constraints on the layers "
+    "(Dense(weight_variance_constraint=...))",
+    "eps": "the kernel has no length scale",
+}
+
+
+def _reject_unsupported_kwargs(kernel_name: str, kwargs: dict) -> None:
+    """Raise ``TypeError`` for keyword arguments a gpntk kernel would otherwise ignore silently."""
+    if not kwargs:
+        return
+    name = next(iter(kwargs))
+    reason = _UNSUPPORTED_KWARGS.get(name, "it is not an argument of this kernel")
+    raise TypeError(f"{kernel_name} does not take {name}=: {reason}")
+
+
+def _net_with_batch_shape(net: Layer, batch_shape: torch.Size) -> Layer:
+    """``net`` itself when its hyperparameters already have ``batch_shape``, else a deep copy to batch.
+
+    Batching a network's hyperparameters changes their shape in place, which would break every
+    model already built on ``net``; so a batched kernel gets its own copy.
+    """
+    layers = parameterized_layers(net)
+    shapes = {layer.hyperparameter(name).shape[:-2] for layer in layers for name in layer.hyperparameter_names}
+    if not layers or shapes <= {batch_shape}:
+        return net
+    return deepcopy(net)
+
+
+class NeuralKernelSum(InfiniteWidthKernel):
+    r"""The kernel :math:`a\,\Theta(x, x') + b\,\Sigma(x, x')` of one network, in one recursion.
+
+    What ``NTKKernel(net) + NNGPKernel(net)`` returns (``a = b = 1``; sums of several such
+    kernels on the same ``net`` add their weights). Unlike GPyTorch's ``AdditiveKernel`` of the
+    two, it holds the network once, so the marginal likelihood counts a prior on the network's
+    hyperparameters once, and both kernels come from a single pass of the layer recursion
+    (dense backend; matrix-free backends evaluate the two operators).
+
+    :param net: the architecture; its layers own the hyperparameters, shared with every kernel on ``net``.
+    :param ntk_weight: :math:`a \ge 0`, a fixed number (wrap in ``ScaleKernel`` for a learnt
+        overall scale).
+    :param nngp_weight: :math:`b \ge 0`, a fixed number.
+
+    The other arguments are those of :class:`InfiniteWidthKernel`.
+    """
+
+    _output = "ntk"
+
+    def __init__(self, net: Layer, ntk_weight: float = 1.0, nngp_weight: float = 1.0, **kwargs):
+        super().__init__(net, **kwargs)
+        self.ntk_weight = _nonnegative_weight("ntk_weight", ntk_weight)
+        self.nngp_weight = _nonnegative_weight("nngp_weight", nngp_weight)
+
+    def _weights(self) -> tuple[float, float]:
+        return self.ntk_weight, self.nngp_weight
+
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+        if last_dim_is_batch:
+            raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
+        check_kernel_inputs(x1, x2, diag=diag, input_shape=self.input_shape)
+        hyper = Hyperparameters.collect(self.net, like=x1)
+        self._check_batch_shapes(x1, x2, hyper)
+        options = dict(net=self.net, input_shape=self.input_shape, block_elements=self.block_elements)
+        a, b = self.ntk_weight, self.nngp_weight
+        if diag:
+            return a * kernel_diagonal(x1, x2, hyper=hyper, output="ntk", **options) + b * kernel_diagonal(
+                x1, x2, hyper=hyper, output="nngp", **options
+            )
+        if choose_backend(self.net, x1, x2, hyper, self.input_shape, self.backend) == "dense":
+            cov, ntk = evaluate(self.net, x1, x2, hyper, track_ntk=True, **{k: options[k] for k in ("input_shape", "block_elements")})
+            out = a * ntk + b * cov
+            return out.expand(*batch_shape_of(x1, x2, hyper), x1.shape[-2], x2.shape[-2])
+        parts = [
+            InfiniteWidthKernelOperator(
+                x1, x2, covar_func=covariance_function, backend=self.backend, output=output, **options, **hyper
+            ) * weight
+            for output, weight in (("ntk", a), ("nngp", b)) if weight != 0 or (output == "ntk" and b == 0)
+        ]
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.net!r}, ntk_weight={self.ntk_weight:g}, nngp_weight={self.nngp_weight:g})"
+
+
+def _nonnegative_weight(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite non-negative number, got {value}")
+    return value
 
 
 def _check_input_shape(input_shape) -> tuple[int, ...] | None:

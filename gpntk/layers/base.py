@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from dataclasses import dataclass, replace
 from typing import Iterator, Sequence, Union
 
@@ -128,6 +129,10 @@ def parameterized_layers(net: "Layer") -> list["Layer"]:
     return list(seen.values())
 
 
+#: layer -> (error list, key prefix) of the load_state_dict that last loaded it (see Layer._load_from_state_dict)
+_LOAD_PASSES: "weakref.WeakKeyDictionary[Layer, tuple[list, str]]" = weakref.WeakKeyDictionary()
+
+
 class Layer(gpytorch.Module):
     """Base class of every layer. Subclasses override :meth:`check` and :meth:`kernel_map`."""
 
@@ -137,6 +142,42 @@ class Layer(gpytorch.Module):
     takes_branches: bool = False
     #: whether the layer has weights (Dense, Conv): the last ones form the network's readout
     is_affine: bool = False
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        """Load as torch does, failing loudly when one shared parameter gets different values.
+
+        A layer object used in several places (``mlp(shared=True)``, a layer reused in two
+        branches or by two kernels of one model) appears under several keys of a state dict, all
+        meaning one parameter; torch would load each key in turn and keep the last. Within one
+        ``load_state_dict`` (recognised by its list of error messages) a layer visited again
+        checks that the values match the ones it already loaded; if they differ, an error
+        message makes ``load_state_dict`` raise ``RuntimeError``.
+        """
+        previous = _LOAD_PASSES.get(self)
+        if previous is not None and previous[0] is error_msgs:
+            first_prefix = previous[1]
+            for name, param in self._parameters.items():
+                key = prefix + name
+                if param is None or key not in state_dict:
+                    continue
+                incoming = state_dict[key]
+                same = incoming.shape == param.shape and torch.equal(
+                    incoming.detach().to(device=param.device, dtype=param.dtype), param.detach()
+                )
+                if not same:
+                    error_msgs.append(
+                        f"{first_prefix}{name} and {key} are one shared parameter (the layer object "
+                        f"{self.name} is used in several places, e.g. mlp(shared=True)) but the state dict "
+                        "gives them different values; only one could be kept. Load it into an architecture "
+                        "with the same sharing (e.g. mlp(shared=False)) or make the values equal."
+                    )
+        else:
+            _LOAD_PASSES[self] = (error_msgs, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def hyperparameter(self, name: str, like: Tensor | None = None) -> Tensor:
         """The current value of hyperparameter ``name``, in the dtype and device of ``like``."""
