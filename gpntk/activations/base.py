@@ -23,6 +23,7 @@ from torch import Tensor
 from ..errors import ArchitectureError
 from ..finite import ElementwiseActivation
 from ..layers.base import Hyperparameters, Layer, Signature
+from ..coincident import exact_values
 from ..state import KernelState, midpoint, set_diagonal
 
 __all__ = ["Activation", "correlation", "safe_sqrt", "real_parameter", "double_factorial"]
@@ -67,10 +68,16 @@ class Activation(Layer):
         layout = state.layout
         k12, kdot12 = self._pair_map(
             layout, state.cov12, layout.point_variances(state.var1), layout.point_variances(state.var2),
-            state.same_inputs, need_dot,
+            False, need_dot,
         )
-        k1, _ = self._self_map(state, state.var1, False)
+        coincident = state.coincident
+        k1, kdot1 = self._self_map(state, state.var1, need_dot and coincident is not None)
         k2, _ = self._self_map(state, state.var2, False)
+        if coincident is not None:
+            # identical inputs: the exact per-point values, with the pair formula's derivatives
+            k12 = exact_values(k12, k1, coincident, layout.ndim)
+            if need_dot:
+                kdot12 = exact_values(kdot12, kdot1, coincident, layout.ndim)
         ntk12 = kdot12 * state.ntk12 if need_dot else state.ntk12
         return state.replace(cov12=k12, var1=k1, var2=k2, ntk12=ntk12)
 
@@ -80,8 +87,9 @@ class Activation(Layer):
         """The dual on every pair of ``cov12``, given both sides' point variances ``Σ_{p,p}``.
 
         The spatial layout is first turned into matrices of pairs (:meth:`Layout.to_matrix`);
-        with ``same_inputs`` (the two sides are the same points) the entries of a point with
-        itself at the same position are taken from the exact per-point map.
+        with ``same_inputs`` (the two sides are one point, as in a point's covariance between its
+        own positions) the diagonal entries, a position with itself, are taken from the exact
+        per-point map.
         """
         n1, n2 = cov12.shape[-2 - layout.ndim], cov12.shape[-1 - layout.ndim]
         q11, q22 = layout.rows_matrix(points1), layout.cols_matrix(points2)
