@@ -70,7 +70,7 @@ def _arccos_j_value(rho: Tensor, p: int) -> Tensor:
     if p == 0:  # J_0 = π - θ
         return math.pi - torch.arccos(rho)
     if p == 1:  # J_1 = sin θ + (π - θ) cos θ
-        return (1 - rho.square()).clamp_min_(0).sqrt_().addcmul_(math.pi - torch.arccos(rho), rho)
+        return (1 - rho.square()).clamp_min(0).sqrt().addcmul(math.pi - torch.arccos(rho), rho)
     terms_a, terms_b = _arccos_j_terms(p)
     cos = rho
     sin = (1 - rho.square()).clamp_min(0).sqrt()

@@ -147,24 +147,126 @@ class Elementwise(Activation):
         return k12, kdot12
 
     def _dual_block(self, q11, q12, q22, need_dot):
+        orders = _Orders(((0, 0), (1, 1)) if need_dot else ((0, 0),))
+        values = _GaussianExpectations.apply(q11, q12, q22, self, orders)
+        return values[0], (values[1] if need_dot else None)
+
+    def nth_derivative(self, x: Tensor, order: int) -> Tensor:
+        r""":math:`\phi^{(n)}(x)`: ``fn``, ``derivative``, then forward-mode autograd of the one before."""
+        if order == 0:
+            return self.fn(x)
+        if order == 1:
+            return self.derivative(x)
+        _, tangent = torch.func.jvp(lambda t: self.nth_derivative(t, order - 1), (x,), (torch.ones_like(x),))
+        return tangent
+
+    def expectations(self, q11: Tensor, q12: Tensor, q22: Tensor, orders) -> tuple[Tensor, ...]:
+        r""":math:`\mathbb E[\phi^{(a)}(u)\, \phi^{(b)}(v)]` for each ``(a, b)`` in ``orders``, by the 2-D rule.
+
+        ``q11`` ``(..., r, 1)``, ``q12`` ``(..., r, n2)``, ``q22`` ``(..., 1, n2)``; the nodes
+        :math:`v` are shared by all orders.
+        """
         z, w = self._rule(q12)
         rho, _ = correlation(q11, q12, q22)
         s1, s2 = safe_sqrt(q11), safe_sqrt(q22)
         # u: (..., r, 1, D); v: (..., r, n2, D, D) over (i, j)
-        u = (s1.unsqueeze(-1) * z)
+        u = s1.unsqueeze(-1) * z
         coef_i = (s2 * rho).unsqueeze(-1).unsqueeze(-1) * z.view(-1, 1)
         coef_j = (s2 * safe_sqrt(1 - rho.square())).unsqueeze(-1).unsqueeze(-1) * z.view(1, -1)
         v = coef_i + coef_j
-        inner = (self.fn(v) * w).sum(-1)  # (..., r, n2, D): integrated over z2
-        k = (self.fn(u) * w * inner).sum(-1)
-        kdot = None
-        if need_dot:
-            inner_dot = (self.derivative(v) * w).sum(-1)
-            kdot = (self.derivative(u) * w * inner_dot).sum(-1)
-        return k, kdot
+        outputs = []
+        for a, b in getattr(orders, "pairs", orders):
+            inner = (self.nth_derivative(v, b) * w).sum(-1)  # (..., r, n2, D): integrated over z2
+            outputs.append((self.nth_derivative(u, a) * w * inner).sum(-1))
+        return tuple(outputs)
 
     def __repr__(self) -> str:
         return f"Elementwise({self._label}, degree={self.degree})"
+
+
+class _Orders:
+    """The derivative orders ``(a, b)`` of :class:`_GaussianExpectations`, as one opaque argument (not a pytree)."""
+
+    def __init__(self, pairs: tuple[tuple[int, int], ...]):
+        self.pairs = tuple(pairs)
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """``grad`` summed over the dimensions along which a tensor of ``shape`` was broadcast."""
+    if grad.shape == shape:
+        return grad
+    extra = grad.dim() - len(shape)
+    grad = grad.sum(dim=tuple(range(extra))) if extra else grad
+    dims = tuple(i for i, size in enumerate(shape) if size == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+class _GaussianExpectations(torch.autograd.Function):
+    r""":math:`G_{ab}(q_{11}, q_{12}, q_{22}) = \mathbb E[\phi^{(a)}(u)\,\phi^{(b)}(v)]` with the derivatives of the Gaussian.
+
+    Differentiating the quadrature nodes :math:`v = \sqrt{q_{22}}(\rho z_1 + \sqrt{1-\rho^2} z_2)`
+    would go through :math:`\sqrt{1-\rho^2}`, whose derivative is infinite at :math:`\rho = 1`
+    (identical inputs), where it gave wrong second derivatives. The derivatives of a Gaussian
+    expectation with respect to its covariance are again Gaussian expectations (Price's theorem,
+    the heat equation):
+
+    .. math::
+        \frac{\partial G_{ab}}{\partial q_{12}} = G_{a+1,b+1}, \quad
+        \frac{\partial G_{ab}}{\partial q_{11}} = \tfrac12 G_{a+2,b}, \quad
+        \frac{\partial G_{ab}}{\partial q_{22}} = \tfrac12 G_{a,b+2},
+
+    smooth at every correlation, so this function evaluates them with the same rule, to any order
+    (backward and forward mode, ``vmap``).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q11: Tensor, q12: Tensor, q22: Tensor, activation: "Elementwise", orders) -> tuple[Tensor, ...]:
+        return activation.expectations(q11, q12, q22, orders)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q11, q12, q22, activation, orders = inputs
+        ctx.activation, ctx.orders = activation, orders
+        ctx.save_for_backward(q11, q12, q22)
+        ctx.save_for_forward(q11, q12, q22)
+
+    @staticmethod
+    def _derivatives(ctx, q11, q12, q22):
+        raised = tuple(o for a, b in ctx.orders.pairs for o in ((a + 1, b + 1), (a + 2, b), (a, b + 2)))
+        values = _GaussianExpectations.apply(q11, q12, q22, ctx.activation, _Orders(raised))
+        return [values[3 * k: 3 * k + 3] for k in range(len(ctx.orders.pairs))]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        q11, q12, q22 = ctx.saved_tensors
+        grad11 = grad12 = grad22 = None
+        for grad, (d12, d11, d22) in zip(grads, _GaussianExpectations._derivatives(ctx, q11, q12, q22)):
+            if grad is None:
+                continue
+            terms = (grad * d11 / 2, grad * d12, grad * d22 / 2)
+            grad11 = terms[0] if grad11 is None else grad11 + terms[0]
+            grad12 = terms[1] if grad12 is None else grad12 + terms[1]
+            grad22 = terms[2] if grad22 is None else grad22 + terms[2]
+        if grad12 is None:
+            return None, None, None, None, None
+        return _sum_to(grad11, q11.shape), _sum_to(grad12, q12.shape), _sum_to(grad22, q22.shape), None, None
+
+    @staticmethod
+    def jvp(ctx, t11, t12, t22, _activation, _orders):
+        q11, q12, q22 = ctx.saved_tensors
+        out = []
+        for d12, d11, d22 in _GaussianExpectations._derivatives(ctx, q11, q12, q22):
+            total = 0
+            if t11 is not None:
+                total = total + d11 * t11 / 2
+            if t12 is not None:
+                total = total + d12 * t12
+            if t22 is not None:
+                total = total + d22 * t22 / 2
+            out.append(total if torch.is_tensor(total) else torch.zeros_like(d12))
+        return tuple(out)
 
 
 def _tanh_derivative(x: Tensor) -> Tensor:
