@@ -31,13 +31,13 @@ SMOOTH = ["erf", "gelu", "sin", "cos", "rbf", "exp", "gaussian", "monomial3", "p
 KINKED = ["relu", "leaky_relu", "abrelu", "abs", "sign", "step"]
 
 
-def network(name: str, bias_variance: float = 0.1) -> L.Layer:
+def network(name: str, bias_variance: float = 0.1, degree: int | None = None, depth: int = 2) -> L.Layer:
+    """``depth`` hidden layers of ``name``; quadrature activations with a ``degree``-point rule if given."""
     make = {**CLOSED_FORM, **QUADRATURE}[name]
-    return L.serial(
-        L.Dense(weight_variance=1.5, bias_variance=bias_variance), make(),
-        L.Dense(weight_variance=1.5, bias_variance=bias_variance), make(),
-        L.Dense(weight_variance=1.0, bias_variance=bias_variance),
-    )
+    if name in QUADRATURE and degree is not None:
+        make = lambda: QUADRATURE[name](degree=degree)  # noqa: E731
+    hidden = [layer for _ in range(depth) for layer in (L.Dense(weight_variance=1.5, bias_variance=bias_variance), make())]
+    return L.serial(*hidden, L.Dense(weight_variance=1.0, bias_variance=bias_variance))
 
 
 def kernel_fn(net: L.Layer, output: str):
@@ -89,12 +89,22 @@ def test_torch_func_transforms(name, output):
     torch.testing.assert_close(grads[0], reference, rtol=1e-10, atol=1e-12)
 
 
+#: quadrature derivatives are the rule's evaluation of the exact derivatives (Price's theorem), and
+#: the finite differences those of the rule's values: both converge to the exact ones; with 160
+#: points they agree to the tolerances below (with the default 64, to about 3e-4 for Tanh's NTK)
+PRECISE_RULE = 160
+
+
 @pytest.mark.parametrize("name", SMOOTH + ["relu"])
 @pytest.mark.parametrize("where", ["generic", "same", "opposite"])
 def test_nngp_derivatives_match_finite_differences(name, where):
-    """First and second derivatives of k(x, p) in x, at a generic point, at x = p and at x = -p (correlation -1)."""
+    """First and second derivatives of k(x, p) in x, at a generic point, at x = p and at x = -p (correlation -1).
+
+    The ReLU NNGP is twice but not three times differentiable at x = ±p (a θ³ term), so there its
+    central second difference is only accurate to O(h).
+    """
     bias = 0.0 if where == "opposite" else 0.1  # with a bias the first layer's correlation of -p and p is above -1
-    f = kernel_fn(network(name, bias), "nngp")
+    f = kernel_fn(network(name, bias, PRECISE_RULE), "nngp")
     p = point()
     x = {"generic": torch.tensor([0.3, 0.9, -0.5], dtype=torch.float64), "same": p.clone(), "opposite": -p}[where]
     g = lambda z: f(z, p)  # noqa: E731
@@ -103,7 +113,8 @@ def test_nngp_derivatives_match_finite_differences(name, where):
     assert torch.isfinite(gradient).all() and torch.isfinite(hessian).all()
     scale = g(p).abs()
     torch.testing.assert_close(gradient, central_gradient(g, x), rtol=1e-7, atol=1e-8 * scale)
-    torch.testing.assert_close(hessian, central_hessian(g, x), rtol=2e-5, atol=2e-6 * scale)
+    h, tolerance = (1e-5, 5e-5) if name == "relu" else (1e-4, 2e-6)
+    torch.testing.assert_close(hessian, central_hessian(g, x, h), rtol=2e-5, atol=tolerance * scale)
     # the autograd (double backward) Hessian agrees with torch.func's
     torch.testing.assert_close(torch.autograd.functional.hessian(g, x), hessian, rtol=1e-9, atol=1e-11)
 
@@ -111,7 +122,7 @@ def test_nngp_derivatives_match_finite_differences(name, where):
 @pytest.mark.parametrize("name", SMOOTH)
 def test_ntk_derivatives_at_identical_inputs(name):
     """The NTK of smooth activations: gradient and Hessian at x = p match finite differences."""
-    f = kernel_fn(network(name), "ntk")
+    f = kernel_fn(network(name, degree=PRECISE_RULE), "ntk")
     p = point()
     g = lambda z: f(z, p)  # noqa: E731
     x = p.clone()
@@ -125,18 +136,26 @@ def test_ntk_derivatives_at_identical_inputs(name):
 def test_kinks_give_the_average_of_one_sided_derivatives(name, output):
     """At x = p the kinked kernels' gradients are the central difference (the average of the one-sided slopes), finite.
 
-    The Hessian there does not exist; it must still be finite (no NaN or 1/sqrt(eps)).
+    The Hessian there does not exist; it must still be finite (no NaN or 1/sqrt(eps)). The step
+    is 1e-4: the kernels lose accuracy at nearly (not exactly) identical inputs, see docs/numerics.md.
+    Sign and the step function have one hidden layer here: below a second one their kink becomes a
+    square-root cusp (infinite one-sided derivatives), where the central differences converge to
+    gpntk's value only like sqrt(h); that case is checked for finiteness below.
     """
-    f = kernel_fn(network(name), output)
+    depth = 1 if name in ("sign", "step") else 2
+    f = kernel_fn(network(name, depth=depth), output)
     p = point()
     g = lambda z: f(z, p)  # noqa: E731
     x = p.clone()
     gradient = torch.func.grad(g)(x)
     scale = g(p).abs()
-    torch.testing.assert_close(gradient, central_gradient(g, x, h=1e-6), rtol=1e-6, atol=1e-7 * scale)
+    h = 1e-5 if name in ("sign", "step") else 1e-4  # balances the O(h) asymmetry and the rounding
+    torch.testing.assert_close(gradient, central_gradient(g, x, h), rtol=1e-4, atol=1e-5 * scale)
     hessian = torch.func.hessian(g)(x)
     assert torch.isfinite(hessian).all()
     assert hessian.abs().max() < 1e3 * scale
+    deep = kernel_fn(network(name, depth=3), output)
+    assert torch.isfinite(torch.func.hessian(lambda z: deep(z, p))(x)).all()
 
 
 def test_erf_hessian_at_identical_inputs_is_the_limit():
@@ -154,7 +173,7 @@ def test_erf_hessian_at_identical_inputs_is_the_limit():
 @pytest.mark.parametrize("name", ["relu", "erf", "tanh"])
 def test_hyperparameter_gradients_at_identical_inputs(name):
     """d Θ(x, x') / d σw² at two identical rows (an off-diagonal entry) and on the diagonal equals the finite difference."""
-    net = network(name)
+    net = network(name, degree=PRECISE_RULE)
     x = torch.tensor([[0.7, -0.4, 1.1], [0.7, -0.4, 1.1], [0.2, 0.1, -0.3]], dtype=torch.float64)
     hyper = {key: value.detach() for key, value in Hyperparameters.collect(net, like=x).items()}
     key = "weight_variance_0"
