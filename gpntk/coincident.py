@@ -42,26 +42,32 @@ class Coincidence:
     mask: Tensor | None = None
 
 
-def exact_values(pairs: Tensor, points: Tensor, coincidence: Coincidence | None, ndim: int = 0) -> Tensor:
+def exact_values(
+    pairs: Tensor, points: Tensor, coincidence: Coincidence | None, ndim: int = 0, derivatives: Tensor | None = None
+) -> Tensor:
     r"""``pairs`` with each coincident entry's value replaced by its row's entry of ``points``.
 
     ``pairs`` is ``(..., n1, n2, *S)`` (``ndim`` spatial dims ``S``) and ``points``
     ``(..., n1, 1, *S)`` holds each row point's value with itself. At a coincident pair the result
     is ``points.detach() + (pairs - pairs.detach())``: bitwise the per-point value, with the
-    derivatives (of every order, also under ``torch.func``) of the pair formula.
+    derivatives (of every order, also under ``torch.func``) of the pair formula. ``derivatives``,
+    if given, carries those derivatives instead of ``pairs``: one entry per coincident pair
+    (``(..., K)``, index form) or a tensor like ``pairs`` (mask form).
     """
     if coincidence is None:
         return pairs
     if coincidence.mask is not None:
         mask = coincidence.mask.reshape(*coincidence.mask.shape, *(1,) * ndim)
-        return torch.where(mask, points.detach() + (pairs - pairs.detach()), pairs)
+        carrier = pairs if derivatives is None else derivatives
+        return torch.where(mask, points.detach() + (carrier - carrier.detach()), pairs)
     dim = pairs.dim() - 2 - ndim  # the n1 dimension
     shape = pairs.shape
     flat_pairs = pairs.reshape(*shape[:dim], shape[dim] * shape[dim + 1], *shape[dim + 2:])
     selected = flat_pairs.index_select(dim, coincidence.flat)
+    carrier = selected if derivatives is None else derivatives
     point_dim = points.dim() - 2 - ndim
     exact = points.index_select(point_dim, coincidence.rows).squeeze(point_dim + 1)
-    value = (exact.detach() + (selected - selected.detach())).expand_as(selected)
+    value = (exact.detach() + (carrier - carrier.detach())).expand_as(selected)
     return flat_pairs.index_copy(dim, coincidence.flat, value).reshape(shape)
 
 

@@ -89,12 +89,6 @@ def test_torch_func_transforms(name, output):
     torch.testing.assert_close(grads[0], reference, rtol=1e-10, atol=1e-12)
 
 
-#: quadrature derivatives are the rule's evaluation of the exact derivatives (Price's theorem), and
-#: the finite differences those of the rule's values: both converge to the exact ones; with 160
-#: points they agree to the tolerances below (with the default 64, to about 3e-4 for Tanh's NTK)
-PRECISE_RULE = 160
-
-
 @pytest.mark.parametrize("name", SMOOTH + ["relu"])
 @pytest.mark.parametrize("where", ["generic", "same", "opposite"])
 def test_nngp_derivatives_match_finite_differences(name, where):
@@ -104,7 +98,7 @@ def test_nngp_derivatives_match_finite_differences(name, where):
     central second difference is only accurate to O(h).
     """
     bias = 0.0 if where == "opposite" else 0.1  # with a bias the first layer's correlation of -p and p is above -1
-    f = kernel_fn(network(name, bias, PRECISE_RULE), "nngp")
+    f = kernel_fn(network(name, bias), "nngp")
     p = point()
     x = {"generic": torch.tensor([0.3, 0.9, -0.5], dtype=torch.float64), "same": p.clone(), "opposite": -p}[where]
     g = lambda z: f(z, p)  # noqa: E731
@@ -122,7 +116,7 @@ def test_nngp_derivatives_match_finite_differences(name, where):
 @pytest.mark.parametrize("name", SMOOTH)
 def test_ntk_derivatives_at_identical_inputs(name):
     """The NTK of smooth activations: gradient and Hessian at x = p match finite differences."""
-    f = kernel_fn(network(name, degree=PRECISE_RULE), "ntk")
+    f = kernel_fn(network(name), "ntk")
     p = point()
     g = lambda z: f(z, p)  # noqa: E731
     x = p.clone()
@@ -173,7 +167,7 @@ def test_erf_hessian_at_identical_inputs_is_the_limit():
 @pytest.mark.parametrize("name", ["relu", "erf", "tanh"])
 def test_hyperparameter_gradients_at_identical_inputs(name):
     """d Θ(x, x') / d σw² at two identical rows (an off-diagonal entry) and on the diagonal equals the finite difference."""
-    net = network(name, degree=PRECISE_RULE)
+    net = network(name)
     x = torch.tensor([[0.7, -0.4, 1.1], [0.7, -0.4, 1.1], [0.2, 0.1, -0.3]], dtype=torch.float64)
     hyper = {key: value.detach() for key, value in Hyperparameters.collect(net, like=x).items()}
     key = "weight_variance_0"

@@ -147,9 +147,43 @@ class Elementwise(Activation):
         return k12, kdot12
 
     def _dual_block(self, q11, q12, q22, need_dot):
-        orders = _Orders(((0, 0), (1, 1)) if need_dot else ((0, 0),))
-        values = _GaussianExpectations.apply(q11, q12, q22, self, orders)
+        r"""The pair map on one block of rows; autograd differentiates through the nodes.
+
+        That gives the exact derivatives of the computed values, except at correlation exactly
+        :math:`\pm 1` (identical inputs, or :math:`x' = -x` without bias): there the nodes
+        :math:`v = \sqrt{q_{22}}(\rho z_1 + \epsilon z_2)`, :math:`\epsilon = \sqrt{1-\rho^2}`, have an
+        infinite derivative, multiplied by a sum that vanishes (0 x inf, dropped). The first
+        derivatives are unaffected (:math:`\rho` is at its extreme, so its gradient vanishes), but
+        :math:`\partial k/\partial\rho` lacks the limit of the dropped product,
+
+        .. math::
+            c = -\rho\, q_{22} \sum_i w_i\, \phi^{(a)}(u_i)\, \phi^{(b+2)}(\sqrt{q_{22}}\rho z_i)
+
+        (for :math:`\mathbb E[\phi^{(a)}(u)\phi^{(b)}(v)]`; expand :math:`\phi^{(b+1)}` to first order
+        in :math:`\epsilon` and use :math:`\sum_j w_j z_j^2 = 1`), which second derivatives need
+        (:math:`c\, \nabla^2\rho`). It is added as :math:`c\,(\rho - \rho)` with :math:`c` and the
+        second :math:`\rho` constants: no change of value or first derivative.
+        """
+        orders = ((0, 0), (1, 1)) if need_dot else ((0, 0),)
+        values = self.expectations(q11, q12, q22, orders)
+        if torch.is_grad_enabled() and (q12.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(q12)):
+            values = self._edge_second_order(q11, q12, q22, orders, values)
         return values[0], (values[1] if need_dot else None)
+
+    def _edge_second_order(self, q11, q12, q22, orders, values):
+        """``values`` plus the term :math:`c(\rho - \rho)` of :meth:`_dual_block` where :math:`|\rho| = 1`."""
+        z, w = self._rule(q12)
+        rho, _ = correlation(q11, q12, q22)
+        edge = rho.abs() == 1
+        s1, s2 = safe_sqrt(q11), safe_sqrt(q22)
+        u = s1.unsqueeze(-1) * z  # (..., r, 1, D)
+        v = (s2 * rho.detach()).unsqueeze(-1) * z  # (..., r, n2, D): the nodes at epsilon = 0
+        step = rho - rho.detach()
+        out = []
+        for value, (a, b) in zip(values, orders):
+            c = -(rho * q22) * (self.nth_derivative(u, a) * self.nth_derivative(v, b + 2) * w).sum(-1)
+            out.append(value + torch.where(edge, c.detach() * step, torch.zeros_like(step)))
+        return tuple(out)
 
     def nth_derivative(self, x: Tensor, order: int) -> Tensor:
         r""":math:`\phi^{(n)}(x)`: ``fn``, ``derivative``, then forward-mode autograd of the one before."""
@@ -182,91 +216,6 @@ class Elementwise(Activation):
 
     def __repr__(self) -> str:
         return f"Elementwise({self._label}, degree={self.degree})"
-
-
-class _Orders:
-    """The derivative orders ``(a, b)`` of :class:`_GaussianExpectations`, as one opaque argument (not a pytree)."""
-
-    def __init__(self, pairs: tuple[tuple[int, int], ...]):
-        self.pairs = tuple(pairs)
-
-
-def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
-    """``grad`` summed over the dimensions along which a tensor of ``shape`` was broadcast."""
-    if grad.shape == shape:
-        return grad
-    extra = grad.dim() - len(shape)
-    grad = grad.sum(dim=tuple(range(extra))) if extra else grad
-    dims = tuple(i for i, size in enumerate(shape) if size == 1 and grad.shape[i] != 1)
-    return grad.sum(dim=dims, keepdim=True) if dims else grad
-
-
-class _GaussianExpectations(torch.autograd.Function):
-    r""":math:`G_{ab}(q_{11}, q_{12}, q_{22}) = \mathbb E[\phi^{(a)}(u)\,\phi^{(b)}(v)]` with the derivatives of the Gaussian.
-
-    Differentiating the quadrature nodes :math:`v = \sqrt{q_{22}}(\rho z_1 + \sqrt{1-\rho^2} z_2)`
-    would go through :math:`\sqrt{1-\rho^2}`, whose derivative is infinite at :math:`\rho = 1`
-    (identical inputs), where it gave wrong second derivatives. The derivatives of a Gaussian
-    expectation with respect to its covariance are again Gaussian expectations (Price's theorem,
-    the heat equation):
-
-    .. math::
-        \frac{\partial G_{ab}}{\partial q_{12}} = G_{a+1,b+1}, \quad
-        \frac{\partial G_{ab}}{\partial q_{11}} = \tfrac12 G_{a+2,b}, \quad
-        \frac{\partial G_{ab}}{\partial q_{22}} = \tfrac12 G_{a,b+2},
-
-    smooth at every correlation, so this function evaluates them with the same rule, to any order
-    (backward and forward mode, ``vmap``).
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(q11: Tensor, q12: Tensor, q22: Tensor, activation: "Elementwise", orders) -> tuple[Tensor, ...]:
-        return activation.expectations(q11, q12, q22, orders)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        q11, q12, q22, activation, orders = inputs
-        ctx.activation, ctx.orders = activation, orders
-        ctx.save_for_backward(q11, q12, q22)
-        ctx.save_for_forward(q11, q12, q22)
-
-    @staticmethod
-    def _derivatives(ctx, q11, q12, q22):
-        raised = tuple(o for a, b in ctx.orders.pairs for o in ((a + 1, b + 1), (a + 2, b), (a, b + 2)))
-        values = _GaussianExpectations.apply(q11, q12, q22, ctx.activation, _Orders(raised))
-        return [values[3 * k: 3 * k + 3] for k in range(len(ctx.orders.pairs))]
-
-    @staticmethod
-    def backward(ctx, *grads):
-        q11, q12, q22 = ctx.saved_tensors
-        grad11 = grad12 = grad22 = None
-        for grad, (d12, d11, d22) in zip(grads, _GaussianExpectations._derivatives(ctx, q11, q12, q22)):
-            if grad is None:
-                continue
-            terms = (grad * d11 / 2, grad * d12, grad * d22 / 2)
-            grad11 = terms[0] if grad11 is None else grad11 + terms[0]
-            grad12 = terms[1] if grad12 is None else grad12 + terms[1]
-            grad22 = terms[2] if grad22 is None else grad22 + terms[2]
-        if grad12 is None:
-            return None, None, None, None, None
-        return _sum_to(grad11, q11.shape), _sum_to(grad12, q12.shape), _sum_to(grad22, q22.shape), None, None
-
-    @staticmethod
-    def jvp(ctx, t11, t12, t22, _activation, _orders):
-        q11, q12, q22 = ctx.saved_tensors
-        out = []
-        for d12, d11, d22 in _GaussianExpectations._derivatives(ctx, q11, q12, q22):
-            total = 0
-            if t11 is not None:
-                total = total + d11 * t11 / 2
-            if t12 is not None:
-                total = total + d12 * t12
-            if t22 is not None:
-                total = total + d22 * t22 / 2
-            out.append(total if torch.is_tensor(total) else torch.zeros_like(d12))
-        return tuple(out)
 
 
 def _tanh_derivative(x: Tensor) -> Tensor:
