@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .coincident import Coincidence, exact_values
 from .spatial import Layout
 
 __all__ = ["KernelState"]
@@ -44,10 +45,11 @@ class KernelState:
 
     ``ntk12 is None`` stands for an identically zero NTK: the input layer, or layers below the
     first trainable one. ``track_ntk=False`` skips the NTK altogether (NNGP-only evaluations).
-    ``same_inputs`` records that ``x1`` and ``x2`` are the same points, so the diagonal of
-    ``cov12`` is re-set at every nonlinearity from the exact per-point recursion instead of
-    being evaluated through a correlation of exactly one, where closed forms lose accuracy and
-    derivatives.
+    ``same_inputs`` records that ``x1`` and ``x2`` are the same points. ``coincident`` lists the
+    pairs of exactly identical inputs (:mod:`gpntk.coincident`; the diagonal when ``same_inputs``):
+    their entries of ``cov12`` (and of the NTK multiplier) are re-set at every nonlinearity to the
+    exact per-point values instead of being evaluated through a correlation of exactly one, where
+    closed forms lose accuracy; derivatives there are those of the pair formula.
 
     Spatial inputs append the spatial dimensions of ``layout`` to every tensor (see
     :mod:`gpntk.spatial`): ``cov12`` is ``(..., n1, n2, *S)`` and ``var1`` / ``var2`` hold each
@@ -65,6 +67,7 @@ class KernelState:
     track_ntk: bool = True
     layout: Layout = VECTOR
     keep_full: bool = False
+    coincident: Coincidence | None = None
 
     @staticmethod
     def from_inputs(
@@ -76,6 +79,7 @@ class KernelState:
         track_ntk: bool,
         input_shape: Sequence[int] | None = None,
         full: bool = False,
+        coincident: Coincidence | None = None,
     ) -> "KernelState":
         r"""The input layer's state: :math:`\Sigma_0(x, x') = x \cdot x' / d`, :math:`\Theta_0 = 0`.
 
@@ -87,15 +91,16 @@ class KernelState:
         :math:`\Sigma_0(x, x')_{p, p'} = \sum_c x_{c,p}\, x'_{c,p'} / C` (Novak et al. 2019), kept
         in full (``full``) or only for :math:`p = p'`.
 
-        Same points given as two different tensors are still two arguments: the variances of
-        ``x1`` come from ``x1`` and those of ``x2`` from ``x2``, and every per-point quantity
-        :math:`\Sigma(x_i, x_i)` is evaluated at the midpoint :math:`x_1 + (x_2 - x_1)/2`, which
-        equals both bitwise and gives each argument its own partial derivative (half the total
-        derivative of :math:`k(x, x)`, by symmetry of the kernel). When ``x1 is x2`` this is
-        the plain per-point variance.
+        ``coincident`` are the pairs of identical rows (see :mod:`gpntk.coincident`); with
+        ``same_inputs`` and none given, the diagonal. Their entries of :math:`\Sigma_0` take the
+        per-point value :math:`\Sigma_0(x_{1,i}, x_{1,i})` exactly, with the derivatives of
+        :math:`x_1 \cdot x_2 / d`. In per-point mode, every per-point quantity is evaluated at the
+        midpoint :math:`x_1 + (x_2 - x_1)/2` (``x1`` when ``x1 is x2``).
         """
+        if not diag and coincident is None and same_inputs:
+            coincident = _diagonal(x1.shape[-2], x1.device)
         if input_shape is not None and len(input_shape) >= 2:
-            return _spatial_inputs(x1, x2, diag, same_inputs, track_ntk, tuple(input_shape), full)
+            return _spatial_inputs(x1, x2, diag, same_inputs, track_ntk, tuple(input_shape), full, coincident)
         d = x1.shape[-1]
 
         def variance(x: Tensor) -> Tensor:
@@ -106,11 +111,11 @@ class KernelState:
             return KernelState(var, var, var, None, diag=True, same_inputs=True, track_ntk=track_ntk, layout=VECTOR)
         var1 = variance(x1)
         var2 = var1.transpose(-1, -2) if x2 is x1 else variance(x2).transpose(-1, -2)
-        cov12 = x1 @ x2.transpose(-1, -2) / d
-        if same_inputs:
-            point_var = var1 if x2 is x1 else variance(midpoint(x1, x2))
-            cov12 = set_diagonal(cov12, point_var.squeeze(-1))
-        return KernelState(cov12, var1, var2, None, diag=False, same_inputs=same_inputs, track_ntk=track_ntk, layout=VECTOR)
+        cov12 = exact_values(x1 @ x2.transpose(-1, -2) / d, var1, coincident)
+        return KernelState(
+            cov12, var1, var2, None, diag=False, same_inputs=same_inputs, track_ntk=track_ntk, layout=VECTOR,
+            coincident=coincident,
+        )
 
     def replace(self, **changes) -> "KernelState":
         """A copy with some fields changed."""
@@ -140,8 +145,21 @@ class KernelState:
         return self.ntk12
 
 
+def _diagonal(n: int, device: torch.device) -> Coincidence:
+    """The pairs ``(i, i)`` of an ``n x n`` block."""
+    i = torch.arange(n, device=device)
+    return Coincidence(rows=i, flat=i * (n + 1))
+
+
 def _spatial_inputs(
-    x1: Tensor, x2: Tensor, diag: bool, same_inputs: bool, track_ntk: bool, input_shape: tuple[int, ...], full: bool
+    x1: Tensor,
+    x2: Tensor,
+    diag: bool,
+    same_inputs: bool,
+    track_ntk: bool,
+    input_shape: tuple[int, ...],
+    full: bool,
+    coincident: Coincidence | None,
 ) -> KernelState:
     """The input state of channels-first spatial inputs (see :meth:`KernelState.from_inputs`)."""
     channels, spatial = input_shape[0], input_shape[1:]
@@ -171,12 +189,11 @@ def _spatial_inputs(
     var1 = self_covariance(x1)
     var2 = var1 if x2 is x1 else self_covariance(x2)
     var2 = var2.transpose(-1 - layout.ndim, -2 - layout.ndim)
-    cov12 = pairs(x1, x2)
-    if same_inputs:
-        point = layout.point_variances(var1 if x2 is x1 else self_covariance(midpoint(x1, x2)))
-        matrix = set_diagonal(layout.to_matrix(cov12), layout.rows_matrix(point).squeeze(-1))
-        cov12 = layout.from_matrix(matrix, cov12.shape[-2 - layout.ndim], cov12.shape[-1 - layout.ndim])
-    return KernelState(cov12, var1, var2, None, diag=False, same_inputs=same_inputs, track_ntk=track_ntk, layout=layout)
+    cov12 = exact_values(pairs(x1, x2), var1, coincident, layout.ndim)
+    return KernelState(
+        cov12, var1, var2, None, diag=False, same_inputs=same_inputs, track_ntk=track_ntk, layout=layout,
+        coincident=coincident,
+    )
 
 
 def midpoint(x1: Tensor, x2: Tensor) -> Tensor:

@@ -22,6 +22,8 @@ import operator
 import numpy as np
 import torch
 
+from .coincident import _is_batched
+
 __all__ = [
     "check_inputs", "check_kernel_inputs", "expanded_batch_shape", "integer_argument", "real_argument",
     "SUPPORTED_DTYPES",
@@ -121,6 +123,8 @@ def check_inputs(name: str, x, *, batched: bool) -> None:
         raise ValueError(f"{name} must have shape (..., n, d), got {tuple(x.shape)}")
     if not batched and x.dim() != 2:
         raise ValueError(f"{name} must have shape (n, d), got {tuple(x.shape)}")
+    if _is_batched(x):  # inside torch.func.vmap values cannot decide a branch: NaN inputs give NaN kernels
+        return
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         raise ValueError(f"{name} contains {int(bad.sum())} NaN or infinite values")

@@ -71,7 +71,7 @@ def _arccos_j_value(rho: Tensor, p: int) -> Tensor:
     if p == 0:  # J_0 = π - θ
         return math.pi - torch.arccos(rho)
     if p == 1:  # J_1 = sin θ + (π - θ) cos θ
-        return (1 - rho.square()).clamp_min_(0).sqrt_().addcmul_(math.pi - torch.arccos(rho), rho)
+        return (1 - rho.square()).clamp_min(0).sqrt().addcmul(math.pi - torch.arccos(rho), rho)
     terms_a, terms_b = _arccos_j_terms(p)
     cos = rho
     sin = (1 - rho.square()).clamp_min(0).sqrt()
@@ -85,53 +85,96 @@ def _arccos_j_value(rho: Tensor, p: int) -> Tensor:
     return value_a + rest * value_b
 
 
+def _arccos_j_derivative(rho: Tensor, p: int) -> Tensor:
+    r""":math:`\mathrm dJ_p/\mathrm d\rho`: :math:`p^2 J_{p-1}(\rho)`, and for :math:`p = 0` :math:`1/\sqrt{1-\rho^2}` inside (-1, 1), 0 at :math:`|\rho| = 1`.
+
+    :math:`J_0 = \pi - \theta` has a kink at :math:`\theta = 0` (and :math:`\pi`): along any
+    path through identical inputs the angle grows like the distance, so the one-sided derivatives
+    are opposite and their average is 0. Returning 0 there makes every derivative built on
+    :math:`J_0'` (the ReLU family's NTK, Sign, the second derivatives of the ReLU NNGP) the average
+    of its one-sided values, finite, instead of the ``1/sqrt(eps)`` of a clamped square root.
+    Differentiable (in ``rho``) to any order.
+    """
+    if p > 0:
+        return (p * p) * arccos_j(rho, p - 1)
+    inside = rho.abs() < 1
+    gap = torch.where(inside, 1 - rho.square(), torch.ones_like(rho))
+    return torch.where(inside, torch.rsqrt(gap), torch.zeros_like(rho))
+
+
 class _ArcCosJ(torch.autograd.Function):
-    """:math:`J_p(\\rho)` with derivative :math:`p^2 J_{p-1}(\\rho)` (or :math:`1/\\sqrt{1-\\rho^2}` for p = 0)."""
+    """:math:`J_p(\\rho)` with derivative :func:`_arccos_j_derivative`; works under ``torch.func`` transforms."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, rho: Tensor, p: int) -> Tensor:
-        ctx.save_for_backward(rho)
-        ctx.p = p
+    def forward(rho: Tensor, p: int) -> Tensor:
         return _arccos_j_value(rho, p)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        rho, p = inputs
+        ctx.p = p
+        ctx.save_for_backward(rho)
+        ctx.save_for_forward(rho)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (rho,) = ctx.saved_tensors
-        p = ctx.p
-        if p == 0:
-            tiny = torch.finfo(rho.dtype).eps
-            derivative = torch.rsqrt((1 - rho.square()).clamp_min(tiny))
-        else:
-            derivative = (p * p) * arccos_j(rho, p - 1)
-        return grad * derivative, None
+        return grad * _arccos_j_derivative(rho, ctx.p), None
+
+    @staticmethod
+    def jvp(ctx, rho_tangent: Tensor, _p) -> Tensor:
+        (rho,) = ctx.saved_tensors
+        return rho_tangent * _arccos_j_derivative(rho, ctx.p)
 
 
 def arccos_j(rho: Tensor, p: int) -> Tensor:
-    r"""The arc-cosine function :math:`J_p` of Cho & Saul (2009) as a function of :math:`\rho = \cos\theta`."""
+    r"""The arc-cosine function :math:`J_p` of Cho & Saul (2009) as a function of :math:`\rho = \cos\theta`.
+
+    Differentiable to any order, also under ``torch.func`` (``grad``, ``jacrev``, ``jacfwd``,
+    ``hessian``, ``vmap``); at :math:`|\rho| = 1` the derivative of :math:`J_0` is taken as 0 (see
+    :func:`_arccos_j_derivative`).
+    """
     return _ArcCosJ.apply(rho, p)
 
 
+def _j1_j0_value(rho: Tensor) -> tuple[Tensor, Tensor]:
+    j0 = math.pi - torch.arccos(rho)
+    j1 = (1 - rho.square()).clamp_min(0).sqrt().addcmul(j0, rho)
+    return j1, j0
+
+
 class _ArcCosJ1J0(torch.autograd.Function):
-    r"""``(J_1, J_0)`` from one arccos, with :math:`J_1' = J_0` and :math:`J_0' = 1/\sqrt{1-\rho^2}`."""
+    r"""``(J_1, J_0)`` from one arccos, with :math:`J_1' = J_0` and :math:`J_0'` from :func:`_arccos_j_derivative`."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, rho: Tensor) -> tuple[Tensor, Tensor]:
-        j0 = torch.arccos(rho).neg_().add_(math.pi)
-        j1 = rho.square().neg_().add_(1).clamp_min_(0).sqrt_().addcmul_(j0, rho)
-        ctx.save_for_backward(rho, j0)
-        return j1, j0
+    def forward(rho: Tensor) -> tuple[Tensor, Tensor]:
+        return _j1_j0_value(rho)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        (rho,) = inputs
+        ctx.save_for_backward(rho)
+        ctx.save_for_forward(rho)
 
     @staticmethod
     def backward(ctx, grad_j1: Tensor, grad_j0: Tensor):
-        rho, j0 = ctx.saved_tensors
+        (rho,) = ctx.saved_tensors
         grad = None
         if grad_j1 is not None:
-            grad = grad_j1 * j0
+            grad = grad_j1 * arccos_j(rho, 0)
         if grad_j0 is not None:
-            tiny = torch.finfo(rho.dtype).eps
-            term = grad_j0 * torch.rsqrt((1 - rho.square()).clamp_min(tiny))
+            term = grad_j0 * _arccos_j_derivative(rho, 0)
             grad = term if grad is None else grad + term
         return grad
+
+    @staticmethod
+    def jvp(ctx, rho_tangent: Tensor) -> tuple[Tensor, Tensor]:
+        (rho,) = ctx.saved_tensors
+        return rho_tangent * arccos_j(rho, 0), rho_tangent * _arccos_j_derivative(rho, 0)
 
 
 def arccos_j1_j0(rho: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,10 +23,11 @@ from torch import Tensor
 from ..errors import ArchitectureError
 from ..finite import ElementwiseActivation
 from ..layers.base import Hyperparameters, Layer, Signature
+from ..coincident import exact_values
 from ..state import KernelState, midpoint, set_diagonal
 from ..validation import real_argument
 
-__all__ = ["Activation", "correlation", "safe_sqrt", "real_parameter", "double_factorial"]
+__all__ = ["Activation", "correlation", "safe_sqrt", "gram_determinant", "real_parameter", "double_factorial"]
 
 
 class Activation(Layer):
@@ -68,10 +69,16 @@ class Activation(Layer):
         layout = state.layout
         k12, kdot12 = self._pair_map(
             layout, state.cov12, layout.point_variances(state.var1), layout.point_variances(state.var2),
-            state.same_inputs, need_dot,
+            False, need_dot,
         )
-        k1, _ = self._self_map(state, state.var1, False)
+        coincident = state.coincident
+        k1, kdot1 = self._self_map(state, state.var1, need_dot and coincident is not None)
         k2, _ = self._self_map(state, state.var2, False)
+        if coincident is not None:
+            # identical inputs: the exact per-point values, with the pair formula's derivatives
+            k12 = exact_values(k12, k1, coincident, layout.ndim)
+            if need_dot:
+                kdot12 = exact_values(kdot12, kdot1, coincident, layout.ndim)
         ntk12 = kdot12 * state.ntk12 if need_dot else state.ntk12
         return state.replace(cov12=k12, var1=k1, var2=k2, ntk12=ntk12)
 
@@ -81,8 +88,9 @@ class Activation(Layer):
         """The dual on every pair of ``cov12``, given both sides' point variances ``Σ_{p,p}``.
 
         The spatial layout is first turned into matrices of pairs (:meth:`Layout.to_matrix`);
-        with ``same_inputs`` (the two sides are the same points) the entries of a point with
-        itself at the same position are taken from the exact per-point map.
+        with ``same_inputs`` (the two sides are one point, as in a point's covariance between its
+        own positions) the diagonal entries, a position with itself, are taken from the exact
+        per-point map.
         """
         n1, n2 = cov12.shape[-2 - layout.ndim], cov12.shape[-1 - layout.ndim]
         q11, q22 = layout.rows_matrix(points1), layout.cols_matrix(points2)
@@ -122,6 +130,17 @@ def safe_sqrt(x: Tensor) -> Tensor:
     """:math:`\\sqrt{\\max(x, 0)}` with derivative 0 (not infinity or NaN) where ``x <= 0``."""
     positive = x > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def gram_determinant(q11: Tensor, q12: Tensor, q22: Tensor) -> Tensor:
+    r""":math:`\max(q_{11} q_{22} - q_{12}^2, 0)`: the determinant of a pair's covariance, never negative.
+
+    Mathematically non-negative; in floating point it cancels, and for large variances (float32
+    inputs of scale :math:`10^4`) rounding made it negative by more than the terms it is added to,
+    which turned square roots of positive quantities into NaN. At identical inputs
+    (:math:`q_{12} = q_{11} = q_{22}` exactly) it is exactly 0.
+    """
+    return (q11 * q22 - q12.square()).clamp_min(0)
 
 
 def correlation(q11: Tensor, q12: Tensor, q22: Tensor) -> tuple[Tensor, Tensor]:

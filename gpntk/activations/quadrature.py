@@ -147,21 +147,72 @@ class Elementwise(Activation):
         return k12, kdot12
 
     def _dual_block(self, q11, q12, q22, need_dot):
+        r"""The pair map on one block of rows; autograd differentiates through the nodes.
+
+        That gives the exact derivatives of the computed values, except at correlation exactly
+        :math:`\pm 1` (identical inputs, or :math:`x' = -x` without bias): there the nodes
+        :math:`v = \sqrt{q_{22}}(\rho z_1 + \epsilon z_2)`, :math:`\epsilon = \sqrt{1-\rho^2}`, have an
+        infinite derivative, multiplied by a sum that vanishes (0 x inf, dropped). The first
+        derivatives are unaffected (:math:`\rho` is at its extreme, so its gradient vanishes), but
+        :math:`\partial k/\partial\rho` lacks the limit of the dropped product,
+
+        .. math::
+            c = -\rho\, q_{22} \sum_i w_i\, \phi^{(a)}(u_i)\, \phi^{(b+2)}(\sqrt{q_{22}}\rho z_i)
+
+        (for :math:`\mathbb E[\phi^{(a)}(u)\phi^{(b)}(v)]`; expand :math:`\phi^{(b+1)}` to first order
+        in :math:`\epsilon` and use :math:`\sum_j w_j z_j^2 = 1`), which second derivatives need
+        (:math:`c\, \nabla^2\rho`). It is added as :math:`c\,(\rho - \rho)` with :math:`c` and the
+        second :math:`\rho` constants: no change of value or first derivative.
+        """
+        orders = ((0, 0), (1, 1)) if need_dot else ((0, 0),)
+        values = self.expectations(q11, q12, q22, orders)
+        if torch.is_grad_enabled() and (q12.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(q12)):
+            values = self._edge_second_order(q11, q12, q22, orders, values)
+        return values[0], (values[1] if need_dot else None)
+
+    def _edge_second_order(self, q11, q12, q22, orders, values):
+        """``values`` plus the term :math:`c(\rho - \rho)` of :meth:`_dual_block` where :math:`|\rho| = 1`."""
+        z, w = self._rule(q12)
+        rho, _ = correlation(q11, q12, q22)
+        edge = rho.abs() == 1
+        s1, s2 = safe_sqrt(q11), safe_sqrt(q22)
+        u = s1.unsqueeze(-1) * z  # (..., r, 1, D)
+        v = (s2 * rho.detach()).unsqueeze(-1) * z  # (..., r, n2, D): the nodes at epsilon = 0
+        step = rho - rho.detach()
+        out = []
+        for value, (a, b) in zip(values, orders):
+            c = -(rho * q22) * (self.nth_derivative(u, a) * self.nth_derivative(v, b + 2) * w).sum(-1)
+            out.append(value + torch.where(edge, c.detach() * step, torch.zeros_like(step)))
+        return tuple(out)
+
+    def nth_derivative(self, x: Tensor, order: int) -> Tensor:
+        r""":math:`\phi^{(n)}(x)`: ``fn``, ``derivative``, then forward-mode autograd of the one before."""
+        if order == 0:
+            return self.fn(x)
+        if order == 1:
+            return self.derivative(x)
+        _, tangent = torch.func.jvp(lambda t: self.nth_derivative(t, order - 1), (x,), (torch.ones_like(x),))
+        return tangent
+
+    def expectations(self, q11: Tensor, q12: Tensor, q22: Tensor, orders) -> tuple[Tensor, ...]:
+        r""":math:`\mathbb E[\phi^{(a)}(u)\, \phi^{(b)}(v)]` for each ``(a, b)`` in ``orders``, by the 2-D rule.
+
+        ``q11`` ``(..., r, 1)``, ``q12`` ``(..., r, n2)``, ``q22`` ``(..., 1, n2)``; the nodes
+        :math:`v` are shared by all orders.
+        """
         z, w = self._rule(q12)
         rho, _ = correlation(q11, q12, q22)
         s1, s2 = safe_sqrt(q11), safe_sqrt(q22)
         # u: (..., r, 1, D); v: (..., r, n2, D, D) over (i, j)
-        u = (s1.unsqueeze(-1) * z)
+        u = s1.unsqueeze(-1) * z
         coef_i = (s2 * rho).unsqueeze(-1).unsqueeze(-1) * z.view(-1, 1)
         coef_j = (s2 * safe_sqrt(1 - rho.square())).unsqueeze(-1).unsqueeze(-1) * z.view(1, -1)
         v = coef_i + coef_j
-        inner = (self.fn(v) * w).sum(-1)  # (..., r, n2, D): integrated over z2
-        k = (self.fn(u) * w * inner).sum(-1)
-        kdot = None
-        if need_dot:
-            inner_dot = (self.derivative(v) * w).sum(-1)
-            kdot = (self.derivative(u) * w * inner_dot).sum(-1)
-        return k, kdot
+        outputs = []
+        for a, b in getattr(orders, "pairs", orders):
+            inner = (self.nth_derivative(v, b) * w).sum(-1)  # (..., r, n2, D): integrated over z2
+            outputs.append((self.nth_derivative(u, a) * w * inner).sum(-1))
+        return tuple(outputs)
 
     def __repr__(self) -> str:
         return f"Elementwise({self._label}, degree={self.degree})"

@@ -10,7 +10,8 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Activation, real_parameter
+from ..coincident import _is_batched
+from .base import Activation, gram_determinant, real_parameter
 
 __all__ = ["Erf", "GELU", "Sin", "Cos", "Rbf", "Exp", "Gaussian"]
 
@@ -24,7 +25,12 @@ class Erf(Activation):
         \dot k_{12} = \frac{4 a^2 b^2}{\pi} \bigl[(1 + 2b^2 q_{11})(1 + 2b^2 q_{22}) - 4 b^4 q_{12}^2\bigr]^{-1/2}.
 
     The arcsine is evaluated as ``atan2`` of the two legs, which stays accurate and has finite
-    derivatives for every correlation, including identical inputs.
+    derivatives for every correlation, including identical inputs. The squared leg is formed as
+    :math:`1 + 2b^2(q_{11} + q_{22}) + 4b^4 \max(q_{11}q_{22} - q_{12}^2, 0)` (the Gram determinant
+    is never negative), so large variances do not cancel to a negative number (float32 inputs of
+    scale :math:`10^4` did); on the diagonal :math:`k = \tfrac{2a^2}{\pi}\operatorname{atan2}(2b^2 q,
+    \sqrt{1 + 4b^2 q}) + c^2`, whose derivative stays finite where :math:`\arcsin` of a ratio
+    rounded to one has an infinite one.
     """
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0):
@@ -36,15 +42,15 @@ class Erf(Activation):
 
     def dual(self, q11, q12, q22, need_dot):
         b2 = self.b**2
-        prod = (1 + 2 * b2 * q11) * (1 + 2 * b2 * q22)
-        leg = (prod - 4 * b2 * b2 * q12.square()).clamp_min(torch.finfo(q12.dtype).tiny).sqrt()
+        leg2 = 1 + 2 * b2 * (q11 + q22) + 4 * b2 * b2 * gram_determinant(q11, q12, q22)
+        leg = leg2.clamp_min(torch.finfo(q12.dtype).tiny).sqrt()
         k12 = (2 * self.a**2 / math.pi) * torch.atan2(2 * b2 * q12, leg) + self.c**2
         kdot12 = (4 * self.a**2 * b2 / math.pi) / leg if need_dot else None
         return k12, kdot12
 
     def dual_diag(self, q, need_dot):
         b2 = self.b**2
-        k = (2 * self.a**2 / math.pi) * torch.asin(2 * b2 * q / (1 + 2 * b2 * q)) + self.c**2
+        k = (2 * self.a**2 / math.pi) * torch.atan2(2 * b2 * q, torch.sqrt(1 + 4 * b2 * q)) + self.c**2
         kdot = (4 * self.a**2 * b2 / math.pi) * torch.rsqrt(1 + 4 * b2 * q) if need_dot else None
         return k, kdot
 
@@ -72,7 +78,7 @@ class GELU(Activation):
     def dual(self, q11, q12, q22, need_dot):
         prod_plus_1 = (1 + q11) * (1 + q22)
         prod = q11 * q22
-        delta2 = prod_plus_1 - q12.square()
+        delta2 = 1 + q11 + q22 + gram_determinant(q11, q12, q22)  # (1 + q11)(1 + q22) - q12², never below 1
         delta = delta2.sqrt()
         alpha = torch.atan2(q12, delta)
         k12 = q12 / 4 + (q12 * alpha + (q12.square() + prod * delta2) / (prod_plus_1 * delta)) / (2 * math.pi)
@@ -222,14 +228,16 @@ class Gaussian(Activation):
     def dual(self, q11, q12, q22, need_dot):
         b = self.b
         self._check_finite(torch.maximum(q11.max(), q22.max()))
-        det = (1 - 2 * b * q11) * (1 - 2 * b * q22) - 4 * b * b * q12.square()
+        det = 1 - 2 * b * (q11 + q22) + 4 * b * b * gram_determinant(q11, q12, q22)
         inv_root = torch.rsqrt(det)
         k12 = self.a**2 * inv_root
         kdot12 = 4 * self.a**2 * b * b * q12 * inv_root**3 if need_dot else None
         return k12, kdot12
 
     def _check_finite(self, q: Tensor) -> None:
-        if self.b > 0 and bool((4 * self.b * q >= 1).any()):
+        if self.b <= 0 or _is_batched(q):  # inside vmap no value can raise: an infinite moment gives NaN
+            return
+        if bool((4 * self.b * q >= 1).any()):
             raise ValueError(
                 f"Gaussian(a={self.a}, b={self.b}) has an infinite second moment for pre-activation "
                 f"variances >= 1/(4b) = {1 / (4 * self.b):.4g}; the largest here is {q.max().item():.4g}"

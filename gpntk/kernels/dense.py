@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .. import settings
 from ..errors import NumericalWarning
+from ..coincident import Coincidence, RowIds, _is_batched
 from ..layers.base import Hyperparameters, Layer
 from ..spatial import Layout
 from ..state import KernelState
@@ -47,8 +48,16 @@ def default_block_elements(device: torch.device) -> int:
 
 
 def same_inputs(x1: Tensor, x2: Tensor) -> bool:
-    """Whether ``x1`` and ``x2`` hold the same points (then diagonals use the per-point recursion)."""
-    return x1 is x2 or (x1.shape == x2.shape and bool(torch.equal(x1, x2)))
+    """Whether ``x1`` and ``x2`` hold the same points (then diagonals use the per-point recursion).
+
+    Inside a ``torch.func`` batching transform (``vmap``), where values cannot decide a branch,
+    only ``x1 is x2`` counts (coincident rows are still found, see :mod:`gpntk.coincident`).
+    """
+    if x1 is x2:
+        return True
+    if x1.shape != x2.shape or _is_batched(x1) or _is_batched(x2):
+        return False
+    return bool(torch.equal(x1, x2))
 
 
 def input_layout(net: Layer, input_shape: Sequence[int] | None) -> Layout:
@@ -67,14 +76,17 @@ def _kernels(
     track_ntk: bool,
     same: bool,
     diag: bool,
+    coincident: Coincidence | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``(Σ, Θ or None)`` of one block: the input kernel and every layer's map.
 
-    ``same``: ``x1`` and ``x2`` are the same points. No data-dependent branch, so it compiles.
+    ``same``: ``x1`` and ``x2`` are the same points; ``coincident``: the pairs of identical rows
+    (:mod:`gpntk.coincident`). No data-dependent branch, so it compiles.
     """
     layout = input_layout(net, input_shape)
     state = KernelState.from_inputs(
-        x1, x2, diag=diag, same_inputs=same, track_ntk=track_ntk, input_shape=input_shape, full=layout.full
+        x1, x2, diag=diag, same_inputs=same, track_ntk=track_ntk, input_shape=input_shape, full=layout.full,
+        coincident=coincident,
     )
     state = net.kernel_map(state, Hyperparameters(net, hyper))
     return state.cov12, (state.ntk_or_zeros() if track_ntk else None)
@@ -110,9 +122,21 @@ def _use_fusion(
     return settings.fusion.enabled_for(elements, needs_grad, previous)
 
 
-def _recursion(*args, fused: bool) -> tuple[Tensor, Tensor | None]:
-    """One block's kernels, ``_kernels(*args)``, through the compiled function when ``fused``."""
+#: ``_recursion``'s default: find the coincident pairs of the block itself
+_FIND = object()
+
+
+def _recursion(*args, fused: bool, coincident=_FIND) -> tuple[Tensor, Tensor | None]:
+    """One block's kernels, ``_kernels(*args, coincident)``, through the compiled function when ``fused``.
+
+    ``args`` are ``(net, x1, x2, hyper, input_shape, track_ntk, same, diag)``. The coincident pairs
+    (data-dependent, so found outside the compiled function) are found here unless given.
+    """
     global _compiled_kernels, _compile_failed
+    if coincident is _FIND:
+        x1, x2, diag = args[1], args[2], args[7]
+        coincident = None if diag else RowIds(x1, x2).block()
+    args = (*args, coincident)
     if not fused or _compile_failed:
         return _kernels(*args)
     if _compiled_kernels is None:
@@ -208,14 +232,19 @@ def evaluate(
     r"""``(Σ(x1, x2), Θ(x1, x2) or None)``, ``(..., n1, n2)`` each, in blocks where needed."""
     blocks, elements, symmetric = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
     fused = _use_fusion(net, x1, x2, hyper, input_shape, track_ntk, elements)
+    ids = RowIds(x1, x2)
     if len(blocks) == 1:
-        return _recursion(net, x1, x2, hyper, input_shape, track_ntk, symmetric, False, fused=fused)
+        return _recursion(
+            net, x1, x2, hyper, input_shape, track_ntk, symmetric, False, fused=fused, coincident=ids.block()
+        )
     n1, n2 = x1.shape[-2], x2.shape[-2]
     outputs: list[Tensor | None] = [None, None]  # Σ and Θ, allocated at the first block
     for r, c, same, mirrored in blocks:
         a = x1[..., r, :]
         b = a if (same and x2 is x1) else x2[..., c, :]
-        blocks = _recursion(net, a, b, hyper, input_shape, track_ntk, same, False, fused=fused)
+        blocks = _recursion(
+            net, a, b, hyper, input_shape, track_ntk, same, False, fused=fused, coincident=ids.block(r, c)
+        )
         for which, block in enumerate(blocks):
             if block is None:
                 continue
@@ -239,9 +268,10 @@ def kernel_diagonal(
 ) -> Tensor:
     r"""The diagonal :math:`k(x_{1,i}, x_{2,i})`, shape ``(..., n)``, without forming a matrix.
 
-    When ``x1`` and ``x2`` are the same points this is the exact per-point recursion on the
-    variances :math:`\Sigma(x, x)`, :math:`\Theta(x, x)` (differentiable in both ``x1`` and
-    ``x2``); otherwise each pair is evaluated on its own. Points are taken in chunks so that a
+    When ``x1 is x2`` this is the exact per-point recursion on the variances :math:`\Sigma(x, x)`,
+    :math:`\Theta(x, x)`; otherwise each pair is evaluated on its own, identical pairs taking the
+    same per-point values (bitwise, see :mod:`gpntk.coincident`) with the derivatives of the pair
+    formula in each argument. Points are taken in chunks so that a
     spatial covariance of at most ``block_elements`` numbers is held at once.
     """
     batch = batch_shape_of(x1, x2, hyper)
@@ -250,7 +280,7 @@ def kernel_diagonal(
     chunks = _blocks(x1.shape[-2], max(1, budget // per_point))
     track_ntk = output == "ntk"
     parts = []
-    same = same_inputs(x1, x2)
+    same = x1 is x2
     for chunk in chunks:
         a = x1[..., chunk, :]
         b = a if x2 is x1 else x2[..., chunk, :]
