@@ -317,7 +317,6 @@ def test_learning_rate_above_the_stable_limit_warns(data, tmp_path):
         fit_csv(data["train"], times=[10.0], learning_rate=0.9 * limit, output=str(tmp_path / "c.csv"), print_fn=quiet)
 
 
-@pytest.mark.xfail(strict=True, reason="needs exact coincident-point kernels (i14-grad)")
 def test_identical_inputs_get_identical_predictions(tmp_path):
     rng = np.random.default_rng(2)
     x = rng.uniform(-2, 2, (12, 2))
