@@ -171,18 +171,34 @@ class Elementwise(Activation):
         return values[0], (values[1] if need_dot else None)
 
     def _edge_second_order(self, q11, q12, q22, orders, values):
-        """``values`` plus the term :math:`c(\rho - \rho)` of :meth:`_dual_block` where :math:`|\rho| = 1`."""
-        z, w = self._rule(q12)
+        r"""``values`` plus the term :math:`c(\rho - \rho)` of :meth:`_dual_block` where :math:`|\rho| = 1`.
+
+        :math:`c` is evaluated only at those pairs (usually a diagonal), except under ``torch.func``
+        transforms, where data-dependent indexing is unavailable and it is formed for every pair.
+        """
         rho, _ = correlation(q11, q12, q22)
         edge = rho.abs() == 1
-        s1, s2 = safe_sqrt(q11), safe_sqrt(q22)
-        u = s1.unsqueeze(-1) * z  # (..., r, 1, D)
-        v = (s2 * rho.detach()).unsqueeze(-1) * z  # (..., r, n2, D): the nodes at epsilon = 0
         step = rho - rho.detach()
+        s1 = safe_sqrt(q11).expand_as(rho)
+        s2 = safe_sqrt(q22).expand_as(rho)
+        q22 = q22.expand_as(rho)
+        transformed = torch._C._functorch.is_functorch_wrapped_tensor(q12)
+        if not transformed:
+            if not bool(edge.any()):
+                return values
+            s1, s2, q22, rho_at = s1[edge], s2[edge], q22[edge], rho[edge]
+        else:
+            rho_at = rho
+        # Constants: built from detached tensors, so no graph is recorded for them.
+        z, w = self._rule(rho_at)
+        u = s1.detach().unsqueeze(-1) * z
+        v = (s2.detach() * rho_at.detach()).unsqueeze(-1) * z  # the nodes at epsilon = 0
+        scale = -(rho_at * q22).detach()
         out = []
         for value, (a, b) in zip(values, orders):
-            c = -(rho * q22) * (self.nth_derivative(u, a) * self.nth_derivative(v, b + 2) * w).sum(-1)
-            out.append(value + torch.where(edge, c.detach() * step, torch.zeros_like(step)))
+            c_at = (scale * (self.nth_derivative(u, a) * self.nth_derivative(v, b + 2) * w).sum(-1)).detach()
+            c = c_at if transformed else torch.zeros_like(step).masked_scatter(edge, c_at)
+            out.append(value + torch.where(edge, c * step, torch.zeros_like(step)))
         return tuple(out)
 
     def nth_derivative(self, x: Tensor, order: int) -> Tensor:
