@@ -294,3 +294,14 @@ def test_root_decomposition_of_a_matrix_free_factor_warns():
     model = GP(x, y, covar).double().eval()
     with pytest.warns(gpntk.ApproximationWarning, match="root decomposition"), torch.no_grad():
         model(test_x).mean
+
+
+@pytest.mark.parametrize("max_cholesky_size", [10_000, 100], ids=["cholesky", "cg"])
+def test_hadamard_with_the_empirical_kernel(max_cholesky_size):
+    """EmpiricalNTKKernel x IndexKernel equals the dense reference: the empirical kernel reaches
+    GPyTorch as a tensor, so no root decomposition replaces it (a Lanczos root of it was off)."""
+    torch.manual_seed(0)
+    model = relu_net().finite(64, in_features=2).double()
+    tolerance = 1e-8 if max_cholesky_size > 1000 else 1e-4
+    jitters = hadamard_check(gpntk.EmpiricalNTKKernel(model), 150, tolerance, max_cholesky_size=max_cholesky_size)
+    assert jitters <= hadamard_check(rbf(), 150, tolerance, max_cholesky_size=max_cholesky_size)

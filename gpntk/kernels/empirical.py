@@ -15,7 +15,7 @@ so :class:`EmpiricalNTKKernel` puts finite and infinite networks into the same G
 The matrices are computed by :func:`gpntk.empirical.empirical_ntk` (layer by layer for networks
 built by ``net.finite``, from the full :func:`torch.func.jacrev` Jacobian otherwise);
 :func:`empirical_covariance` and :func:`empirical_diagonal` are the module-level functions that
-GPyTorch's ``KernelLinearOperator`` and ``diag=True`` call.
+the kernel's full-matrix and ``diag=True`` calls use.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 from gpytorch.kernels import Kernel
-from linear_operator.operators import KernelLinearOperator
 from torch import Tensor, nn
 
 from ..empirical import (
@@ -82,8 +81,8 @@ class EmpiricalNTKKernel(Kernel):
     too (the one object, in place, as ``Module.to`` does with submodules), and pickling or
     deep-copying the kernel carries the network along.
 
-    Calling the kernel returns a lazy ``KernelLinearOperator`` of shape ``(..., n1, n2)`` (a dense
-    tensor when the inputs require grad in grad mode, so that derivatives of any order exist);
+    Calling the kernel returns the ``(..., n1, n2)`` matrix as a tensor (GPyTorch then multiplies
+    it with other kernels exactly, never through a root decomposition; derivatives of any order exist);
     ``diag=True`` returns the ``(..., n)`` values :math:`k(x_{1,i}, x_{2,i})` from per-point
     Jacobians (NTK) or outputs (NNGP), without the full matrix. Inputs are ``(..., n, d)``
     floating-point tensors on the network's device. **dtype rule**: the network is run in its own
@@ -186,14 +185,11 @@ class EmpiricalNTKKernel(Kernel):
         if batch != x1.shape[:-2] or batch != x2.shape[:-2]:  # the kernel's own batch shape
             x1 = x1.expand(*batch, *x1.shape[-2:])
             x2 = x1 if same else x2.expand(*batch, *x2.shape[-2:])
-        if _differentiable(x1, x2):
-            # a tensor: autograd reaches x1, x2 to any order (linear_operator's matmul Function, through
-            # which a KernelLinearOperator's dense matrix is used, supports first derivatives only)
-            return empirical_covariance(x1, x2, model=self.model, kind=self.kind, output=self.output)
-        # the network travels in a holder: LinearOperator.to / .cpu / .type would otherwise convert it
-        return KernelLinearOperator(
-            x1, x2, covar_func=empirical_covariance, model=_NetworkRef(self.model), kind=self.kind, output=self.output
-        )
+        # A tensor, never a lazy operator: GPyTorch multiplies a tensor exactly, whereas the
+        # product of two lazy factors replaces each by a root decomposition (Lanczos of rank
+        # <= 100 above max_cholesky_size), and the full matrix is formed in any case. Autograd
+        # reaches x1, x2 to any order.
+        return empirical_covariance(x1, x2, model=self.model, kind=self.kind, output=self.output)
 
     # GPyTorch's versions deep-copy the kernel (and with it the network) and, with no parameters
     # to index, would keep the old batch shape
@@ -224,22 +220,6 @@ class EmpiricalNTKKernel(Kernel):
 
 
 # --- the covariance functions -----------------------------------------------------------------
-class _NetworkRef:
-    """Holds the network for ``KernelLinearOperator`` without exposing ``to``/``cpu``/``double``.
-
-    ``LinearOperator.to(...)`` and friends convert every keyword argument that has such a method,
-    which would convert the user's network in place; behind this holder it is left alone.
-    """
-
-    __slots__ = ("module",)
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def __repr__(self) -> str:
-        return f"_NetworkRef({type(self.module).__name__})"
-
-
 def empirical_covariance(
     x1: Tensor, x2: Tensor, *, model: nn.Module, kind: Kind, output: int | None
 ) -> Tensor:
@@ -250,7 +230,6 @@ def empirical_covariance(
     element is computed once, unless the inputs require grad). Differentiable in ``x1``, ``x2``
     when they require grad.
     """
-    model = model.module if isinstance(model, _NetworkRef) else model
     batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
     n1, n2, d = x1.shape[-2], x2.shape[-2], x1.shape[-1]
     dtype = x1.dtype
@@ -267,7 +246,7 @@ def empirical_covariance(
             f1 = _flat_outputs(net, xa.reshape(-1, d)).reshape(count, n1, -1)
             f2 = f1 if same else _flat_outputs(net, xb.reshape(-1, d)).reshape(count, n2, -1)
             out = (f1 @ f2.transpose(-2, -1)) / f1.shape[-1]
-        elif n1 == 1 and n2 == 1 and count > 1:  # single entries, e.g. from KernelLinearOperator's diagonal
+        elif n1 == 1 and n2 == 1 and count > 1:  # single entries, e.g. a batch of q = 1 candidates
             out = _paired_ntk(net, xa[:, 0], xb[:, 0], same=same)
         else:
             out = torch.stack(_ntk_blocks(net, xa, xb, same=same, reuse=not differentiable))
@@ -286,7 +265,6 @@ def empirical_diagonal(
     :func:`torch.func.jacrev` Jacobians otherwise; for the NNGP :math:`f_a(x_{1,i}) f_a(x_{2,i})`;
     both averaged over channels (``output=None``) or of channel ``output``.
     """
-    model = model.module if isinstance(model, _NetworkRef) else model
     batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
     n, d = x1.shape[-2], x1.shape[-1]
     dtype = x1.dtype
