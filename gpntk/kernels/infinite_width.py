@@ -2,7 +2,6 @@ r"""GPyTorch kernels of infinitely wide networks: :class:`NTKKernel` and :class:
 
 from __future__ import annotations
 
-import math
 import operator
 from copy import deepcopy
 from typing import Sequence
@@ -12,7 +11,7 @@ from gpytorch.kernels import Kernel
 from torch import Tensor
 
 from ..layers.base import Hyperparameters, Layer, check_network, parameterized_layers
-from ..validation import check_kernel_inputs, expanded_batch_shape
+from ..validation import check_kernel_inputs, expanded_batch_shape, real_argument
 from .. import settings
 from .backends import InfiniteWidthKernelOperator, choose_backend, covariance_function
 from .dense import Output, batch_shape_of, evaluate, kernel_diagonal
@@ -111,11 +110,7 @@ class InfiniteWidthKernel(Kernel):
         return False
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
-        if last_dim_is_batch:
-            raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
-        check_kernel_inputs(x1, x2, diag=diag, input_shape=self.input_shape)
-        hyper = Hyperparameters.collect(self.net, like=x1)
-        self._check_batch_shapes(x1, x2, hyper)
+        hyper = self._checked_hyperparameters(x1, x2, diag, last_dim_is_batch)
         options = dict(net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements)
         if diag:
             return kernel_diagonal(x1, x2, hyper=hyper, **options)
@@ -125,6 +120,15 @@ class InfiniteWidthKernel(Kernel):
         return InfiniteWidthKernelOperator(
             x1, x2, covar_func=covariance_function, backend=self.backend, **options, **hyper
         )
+
+    def _checked_hyperparameters(self, x1: Tensor, x2: Tensor, diag: bool, last_dim_is_batch: bool) -> dict[str, Tensor]:
+        """The network's hyperparameters (in ``x1``'s dtype and device), after checking the call's arguments."""
+        if last_dim_is_batch:
+            raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
+        check_kernel_inputs(x1, x2, diag=diag, input_shape=self.input_shape)
+        hyper = Hyperparameters.collect(self.net, like=x1)
+        self._check_batch_shapes(x1, x2, hyper)
+        return hyper
 
     def _check_batch_shapes(self, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> None:
         try:
@@ -281,18 +285,14 @@ class NeuralKernelSum(InfiniteWidthKernel):
 
     def __init__(self, net: Layer, ntk_weight: float = 1.0, nngp_weight: float = 1.0, **kwargs):
         super().__init__(net, **kwargs)
-        self.ntk_weight = _nonnegative_weight("ntk_weight", ntk_weight)
-        self.nngp_weight = _nonnegative_weight("nngp_weight", nngp_weight)
+        self.ntk_weight = real_argument("ntk_weight", ntk_weight, minimum=0)
+        self.nngp_weight = real_argument("nngp_weight", nngp_weight, minimum=0)
 
     def _weights(self) -> tuple[float, float]:
         return self.ntk_weight, self.nngp_weight
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
-        if last_dim_is_batch:
-            raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
-        check_kernel_inputs(x1, x2, diag=diag, input_shape=self.input_shape)
-        hyper = Hyperparameters.collect(self.net, like=x1)
-        self._check_batch_shapes(x1, x2, hyper)
+        hyper = self._checked_hyperparameters(x1, x2, diag, last_dim_is_batch)
         options = dict(net=self.net, input_shape=self.input_shape, block_elements=self.block_elements)
         a, b = self.ntk_weight, self.nngp_weight
         if diag:
@@ -313,16 +313,6 @@ class NeuralKernelSum(InfiniteWidthKernel):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.net!r}, ntk_weight={self.ntk_weight:g}, nngp_weight={self.nngp_weight:g})"
-
-
-def _nonnegative_weight(name: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite non-negative number, got {value}")
-    return value
 
 
 def _check_input_shape(input_shape) -> tuple[int, ...] | None:
