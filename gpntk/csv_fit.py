@@ -352,6 +352,11 @@ def fit_csv(
             f"the training kernel could not be decomposed ({error}); the data may be too large for float64 "
             "arithmetic" + ("" if standardize_data else " without standardization") + "; nothing was written"
         ) from None
+    except FloatingPointError as error:
+        raise CSVFitError(
+            f"{error} The data are too large for float64 arithmetic"
+            + ("" if standardize_data else " without standardization") + "; nothing was written"
+        ) from None
     mean = mean.detach().numpy().reshape(len(times), -1, len(targets))  # (T, m, k)
     std = var.detach().clamp_min(0).sqrt().numpy()[..., None]  # (T, m, 1): shared by the targets
     with np.errstate(over="ignore", invalid="ignore"):

@@ -361,3 +361,15 @@ def test_compiled_formula_grows_linearly():
     increments = [b - a for a, b in zip(counts, counts[1:])]
     # the same number of nodes per layer (the first layer differs a little: no NTK before it)
     assert len(set(increments[1:])) == 1 and abs(increments[0] - increments[1]) <= 0.1 * increments[1], counts
+
+
+@pytest.mark.parametrize("output", ["ntk", "nngp"])
+def test_overflow_raises(output):
+    """A product whose kernel overflows float64 (inputs of scale 1e160) raises instead of returning NaN."""
+    import gpntk
+
+    net = ARCHITECTURES["relu-1"]()
+    x = _points(90, 0) * 1e160
+    kernel = (gpntk.NTKKernel if output == "ntk" else gpntk.NNGPKernel)(net, backend="keops")
+    with pytest.raises(FloatingPointError, match="overflowed"):
+        kernel(x) @ _points(90, 2, features=C)

@@ -32,7 +32,7 @@ from .. import settings
 from ..errors import ApproximationWarning
 from ..layers.base import Layer
 from .blockwise import BlockwiseKernelOperator
-from .dense import Output, batch_shape_of, evaluate, numbers_per_pair
+from .dense import Output, batch_shape_of, check_finite_kernel, evaluate, numbers_per_pair
 
 __all__ = ["covariance_function", "choose_backend", "InfiniteWidthKernelOperator"]
 
@@ -141,6 +141,11 @@ class InfiniteWidthKernelOperator(KernelLinearOperator):
     def to_dense(self) -> Tensor:
         options = {**self.nontensor_params, "backend": "dense"}
         return self.covar_func(self.x1, self.x2, **self.tensor_params, **options)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        out = super()._matmul(rhs)
+        check_finite_kernel(out, inputs=rhs)  # KeOps reductions report no overflow themselves
+        return out
 
     def root_decomposition(self, method: str | None = None):
         n = self.shape[-1]

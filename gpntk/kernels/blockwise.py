@@ -30,7 +30,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ..layers.base import Layer
-from .dense import Output, _recursion, _use_fusion, batch_shape_of, evaluate, kernel_blocks
+from .dense import Output, _recursion, _use_fusion, batch_shape_of, check_finite_kernel, evaluate, kernel_blocks
 
 __all__ = ["kernel_matmul", "BlockwiseKernelOperator"]
 
@@ -81,6 +81,7 @@ def kernel_matmul(
                 out[..., r, :] += block @ rhs[..., c, :]
                 if mirrored:
                     out[..., c, :] += block.mT @ rhs[..., r, :]
+    check_finite_kernel(*outputs, inputs=rhs)
     return tuple(outputs)
 
 

@@ -33,7 +33,7 @@ from ..state import KernelState
 
 __all__ = [
     "evaluate", "kernel_diagonal", "nngp_and_ntk", "same_inputs", "input_layout",
-    "default_block_elements",
+    "default_block_elements", "check_finite_kernel",
 ]
 
 Output = Literal["ntk", "nngp"]
@@ -154,6 +154,37 @@ def _recursion(*args, fused: bool, coincident=_FIND) -> tuple[Tensor, Tensor | N
         return _kernels(*args)
 
 
+def check_finite_kernel(*values: Tensor | None, inputs: Tensor | None = None) -> None:
+    """Raise ``FloatingPointError`` if a kernel value (or product) computed from finite inputs is not finite.
+
+    Inputs are checked for NaN and infinities before any evaluation, so a non-finite value here
+    means the recursion overflowed the dtype's range (an ``Exp`` or polynomial activation on large
+    variances, a deep network with a large weight variance, float32 on large inputs); it is
+    reported rather than returned. ``inputs``: a right-hand side of a product, which may itself be
+    non-finite (then nothing is checked). Skipped under ``torch.func`` transforms, where a
+    data-dependent check is unavailable.
+    """
+    if inputs is not None and _unchecked(inputs):
+        return
+    for value in values:
+        if value is None or _unchecked(value) or value.numel() == 0:
+            continue
+        if not bool(torch.isfinite(value).all()):
+            if inputs is not None and not bool(torch.isfinite(inputs).all()):
+                return
+            count = int((~torch.isfinite(value)).sum())
+            remedy = "float64, " if value.dtype != torch.float64 else ""
+            raise FloatingPointError(
+                f"the kernel overflowed: {count} of {value.numel()} values are NaN or infinite in {value.dtype} "
+                "although the inputs are finite (the exact values exceed the dtype's range). Use "
+                f"{remedy}smaller weight or bias variances, fewer layers, or rescaled inputs."
+            )
+
+
+def _unchecked(value: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(value)
+
+
 def _blocks(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
@@ -234,9 +265,11 @@ def evaluate(
     fused = _use_fusion(net, x1, x2, hyper, input_shape, track_ntk, elements)
     ids = RowIds(x1, x2)
     if len(blocks) == 1:
-        return _recursion(
+        cov, ntk = _recursion(
             net, x1, x2, hyper, input_shape, track_ntk, symmetric, False, fused=fused, coincident=ids.block()
         )
+        check_finite_kernel(cov, ntk)
+        return cov, ntk
     n1, n2 = x1.shape[-2], x2.shape[-2]
     outputs: list[Tensor | None] = [None, None]  # Σ and Θ, allocated at the first block
     for r, c, same, mirrored in blocks:
@@ -253,6 +286,7 @@ def evaluate(
             outputs[which][..., r, c] = block
             if mirrored:
                 outputs[which][..., c, r] = block.transpose(-1, -2)
+    check_finite_kernel(*outputs)
     return outputs[0], outputs[1]
 
 
@@ -296,6 +330,7 @@ def kernel_diagonal(
             out = (cov if output == "nngp" else ntk)[..., 0, 0]
         parts.append(out)
     out = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+    check_finite_kernel(out)
     return out.expand(*batch, x1.shape[-2])
 
 
