@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 from .finite import ElementwiseActivation, NTKLinear
-from .validation import integer_argument
+from .validation import SUPPORTED_DTYPES, check_inputs, integer_argument
 
 __all__ = ["empirical_ntk", "empirical_nngp", "monte_carlo_kernel"]
 
@@ -64,11 +64,20 @@ def _outputs_of_inputs(model: nn.Module, x: Tensor) -> Tensor:
     return _outputs_functional(model, _detached_parameters(model), x)
 
 
-def _check_inputs(x1: Tensor, x2: Tensor) -> None:
+def _check_inputs(x1: Tensor, x2: Tensor, model: nn.Module | None = None) -> None:
+    """Finite float32/float64 inputs of shape ``(n, ...)`` (one row per input); a model not in half precision."""
     for name, x in (("x1", x1), ("x2", x2)):
         if not torch.is_tensor(x) or x.dim() < 2:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"{name} must be a tensor of shape (n, d) (one row per input), got {shape}")
+        check_inputs(name, x, batched=True)
+    if model is not None:
+        low = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype not in SUPPORTED_DTYPES})
+        if low:
+            raise TypeError(
+                f"the model has parameters of dtype {', '.join(low)}, which gpntk does not compute in (too small a "
+                "range and precision); convert it with .float() or .double()"
+            )
 
 
 def _check_reduce(reduce: str) -> None:
@@ -287,7 +296,7 @@ def empirical_ntk(
     module docstring.
     """
     x2 = x1 if x2 is None else x2
-    _check_inputs(x1, x2)
+    _check_inputs(x1, x2, model)
     _check_reduce(reduce)
     if method not in ("auto", "structured", "jacobian"):
         raise ValueError(f"method must be 'auto', 'structured' or 'jacobian', got {method!r}")
@@ -318,7 +327,7 @@ def empirical_nngp(
     require grad (never in the parameters).
     """
     x2 = x1 if x2 is None else x2
-    _check_inputs(x1, x2)
+    _check_inputs(x1, x2, model)
     _check_reduce(reduce)
     f1 = _outputs_of_inputs(model, x1)
     f2 = f1 if x2 is x1 else _outputs_of_inputs(model, x2)

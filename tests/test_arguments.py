@@ -207,3 +207,30 @@ def test_complex_inputs_are_refused():
     x = _x().to(torch.complex128)
     with pytest.raises(TypeError, match="floating-point"):
         gpntk.NTKKernel(L.mlp(1, "relu"))(x).to_dense()
+
+
+# --- the empirical functions check their inputs like the kernels -----------------------------
+@pytest.mark.parametrize("function", ["empirical_ntk", "empirical_nngp"])
+def test_empirical_functions_refuse_bad_inputs(function):
+    """Half precision, complex and non-finite inputs raise (they returned float16 or NaN kernels)."""
+    net = L.mlp(2).finite(16, in_features=3)
+    x = torch.randn(4, 3)
+    call = getattr(gpntk, function)
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match=str(dtype)):
+            call(net.to(dtype), x.to(dtype))
+        with pytest.raises(TypeError, match="model has parameters of dtype"):
+            call(net.to(dtype), x)
+    with pytest.raises(TypeError, match="floating-point"):
+        call(net.float(), x.to(torch.complex64))
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        call(net.float(), bad)
+    with pytest.raises(ValueError, match="x2 contains"):
+        call(net.float(), x, bad)
+
+
+def test_monte_carlo_kernel_refuses_half_precision():
+    with pytest.raises(TypeError, match="float16"):
+        gpntk.monte_carlo_kernel(L.mlp(2), torch.randn(4, 3).half(), width=8, n_samples=2)
