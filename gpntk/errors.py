@@ -7,6 +7,9 @@ that users can filter gpntk's warnings as a group or by kind::
     import warnings, gpntk
     warnings.simplefilter("error", gpntk.NumericalWarning)   # make lost precision an error
     warnings.simplefilter("ignore", gpntk.GPNTKWarning)      # silence every gpntk warning
+
+A kernel that overflows its dtype (finite inputs, NaN or infinite values) raises the built-in
+``FloatingPointError`` instead of returning them.
 """
 
 from __future__ import annotations
