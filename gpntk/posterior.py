@@ -91,11 +91,11 @@ from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNorm
 from linear_operator.operators import DenseLinearOperator, IdentityLinearOperator, KroneckerProductLinearOperator
 from torch import Tensor
 
+from .errors import NumericalWarning
 from .kernels.blockwise import kernel_matmul
 from .kernels.dense import evaluate, kernel_diagonal
 from .kernels.infinite_width import _check_input_shape
-from .errors import NumericalWarning
-from .lanczos import MatrixFunction, largest_eigenvalue, lanczos
+from .lanczos import lanczos, largest_eigenvalue
 from .layers.base import Hyperparameters, Layer, check_network, parameterized_layers
 from .validation import check_inputs
 

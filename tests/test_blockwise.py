@@ -5,6 +5,7 @@ from __future__ import annotations
 import gpytorch
 import pytest
 import torch
+from _models import ExactGP
 
 import gpntk
 from gpntk import layers as L
@@ -12,7 +13,6 @@ from gpntk import settings
 from gpntk.kernels import backends, dense
 from gpntk.kernels.blockwise import BlockwiseKernelOperator, kernel_matmul
 from gpntk.layers.base import Hyperparameters
-from _models import ExactGP
 
 DT = torch.float64
 BLOCK = 4096  # small blocks: many of them, ragged edges, on and off the diagonal

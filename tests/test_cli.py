@@ -302,7 +302,6 @@ def test_huge_values_exit_status_through_subprocess(tmp_path):
 
 def test_learning_rate_above_the_stable_limit_warns(data, tmp_path):
     import gpntk
-
     from gpntk.csv_fit import fit_csv
 
     quiet = lambda s: None  # noqa: E731

@@ -15,11 +15,11 @@ import unittest
 import gpytorch
 import pytest
 import torch
+from _models import ExactGP, Float64Defaults
 from gpytorch.kernels import ScaleKernel
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
 from torch import nn
 
-from _models import ExactGP, Float64Defaults
 import gpntk
 from gpntk.empirical import _structured_applicable
 from gpntk.kernels.empirical import EmpiricalNTKKernel

@@ -15,12 +15,12 @@ import unittest
 import gpytorch
 import pytest
 import torch
+from _models import ExactGP, Float64Defaults
 from gpytorch.kernels import RBFKernel, ScaleKernel
 from gpytorch.priors import GammaPrior, NormalPrior
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
 from linear_operator.operators import LinearOperator
 
-from _models import ExactGP, Float64Defaults
 import gpntk
 from gpntk import layers as L
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import gpytorch
 import pytest
 import torch
+from _models import ExactGP
 from torch.autograd import gradcheck
 
-from _models import ExactGP
 import gpntk
 from gpntk import layers as L
 

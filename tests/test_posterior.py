@@ -8,12 +8,11 @@ import warnings
 import gpytorch
 import pytest
 import torch
+from _reference import build_net, load_case
 
 import gpntk
 from gpntk import layers as L
 from gpntk.posterior import TrainedEnsemble
-
-from _reference import build_net, load_case
 
 POSTERIOR_CASES = ["post_relu_d2", "post_erf_d3_multi"]
 

@@ -57,12 +57,11 @@ import functools
 import math
 
 import torch
+from _ensemble_study import PosteriorAgreementTests, check_plain_training, run_study
 from torch import nn
 
 from gpntk import layers as L
 from gpntk.finite import ElementwiseActivation, NTKLinear
-
-from _ensemble_study import PosteriorAgreementTests, check_plain_training, run_study
 
 N_NETWORKS = 400
 WIDTH = 1024

@@ -62,13 +62,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from _ensemble_study import PosteriorAgreementTests, check_plain_training, run_study
 from torch import Tensor, nn
 
 from gpntk import layers as L
 from gpntk.finite import NTKConv, NTKLinear
 from gpntk.kernels.dense import nngp_and_ntk
-
-from _ensemble_study import PosteriorAgreementTests, check_plain_training, run_study
 
 N_NETWORKS = 400
 WIDTH = 256  # channels of the hidden convolution

@@ -15,11 +15,10 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
+from _reference import build_net, case_names, layer_names, load_case, missing_layers
 
 import gpntk
 from gpntk import layers as L
-
-from _reference import build_net, case_names, layer_names, load_case, missing_layers
 
 # --- which cases ---------------------------------------------------------------------------------
 #

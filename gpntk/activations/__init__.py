@@ -6,7 +6,7 @@ from ..errors import ArchitectureError
 from .arccos import ABReLU, Abs, LeakyReLU, RectifiedMonomial, ReLU, Sign
 from .base import Activation
 from .polynomial import Monomial, Polynomial
-from .quadrature import Elementwise, SiLU, Sigmoid, Softplus, Tanh
+from .quadrature import Elementwise, Sigmoid, SiLU, Softplus, Tanh
 from .smooth import GELU, Cos, Erf, Exp, Gaussian, Rbf, Sin
 
 __all__ = [

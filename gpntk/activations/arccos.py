@@ -23,7 +23,8 @@ from torch import Tensor
 
 from ..errors import ArchitectureError
 from ..validation import integer_argument
-from .base import Activation, correlation, double_factorial, real_parameter as _real
+from .base import Activation, correlation, double_factorial
+from .base import real_parameter as _real
 
 __all__ = ["ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "RectifiedMonomial", "arccos_j"]
 

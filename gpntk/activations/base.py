@@ -20,10 +20,10 @@ import math
 import torch
 from torch import Tensor
 
+from ..coincident import exact_values
 from ..errors import ArchitectureError
 from ..finite import ElementwiseActivation
 from ..layers.base import Hyperparameters, Layer, Signature
-from ..coincident import exact_values
 from ..state import KernelState, midpoint, set_diagonal
 from ..validation import real_argument
 

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from .. import settings
-from ..errors import NumericalWarning
 from ..coincident import Coincidence, RowIds, _is_batched
+from ..errors import NumericalWarning
 from ..layers.base import Hyperparameters, Layer
 from ..spatial import Layout
 from ..state import KernelState

@@ -10,9 +10,9 @@ import torch
 from gpytorch.kernels import Kernel
 from torch import Tensor
 
+from .. import settings
 from ..layers.base import Hyperparameters, Layer, check_network, parameterized_layers
 from ..validation import check_kernel_inputs, expanded_batch_shape, real_argument
-from .. import settings
 from .backends import InfiniteWidthKernelOperator, choose_backend, covariance_function
 from .dense import Output, batch_shape_of, evaluate, kernel_diagonal
 from .shared_priors import track_network_priors

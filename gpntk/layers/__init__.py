@@ -6,8 +6,27 @@ Each layer maps the infinite-width kernel state and knows its finite-width torch
 from __future__ import annotations
 
 from ..activations import (
-    ABReLU, GELU, Abs, Activation, Cos, Elementwise, Erf, Exp, Gaussian, LeakyReLU, Monomial,
-    Polynomial, Rbf, RectifiedMonomial, ReLU, SiLU, Sigmoid, Sign, Sin, Softplus, Tanh,
+    GELU,
+    ABReLU,
+    Abs,
+    Activation,
+    Cos,
+    Elementwise,
+    Erf,
+    Exp,
+    Gaussian,
+    LeakyReLU,
+    Monomial,
+    Polynomial,
+    Rbf,
+    RectifiedMonomial,
+    ReLU,
+    Sigmoid,
+    Sign,
+    SiLU,
+    Sin,
+    Softplus,
+    Tanh,
 )
 from .affine import Affine
 from .base import Identity, Layer, Serial, Signature, check_network, serial

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from .graph import _Graph, _Node
 
-
 # ==================================================================================================
 # Dual numbers: values with forward-mode derivatives, as graph nodes
 # ==================================================================================================

@@ -17,7 +17,6 @@ from ...activations.base import safe_sqrt
 from ...activations.smooth import Cos, Erf, Exp, Rbf, Sin
 from .calculus import _Calculus, _Dual
 
-
 # ==================================================================================================
 # Closed-form dual activations as formulas
 # ==================================================================================================

@@ -14,7 +14,7 @@ from ...layers.base import Identity, Layer, Serial, hyperparameter_key, paramete
 from ...layers.dense import Dense
 from .calculus import _Calculus, _Dual
 from .forms import _FORMS, _KINDS, _form_of
-from .graph import _Graph, _Node, _emit
+from .graph import _emit, _Graph, _Node
 
 Output = Literal["ntk", "nngp"]
 

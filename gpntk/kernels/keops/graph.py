@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-
 # ==================================================================================================
 # A small expression graph, written to KeOps with let-bindings
 # ==================================================================================================

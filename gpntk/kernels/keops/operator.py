@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ...layers.base import Layer
-from .formula import _GLOBAL_CONSTANTS, Mode, Output, _Formula, _Plan, _Structure, _build, _plan, keops_supported
+from .formula import _GLOBAL_CONSTANTS, Mode, Output, _build, _Formula, _Plan, _plan, _Structure, keops_supported
 
 if TYPE_CHECKING:  # pragma: no cover
     from pykeops.torch import LazyTensor
