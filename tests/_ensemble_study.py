@@ -67,16 +67,26 @@ def run_study(net, arch, regime: str, data: tuple[Tensor, Tensor, Tensor], train
     learning_rate=, steps=)`` returns ``(f0, {steps: outputs})``); everything the tests look at."""
     train_x, train_y, test_x = data
     eval_x = torch.cat([test_x, train_x])
-    learning_rate = lr_fraction * TrainedEnsemble(net, train_x, train_y, input_shape=input_shape).max_learning_rate(regime)
+    learning_rate = lr_fraction * TrainedEnsemble(net, train_x, train_y, input_shape=input_shape).max_learning_rate(
+        regime
+    )
     post = TrainedEnsemble(net, train_x, train_y, learning_rate=learning_rate, input_shape=input_shape)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many small products: one thread is fastest, and far faster on a busy machine
     try:
-        f0, outputs = train(arch[regime], train_x, train_y, eval_x, n_networks=n_networks, width=width,
-                            learning_rate=learning_rate, steps=steps)
+        f0, outputs = train(
+            arch[regime],
+            train_x,
+            train_y,
+            eval_x,
+            n_networks=n_networks,
+            width=width,
+            learning_rate=learning_rate,
+            steps=steps,
+        )
     finally:
         torch.set_num_threads(threads)
-    scale = (train_y - f0[:, -train_x.shape[0]:]).square().mean().sqrt().item()  # initial residual; d ∝ it
+    scale = (train_y - f0[:, -train_x.shape[0] :]).square().mean().sqrt().item()  # initial residual; d ∝ it
     result = {"post": post, "eval_x": eval_x, "f0": f0, "scale": scale, "lr": learning_rate, "times": {}}
     for t in steps:
         lin = linearized_infinite(net, regime, train_x, train_y, eval_x, f0, learning_rate, t, input_shape)
@@ -181,13 +191,24 @@ class PosteriorAgreementTests:
         first = self.steps[:1]
         ratio = allowance_ratio(self.study(regime, self.small_width, 200, first), self.study(regime), first[0])
         expected = math.sqrt(self.width / self.small_width)
-        print(f"\n{regime} T={first[0]}: rms(d) width {self.small_width} / width {self.width} = {ratio:.2f} "
-              f"(1/sqrt(width): {expected:.0f})")
+        print(
+            f"\n{regime} T={first[0]}: rms(d) width {self.small_width} / width {self.width} = {ratio:.2f} "
+            f"(1/sqrt(width): {expected:.0f})"
+        )
         assert 0.75 * expected < ratio < 1.35 * expected
 
 
-def check_plain_training(model, f0: Tensor, trained: Tensor, train_x: Tensor, train_y: Tensor, eval_x: Tensor,
-                         learning_rate: float, steps: int, n_trainable: int) -> Tensor:
+def check_plain_training(
+    model,
+    f0: Tensor,
+    trained: Tensor,
+    train_x: Tensor,
+    train_y: Tensor,
+    eval_x: Tensor,
+    learning_rate: float,
+    steps: int,
+    n_trainable: int,
+) -> Tensor:
     """Train one ``nn.Module`` by plain autograd gradient descent on ``1/(2nk)·‖f(X) − Y‖²`` and check
     its initial and final outputs on ``eval_x`` against ``f0`` and ``trained`` (a batched scheme's)."""
     n, k = train_y.shape

@@ -36,7 +36,9 @@ def _axis_pads(length: int, size: int, stride: int, padding: str) -> tuple[int, 
 def _source(p: tuple, offset: tuple, shape: tuple, geometry: list, padding: str):
     """The input position read by output position ``p`` at window offset ``offset`` (None: a zero)."""
     src = []
-    for i, (pi, di, (before, _), (size, stride)) in enumerate(zip(p, offset, [g[0] for g in geometry], [g[1] for g in geometry])):
+    for i, (pi, di, (before, _), (size, stride)) in enumerate(
+        zip(p, offset, [g[0] for g in geometry], [g[1] for g in geometry])
+    ):
         q = stride * pi + di - before
         if padding == "circular":
             q %= shape[i]
@@ -69,8 +71,11 @@ def naive_kernels(spec: list, x1: np.ndarray, x2: np.ndarray, input_shape: tuple
 
     # K[(u, v)][(p, p')] for u, v in {1, 2}; Θ only for the pair (1, 2)
     data = {1: a, 2: b}
-    K = {(u, v): {(p, q): float(at(data[u], p) @ at(data[v], q)) / channels for p in positions for q in positions}
-         for u in (1, 2) for v in (1, 2)}
+    K = {
+        (u, v): {(p, q): float(at(data[u], p) @ at(data[v], q)) / channels for p in positions for q in positions}
+        for u in (1, 2)
+        for v in (1, 2)
+    }
     T = {key: 0.0 for key in K[(1, 2)]}
     for layer in spec:
         kind = layer[0]
@@ -128,7 +133,9 @@ def gpntk_net(spec: list) -> L.Serial:
     for layer in spec:
         kind = layer[0]
         if kind == "conv":
-            layers.append(L.Conv(layer[1], stride=layer[2], padding=layer[3], weight_variance=layer[4], bias_variance=layer[5]))
+            layers.append(
+                L.Conv(layer[1], stride=layer[2], padding=layer[3], weight_variance=layer[4], bias_variance=layer[5])
+            )
         elif kind == "pool":
             layers.append(L.AvgPool(layer[1], stride=layer[2], padding=layer[3]))
         elif kind == "relu":
@@ -143,11 +150,50 @@ def gpntk_net(spec: list) -> L.Serial:
 
 
 NAIVE_CASES = {
-    "1d-stride2-even-same-flatten": ((2, 7), [("conv", (2,), (2,), "same", 1.5, 0.2), ("relu",), ("flatten",), ("dense", 2.0, 0.1)]),
-    "1d-circular-pool-gap": ((1, 6), [("conv", (3,), (1,), "circular", 2.0, 0.1), ("relu",), ("pool", (2,), (1,), "same"), ("gap",), ("dense", 1.0, 0.0)]),
-    "1d-valid-stride3": ((2, 8), [("conv", (3,), (3,), "valid", 2.0, 0.0), ("relu",), ("conv", (2,), (1,), "same", 2.0, 0.3), ("flatten",), ("dense", 1.0, 0.1)]),
-    "2d-mixed-strides-pool": ((2, 4, 5), [("conv", (2, 3), (1, 2), "same", 2.0, 0.1), ("relu",), ("pool", (2, 1), (1, 1), "valid"), ("gap",), ("dense", 2.0, 0.1)]),
-    "2d-circular-stride2-pool-same": ((1, 5, 4), [("conv", (3, 2), (2, 1), "circular", 1.3, 0.05), ("relu",), ("pool", (2, 2), (2, 2), "same"), ("flatten",), ("dense", 1.0, 0.2)]),
+    "1d-stride2-even-same-flatten": (
+        (2, 7),
+        [("conv", (2,), (2,), "same", 1.5, 0.2), ("relu",), ("flatten",), ("dense", 2.0, 0.1)],
+    ),
+    "1d-circular-pool-gap": (
+        (1, 6),
+        [
+            ("conv", (3,), (1,), "circular", 2.0, 0.1),
+            ("relu",),
+            ("pool", (2,), (1,), "same"),
+            ("gap",),
+            ("dense", 1.0, 0.0),
+        ],
+    ),
+    "1d-valid-stride3": (
+        (2, 8),
+        [
+            ("conv", (3,), (3,), "valid", 2.0, 0.0),
+            ("relu",),
+            ("conv", (2,), (1,), "same", 2.0, 0.3),
+            ("flatten",),
+            ("dense", 1.0, 0.1),
+        ],
+    ),
+    "2d-mixed-strides-pool": (
+        (2, 4, 5),
+        [
+            ("conv", (2, 3), (1, 2), "same", 2.0, 0.1),
+            ("relu",),
+            ("pool", (2, 1), (1, 1), "valid"),
+            ("gap",),
+            ("dense", 2.0, 0.1),
+        ],
+    ),
+    "2d-circular-stride2-pool-same": (
+        (1, 5, 4),
+        [
+            ("conv", (3, 2), (2, 1), "circular", 1.3, 0.05),
+            ("relu",),
+            ("pool", (2, 2), (2, 2), "same"),
+            ("flatten",),
+            ("dense", 1.0, 0.2),
+        ],
+    ),
 }
 
 
@@ -189,7 +235,12 @@ def test_pooling_keeps_the_full_covariance_only_while_needed():
 
 def test_full_and_diagonal_layouts_agree():
     """An identity pooling (window 1) forces the full layout everywhere; the kernels must not change."""
-    body = [L.Conv(3, stride=2, weight_variance=2.0, bias_variance=0.1), L.Erf(), L.Conv(2, weight_variance=1.5), L.ReLU()]
+    body = [
+        L.Conv(3, stride=2, weight_variance=2.0, bias_variance=0.1),
+        L.Erf(),
+        L.Conv(2, weight_variance=1.5),
+        L.ReLU(),
+    ]
     diagonal = L.serial(*body, L.Flatten(), L.Dense(1.0, 0.1))
     full = L.serial(*body, L.AvgPool(1), L.Flatten(), L.Dense(1.0, 0.1))
     x = torch.randn(4, 2 * 5 * 6, generator=torch.Generator().manual_seed(2))
@@ -202,7 +253,9 @@ def test_full_and_diagonal_layouts_agree():
 
 @pytest.mark.parametrize("same", [True, False])
 def test_blocks_give_the_same_kernel_and_gradients(same):
-    net = L.serial(L.Conv(3, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.AvgPool(2), L.GlobalAvgPool(), L.Dense(2.0, 0.1))
+    net = L.serial(
+        L.Conv(3, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.AvgPool(2), L.GlobalAvgPool(), L.Dense(2.0, 0.1)
+    )
     g = torch.Generator().manual_seed(3)
     x1 = torch.randn(7, 2 * 16, generator=g, requires_grad=True)
     x2 = x1 if same else torch.randn(5, 2 * 16, generator=g)
@@ -210,17 +263,23 @@ def test_blocks_give_the_same_kernel_and_gradients(same):
     blocks = gpntk.NTKKernel(net, input_shape=(2, 4, 4), block_elements=3 * 256)  # 3 pairs per block
     a, b = whole(x1, x2).to_dense(), blocks(x1, x2).to_dense()
     torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
-    ga, = torch.autograd.grad(a.sum(), x1)
-    gb, = torch.autograd.grad(b.sum(), x1)
+    (ga,) = torch.autograd.grad(a.sum(), x1)
+    (gb,) = torch.autograd.grad(b.sum(), x1)
     torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(whole(x1, diag=True), blocks(x1, diag=True), rtol=1e-14, atol=1e-14)
 
 
 def test_diag_equals_the_diagonal_of_the_matrix_for_every_layer_kind():
     net = L.serial(
-        L.Conv(2, weight_variance=2.0, bias_variance=0.1), L.LayerNorm(), L.ReLU(), L.AvgPool(2, stride=1),
-        L.FanOut(2), L.parallel([L.Conv(1, weight_variance=2.0), L.Erf()], L.Identity()), L.FanInConcat(),
-        L.GlobalAvgPool(), L.Dense(2.0, 0.1),
+        L.Conv(2, weight_variance=2.0, bias_variance=0.1),
+        L.LayerNorm(),
+        L.ReLU(),
+        L.AvgPool(2, stride=1),
+        L.FanOut(2),
+        L.parallel([L.Conv(1, weight_variance=2.0), L.Erf()], L.Identity()),
+        L.FanInConcat(),
+        L.GlobalAvgPool(),
+        L.Dense(2.0, 0.1),
     )
     x = torch.randn(5, 3 * 4 * 3, generator=torch.Generator().manual_seed(4))
     for cls in (gpntk.NNGPKernel, gpntk.NTKKernel):
@@ -249,7 +308,9 @@ def test_residual_sum_and_concat_closed_forms():
 
 
 def test_layernorm_makes_the_kernel_a_correlation():
-    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(6)) * torch.tensor([[1.0], [3.0], [0.2], [1.0], [5.0], [2.0]])
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(6)) * torch.tensor(
+        [[1.0], [3.0], [0.2], [1.0], [5.0], [2.0]]
+    )
     net = L.serial(L.Dense(2.0, 0.1), L.LayerNorm())
     k = gpntk.NNGPKernel(net)(x).to_dense()
     q = 2.0 * (x * x).sum(-1) / 5 + 0.1
@@ -272,14 +333,19 @@ def test_layernorm_of_zero_inputs_is_zero_and_finite():
 @pytest.mark.parametrize("padding", ["same", "valid", "circular"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_finite_conv_is_torch_convolution(padding, stride):
-    net = L.serial(L.Conv((3, 2), stride=stride, padding=padding, weight_variance=2.0, bias_variance=0.3), L.Flatten(), L.Dense())
+    net = L.serial(
+        L.Conv((3, 2), stride=stride, padding=padding, weight_variance=2.0, bias_variance=0.3), L.Flatten(), L.Dense()
+    )
     model = net.finite(4, input_shape=(2, 5, 6), generator=torch.Generator().manual_seed(7))
     conv = model[1][0]
     x = torch.randn(3, 2, 5, 6, generator=torch.Generator().manual_seed(8))
     weight = conv.linear.weight.reshape(4, 2, 3, 2) * conv.linear.weight_std / math.sqrt(2 * 3 * 2)
     window_h, window_w = conv.windows
-    padded = F.pad(x, (window_w.before, window_w.after, window_h.before, window_h.after),
-                   mode="circular" if padding == "circular" else "constant")
+    padded = F.pad(
+        x,
+        (window_w.before, window_w.after, window_h.before, window_h.after),
+        mode="circular" if padding == "circular" else "constant",
+    )
     expected = F.conv2d(padded, weight, conv.linear.bias * conv.linear.bias_std, stride=stride)
     torch.testing.assert_close(conv(x), expected)
     if padding != "valid":
@@ -290,7 +356,9 @@ def test_finite_pooling_is_torch_avg_pool():
     x = torch.randn(3, 2, 6, 5, generator=torch.Generator().manual_seed(9))
     valid = L.serial(L.Conv(1), L.AvgPool(2), L.Flatten(), L.Dense()).finite(3, input_shape=(2, 6, 5))[1][1]
     torch.testing.assert_close(valid(x), F.avg_pool2d(x, 2))
-    same = L.serial(L.Conv(1), L.AvgPool(3, stride=2, padding="same"), L.Flatten(), L.Dense()).finite(3, input_shape=(2, 6, 5))[1][1]
+    same = L.serial(L.Conv(1), L.AvgPool(3, stride=2, padding="same"), L.Flatten(), L.Dense()).finite(
+        3, input_shape=(2, 6, 5)
+    )[1][1]
     # TensorFlow-style "same": 3 outputs per axis, the padding split (0, 1) for 6 and (1, 1) for 5
     expected = F.avg_pool2d(F.pad(x, (1, 1, 0, 1)), 3, stride=2)
     torch.testing.assert_close(same(x), expected)
@@ -302,9 +370,13 @@ def test_finite_networks_have_the_architecture():
     model = cnn.finite(8, input_shape=(3, 8, 8), out_features=4, generator=g)
     out = model(torch.randn(5, 192))
     assert out.shape == (5, 4)
-    residual = L.serial(L.Dense(2.0), L.FanOut(2), L.parallel([L.ReLU(), L.Dense(2.0)], L.Identity()), L.FanInSum(), L.Dense())
+    residual = L.serial(
+        L.Dense(2.0), L.FanOut(2), L.parallel([L.ReLU(), L.Dense(2.0)], L.Identity()), L.FanInSum(), L.Dense()
+    )
     assert residual.finite(16, in_features=3, generator=g)(torch.randn(4, 3)).shape == (4, 1)
-    concat = L.serial(L.Conv(2), L.FanOut(3), L.parallel(L.ReLU(), L.Erf(), L.Identity()), L.FanInConcat(), L.Flatten(), L.Dense())
+    concat = L.serial(
+        L.Conv(2), L.FanOut(3), L.parallel(L.ReLU(), L.Erf(), L.Identity()), L.FanInConcat(), L.Flatten(), L.Dense()
+    )
     model = concat.finite(5, input_shape=(1, 4), generator=g)
     assert model(torch.randn(2, 4)).shape == (2, 1)
     assert model[1][-1].weight.shape == (1, 15 * 4)  # three branches of 5 channels at 4 positions
@@ -320,7 +392,9 @@ def test_batch_shape_hyperparameters_broadcast_over_positions():
     k = kernel(x).to_dense()
     assert k.shape == (2, 4, 4)
     for i, value in enumerate((1.0, 3.0)):
-        single = L.serial(L.Conv(2, weight_variance=value, bias_variance=0.1), L.ReLU(), L.GlobalAvgPool(), L.Dense(1.0, 0.1))
+        single = L.serial(
+            L.Conv(2, weight_variance=value, bias_variance=0.1), L.ReLU(), L.GlobalAvgPool(), L.Dense(1.0, 0.1)
+        )
         torch.testing.assert_close(k[i], gpntk.NTKKernel(single, input_shape=(1, 5))(x).to_dense())
 
 
@@ -348,14 +422,21 @@ def test_cnn_kernel_in_an_exact_gp_learns_conv_hyperparameters():
 
 
 def test_gradcheck_cnn_kernel_wrt_inputs_and_hyperparameters():
-    net = L.serial(L.Conv(2, weight_variance=2.0, bias_variance=0.1), L.Erf(), L.AvgPool(2, stride=1), L.Flatten(), L.Dense(1.0, 0.1))
+    net = L.serial(
+        L.Conv(2, weight_variance=2.0, bias_variance=0.1),
+        L.Erf(),
+        L.AvgPool(2, stride=1),
+        L.Flatten(),
+        L.Dense(1.0, 0.1),
+    )
     kernel = gpntk.NTKKernel(net, input_shape=(1, 4))
     x1 = torch.randn(3, 4, generator=torch.Generator().manual_seed(13), requires_grad=True)
     x2 = torch.randn(2, 4, generator=torch.Generator().manual_seed(14), requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: kernel(a, b).to_dense(), (x1, x2))
     raw = net.layers[0].raw_weight_variance
     assert torch.autograd.gradcheck(
-        lambda r: _with_raw(net.layers[0], r, lambda: kernel(x1.detach(), x2.detach()).to_dense()), (raw.detach().clone().requires_grad_(),)
+        lambda r: _with_raw(net.layers[0], r, lambda: kernel(x1.detach(), x2.detach()).to_dense()),
+        (raw.detach().clone().requires_grad_(),),
     )
 
 
@@ -372,7 +453,14 @@ def _with_raw(layer, raw, fn):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_identical_and_zero_images_stay_finite(dtype):
-    net = L.serial(L.Conv(3, weight_variance=2.0), L.ReLU(), L.Conv(3, weight_variance=2.0), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0))
+    net = L.serial(
+        L.Conv(3, weight_variance=2.0),
+        L.ReLU(),
+        L.Conv(3, weight_variance=2.0),
+        L.ReLU(),
+        L.GlobalAvgPool(),
+        L.Dense(2.0),
+    )
     x = torch.randn(3, 2 * 5 * 5, generator=torch.Generator().manual_seed(15)).to(dtype)
     x = torch.cat([x, x[:1], torch.zeros(1, 50, dtype=dtype)]).requires_grad_()
     for cls in (gpntk.NNGPKernel, gpntk.NTKKernel):
@@ -401,7 +489,9 @@ def test_trained_ensemble_of_a_cnn_interpolates_at_infinite_time():
 def test_cnn_kernel_batches_indexes_and_pickles():
     import pickle
 
-    net = L.serial(L.Conv(2, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.AvgPool(2), L.Flatten(), L.Dense(1.0, 0.1))
+    net = L.serial(
+        L.Conv(2, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.AvgPool(2), L.Flatten(), L.Dense(1.0, 0.1)
+    )
     kernel = gpntk.NTKKernel(net, input_shape=(2, 4), batch_shape=torch.Size([3]))
     x = torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(17))  # (2, 3) batch of 5 inputs
     k = kernel(x).to_dense()

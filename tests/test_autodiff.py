@@ -36,7 +36,9 @@ def network(name: str, bias_variance: float = 0.1, degree: int | None = None, de
     make = {**CLOSED_FORM, **QUADRATURE}[name]
     if name in QUADRATURE and degree is not None:
         make = lambda: QUADRATURE[name](degree=degree)  # noqa: E731
-    hidden = [layer for _ in range(depth) for layer in (L.Dense(weight_variance=1.5, bias_variance=bias_variance), make())]
+    hidden = [
+        layer for _ in range(depth) for layer in (L.Dense(weight_variance=1.5, bias_variance=bias_variance), make())
+    ]
     return L.serial(*hidden, L.Dense(weight_variance=1.0, bias_variance=bias_variance))
 
 
@@ -56,10 +58,15 @@ def central_hessian(f, x: torch.Tensor, h: float = 1e-4) -> torch.Tensor:
     eye = torch.eye(x.numel(), dtype=x.dtype)
     rows = []
     for a in eye:
-        rows.append(torch.stack([
-            (f(x + h * a + h * b) - f(x + h * a - h * b) - f(x - h * a + h * b) + f(x - h * a - h * b)) / (4 * h * h)
-            for b in eye
-        ]))
+        rows.append(
+            torch.stack(
+                [
+                    (f(x + h * a + h * b) - f(x + h * a - h * b) - f(x - h * a + h * b) + f(x - h * a - h * b))
+                    / (4 * h * h)
+                    for b in eye
+                ]
+            )
+        )
     return torch.stack(rows)
 
 
@@ -166,7 +173,10 @@ def test_erf_hessian_at_identical_inputs_is_the_limit():
 
 @pytest.mark.parametrize("name", ["relu", "erf", "tanh"])
 def test_hyperparameter_gradients_at_identical_inputs(name):
-    """d Θ(x, x') / d σw² at two identical rows (an off-diagonal entry) and on the diagonal equals the finite difference."""
+    """d Θ(x, x') / d σw² at two identical rows (an off-diagonal entry) and on the diagonal.
+
+    Both equal the finite difference.
+    """
     net = network(name)
     x = torch.tensor([[0.7, -0.4, 1.1], [0.7, -0.4, 1.1], [0.2, 0.1, -0.3]], dtype=torch.float64)
     hyper = {key: value.detach() for key, value in Hyperparameters.collect(net, like=x).items()}

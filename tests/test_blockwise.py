@@ -21,7 +21,9 @@ ARCHITECTURES = {
     "mlp": (lambda: L.mlp(3, "relu", weight_variance=1.7, bias_variance=0.2), None),
     "erf": (lambda: L.mlp(2, "erf", weight_variance=2.5, bias_variance=0.3), None),
     "cnn": (
-        lambda: L.serial(L.Conv(3, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.GlobalAvgPool(), L.Dense(1.5, 0.05)),
+        lambda: L.serial(
+            L.Conv(3, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.GlobalAvgPool(), L.Dense(1.5, 0.05)
+        ),
         (2, 5),
     ),
 }
@@ -81,7 +83,9 @@ def test_bilinear_derivative_equals_dense_autograd(symmetric, inputs_need_grad):
     net, input_shape, x1, x2 = _setup("mlp")
     x1 = x1.clone().requires_grad_(inputs_need_grad)
     x2 = x1 if symmetric else x2.clone().requires_grad_(inputs_need_grad)
-    hyper = {name: value.detach().clone().requires_grad_() for name, value in Hyperparameters.collect(net, like=x1).items()}
+    hyper = {
+        name: value.detach().clone().requires_grad_() for name, value in Hyperparameters.collect(net, like=x1).items()
+    }
     operator = BlockwiseKernelOperator.from_hyperparameters(
         x1, x2, hyper, net=net, output="ntk", input_shape=input_shape, block_elements=BLOCK
     )
@@ -102,7 +106,9 @@ def test_bilinear_derivative_equals_dense_autograd(symmetric, inputs_need_grad):
 
 def test_spatial_bilinear_derivative():
     net, input_shape, x1, _ = _setup("cnn", n1=40)
-    hyper = {name: value.detach().clone().requires_grad_() for name, value in Hyperparameters.collect(net, like=x1).items()}
+    hyper = {
+        name: value.detach().clone().requires_grad_() for name, value in Hyperparameters.collect(net, like=x1).items()
+    }
     operator = BlockwiseKernelOperator.from_hyperparameters(
         x1, x1, hyper, net=net, output="nngp", input_shape=input_shape, block_elements=BLOCK
     )
@@ -125,7 +131,9 @@ def test_blocks_never_hold_the_matrix(monkeypatch):
         return original(net, x1, x2, *args)
 
     monkeypatch.setattr(dense, "_kernels", recording)
-    hyper = {name: value.detach().clone().requires_grad_() for name, value in Hyperparameters.collect(net, like=x).items()}
+    hyper = {
+        name: value.detach().clone().requires_grad_() for name, value in Hyperparameters.collect(net, like=x).items()
+    }
     operator = BlockwiseKernelOperator.from_hyperparameters(x, x, hyper, net=net, output="ntk", block_elements=BLOCK)
     operator._matmul(_inputs(300, 2, 9))
     products = len(seen)
@@ -148,16 +156,24 @@ def _gp_loss_and_grads(backend: str, n: int = 240):
     model = ExactGP(x, y, kernel, likelihood)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
     model.train()
-    with gpytorch.settings.max_cholesky_size(0), gpytorch.settings.cg_tolerance(1e-11), \
-            gpytorch.settings.max_cg_iterations(2 * n), gpytorch.settings.num_trace_samples(8):
+    with (
+        gpytorch.settings.max_cholesky_size(0),
+        gpytorch.settings.cg_tolerance(1e-11),
+        gpytorch.settings.max_cg_iterations(2 * n),
+        gpytorch.settings.num_trace_samples(8),
+    ):
         torch.manual_seed(1)  # the same probe vectors for both backends
         loss = -mll(model(x), y)
         loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.eval()
     test_x = _inputs(30, 5, 14)
-    with torch.no_grad(), gpytorch.settings.max_cholesky_size(0), gpytorch.settings.eval_cg_tolerance(1e-11), \
-            gpytorch.settings.max_cg_iterations(2 * n):
+    with (
+        torch.no_grad(),
+        gpytorch.settings.max_cholesky_size(0),
+        gpytorch.settings.eval_cg_tolerance(1e-11),
+        gpytorch.settings.max_cg_iterations(2 * n),
+    ):
         prediction = likelihood(model(test_x))
         mean, variance = prediction.mean, prediction.variance
     return loss.detach(), grads, mean, variance

@@ -7,16 +7,19 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from botorch.exceptions.warnings import BotorchWarning
-from botorch.fit import fit_gpytorch_mll
-from botorch.models import SingleTaskGP
-from botorch.models.kernels import InfiniteWidthBNNKernel
-from gpytorch.mlls import ExactMarginalLogLikelihood
-from gpytorch.utils.warnings import GPInputWarning
-from linear_operator.utils.warnings import NumericalWarning
 
-import gpntk
-from gpntk import layers as L
+pytest.importorskip("botorch")  # an optional extra: gpntk[botorch]
+
+from botorch.exceptions.warnings import BotorchWarning  # noqa: E402
+from botorch.fit import fit_gpytorch_mll  # noqa: E402
+from botorch.models import SingleTaskGP  # noqa: E402
+from botorch.models.kernels import InfiniteWidthBNNKernel  # noqa: E402
+from gpytorch.mlls import ExactMarginalLogLikelihood  # noqa: E402
+from gpytorch.utils.warnings import GPInputWarning  # noqa: E402
+from linear_operator.utils.warnings import NumericalWarning  # noqa: E402
+
+import gpntk  # noqa: E402
+from gpntk import layers as L  # noqa: E402
 
 DTYPE = torch.float64
 

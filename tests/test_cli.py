@@ -49,13 +49,27 @@ def _direct(x, y, xt, times, regime="ntk", diag_reg=1e-6, learning_rate=None, **
     ym, ys = y2.mean(0), y2.std(0)
     t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
     ty = t((y2 - ym) / ys)
-    net = L.mlp(net_kwargs.get("depth", 3), net_kwargs.get("activation", "relu"),
-                weight_variance=net_kwargs.get("weight_variance", 2.0), bias_variance=net_kwargs.get("bias_variance", 0.1))
-    post = TrainedEnsemble(net, t((x - xm) / xs), ty.squeeze(-1) if y2.shape[1] == 1 else ty,
-                           learning_rate=learning_rate or 1.0, diag_reg=diag_reg)
+    net = L.mlp(
+        net_kwargs.get("depth", 3),
+        net_kwargs.get("activation", "relu"),
+        weight_variance=net_kwargs.get("weight_variance", 2.0),
+        bias_variance=net_kwargs.get("bias_variance", 0.1),
+    )
+    post = TrainedEnsemble(
+        net,
+        t((x - xm) / xs),
+        ty.squeeze(-1) if y2.shape[1] == 1 else ty,
+        learning_rate=learning_rate or 1.0,
+        diag_reg=diag_reg,
+    )
     if learning_rate is None:
-        post = TrainedEnsemble(net, t((x - xm) / xs), ty.squeeze(-1) if y2.shape[1] == 1 else ty,
-                               learning_rate=0.5 * post.max_learning_rate(regime), diag_reg=diag_reg)
+        post = TrainedEnsemble(
+            net,
+            t((x - xm) / xs),
+            ty.squeeze(-1) if y2.shape[1] == 1 else ty,
+            learning_rate=0.5 * post.max_learning_rate(regime),
+            diag_reg=diag_reg,
+        )
     mean, var = post.moments(t((xt - xm) / xs), t=t(times), regime=regime, diag=True)
     mean = mean.numpy().reshape(len(times), len(xt), -1) * ys + ym
     std = var.clamp_min(0).sqrt().numpy()[..., None] * ys
@@ -64,8 +78,25 @@ def _direct(x, y, xt, times, regime="ntk", diag_reg=1e-6, learning_rate=None, **
 
 def test_fit_writes_columns_and_matches_trained_ensemble(data, capsys):
     out = data["dir"] / "pred.csv"
-    assert main(["fit", data["train"], "--target", "y", "--predict", data["test"], "--times", "10", "100", "inf",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                data["train"],
+                "--target",
+                "y",
+                "--predict",
+                data["test"],
+                "--times",
+                "10",
+                "100",
+                "inf",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     header, values = _read(out)
     assert header == ["x1", "x2", "mean_y_t10", "std_y_t10", "mean_y_t100", "std_y_t100", "mean_y_tinf", "std_y_tinf"]
     assert values.shape == (10, 8)
@@ -82,13 +113,51 @@ def test_fit_writes_columns_and_matches_trained_ensemble(data, capsys):
 
 def test_fit_options_regime_architecture_learning_rate_and_feature_order(data):
     out = data["dir"] / "pred.csv"
-    main(["fit", data["train"], "--predict", data["test_no_y"], "--features", "x1", "x2", "--times", "0", "50.5",
-          "--regime", "nngp", "--depth", "2", "--activation", "erf", "--weight-variance", "1.5",
-          "--bias-variance", "0.2", "--diag-reg", "1e-4", "--learning-rate", "0.3", "-o", str(out)])
+    main(
+        [
+            "fit",
+            data["train"],
+            "--predict",
+            data["test_no_y"],
+            "--features",
+            "x1",
+            "x2",
+            "--times",
+            "0",
+            "50.5",
+            "--regime",
+            "nngp",
+            "--depth",
+            "2",
+            "--activation",
+            "erf",
+            "--weight-variance",
+            "1.5",
+            "--bias-variance",
+            "0.2",
+            "--diag-reg",
+            "1e-4",
+            "--learning-rate",
+            "0.3",
+            "-o",
+            str(out),
+        ]
+    )
     header, values = _read(out)
     assert header == ["x1", "x2", "mean_y_t0", "std_y_t0", "mean_y_t50.5", "std_y_t50.5"]
-    mean, std = _direct(data["x"], data["y"], data["xt"], [0.0, 50.5], regime="nngp", diag_reg=1e-4,
-                        learning_rate=0.3, depth=2, activation="erf", weight_variance=1.5, bias_variance=0.2)
+    mean, std = _direct(
+        data["x"],
+        data["y"],
+        data["xt"],
+        [0.0, 50.5],
+        regime="nngp",
+        diag_reg=1e-4,
+        learning_rate=0.3,
+        depth=2,
+        activation="erf",
+        weight_variance=1.5,
+        bias_variance=0.2,
+    )
     np.testing.assert_allclose(values[:, 2], mean[0, :, 0], atol=1e-10)  # t = 0: the prior mean, 0 -> y mean
     np.testing.assert_allclose(values[:, 2], data["y"].mean(), atol=1e-10)
     np.testing.assert_allclose(values[:, [3, 4, 5]], np.c_[std[0, :, 0], mean[1, :, 0], std[1, :, 0]], atol=1e-10)
@@ -129,8 +198,18 @@ def test_multi_target_and_stdout(data, capsys):
     lines = captured.out.strip().splitlines()
     assert "fitted 40 rows" in captured.err  # the summary goes to stderr when the CSV goes to stdout
     header = lines[0].split(",")
-    assert header == ["a", "b", "mean_u_t10", "std_u_t10", "mean_u_tinf", "std_u_tinf",
-                      "mean_v_t10", "std_v_t10", "mean_v_tinf", "std_v_tinf"]
+    assert header == [
+        "a",
+        "b",
+        "mean_u_t10",
+        "std_u_t10",
+        "mean_u_tinf",
+        "std_u_tinf",
+        "mean_v_t10",
+        "std_v_t10",
+        "mean_v_tinf",
+        "std_v_tinf",
+    ]
     values = np.array([line.split(",") for line in lines[1:]], dtype=np.float64)
     mean, std = _direct(data["x"], y2, data["xt"], [10.0, math.inf])
     np.testing.assert_allclose(values[:, [2, 4, 6, 8]], mean.transpose(1, 2, 0).reshape(10, 4), atol=1e-10)
@@ -176,19 +255,40 @@ def test_errors(data, capsys, tmp_path):
     assert "--depth" in _error(capsys, ["fit", train, "--depth", "-1"])
 
 
+@pytest.mark.slow
 def test_console_entry_through_subprocess(data):
     out = data["dir"] / "sub.csv"
     result = subprocess.run(
-        [sys.executable, "-m", "gpntk", "fit", data["train"], "--target", "y", "--predict", data["test"],
-         "--times", "100", "inf", "--output", str(out)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "gpntk",
+            "fit",
+            data["train"],
+            "--target",
+            "y",
+            "--predict",
+            data["test"],
+            "--times",
+            "100",
+            "inf",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "RMSE" in result.stdout
     header, values = _read(out)
     assert header[2:] == ["mean_y_t100", "std_y_t100", "mean_y_tinf", "std_y_tinf"] and values.shape == (10, 6)
-    bad = subprocess.run([sys.executable, "-m", "gpntk", "fit", str(data["dir"] / "missing.csv")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "gpntk", "fit", str(data["dir"] / "missing.csv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "file not found" in bad.stderr
 
 
@@ -226,12 +326,14 @@ def test_refuses_to_overwrite_an_input_file(data, capsys, how):
     assert {path: open(path, "rb").read() for path in (train, test)} == before
 
 
+@pytest.mark.slow
 def test_import_gpntk_prints_nothing_on_stdout():
     result = subprocess.run([sys.executable, "-c", "import gpntk"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_output_dash_is_clean_csv(data):
     result = _run_cli("fit", data["train"], "--times", "10", "inf", "-o", "-")
     assert result.returncode == 0, result.stderr
@@ -293,6 +395,7 @@ def test_huge_values_are_fitted_in_their_units_or_fail(tmp_path, capsys):
     assert "float64" in message and not (tmp_path / "raw.csv").exists()
 
 
+@pytest.mark.slow
 def test_huge_values_exit_status_through_subprocess(tmp_path):
     rng = np.random.default_rng(1)
     big = _write(tmp_path / "big.csv", ["x1", "y"], np.c_[rng.uniform(-1, 1, (8, 1)), rng.uniform(-1, 1, 8)] * 1e200)

@@ -142,7 +142,8 @@ def test_negative_zero_and_nan_rows():
 
     a = torch.tensor([[0.0, 1.0], [-0.0, 1.0], [float("nan"), 1.0], [float("nan"), 1.0]], dtype=torch.float64)
     assert sorted(coincident_pairs(a, a.clone()).flat.tolist()) == [0, 1, 4, 5]  # (0,0), (0,1), (1,0), (1,1)
-    assert sorted(coincident_pairs(a, a).flat.tolist()) == [0, 1, 4, 5, 10, 15]  # and each row of one tensor with itself
+    # and each row of one tensor with itself
+    assert sorted(coincident_pairs(a, a).flat.tolist()) == [0, 1, 4, 5, 10, 15]
     # the mask form (batched inputs) agrees
     mask = coincident_pairs(a.unsqueeze(0), a.clone().unsqueeze(0)).mask[0]
     assert mask.nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]

@@ -94,11 +94,15 @@ def scaled(kernel, scale: float = 1.3) -> ScaleKernel:
 
 # (name, composed kernel, function of the factors' dense matrices giving the reference matrix)
 COMPOSITIONS = {
-    "ntk*nngp": lambda a, b: (gpntk.NTKKernel(a) * gpntk.NNGPKernel(b), lambda f: f(gpntk.NTKKernel(a)) * f(gpntk.NNGPKernel(b))),
+    "ntk*nngp": lambda a, b: (
+        gpntk.NTKKernel(a) * gpntk.NNGPKernel(b),
+        lambda f: f(gpntk.NTKKernel(a)) * f(gpntk.NNGPKernel(b)),
+    ),
     "ntk*rbf": lambda a, b: (gpntk.NTKKernel(a) * rbf(), lambda f: f(gpntk.NTKKernel(a)) * f(rbf())),
     "rbf*nngp": lambda a, b: (rbf() * gpntk.NNGPKernel(b), lambda f: f(rbf()) * f(gpntk.NNGPKernel(b))),
     "scale(ntk)*nngp": lambda a, b: (
-        scaled(gpntk.NTKKernel(a)) * gpntk.NNGPKernel(b), lambda f: 1.3 * f(gpntk.NTKKernel(a)) * f(gpntk.NNGPKernel(b))
+        scaled(gpntk.NTKKernel(a)) * gpntk.NNGPKernel(b),
+        lambda f: 1.3 * f(gpntk.NTKKernel(a)) * f(gpntk.NNGPKernel(b)),
     ),
     "scale(ntk*rbf)+nngp": lambda a, b: (
         scaled(gpntk.NTKKernel(a) * rbf()) + gpntk.NNGPKernel(b),
@@ -142,8 +146,12 @@ def test_composed_posterior_equals_dense_reference(name, cholesky):
         tolerance = 1e-8
         assert jitters == 0
     else:
-        with gpytorch.settings.max_cholesky_size(100), gpytorch.settings.eval_cg_tolerance(1e-12), \
-                gpytorch.settings.max_cg_iterations(2000), gpytorch.settings.fast_pred_var(False):
+        with (
+            gpytorch.settings.max_cholesky_size(100),
+            gpytorch.settings.eval_cg_tolerance(1e-12),
+            gpytorch.settings.max_cg_iterations(2000),
+            gpytorch.settings.fast_pred_var(False),
+        ):
             mean, var, _ = gp_posterior(covar, x, y, test_x)
         tolerance = 1e-4
     scale = y.abs().max()
@@ -189,9 +197,13 @@ def hadamard_check(data_kernel, n_per_task, tolerance, **settings) -> int:
         Ks = dense(data_kernel, test_x, x) * B[test_i, i.mT]
         Kss = dense(data_kernel, test_x).diagonal() * B[test_i.squeeze(-1), test_i.squeeze(-1)]
     ref_mean, ref_var = reference_posterior(K, Ks, Kss, y)
-    with gpytorch.settings.max_cholesky_size(settings.get("max_cholesky_size", 10_000)), \
-            gpytorch.settings.eval_cg_tolerance(1e-12), gpytorch.settings.max_cg_iterations(4000), \
-            warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    with (
+        gpytorch.settings.max_cholesky_size(settings.get("max_cholesky_size", 10_000)),
+        gpytorch.settings.eval_cg_tolerance(1e-12),
+        gpytorch.settings.max_cg_iterations(4000),
+        warnings.catch_warnings(record=True) as caught,
+        torch.no_grad(),
+    ):
         warnings.simplefilter("always")
         posterior = model(test_x, test_i)
         mean, var = posterior.mean, posterior.variance
@@ -209,6 +221,7 @@ def test_hadamard_index_kernel_posterior(max_cholesky_size):
     assert jitters <= rbf_jitters
 
 
+@pytest.mark.slow
 def test_hadamard_at_two_thousand_points_on_the_cholesky_path():
     """The issue's setting, 1000 points x 2 tasks = 2000 rows, Cholesky path: equal to 1e-8."""
     assert hadamard_check(gpntk.NTKKernel(relu_net()), 1000, 1e-8) == 0
@@ -231,7 +244,9 @@ def test_multitask_kernel_posterior():
             self.covar_module = covar
 
         def forward(self, inputs):
-            return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(inputs), self.covar_module(inputs))
+            return gpytorch.distributions.MultitaskMultivariateNormal(
+                self.mean_module(inputs), self.covar_module(inputs)
+            )
 
     model = MultitaskGP().double().eval()
     with torch.no_grad():
@@ -247,8 +262,10 @@ def test_multitask_kernel_posterior():
     assert (var.reshape(-1) - ref_var).abs().max() <= 1e-8 * Kss.max()
 
 
+@pytest.mark.slow
 def test_botorch_multitask_gp_fit_has_no_more_jitter_than_rbf():
     """BoTorch's MultiTaskGP (a Hadamard product inside) fits an NTK without jitter warnings RBF would not emit."""
+    pytest.importorskip("botorch")  # an optional extra
     from botorch.fit import fit_gpytorch_mll
     from botorch.models import MultiTaskGP
     from gpytorch.mlls import ExactMarginalLogLikelihood

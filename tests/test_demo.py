@@ -3,7 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from gpntk import demo
+
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
 
 
 def test_demo_posterior_part_pinches_at_training_points_and_saves_a_figure(tmp_path):

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+import pytest
+
+yaml = pytest.importorskip("yaml")  # comes with the docs tools (mkdocs)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -49,7 +51,9 @@ def test_every_page_is_in_the_nav():
     assert not nav - pages, f"nav entries without a page under docs/: {sorted(nav - pages)}"
 
 
-_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?(?P<md>[^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|<img\b[^>]*\bsrc=[\"'](?P<html>[^\"']+)[\"']")
+_IMAGE = re.compile(
+    r"!\[[^\]]*\]\(\s*<?(?P<md>[^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|<img\b[^>]*\bsrc=[\"'](?P<html>[^\"']+)[\"']"
+)
 
 
 def test_every_image_exists():
@@ -65,14 +69,25 @@ def test_every_image_exists():
     assert not missing, "images referenced but not found:\n" + "\n".join(missing)
 
 
+@pytest.mark.slow
 def test_strict_build(tmp_path):
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
     # the build must not need the network: any download attempt fails fast through a dead proxy
-    env.update(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
-               http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", NO_PROXY="", no_proxy="")
+    env.update(
+        HTTP_PROXY="http://127.0.0.1:9",
+        HTTPS_PROXY="http://127.0.0.1:9",
+        http_proxy="http://127.0.0.1:9",
+        https_proxy="http://127.0.0.1:9",
+        NO_PROXY="",
+        no_proxy="",
+    )
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stderr}\n{result.stdout}"
     api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")

@@ -156,6 +156,7 @@ def test_empirical_ntk_and_nngp_functions_are_differentiable_in_inputs():
 
 
 def test_botorch_optimize_acqf_with_empirical_ntk_kernel():
+    pytest.importorskip("botorch")  # an optional extra
     from botorch.acquisition import LogExpectedImprovement
     from botorch.models import SingleTaskGP
     from botorch.optim import optimize_acqf

@@ -366,5 +366,6 @@ def test_finite_network_of_a_cnn_needs_the_input_shape():
 def test_finite_branches_of_different_widths_are_explained():
     net = L.serial(L.Dense(), L.FanOut(2), L.parallel([L.ReLU(), L.Dense()], L.Identity()), L.FanInSum())
     gpntk.NTKKernel(net)  # fine as a kernel (per output channel)
-    with pytest.raises(gpntk.ArchitectureError, match=r"FanInSum gets branches of finite shapes \[\(1,\), \(8,\)\].*readout Dense"):
+    message = r"FanInSum gets branches of finite shapes \[\(1,\), \(8,\)\].*readout Dense"
+    with pytest.raises(gpntk.ArchitectureError, match=message):
         net.finite(8, in_features=3)

@@ -10,7 +10,7 @@ from gpntk import layers as L
 from gpntk import settings
 from gpntk.kernels import dense
 
-pytestmark = pytest.mark.usefixtures("float64_default")
+pytestmark = [pytest.mark.usefixtures("float64_default"), pytest.mark.slow]
 
 
 @pytest.fixture
@@ -63,7 +63,9 @@ def test_traced_kernels_and_gradients_equal_eager(traced_only):
 
 
 def test_spatial_architectures_run_eagerly(fresh_compiler):
-    net = L.serial(L.Conv(3, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.AvgPool(2), L.GlobalAvgPool(), L.Dense(2.0))
+    net = L.serial(
+        L.Conv(3, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.AvgPool(2), L.GlobalAvgPool(), L.Dense(2.0)
+    )
     x = torch.randn(6, 2 * 4 * 4, generator=torch.Generator().manual_seed(1))
     with settings.fusion(True):
         _both(net, x, input_shape=(2, 4, 4))

@@ -64,13 +64,17 @@ def _kernel(kind, activation, weight_variance, bias_variance, dtype, depth=2):
 
 @pytest.mark.parametrize("activation", CLOSED_FORM)
 @pytest.mark.parametrize("kind", ["ntk", "nngp"])
-@pytest.mark.parametrize("dtype, weight_variance", [(torch.float64, 1e-85), (torch.float64, 1.2e-262), (torch.float32, 1e-12)])
+@pytest.mark.parametrize(
+    "dtype, weight_variance", [(torch.float64, 1e-85), (torch.float64, 1.2e-262), (torch.float32, 1e-12)]
+)
 def test_vanishing_weight_variance_is_finite(kind, activation, dtype, weight_variance):
     """σw² so small that the second layer's q11 q22 underflows: finite values and gradients."""
     torch.manual_seed(1)
     kernel = _kernel(kind, activation, weight_variance, 0.0, dtype)
     x = torch.randn(5, 3, dtype=dtype).requires_grad_(True)
-    x2 = torch.cat([x.detach()[:2], torch.zeros(1, 3, dtype=dtype), 2 * x.detach()[2:3], torch.randn(2, 3, dtype=dtype)])
+    x2 = torch.cat(
+        [x.detach()[:2], torch.zeros(1, 3, dtype=dtype), 2 * x.detach()[2:3], torch.randn(2, 3, dtype=dtype)]
+    )
     with gpytorch.settings.lazily_evaluate_kernels(False):
         for K in (kernel(x).to_dense(), kernel(x, x2).to_dense(), kernel(x, diag=True)):
             assert torch.isfinite(K).all(), K

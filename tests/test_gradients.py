@@ -332,7 +332,8 @@ def test_mll_gradient_finite_with_duplicate_training_inputs(kind, activation):
     train_x = torch.cat([train_x, train_x[:3], torch.zeros(1, 2)])  # three duplicates and a zero row
     train_y = torch.sin(3 * train_x.sum(-1))
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
-    model = ExactGP(train_x, train_y, gpytorch.kernels.ScaleKernel(kernel_for(kind, activation, 2)), likelihood, gpytorch.means.ZeroMean())
+    covar = gpytorch.kernels.ScaleKernel(kernel_for(kind, activation, 2))
+    model = ExactGP(train_x, train_y, covar, likelihood, gpytorch.means.ZeroMean())
     model.train()
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
     loss = -mll(model(train_x), train_y)

@@ -187,7 +187,13 @@ def test_state_dict_round_trips_exactly():
 @pytest.mark.parametrize("cls", [gpntk.NTKKernel, gpntk.NNGPKernel, gpntk.NeuralKernelSum])
 @pytest.mark.parametrize(
     "kwargs",
-    [{"ard_num_dims": 3}, {"lengthscale_prior": GammaPrior(2.0, 1.0)}, {"lengthscale_constraint": None}, {"eps": 1e-3}, {"foo": 1}],
+    [
+        {"ard_num_dims": 3},
+        {"lengthscale_prior": GammaPrior(2.0, 1.0)},
+        {"lengthscale_constraint": None},
+        {"eps": 1e-3},
+        {"foo": 1},
+    ],
     ids=lambda kwargs: next(iter(kwargs)),
 )
 def test_unsupported_kernel_arguments_raise(cls, kwargs):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 pykeops = pytest.importorskip("pykeops")
+pytestmark = pytest.mark.slow  # cold KeOps compiles take minutes; the fast tier: pytest -m "not slow"
 
 from linear_operator.operators import KernelLinearOperator  # noqa: E402
 from pykeops.torch import LazyTensor  # noqa: E402

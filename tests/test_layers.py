@@ -84,7 +84,9 @@ def test_frozen_middle_layer_drops_its_term(x):
 
 def test_identity_is_a_no_op(x):
     plain = L.serial(L.Dense(2.0, 0.1), L.ReLU(), L.Dense(2.0, 0.1))
-    with_identity = L.serial(L.Identity(), plain.layers[0], L.Identity(), plain.layers[1], plain.layers[2], L.Identity())
+    with_identity = L.serial(
+        L.Identity(), plain.layers[0], L.Identity(), plain.layers[1], plain.layers[2], L.Identity()
+    )
     torch.testing.assert_close(dense(gpntk.NTKKernel(with_identity), x), dense(gpntk.NTKKernel(plain), x))
 
 

@@ -33,6 +33,8 @@ import torch
 import gpntk
 from gpntk import layers as L
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 WEIGHT_VARIANCE = {"relu": 2.0, "erf": 1.5, "gelu": 1.7}
 BIAS_VARIANCE = 0.1
 DEPTHS = (1, 2, 3)

@@ -56,6 +56,8 @@ import torch
 import gpntk
 from gpntk import layers as L
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 N_BATCHES, BATCH = 16, 8  # 128 networks per width, in 16 independently seeded batches
 NNGP_CHANNELS_PER_WIDTH = 2  # NNGP estimates average over out_features = 2 * width channels
 TOLERANCE = 0.04  # relative Frobenius error at the largest width

@@ -133,7 +133,8 @@ def test_ntk_mean_is_kernel_regression_at_infinity_and_gradient_flow_in_between(
     # finite t: the matrix exponential of the gradient-flow ODE, tau = lr * t / (n k)
     t = 3.0
     tau = lr * t / len(x)
-    expected = theta_tx @ torch.linalg.solve(theta_xx, (torch.eye(len(x)) - torch.linalg.matrix_exp(-tau * theta_xx)) @ y)
+    decay = torch.eye(len(x)) - torch.linalg.matrix_exp(-tau * theta_xx)
+    expected = theta_tx @ torch.linalg.solve(theta_xx, decay @ y)
     torch.testing.assert_close(post.moments(xt, t, "ntk")[0], expected, rtol=1e-10, atol=1e-10)
 
 
@@ -183,7 +184,9 @@ def test_distribution_types_and_shapes():
     torch.testing.assert_close(dist.covariance_matrix, torch.kron(cov, torch.eye(3)))
     batched = multi(xt, torch.tensor([0.5, 1.0, 2.0]))
     assert batched.mean.shape == (3, 5, 3)
-    torch.testing.assert_close(batched.variance[2], dist.variance * 0 + multi.moments(xt, 2.0)[1].diagonal()[:, None].expand(5, 3))
+    torch.testing.assert_close(
+        batched.variance[2], dist.variance * 0 + multi.moments(xt, 2.0)[1].diagonal()[:, None].expand(5, 3)
+    )
 
 
 def test_multi_output_uses_the_same_covariance_for_every_output():
@@ -341,7 +344,12 @@ def test_complex_targets_and_malformed_numbers_raise_and_numpy_numbers_are_accep
     mean, var = post.moments(xt, torch.tensor([0.0, 3.0, math.inf]), diag=True)
     # NumPy numbers and arrays wherever Python numbers and tensors are accepted
     same = TrainedEnsemble(
-        net, x, y, learning_rate=np.float32(0.5), diag_reg=np.float64(0.01), tolerance=np.float32(1e-8),
+        net,
+        x,
+        y,
+        learning_rate=np.float32(0.5),
+        diag_reg=np.float64(0.01),
+        tolerance=np.float32(1e-8),
         max_iterations=np.int64(1000),
     )
     np_mean, np_var = same.moments(xt, np.array([0.0, 3.0, math.inf]), diag=True)
@@ -366,7 +374,11 @@ def test_mean_only_and_diagonal_variances_match_the_full_moments(regime, multi):
     g = torch.Generator().manual_seed(21)
     net = L.mlp(2, "erf", 1.5, 0.1)
     x = torch.randn(9, 3, generator=g, dtype=torch.float64)
-    y = torch.randn(9, 2, generator=g, dtype=torch.float64) if multi else torch.randn(9, generator=g, dtype=torch.float64)
+    y = (
+        torch.randn(9, 2, generator=g, dtype=torch.float64)
+        if multi
+        else torch.randn(9, generator=g, dtype=torch.float64)
+    )
     post = gpntk.TrainedEnsemble(net, x, y, learning_rate=0.5, diag_reg=1e-3)
     test_x = torch.cat([torch.randn(5, 3, generator=g, dtype=torch.float64), x[:2]])
     times = torch.tensor([0.0, 3.0, 50.0, math.inf], dtype=torch.float64)
@@ -409,8 +421,10 @@ def test_with_diag_reg_equals_a_new_ensemble_and_reuses_the_eigendecomposition(s
         assert len(calls) == 3 * 2
     # the original is untouched
     torch.testing.assert_close(
-        base.mean(test_x, 5.0), TrainedEnsemble(net, x, y, 0.7, 1e-3, solver=solver).mean(test_x, 5.0),
-        rtol=1e-9, atol=1e-9,
+        base.mean(test_x, 5.0),
+        TrainedEnsemble(net, x, y, 0.7, 1e-3, solver=solver).mean(test_x, 5.0),
+        rtol=1e-9,
+        atol=1e-9,
     )
     with pytest.raises(ValueError, match="diag_reg must be non-negative"):
         base.with_diag_reg(-1.0)

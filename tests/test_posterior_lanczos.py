@@ -65,6 +65,7 @@ def problem_2000():
     return net, x, y, test_x, eigh, learning_rate, product
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regime", ["ntk", "nngp", "ntkgp"])
 def test_lanczos_agrees_with_eigh_at_n_2000(problem_2000, regime):
     net, x, y, test_x, eigh, learning_rate, product = problem_2000

@@ -56,12 +56,15 @@ from __future__ import annotations
 import functools
 import math
 
+import pytest
 import torch
 from _ensemble_study import PosteriorAgreementTests, check_plain_training, run_study
 from torch import nn
 
 from gpntk import layers as L
 from gpntk.finite import ElementwiseActivation, NTKLinear
+
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
 
 N_NETWORKS = 400
 WIDTH = 1024

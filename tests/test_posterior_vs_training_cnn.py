@@ -69,6 +69,8 @@ from gpntk import layers as L
 from gpntk.finite import NTKConv, NTKLinear
 from gpntk.kernels.dense import nngp_and_ntk
 
+pytestmark = pytest.mark.slow  # the fast tier: pytest -m "not slow"
+
 N_NETWORKS = 400
 WIDTH = 256  # channels of the hidden convolution
 SMALL_WIDTH = 64  # a second, cheaper ensemble measures how the finite-width allowance scales

@@ -89,6 +89,7 @@ def test_closed_form_activations_never_warn():
             gpntk.NTKKernel(L.mlp(2, activation, weight_variance=4.0))(x).to_dense()
 
 
+@pytest.mark.slow
 def test_backward_keeps_no_quadrature_nodes():
     """With gradients, the bytes saved for the backward pass grow like n² (the kernels), not n² D².
 

@@ -136,7 +136,8 @@ def test_case_selection():
     assert len(CASES) == 43  # 40 fc_* and 3 conv* cases
     for name in CASES:
         assert not missing_layers(load_case(name).layers), f"{name} uses a layer gpntk.layers lacks"
-    for name in ("conv1d_relu_gap", "conv2d_erf_pool", "conv2d_relu_flatten", "fc_concat", "fc_residual", "fc_layernorm"):
+    spatial_and_branching = ("conv1d_relu_gap", "conv2d_erf_pool", "conv2d_relu_flatten")
+    for name in (*spatial_and_branching, "fc_concat", "fc_residual", "fc_layernorm"):
         assert name in CASES
     for name in ORACLE_NAN_CASES:
         assert name in CASES
@@ -147,8 +148,13 @@ def test_case_selection():
 def test_cross_kernel(name, kind):
     case, ours, quad = load_case(name), _evaluate(name), _quadrature(name)
     check_against_oracle(
-        name, f"{kind}_12", ours[f"{kind}_12"], case[f"{kind}_12"], _tolerance(name, CLOSED_FORM_TOL),
-        quad and quad[f"{kind}_12"], QUAD_OFFDIAG_TOL[kind],
+        name,
+        f"{kind}_12",
+        ours[f"{kind}_12"],
+        case[f"{kind}_12"],
+        _tolerance(name, CLOSED_FORM_TOL),
+        quad and quad[f"{kind}_12"],
+        QUAD_OFFDIAG_TOL[kind],
     )
 
 
@@ -158,8 +164,13 @@ def test_self_kernel_off_diagonal(name, kind):
     case, ours, quad = load_case(name), _evaluate(name), _quadrature(name)
     off = ~np.eye(case["x1"].shape[0], dtype=bool)
     check_against_oracle(
-        name, f"{kind}_11 off-diagonal", ours[f"{kind}_11"][off], case[f"{kind}_11"][off],
-        _tolerance(name, CLOSED_FORM_TOL), quad and quad[f"{kind}_11"][off], QUAD_OFFDIAG_TOL[kind],
+        name,
+        f"{kind}_11 off-diagonal",
+        ours[f"{kind}_11"][off],
+        case[f"{kind}_11"][off],
+        _tolerance(name, CLOSED_FORM_TOL),
+        quad and quad[f"{kind}_11"][off],
+        QUAD_OFFDIAG_TOL[kind],
     )
 
 
