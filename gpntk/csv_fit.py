@@ -409,7 +409,9 @@ def fit_csv(
     if test_targets:
         truth = test.select(test_targets)
         kind = "test" if predict_path is not None else "train"
-        print_fn(f"{'target':>12s} {'t':>8s} {kind + ' RMSE':>11s} {'mean NLL':>11s}   (std: ensemble spread only, no noise)")
+        print_fn(
+            f"{'target':>12s} {'t':>8s} {kind + ' RMSE':>11s} {'mean NLL':>11s}   (std: ensemble spread only, no noise)"
+        )
         for jj, target in enumerate(test_targets):
             j = targets.index(target)
             for i, t in enumerate(times):

@@ -55,7 +55,9 @@ def run_posterior(print_fn=print, figure: str | None = "gpntk-demo.png") -> dict
     print_fn("Part 1 - an infinite ensemble of infinitely wide Erf networks (depth 2) trained by gradient")
     print_fn(f"descent (learning rate {DEMO_LEARNING_RATE}) on {len(train_x)} noisy samples of sin(x); "
              "mean and uncertainty after t steps:\n")
-    print_fn(f"{'regime':6s} {'t':>7s} {'train loss':>11s} {'test RMSE':>10s} {'σ at train x':>13s} {'σ on [-π, π]':>13s}")
+    print_fn(
+        f"{'regime':6s} {'t':>7s} {'train loss':>11s} {'test RMSE':>10s} {'σ at train x':>13s} {'σ on [-π, π]':>13s}"
+    )
     inside = test_x.squeeze(-1).abs() <= math.pi
     results = {}
     curves = {}
@@ -98,7 +100,9 @@ def _plot_posterior(path, train_x, train_y, test_x, test_y, curves) -> str | Non
             ax.fill_between(x, mean - 2 * sd, mean + 2 * sd, color="tab:blue", alpha=0.25, lw=0, label="mean ± 2σ")
             ax.plot(x, test_y.numpy(), color="0.5", lw=1, ls="--", label="sin(x)")
             ax.plot(x, mean, color="tab:blue", lw=1.5, label="ensemble mean")
-            ax.scatter(train_x.squeeze(-1).numpy(), train_y.numpy(), color="tab:red", s=14, zorder=3, label="training data")
+            ax.scatter(
+                train_x.squeeze(-1).numpy(), train_y.numpy(), color="tab:red", s=14, zorder=3, label="training data"
+            )
             ax.set_title(f"{regime.upper()}, t = {'∞' if math.isinf(t) else f'{t:g}'}", fontsize=10)
             ax.set_ylim(-4.5, 4.5)
     axes[0, 0].legend(loc="lower left", fontsize=7)

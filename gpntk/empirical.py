@@ -72,7 +72,9 @@ def _check_inputs(x1: Tensor, x2: Tensor, model: nn.Module | None = None) -> Non
             raise ValueError(f"{name} must be a tensor of shape (n, d) (one row per input), got {shape}")
         check_inputs(name, x, batched=True)
     if model is not None:
-        low = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype not in SUPPORTED_DTYPES})
+        low = sorted(
+            {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype not in SUPPORTED_DTYPES}
+        )
         if low:
             raise TypeError(
                 f"the model has parameters of dtype {', '.join(low)}, which gpntk does not compute in (too small a "

@@ -168,7 +168,8 @@ def _patches(x: Tensor, windows) -> Tensor:
         # index_select rather than Tensor.unfold: its backward has a batching rule, so the
         # structured empirical NTK's batched backward passes stay fast
         length = (x.shape[2 + axis] - window.size) // window.stride + 1
-        index = (torch.arange(length, device=x.device) * window.stride)[:, None] + torch.arange(window.size, device=x.device)
+        starts = torch.arange(length, device=x.device) * window.stride
+        index = starts[:, None] + torch.arange(window.size, device=x.device)
         x = x.index_select(2 + axis, index.flatten()).unflatten(2 + axis, (length, window.size))
         x = x.movedim(3 + axis, -1)  # the window dim goes last
     # windows were appended in axis order: (n, C, *out, *window)
@@ -176,7 +177,8 @@ def _patches(x: Tensor, windows) -> Tensor:
 
 
 class NTKConv(nn.Module):
-    r"""Convolution in NTK parameterization, :math:`h_p = \sigma_w/\sqrt{C\,|w|}\, \sum_{\delta} W_\delta x_{sp+\delta} + \sigma_b b`.
+    r"""Convolution in NTK parameterization,
+    :math:`h_p = \sigma_w/\sqrt{C\,|w|}\, \sum_{\delta} W_\delta x_{sp+\delta} + \sigma_b b`.
 
     Implemented as an :class:`NTKLinear` on the unfolded patches ``(n, *out, C·|w|)``, so its fan-in
     is :math:`C\,|w|` and the structured empirical NTK applies to it.

@@ -33,7 +33,8 @@ __all__ = ["fusion", "kernel_backend", "FUSION_MIN_ELEMENTS", "FUSION_AFTER_CALL
 FUSION_MIN_ELEMENTS = 2**23
 """Under ``fusion("auto")``, evaluations of at least this many numbers (pairs x per-pair entries) compile."""
 FUSION_AFTER_CALLS = 2
-"""Under ``fusion("auto")``, such large evaluations compile once this many of the same network (dtype, device, NNGP/NTK) have run eagerly."""
+"""Under ``fusion("auto")``, such large evaluations compile once this many of the same network
+(dtype, device, NNGP/NTK) have run eagerly."""
 DENSE_MAX_ELEMENTS = 2**26
 """Under ``kernel_backend("auto")``, kernel matrices of more numbers than this are not stored (512 MiB in float64)."""
 

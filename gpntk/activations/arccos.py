@@ -62,7 +62,9 @@ def _arccos_j_terms(p: int) -> tuple[tuple[tuple[int, int, float], ...], tuple[t
     for n in range(1, p + 1):
         # J' = A' + (π-θ) B' - B, so J_n = (2n-1) c J - s J'
         da, db = _poly_derivative(a), _poly_derivative(b)
-        new_a = _poly_add(_poly_times(a, 1, 0, 2 * n - 1), _poly_add(_poly_times(da, 0, 1, -1.0), _poly_times(b, 0, 1, 1.0)))
+        new_a = _poly_add(
+            _poly_times(a, 1, 0, 2 * n - 1), _poly_add(_poly_times(da, 0, 1, -1.0), _poly_times(b, 0, 1, 1.0))
+        )
         new_b = _poly_add(_poly_times(b, 1, 0, 2 * n - 1), _poly_times(db, 0, 1, -1.0))
         a, b = new_a, new_b
     return tuple((i, j, c) for (i, j), c in a.items()), tuple((i, j, c) for (i, j), c in b.items())
@@ -87,7 +89,8 @@ def _arccos_j_value(rho: Tensor, p: int) -> Tensor:
 
 
 def _arccos_j_derivative(rho: Tensor, p: int) -> Tensor:
-    r""":math:`\mathrm dJ_p/\mathrm d\rho`: :math:`p^2 J_{p-1}(\rho)`, and for :math:`p = 0` :math:`1/\sqrt{1-\rho^2}` inside (-1, 1), 0 at :math:`|\rho| = 1`.
+    r""":math:`\mathrm dJ_p/\mathrm d\rho`: :math:`p^2 J_{p-1}(\rho)`, and for :math:`p = 0`
+    :math:`1/\sqrt{1-\rho^2}` inside (-1, 1), 0 at :math:`|\rho| = 1`.
 
     :math:`J_0 = \pi - \theta` has a kink at :math:`\theta = 0` (and :math:`\pi`): along any
     path through identical inputs the angle grows like the distance, so the one-sided derivatives
@@ -186,7 +189,8 @@ def arccos_j1_j0(rho: Tensor) -> tuple[Tensor, Tensor]:
 class ABReLU(Activation):
     r""":math:`\phi(x) = a \min(x, 0) + b \max(x, 0)`.
 
-    Writing :math:`\phi(x) = a x + (b - a)\,\mathrm{ReLU}(x)` and using :math:`\mathbb E[u\,\mathrm{ReLU}(v)] = q_{12}/2`,
+    Writing :math:`\phi(x) = a x + (b - a)\,\mathrm{ReLU}(x)` and using
+    :math:`\mathbb E[u\,\mathrm{ReLU}(v)] = q_{12}/2`,
 
     .. math::
         k_{12} = a b\, q_{12} + \frac{(b-a)^2}{2\pi} \sqrt{q_{11}q_{22}}\, J_1(\rho), \qquad
@@ -258,7 +262,8 @@ class Abs(ABReLU):
 
 
 class Sign(Activation):
-    r""":math:`\phi(x) = \operatorname{sign}(x)`: :math:`k_{12} = \tfrac{2}{\pi}\arcsin\rho = \tfrac{2}{\pi} J_0(\rho) - 1`.
+    r""":math:`\phi(x) = \operatorname{sign}(x)`:
+    :math:`k_{12} = \tfrac{2}{\pi}\arcsin\rho = \tfrac{2}{\pi} J_0(\rho) - 1`.
 
     Its derivative vanishes almost everywhere, so :math:`\dot k = 0`: the layers below a Sign
     do not contribute to the NTK (as in Novak et al. 2020). A point of zero variance maps to zero.
@@ -302,7 +307,9 @@ class RectifiedMonomial(Activation):
         k12 = sqrt_prod**p * arccos_j(rho, p) / (2 * math.pi)
         kdot12 = None
         if need_dot:
-            kdot12 = torch.zeros_like(k12) if p == 0 else p * p * sqrt_prod ** (p - 1) * arccos_j(rho, p - 1) / (2 * math.pi)
+            kdot12 = (
+                torch.zeros_like(k12) if p == 0 else p * p * sqrt_prod ** (p - 1) * arccos_j(rho, p - 1) / (2 * math.pi)
+            )
         return k12, kdot12
 
     def dual_diag(self, q, need_dot):

@@ -144,7 +144,8 @@ def gram_determinant(q11: Tensor, q12: Tensor, q22: Tensor) -> Tensor:
 
 
 def correlation(q11: Tensor, q12: Tensor, q22: Tensor) -> tuple[Tensor, Tensor]:
-    r"""``(rho, sqrt_prod)``: :math:`\rho = q_{12}/\sqrt{q_{11} q_{22}}` clamped to [-1, 1], and :math:`\sqrt{q_{11}q_{22}}`.
+    r"""``(rho, sqrt_prod)``: :math:`\rho = q_{12}/\sqrt{q_{11} q_{22}}` clamped to [-1, 1],
+    and :math:`\sqrt{q_{11}q_{22}}`.
 
     ``q11`` is ``(..., n1, 1)`` and ``q22`` ``(..., 1, n2)``. The square root in :math:`\rho` is
     taken of the product (so equal variances give exactly :math:`\rho = 1` for duplicated points);

@@ -50,7 +50,8 @@ def _pair_expectation(coef_u: list[float], coef_v: list[float], q11: Tensor, q12
 
 
 class Polynomial(Activation):
-    r""":math:`\phi(x) = \sum_i c_i x^i` with ``coef`` :math:`= (c_0, c_1, \ldots)`; exact kernels by Isserlis' theorem."""
+    r""":math:`\phi(x) = \sum_i c_i x^i` with ``coef`` :math:`= (c_0, c_1, \ldots)`;
+    exact kernels by Isserlis' theorem."""
 
     def __init__(self, coef):
         super().__init__()
@@ -85,7 +86,8 @@ class Polynomial(Activation):
 
 
 class Monomial(Polynomial):
-    r""":math:`\phi(x) = x^p`: :math:`k_{12} = \mathbb E[u^p v^p]`, :math:`\dot k_{12} = p^2\,\mathbb E[u^{p-1} v^{p-1}]`."""
+    r""":math:`\phi(x) = x^p`: :math:`k_{12} = \mathbb E[u^p v^p]`,
+    :math:`\dot k_{12} = p^2\,\mathbb E[u^{p-1} v^{p-1}]`."""
 
     def __init__(self, degree: int):
         degree = integer_argument("Monomial degree", degree, minimum=0, error=ArchitectureError)

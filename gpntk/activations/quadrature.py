@@ -81,7 +81,8 @@ _HERMGAUSS_MAX_DEGREE = 100
 
 @lru_cache(maxsize=None)
 def _standard_normal_rule(degree: int) -> tuple[Tensor, Tensor]:
-    r"""Nodes and weights of the ``degree``-point Gauss–Hermite rule for :math:`\mathbb E f(z)`, :math:`z \sim \mathcal N(0, 1)`.
+    r"""Nodes and weights of the ``degree``-point Gauss–Hermite rule for :math:`\mathbb E f(z)`,
+    :math:`z \sim \mathcal N(0, 1)`.
 
     Small degrees use ``numpy.polynomial.hermite.hermgauss``, so the default rule reproduces
     Neural Tangents. That routine overflows (NaN weights) beyond about 360 points and is slow for

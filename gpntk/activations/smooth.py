@@ -184,7 +184,9 @@ class Rbf(Sin):
 
 
 class Exp(Activation):
-    r""":math:`\phi(x) = a\, e^{b x}`: :math:`k_{12} = a^2 \exp\bigl(\tfrac{b^2}{2}(q_{11} + q_{22}) + b^2 q_{12}\bigr)`, :math:`\dot k_{12} = b^2 k_{12}`."""
+    r""":math:`\phi(x) = a\, e^{b x}`:
+    :math:`k_{12} = a^2 \exp\bigl(\tfrac{b^2}{2}(q_{11} + q_{22}) + b^2 q_{12}\bigr)`,
+    :math:`\dot k_{12} = b^2 k_{12}`."""
 
     def __init__(self, a: float = 1.0, b: float = 1.0):
         super().__init__()

@@ -118,7 +118,9 @@ class BlockwiseKernelOperator(LinearOperator):
         self.net, self.output, self.input_shape, self.block_elements = net, output, input_shape, block_elements
 
     @classmethod
-    def from_hyperparameters(cls, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor], **options) -> "BlockwiseKernelOperator":
+    def from_hyperparameters(
+        cls, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor], **options
+    ) -> "BlockwiseKernelOperator":
         return cls(x1, x2, *hyper.values(), hyper_names=tuple(hyper), **options)
 
     def _size(self) -> torch.Size:
@@ -176,7 +178,9 @@ class BlockwiseKernelOperator(LinearOperator):
         if left_vecs.dim() == 1:
             left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
         x1, x2 = self.x1.detach(), self.x2.detach()
-        hyper = {name: value.detach().requires_grad_(want) for (name, value), want in zip(self.hyper.items(), wanted[2:])}
+        hyper = {
+            name: value.detach().requires_grad_(want) for (name, value), want in zip(self.hyper.items(), wanted[2:])
+        }
         # a mirrored block's input gradients would belong to the other rows: mirror only for hyperparameters
         mirror = not (wanted[0] or wanted[1])
         blocks, elements, _ = kernel_blocks(self.net, x1, x2, hyper, self.input_shape, self.block_elements, mirror)

@@ -111,7 +111,9 @@ class InfiniteWidthKernel(Kernel):
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
         hyper = self._checked_hyperparameters(x1, x2, diag, last_dim_is_batch)
-        options = dict(net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements)
+        options = dict(
+            net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements
+        )
         if diag:
             return kernel_diagonal(x1, x2, hyper=hyper, **options)
         if choose_backend(self.net, x1, x2, hyper, self.input_shape, self.backend) == "dense":
@@ -121,7 +123,9 @@ class InfiniteWidthKernel(Kernel):
             x1, x2, covar_func=covariance_function, backend=self.backend, **options, **hyper
         )
 
-    def _checked_hyperparameters(self, x1: Tensor, x2: Tensor, diag: bool, last_dim_is_batch: bool) -> dict[str, Tensor]:
+    def _checked_hyperparameters(
+        self, x1: Tensor, x2: Tensor, diag: bool, last_dim_is_batch: bool
+    ) -> dict[str, Tensor]:
         """The network's hyperparameters (in ``x1``'s dtype and device), after checking the call's arguments."""
         if last_dim_is_batch:
             raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
@@ -300,7 +304,9 @@ class NeuralKernelSum(InfiniteWidthKernel):
                 x1, x2, hyper=hyper, output="nngp", **options
             )
         if choose_backend(self.net, x1, x2, hyper, self.input_shape, self.backend) == "dense":
-            cov, ntk = evaluate(self.net, x1, x2, hyper, track_ntk=True, **{k: options[k] for k in ("input_shape", "block_elements")})
+            cov, ntk = evaluate(
+                self.net, x1, x2, hyper, track_ntk=True, **{k: options[k] for k in ("input_shape", "block_elements")}
+            )
             out = a * ntk + b * cov
             return out.expand(*batch_shape_of(x1, x2, hyper), x1.shape[-2], x2.shape[-2])
         parts = [

@@ -161,7 +161,9 @@ class Affine(Layer):
     @bias_variance.setter
     def bias_variance(self, value) -> None:
         if not self.has_bias:
-            raise ValueError(f"this {self.name} layer was built without bias (bias_variance=0); its bias variance is fixed")
+            raise ValueError(
+                f"this {self.name} layer was built without bias (bias_variance=0); its bias variance is fixed"
+            )
         self._set_variance("bias_variance", value)
 
     # --- batch shapes -------------------------------------------------------------------------
@@ -199,7 +201,8 @@ class Affine(Layer):
 
     # --- the affine step shared by Dense and Conv ----------------------------------------------
     def affine_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
-        r""":math:`\Sigma \leftarrow \sigma_w^2 \Sigma + \sigma_b^2`, :math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma` (trainable)."""
+        r""":math:`\Sigma \leftarrow \sigma_w^2 \Sigma + \sigma_b^2`,
+        :math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma` (trainable)."""
         layout = state.layout
         weight_variance = layout.scalar_shape(hyper.get(self, "weight_variance"))
         if self.has_bias:

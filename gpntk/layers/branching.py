@@ -128,7 +128,9 @@ class _FanIn(Layer):
         if _is_unknown(signature):
             return signature.after(self)
         if not isinstance(signature, tuple):
-            raise ArchitectureError(f"{self.name} merges the branches of a FanOut, but gets one input ({signature.last})")
+            raise ArchitectureError(
+                f"{self.name} merges the branches of a FanOut, but gets one input ({signature.last})"
+            )
         known = {s.spatial for s in signature if s.spatial is not None}
         if len(known) > 1:
             raise ArchitectureError(
@@ -194,7 +196,8 @@ class _FanIn(Layer):
 
 
 class FanInSum(_FanIn):
-    r"""Sum of the branches: :math:`\Sigma = \sum_i \Sigma_i`, :math:`\Theta = \sum_i \Theta_i` (uncorrelated branches)."""
+    r"""Sum of the branches: :math:`\Sigma = \sum_i \Sigma_i`, :math:`\Theta = \sum_i \Theta_i`
+    (uncorrelated branches)."""
 
     how = "sum"
 

@@ -68,8 +68,11 @@ def output_spatial(windows: tuple[Window, ...], spatial: tuple[int, ...]) -> tup
 def spatial_input(layer: str, signature: Signature) -> None:
     """Raise unless ``signature`` describes (possibly unknown) spatial inputs."""
     if signature.spatial == ():
-        where = "the network's inputs are vectors (pass input_shape=(C, W) or (C, H, W) to the kernel, finite() or TrainedEnsemble)" \
+        where = (
+            "the network's inputs are vectors "
+            "(pass input_shape=(C, W) or (C, H, W) to the kernel, finite() or TrainedEnsemble)"
             if signature.last == "the input" else f"the outputs of {signature.last} are vectors"
+        )
         raise ArchitectureError(f"{layer} needs spatial inputs (channels first), but {where}")
 
 

@@ -15,7 +15,8 @@ __all__ = ["LayerNorm"]
 
 
 def _inverse_sqrt(q: Tensor) -> Tensor:
-    """:math:`q^{-1/2}` where :math:`q > 0` and 0 elsewhere (a zero vector normalises to zero), with finite derivatives."""
+    """:math:`q^{-1/2}` where :math:`q > 0` and 0 elsewhere (a zero vector normalises to zero),
+    with finite derivatives."""
     positive = q > 0
     return torch.where(positive, torch.rsqrt(torch.where(positive, q, torch.ones_like(q))), torch.zeros_like(q))
 

@@ -40,7 +40,9 @@ class AvgPool(Layer):
 
     def check(self, signature: Signature) -> Signature:
         spatial_input(self.name, signature)
-        spatial = None if signature.spatial is None else output_spatial(self.windows(signature.spatial), signature.spatial)
+        spatial = (
+            None if signature.spatial is None else output_spatial(self.windows(signature.spatial), signature.spatial)
+        )
         return signature.after(self, spatial=spatial)
 
     def needs_full(self, after: bool) -> bool:

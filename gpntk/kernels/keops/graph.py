@@ -226,7 +226,7 @@ def _emit(root: _Node, names: dict[str, str], pinned: set[int] = frozenset()) ->
     live: list[int] = []
     state = ""
     for step in range(1, top):
-        new = sorted((i for i, l in level.items() if l == step), key=order.__getitem__)
+        new = sorted((i for i, lev in level.items() if lev == step), key=order.__getitem__)
         keep = [i for i in live if last_use[i] > step]
         pieces, layout, offset, run = [], {}, 0, None
         for i in keep:  # runs of consecutive kept values are copied as one Extract
