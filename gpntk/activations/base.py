@@ -18,12 +18,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..coincident import exact_values
 from ..errors import ArchitectureError
 from ..finite import ElementwiseActivation
-from ..layers.base import Hyperparameters, Layer, Signature
+from ..layers.base import Hyperparameters, Layer, Shape, Signature
 from ..state import KernelState, midpoint, set_diagonal
 from ..validation import real_argument
 
@@ -119,7 +119,14 @@ class Activation(Layer):
         squeeze = lambda t: None if t is None else t.squeeze(-1 - layout.ndim).squeeze(-1 - layout.ndim)  # noqa: E731
         return squeeze(k), squeeze(kdot)
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
         return ElementwiseActivation(self.fn, repr(self)), in_shape
 
     def __repr__(self) -> str:

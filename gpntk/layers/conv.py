@@ -2,12 +2,15 @@ r"""Convolutions (1-D and 2-D, channels first) in NTK parameterization."""
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from ..errors import ArchitectureError
 from ..finite import NTKConv
 from ..spatial import PADDINGS, Layout, Window, convolve, window_geometry
 from ..state import KernelState
 from .affine import Affine
-from .base import Hyperparameters, Signature, _positive_integer
+from .base import Hyperparameters, Shape, Signature, _positive_integer
 
 __all__ = ["Conv"]
 
@@ -136,7 +139,14 @@ class Conv(Affine):
         state = state.map_linear(lambda t: convolve(t, layout, windows), out)
         return self.affine_map(state, hyper)
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
         channels, spatial = in_shape[0], tuple(in_shape[1:])
         windows = self.windows(spatial)
         weight_std, bias_std = self.finite_stds()

@@ -3,13 +3,13 @@ r"""Layer normalisation over the channels."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ArchitectureError
 from ..finite import ChannelNorm
 from ..state import KernelState
 from ..validation import real_argument
-from .base import Hyperparameters, Layer, Signature
+from .base import Hyperparameters, Layer, Shape, Signature
 
 __all__ = ["LayerNorm"]
 
@@ -65,7 +65,14 @@ class LayerNorm(Layer):
         ntk12 = None if state.ntk12 is None else scale(state.ntk12, inv1, inv2)
         return state.replace(cov12=cov12, var1=var1, var2=var2, ntk12=ntk12)
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
         return ChannelNorm(self.eps), in_shape
 
     def __repr__(self) -> str:

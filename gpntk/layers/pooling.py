@@ -2,10 +2,13 @@ r"""Layers that average over positions: ``AvgPool``, ``GlobalAvgPool`` and ``Fla
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from ..finite import AvgPooling, FlattenRows, GlobalAvgPooling
 from ..spatial import Layout, Window, pool
 from ..state import KernelState
-from .base import Hyperparameters, Layer, Signature
+from .base import Hyperparameters, Layer, Shape, Signature
 from .conv import check_padding, output_spatial, spatial_input, spatial_sizes, windows_for
 
 __all__ = ["AvgPool", "GlobalAvgPool", "Flatten"]
@@ -54,7 +57,14 @@ class AvgPool(Layer):
         out = Layout(output_spatial(windows, layout.spatial), full=True)
         return state.map_linear(lambda t: pool(t, layout, windows), out)
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
         windows = self.windows(tuple(in_shape[1:]))
         return AvgPooling(windows), (in_shape[0], *output_spatial(windows, tuple(in_shape[1:])))
 
@@ -81,7 +91,14 @@ class GlobalAvgPool(Layer):
             raise RuntimeError("GlobalAvgPool was given only the diagonal of the spatial covariance")
         return state.map_linear(layout.mean_all, Layout())
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
         return GlobalAvgPooling(), (in_shape[0],)
 
     def __repr__(self) -> str:
@@ -112,7 +129,14 @@ class Flatten(Layer):
             return state
         return state.map_linear(layout.mean_diagonal, Layout())
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
         if in_shape is None or len(in_shape) == 1:
             return FlattenRows(), in_shape
         size = 1
