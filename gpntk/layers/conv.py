@@ -2,12 +2,14 @@ r"""Convolutions (1-D and 2-D, channels first) in NTK parameterization."""
 
 from __future__ import annotations
 
+from typing import Any, Literal, cast, overload
+
 import torch
 from torch import nn
 
 from ..errors import ArchitectureError
 from ..finite import NTKConv
-from ..spatial import PADDINGS, Layout, Window, convolve, window_geometry
+from ..spatial import PADDINGS, Layout, Padding, Window, convolve, window_geometry
 from ..state import KernelState
 from .affine import Affine
 from .base import Hyperparameters, Shape, Signature, _positive_integer
@@ -15,7 +17,11 @@ from .base import Hyperparameters, Shape, Signature, _positive_integer
 __all__ = ["Conv"]
 
 
-def spatial_sizes(name: str, value, allow_none: bool = False) -> tuple[int, ...] | int | None:
+@overload
+def spatial_sizes(name: str, value: object, allow_none: Literal[False] = False) -> tuple[int, ...] | int: ...
+@overload
+def spatial_sizes(name: str, value: object, allow_none: bool) -> tuple[int, ...] | int | None: ...
+def spatial_sizes(name: str, value: object, allow_none: bool = False) -> tuple[int, ...] | int | None:
     """A positive int or a tuple of them (one per spatial axis), checked."""
     if value is None and allow_none:
         return None
@@ -32,13 +38,13 @@ def spatial_sizes(name: str, value, allow_none: bool = False) -> tuple[int, ...]
         raise ArchitectureError(str(error)) from None
 
 
-def check_padding(padding: str) -> str:
+def check_padding(padding: str) -> Padding:
     if padding not in PADDINGS:
         raise ArchitectureError(f"padding must be one of {PADDINGS}, got {padding!r}")
-    return padding
+    return cast(Padding, padding)
 
 
-def per_axis(layer_name: str, name: str, value, spatial: tuple[int, ...]) -> tuple[int, ...]:
+def per_axis(layer_name: str, name: str, value: int | tuple[int, ...], spatial: tuple[int, ...]) -> tuple[int, ...]:
     """``value`` (an int or a tuple) as one entry per spatial axis of ``spatial``."""
     if isinstance(value, tuple):
         if len(value) != len(spatial):
@@ -51,7 +57,11 @@ def per_axis(layer_name: str, name: str, value, spatial: tuple[int, ...]) -> tup
 
 
 def windows_for(
-    layer_name: str, spatial: tuple[int, ...], kernel_size, stride, padding: str
+    layer_name: str,
+    spatial: tuple[int, ...],
+    kernel_size: int | tuple[int, ...],
+    stride: int | tuple[int, ...],
+    padding: Padding,
 ) -> tuple[Window, ...]:
     """The per-axis windows of a convolution or pooling on inputs of spatial shape ``spatial``."""
     sizes = per_axis(layer_name, "kernel_size", kernel_size, spatial)
@@ -115,7 +125,7 @@ class Conv(Affine):
         weight_variance: float = 1.0,
         bias_variance: float = 0.0,
         trainable: bool = True,
-        **kwargs,
+        **kwargs: Any,
     ):
         super().__init__(weight_variance, bias_variance, trainable, **kwargs)
         self.kernel_size = spatial_sizes("kernel_size", kernel_size)
@@ -147,6 +157,7 @@ class Conv(Affine):
         is_output: bool,
         generator: torch.Generator | None = None,
     ) -> tuple[nn.Module, Shape]:
+        assert in_shape is not None  # check() asked for spatial inputs
         channels, spatial = in_shape[0], tuple(in_shape[1:])
         windows = self.windows(spatial)
         weight_std, bias_std = self.finite_stds()

@@ -70,6 +70,7 @@ class Dense(Affine):
             generator=generator,
         )
         if spatial:
+            assert in_shape is not None
             return ChannelsLast(module), (features, *in_shape[1:])
         return module, (features,)
 

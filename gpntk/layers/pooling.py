@@ -65,6 +65,7 @@ class AvgPool(Layer):
         is_output: bool,
         generator: torch.Generator | None = None,
     ) -> tuple[nn.Module, Shape]:
+        assert in_shape is not None  # check() asked for spatial inputs
         windows = self.windows(tuple(in_shape[1:]))
         return AvgPooling(windows), (in_shape[0], *output_spatial(windows, tuple(in_shape[1:])))
 
@@ -99,6 +100,7 @@ class GlobalAvgPool(Layer):
         is_output: bool,
         generator: torch.Generator | None = None,
     ) -> tuple[nn.Module, Shape]:
+        assert in_shape is not None  # check() asked for spatial inputs
         return GlobalAvgPooling(), (in_shape[0],)
 
     def __repr__(self) -> str:
