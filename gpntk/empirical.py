@@ -21,7 +21,7 @@ network's parameters are then used detached: no gradient ever reaches them throu
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,9 @@ from torch.func import functional_call, jacrev
 
 from .finite import ElementwiseActivation, NTKLinear
 from .validation import SUPPORTED_DTYPES, check_inputs, integer_argument
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layers.base import Layer
 
 __all__ = ["empirical_ntk", "empirical_nngp", "monte_carlo_kernel"]
 
@@ -160,10 +163,10 @@ def _layer_gradients(
     (``g`` by a double-backward graph) and the parameters are used detached; otherwise both are
     detached.
     """
-    records: dict[int, list] = {}
+    records: dict[int, list[tuple[Tensor, Tensor]]] = {}
     modules: dict[int, nn.Module] = {}
 
-    def hook(module, inputs, output):
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         # the derivative w.r.t. a zero "probe" added to the output is the derivative w.r.t. the
         # output, and exists even where the output itself does not require grad
         probe = torch.zeros_like(output, requires_grad=True)
@@ -190,6 +193,7 @@ def _layer_gradients(
     hs = [h for _, _, h in uses]
     eye = torch.eye(k, dtype=out.dtype, device=out.device)
     seeds = eye.unsqueeze(1).expand(k, n, k)
+    grads: Sequence[Tensor | None]
     if hs and out.requires_grad:
         try:
             grads = torch.autograd.grad(
@@ -345,7 +349,7 @@ def _ensure_initialized(model: nn.Module, x: Tensor) -> None:
 
 
 def monte_carlo_kernel(
-    net,
+    net: Layer,
     x1: Tensor,
     x2: Tensor | None = None,
     *,
