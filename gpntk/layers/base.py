@@ -322,7 +322,7 @@ class Serial(Layer):
         return iter(self._layers)
 
     # takes and returns the branches of a FanOut too (takes_branches): wider than Layer.check
-    def check(self, signature: Signatures) -> Signatures:  # type: ignore[override]
+    def check(self, signature: Signatures) -> Signatures:
         for layer in self._layers:
             if isinstance(signature, tuple) and not layer.takes_branches:
                 raise ArchitectureError(
@@ -338,7 +338,7 @@ class Serial(Layer):
         return after
 
     # maps the branches of a FanOut too (takes_branches): wider than Layer.kernel_map
-    def kernel_map(self, state: States, hyper: Hyperparameters) -> States:  # type: ignore[override]
+    def kernel_map(self, state: States, hyper: Hyperparameters) -> States:
         layers = self._layers
         keep = [False] * len(layers)
         after = _keep_full(state)
@@ -414,10 +414,10 @@ class Identity(Layer):
     takes_branches = True  # passes branches on unchanged too
 
     # passes the branches of a FanOut on too (takes_branches): wider than Layer.check / kernel_map
-    def check(self, signature: Signatures) -> Signatures:  # type: ignore[override]
+    def check(self, signature: Signatures) -> Signatures:
         return signature
 
-    def kernel_map(self, state: States, hyper: Hyperparameters) -> States:  # type: ignore[override]
+    def kernel_map(self, state: States, hyper: Hyperparameters) -> States:
         return state
 
     def build_finite(

@@ -41,16 +41,16 @@ class FanOut(Layer):
             raise ArchitectureError(str(error)) from None
 
     # hands on one signature / state per branch: wider than Layer.check / kernel_map
-    def check(self, signature: Signature) -> tuple[Signature, ...]:  # type: ignore[override]
+    def check(self, signature: Signature) -> tuple[Signature, ...]:
         # copies of one function are not independent of each other
         return (signature.after(self, independent=False),) * self.num
 
-    def kernel_map(  # type: ignore[override]
+    def kernel_map(
         self, state: KernelState, hyper: Hyperparameters
     ) -> tuple[KernelState, ...]:
         return (state,) * self.num
 
-    def build_finite(  # type: ignore[override]  # one shape per branch (takes_branches)
+    def build_finite(
         self,
         in_shape: Shape,
         width: int,
@@ -90,7 +90,7 @@ class Parallel(Layer):
         return iter(self._branches)
 
     # takes and hands on one signature / state per branch: wider than Layer.check / kernel_map
-    def check(self, signature: Signatures) -> Signatures:  # type: ignore[override]
+    def check(self, signature: Signatures) -> Signatures:
         if _is_unknown(signature):
             signature = (cast(Signature, signature),) * len(self.branches)
         if not isinstance(signature, tuple):
@@ -113,11 +113,11 @@ class Parallel(Layer):
     def needs_full(self, after: bool) -> bool:
         return any(branch.needs_full(after) for branch in self._branches)
 
-    def kernel_map(self, state: States, hyper: Hyperparameters) -> States:  # type: ignore[override]
+    def kernel_map(self, state: States, hyper: Hyperparameters) -> States:
         states = cast("tuple[KernelState, ...]", state)  # check() refuses a single input
         return tuple(branch.kernel_map(s, hyper).settle() for branch, s in zip(self._branches, states))
 
-    def build_finite(  # type: ignore[override]  # one shape per branch (takes_branches)
+    def build_finite(
         self,
         in_shape: Shapes,
         width: int,
@@ -205,7 +205,7 @@ class _FanIn(Layer):
             return None
         return self.combine([s.ntk_or_zeros() for s in states])
 
-    def build_finite(  # type: ignore[override]  # one shape per branch (takes_branches)
+    def build_finite(
         self,
         in_shape: Shapes,
         width: int,
@@ -215,10 +215,10 @@ class _FanIn(Layer):
     ) -> tuple[nn.Module, Shapes]:
         shapes = list(cast("list[Shape]", in_shape))  # one shape per branch
         if self.how == "concat":
-            rest = {tuple(s[1:]) for s in shapes}  # type: ignore[index]  # a None shape fails here, as before
+            known = cast("list[tuple[int, ...]]", shapes)  # as before, a None shape raises TypeError in s[1:]
+            rest = {tuple(s[1:]) for s in known}
             if len(rest) > 1 or any(s is None for s in shapes):
                 raise ArchitectureError(f"FanInConcat gets branches of shapes {shapes}, which do not concatenate")
-            known = cast("list[tuple[int, ...]]", shapes)
             return MergeBranches(self.how), (sum(s[0] for s in known), *known[0][1:])
         if len({s for s in shapes}) > 1:
             raise ArchitectureError(
