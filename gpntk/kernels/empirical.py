@@ -201,7 +201,7 @@ class EmpiricalNTKKernel(Kernel):
         index = index if isinstance(index, tuple) else (index,)
         return self._with_batch_shape(torch.empty(self.batch_shape)[index].shape)
 
-    def expand_batch(self, *sizes: int | torch.Size) -> "EmpiricalNTKKernel":
+    def expand_batch(self, *sizes: int | Sequence[int]) -> "EmpiricalNTKKernel":
         new_batch_shape = expanded_batch_shape(sizes, self.batch_shape)
         if new_batch_shape == self.batch_shape:
             return self

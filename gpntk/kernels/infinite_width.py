@@ -167,7 +167,7 @@ class InfiniteWidthKernel(Kernel):
             new_kernel._batch_shape = torch.Size([])
         return new_kernel
 
-    def expand_batch(self, *sizes: int | torch.Size) -> "InfiniteWidthKernel":
+    def expand_batch(self, *sizes: int | Sequence[int]) -> "InfiniteWidthKernel":
         new_batch_shape = expanded_batch_shape(sizes, self.batch_shape)
         if new_batch_shape == self.batch_shape:
             return self
@@ -197,7 +197,7 @@ class InfiniteWidthKernel(Kernel):
             and other.backend == self.backend
         )
 
-    def __add__(self, other: Any) -> Any:
+    def __add__(self, other: Kernel) -> Kernel:
         """``k1 + k2``: one :class:`NeuralKernelSum` when both are gpntk kernels of the same network.
 
         GPyTorch's ``AdditiveKernel`` of two kernels on one network would register the network

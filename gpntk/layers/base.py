@@ -17,7 +17,7 @@ import math
 import operator
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence, Union, cast
+from typing import Any, Iterator, NoReturn, Sequence, Union, cast
 
 import gpytorch
 import torch
@@ -242,7 +242,7 @@ class Layer(gpytorch.Module):
     def name(self) -> str:
         return type(self).__name__
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - layers are descriptions, not modules
+    def forward(self, *args: Any, **kwargs: Any) -> NoReturn:  # pragma: no cover - layers are descriptions, not modules
         raise TypeError(
             f"{self.name} describes an architecture and is not called on tensors: use "
             "gpntk.NTKKernel(net) / gpntk.NNGPKernel(net) for kernels or net.finite(width) for a network."
