@@ -24,7 +24,8 @@ __version__ = "0.1.0"
 """The version of gpntk."""
 
 __all__ = [
-    "layers", "settings", "NTKKernel", "NNGPKernel", "EmpiricalNTKKernel", "TrainedEnsemble", "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
+    "layers", "settings", "NTKKernel", "NNGPKernel", "EmpiricalNTKKernel", "TrainedEnsemble",
+    "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
     "ArchitectureError", "GPNTKWarning", "NumericalWarning", "ApproximationWarning",
     "CompositionWarning", "__version__",
     "NeuralKernelSum",

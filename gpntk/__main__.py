@@ -16,7 +16,7 @@ def _time(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error) if "times" in str(error) else f"not a time: {text!r}") from None
 
 
-def _add_fit_parser(sub) -> argparse.ArgumentParser:
+def _add_fit_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
     from .activations import ACTIVATION_NAMES
     from .csv_fit import DEFAULT_DIAG_REG, DEFAULT_TIMES
 

@@ -21,6 +21,7 @@ are compared elementwise into a mask instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -60,15 +61,17 @@ def exact_values(
         mask = coincidence.mask.reshape(*coincidence.mask.shape, *(1,) * ndim)
         carrier = pairs if derivatives is None else derivatives
         return torch.where(mask, points.detach() + (carrier - carrier.detach()), pairs)
+    # index form: rows and flat are set
+    rows, flat = cast(Tensor, coincidence.rows), cast(Tensor, coincidence.flat)
     dim = pairs.dim() - 2 - ndim  # the n1 dimension
     shape = pairs.shape
     flat_pairs = pairs.reshape(*shape[:dim], shape[dim] * shape[dim + 1], *shape[dim + 2:])
-    selected = flat_pairs.index_select(dim, coincidence.flat)
+    selected = flat_pairs.index_select(dim, flat)
     carrier = selected if derivatives is None else derivatives
     point_dim = points.dim() - 2 - ndim
-    exact = points.index_select(point_dim, coincidence.rows).squeeze(point_dim + 1)
+    exact = points.index_select(point_dim, rows).squeeze(point_dim + 1)
     value = (exact.detach() + (carrier - carrier.detach())).expand_as(selected)
-    return flat_pairs.index_copy(dim, coincidence.flat, value).reshape(shape)
+    return flat_pairs.index_copy(dim, flat, value).reshape(shape)
 
 
 def _is_batched(x: Tensor) -> bool:
@@ -134,6 +137,7 @@ class RowIds:
             return Coincidence(mask=(a.unsqueeze(-2) == b.unsqueeze(-3)).all(-1))
         if self.id1 is None:
             return None
+        assert self.id2 is not None  # set together with id1
         id1, id2 = self.id1[..., rows], self.id2[..., cols]
         n1, n2 = id1.shape[-1], id2.shape[-1]
         if self.id1.dim() > 1 or self.id2.dim() > 1:

@@ -41,7 +41,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO, cast
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from . import layers as L
 from ._quiet_import import stdout_to_stderr
 from .activations import ACTIVATION_NAMES
 from .errors import NumericalWarning
-from .posterior import _REGIMES, TrainedEnsemble
+from .posterior import _REGIMES, Regime, TrainedEnsemble
 
 __all__ = [
     "CSVFitError", "Table", "read_table", "format_time", "parse_time", "standardize", "fit_csv",
@@ -240,7 +240,7 @@ def fit_csv(
     learning_rate: float | None = None,
     standardize_data: bool = True,
     print_fn: Callable[[str], None] = print,
-) -> dict:
+) -> dict[str, Any]:
     r"""Fit ``train_path`` and write predictions at ``predict_path`` (or the training points).
 
     Raises :class:`CSVFitError` for bad files, columns or options, an ``output`` that is one of the
@@ -309,7 +309,7 @@ def fit_csv(
     x_train, y_train, x_test = train.select(features), train.select(targets), test.select(features)
     x_mean, x_scale = standardize(x_train, standardize_data)
     y_mean, y_scale = standardize(y_train, standardize_data)
-    to_tensor = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    to_tensor: Callable[[Any], torch.Tensor] = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
     with np.errstate(over="ignore", invalid="ignore"):
         train_x = to_tensor((x_train - x_mean) / x_scale)
         train_y = to_tensor((y_train - y_mean) / y_scale)
@@ -331,7 +331,7 @@ def fit_csv(
         with quiet:
             net = L.mlp(depth, activation, weight_variance=weight_variance, bias_variance=bias_variance)
             post = TrainedEnsemble(net, train_x, train_y, learning_rate=learning_rate or 1.0, diag_reg=diag_reg)
-            limit = post.max_learning_rate(regime)
+            limit = post.max_learning_rate(cast(Regime, regime))  # checked above
             if learning_rate is None:
                 # only the time scale depends on the learning rate; nothing cached needs recomputing
                 post.learning_rate = DEFAULT_LEARNING_RATE_FRACTION * limit
@@ -344,10 +344,12 @@ def fit_csv(
                     NumericalWarning,
                     stacklevel=2,
                 )
-            mean, var = post.moments(test_x, t=torch.tensor(times, dtype=torch.float64), regime=regime, diag=True)
+            moments = post.moments(
+                test_x, t=torch.tensor(times, dtype=torch.float64), regime=cast(Regime, regime), diag=True
+            )
     except (ValueError, TypeError) as error:
         raise CSVFitError(str(error)) from None
-    except torch.linalg.LinAlgError as error:
+    except torch.linalg.LinAlgError as error:  # type: ignore[attr-defined]  # exported at runtime, not in the stub
         raise CSVFitError(
             f"the training kernel could not be decomposed ({error}); the data may be too large for float64 "
             "arithmetic" + ("" if standardize_data else " without standardization") + "; nothing was written"
@@ -357,7 +359,8 @@ def fit_csv(
             f"{error} The data are too large for float64 arithmetic"
             + ("" if standardize_data else " without standardization") + "; nothing was written"
         ) from None
-    mean = mean.detach().numpy().reshape(len(times), -1, len(targets))  # (T, m, k)
+    mean_t, var = moments
+    mean = mean_t.detach().numpy().reshape(len(times), -1, len(targets))  # (T, m, k)
     std = var.detach().clamp_min(0).sqrt().numpy()[..., None]  # (T, m, 1): shared by the targets
     with np.errstate(over="ignore", invalid="ignore"):
         mean = mean * y_scale + y_mean
@@ -409,7 +412,9 @@ def fit_csv(
     if test_targets:
         truth = test.select(test_targets)
         kind = "test" if predict_path is not None else "train"
-        print_fn(f"{'target':>12s} {'t':>8s} {kind + ' RMSE':>11s} {'mean NLL':>11s}   (std: ensemble spread only, no noise)")
+        print_fn(
+            f"{'target':>12s} {'t':>8s} {kind + ' RMSE':>11s} {'mean NLL':>11s}   (std: ensemble spread only, no noise)"
+        )
         for jj, target in enumerate(test_targets):
             j = targets.index(target)
             for i, t in enumerate(times):

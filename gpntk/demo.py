@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any, Callable, cast
 
 import gpytorch
 import torch
+from torch import Tensor
 
 from . import layers as L
 from .kernels import NNGPKernel, NTKKernel
@@ -29,8 +31,13 @@ from .validation import integer_argument, real_argument
 DEMO_TIMES = (0.0, 10.0, 100.0, 1000.0, math.inf)
 DEMO_LEARNING_RATE = 0.2
 
+#: where the demo prints (``print`` by default)
+PrintFn = Callable[[str], object]
 
-def make_sine_problem(n_train: int = 8, noise: float = 0.1, seed: int = 1):
+
+def make_sine_problem(
+    n_train: int = 8, noise: float = 0.1, seed: int = 1
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Noisy samples of sin(x) on [-π, π] (as in the Neural Tangents cookbook) and a test grid."""
     n_train = integer_argument("n_train", n_train, minimum=1)
     noise = real_argument("noise", noise, minimum=0)
@@ -42,7 +49,7 @@ def make_sine_problem(n_train: int = 8, noise: float = 0.1, seed: int = 1):
     return train_x, train_y, test_x, torch.sin(test_x).squeeze(-1)
 
 
-def run_posterior(print_fn=print, figure: str | None = "gpntk-demo.png") -> dict[str, float]:
+def run_posterior(print_fn: PrintFn = print, figure: str | None = "gpntk-demo.png") -> dict[str, float]:
     """Part 1: the trained ensemble's mean and uncertainty at several training times."""
     train_x, train_y, test_x, test_y = make_sine_problem()
     net = L.serial(
@@ -55,7 +62,9 @@ def run_posterior(print_fn=print, figure: str | None = "gpntk-demo.png") -> dict
     print_fn("Part 1 - an infinite ensemble of infinitely wide Erf networks (depth 2) trained by gradient")
     print_fn(f"descent (learning rate {DEMO_LEARNING_RATE}) on {len(train_x)} noisy samples of sin(x); "
              "mean and uncertainty after t steps:\n")
-    print_fn(f"{'regime':6s} {'t':>7s} {'train loss':>11s} {'test RMSE':>10s} {'σ at train x':>13s} {'σ on [-π, π]':>13s}")
+    print_fn(
+        f"{'regime':6s} {'t':>7s} {'train loss':>11s} {'test RMSE':>10s} {'σ at train x':>13s} {'σ on [-π, π]':>13s}"
+    )
     inside = test_x.squeeze(-1).abs() <= math.pi
     results = {}
     curves = {}
@@ -80,7 +89,14 @@ def run_posterior(print_fn=print, figure: str | None = "gpntk-demo.png") -> dict
     return results
 
 
-def _plot_posterior(path, train_x, train_y, test_x, test_y, curves) -> str | None:
+def _plot_posterior(
+    path: str,
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    curves: dict[str, tuple[Tensor, Tensor]],
+) -> str | None:
     try:
         import matplotlib
 
@@ -98,7 +114,9 @@ def _plot_posterior(path, train_x, train_y, test_x, test_y, curves) -> str | Non
             ax.fill_between(x, mean - 2 * sd, mean + 2 * sd, color="tab:blue", alpha=0.25, lw=0, label="mean ± 2σ")
             ax.plot(x, test_y.numpy(), color="0.5", lw=1, ls="--", label="sin(x)")
             ax.plot(x, mean, color="tab:blue", lw=1.5, label="ensemble mean")
-            ax.scatter(train_x.squeeze(-1).numpy(), train_y.numpy(), color="tab:red", s=14, zorder=3, label="training data")
+            ax.scatter(
+                train_x.squeeze(-1).numpy(), train_y.numpy(), color="tab:red", s=14, zorder=3, label="training data"
+            )
             ax.set_title(f"{regime.upper()}, t = {'∞' if math.isinf(t) else f'{t:g}'}", fontsize=10)
             ax.set_ylim(-4.5, 4.5)
     axes[0, 0].legend(loc="lower left", fontsize=7)
@@ -109,7 +127,9 @@ def _plot_posterior(path, train_x, train_y, test_x, test_y, curves) -> str | Non
     return str(path)
 
 
-def make_problem(n_train: int = 200, n_test: int = 500, noise: float = 1.0, seed: int = 0):
+def make_problem(
+    n_train: int = 200, n_test: int = 500, noise: float = 1.0, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Friedman's (1991) regression function #1 on [0, 1]^10, five informative inputs, standardised.
 
     y = 10 sin(π x1 x2) + 20 (x3 - 1/2)² + 10 x4 + 5 x5 + ε, ε ~ N(0, noise²); inputs are centred
@@ -140,16 +160,18 @@ def make_problem(n_train: int = 200, n_test: int = 500, noise: float = 1.0, seed
 
 
 class ExactGP(gpytorch.models.ExactGP):
-    def __init__(self, train_x, train_y, likelihood, covar_module):
+    def __init__(self, train_x: Tensor, train_y: Tensor, likelihood: Any, covar_module: Any) -> None:
         super().__init__(train_x, train_y, likelihood)
         self.mean_module = gpytorch.means.ConstantMean()
         self.covar_module = covar_module
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Any:
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
-def fit(name: str, covar_module, train_x, train_y, iterations: int = 150, lr: float = 0.05):
+def fit(
+    name: str, covar_module: Any, train_x: Tensor, train_y: Tensor, iterations: int = 150, lr: float = 0.05
+) -> tuple[ExactGP, Any, float, float, float]:
     likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
     model = ExactGP(train_x, train_y, likelihood, covar_module).double()
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
@@ -168,7 +190,9 @@ def fit(name: str, covar_module, train_x, train_y, iterations: int = 150, lr: fl
     return model, likelihood, initial, final, time.perf_counter() - start
 
 
-def evaluate(model, likelihood, test_x, test_y):
+def evaluate(
+    model: ExactGP, likelihood: Any, test_x: Tensor, test_y: Tensor
+) -> tuple[Tensor, Tensor, float, float, float]:
     model.eval()
     with torch.no_grad(), gpytorch.settings.fast_pred_var(False):
         pred = likelihood(model(test_x))
@@ -179,15 +203,15 @@ def evaluate(model, likelihood, test_x, test_y):
     return mean, var, rmse, nll, inside
 
 
-def describe_net(net) -> str:
-    dense = net.layers[0]
+def describe_net(net: L.Serial) -> str:
+    dense = net._layers[0]
     return (
         f"mlp(depth=3, relu): σw² = {dense.weight_variance.item():.3f}, "
         f"σb² = {dense.bias_variance.item():.3f}"
     )
 
 
-def run(print_fn=print, iterations: int = 150, figure: str | None = "gpntk-demo.png") -> dict[str, float]:
+def run(print_fn: PrintFn = print, iterations: int = 150, figure: str | None = "gpntk-demo.png") -> dict[str, float]:
     """Both parts of the demo; returns the numbers it printed that tests check."""
     print_fn("gpntk demo: infinitely wide neural networks as Gaussian processes\n")
     results = run_posterior(print_fn, figure)
@@ -196,7 +220,7 @@ def run(print_fn=print, iterations: int = 150, figure: str | None = "gpntk-demo.
     return results
 
 
-def run_kernel_fit(print_fn=print, iterations: int = 150) -> dict[str, float]:
+def run_kernel_fit(print_fn: PrintFn = print, iterations: int = 150) -> dict[str, float]:
     """Part 2: NTK, NNGP and RBF kernels fitted as exact GPs by the marginal likelihood."""
     torch.manual_seed(0)
     train_x, train_y, test_x, test_y = make_problem()
@@ -223,7 +247,7 @@ def run_kernel_fit(print_fn=print, iterations: int = 150) -> dict[str, float]:
         print_fn(f"{name:22s} {before:11.3f} {after:10.3f} {rmse:10.4f} {nll:9.3f} {cover:10.1%} {seconds:8.2f}s")
 
     model, likelihood, net, mean, var = fitted["NTK  (ReLU, depth 3)"]
-    print_fn(f"\nfitted NTK hyperparameters: {describe_net(net)}, "
+    print_fn(f"\nfitted NTK hyperparameters: {describe_net(cast(L.Serial, net))}, "
              f"outputscale = {model.covar_module.outputscale.item():.3f}, "
              f"noise = {likelihood.noise.item():.4f}")
     print_fn("\nNTK-GP predictions at the first test points (mean ± 2σ of a noisy observation):")

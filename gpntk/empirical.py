@@ -21,7 +21,7 @@ network's parameters are then used detached: no gradient ever reaches them throu
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,9 @@ from torch.func import functional_call, jacrev
 
 from .finite import ElementwiseActivation, NTKLinear
 from .validation import SUPPORTED_DTYPES, check_inputs, integer_argument
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layers.base import Layer
 
 __all__ = ["empirical_ntk", "empirical_nngp", "monte_carlo_kernel"]
 
@@ -72,7 +75,9 @@ def _check_inputs(x1: Tensor, x2: Tensor, model: nn.Module | None = None) -> Non
             raise ValueError(f"{name} must be a tensor of shape (n, d) (one row per input), got {shape}")
         check_inputs(name, x, batched=True)
     if model is not None:
-        low = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype not in SUPPORTED_DTYPES})
+        low = sorted(
+            {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype not in SUPPORTED_DTYPES}
+        )
         if low:
             raise TypeError(
                 f"the model has parameters of dtype {', '.join(low)}, which gpntk does not compute in (too small a "
@@ -158,10 +163,10 @@ def _layer_gradients(
     (``g`` by a double-backward graph) and the parameters are used detached; otherwise both are
     detached.
     """
-    records: dict[int, list] = {}
+    records: dict[int, list[tuple[Tensor, Tensor]]] = {}
     modules: dict[int, nn.Module] = {}
 
-    def hook(module, inputs, output):
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         # the derivative w.r.t. a zero "probe" added to the output is the derivative w.r.t. the
         # output, and exists even where the output itself does not require grad
         probe = torch.zeros_like(output, requires_grad=True)
@@ -188,6 +193,7 @@ def _layer_gradients(
     hs = [h for _, _, h in uses]
     eye = torch.eye(k, dtype=out.dtype, device=out.device)
     seeds = eye.unsqueeze(1).expand(k, n, k)
+    grads: Sequence[Tensor | None]
     if hs and out.requires_grad:
         try:
             grads = torch.autograd.grad(
@@ -343,7 +349,7 @@ def _ensure_initialized(model: nn.Module, x: Tensor) -> None:
 
 
 def monte_carlo_kernel(
-    net,
+    net: Layer,
     x1: Tensor,
     x2: Tensor | None = None,
     *,

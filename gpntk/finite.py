@@ -17,7 +17,7 @@ own (trainable parameters must live in :class:`NTKLinear` or ``nn.Linear`` child
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
+from .spatial import Window
 from .validation import integer_argument, real_argument
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 
-def _positive_int(name: str, value) -> int:
+def _positive_int(name: str, value: object) -> int:
     """``value`` as an int >= 1 (Python or numpy integers), or a ValueError naming ``name``."""
     return integer_argument(name, value, minimum=1)
 
@@ -70,6 +71,7 @@ class NTKLinear(LazyModuleMixin, nn.Module):
         self.trainable = trainable
         self._generator = generator
         self.in_features = in_features
+        self.weight: nn.Parameter | UninitializedParameter
         if in_features is None:
             self.weight = UninitializedParameter(requires_grad=trainable)
         else:
@@ -86,6 +88,7 @@ class NTKLinear(LazyModuleMixin, nn.Module):
         if self.has_uninitialized_params():
             self.in_features = x.shape[-1]
             with torch.no_grad():
+                assert isinstance(self.weight, UninitializedParameter)  # has_uninitialized_params()
                 self.weight.materialize((self.out_features, self.in_features), dtype=x.dtype, device=x.device)
                 self.weight.copy_(self._draw((self.out_features, self.in_features)).to(x))
             if self.bias is not None:
@@ -150,7 +153,7 @@ class RowsToTensors(nn.Module):
         return f"shape={self.shape}"
 
 
-def _pad_spatial(x: Tensor, windows) -> Tensor:
+def _pad_spatial(x: Tensor, windows: Sequence[Window]) -> Tensor:
     """Pad the spatial dims of ``(n, C, *spatial)`` as the kernel's windows do (zeros or circular)."""
     pads: list[int] = []
     for window in reversed(windows):
@@ -161,14 +164,15 @@ def _pad_spatial(x: Tensor, windows) -> Tensor:
     return F.pad(x, pads, mode=mode)
 
 
-def _patches(x: Tensor, windows) -> Tensor:
+def _patches(x: Tensor, windows: Sequence[Window]) -> Tensor:
     """``(n, C, *spatial)`` to windows ``(n, C, *out, *window)`` after padding."""
     x = _pad_spatial(x, windows)
     for axis, window in enumerate(windows):
         # index_select rather than Tensor.unfold: its backward has a batching rule, so the
         # structured empirical NTK's batched backward passes stay fast
         length = (x.shape[2 + axis] - window.size) // window.stride + 1
-        index = (torch.arange(length, device=x.device) * window.stride)[:, None] + torch.arange(window.size, device=x.device)
+        starts = torch.arange(length, device=x.device) * window.stride
+        index = starts[:, None] + torch.arange(window.size, device=x.device)
         x = x.index_select(2 + axis, index.flatten()).unflatten(2 + axis, (length, window.size))
         x = x.movedim(3 + axis, -1)  # the window dim goes last
     # windows were appended in axis order: (n, C, *out, *window)
@@ -176,7 +180,8 @@ def _patches(x: Tensor, windows) -> Tensor:
 
 
 class NTKConv(nn.Module):
-    r"""Convolution in NTK parameterization, :math:`h_p = \sigma_w/\sqrt{C\,|w|}\, \sum_{\delta} W_\delta x_{sp+\delta} + \sigma_b b`.
+    r"""Convolution in NTK parameterization,
+    :math:`h_p = \sigma_w/\sqrt{C\,|w|}\, \sum_{\delta} W_\delta x_{sp+\delta} + \sigma_b b`.
 
     Implemented as an :class:`NTKLinear` on the unfolded patches ``(n, *out, C·|w|)``, so its fan-in
     is :math:`C\,|w|` and the structured empirical NTK applies to it.
@@ -184,8 +189,8 @@ class NTKConv(nn.Module):
 
     gpntk_rowwise = True
 
-    def __init__(self, in_channels: int, out_channels: int, windows, weight_std: float, bias_std: float,
-                 trainable: bool = True, generator: torch.Generator | None = None):
+    def __init__(self, in_channels: int, out_channels: int, windows: Sequence[Window], weight_std: float,
+                 bias_std: float, trainable: bool = True, generator: torch.Generator | None = None):
         super().__init__()
         self.windows = tuple(windows)
         fan_in = in_channels * math.prod(w.size for w in self.windows)
@@ -209,7 +214,7 @@ class AvgPooling(nn.Module):
 
     gpntk_rowwise = True
 
-    def __init__(self, windows):
+    def __init__(self, windows: Sequence[Window]) -> None:
         super().__init__()
         self.windows = tuple(windows)
 

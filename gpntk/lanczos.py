@@ -70,7 +70,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -138,12 +138,12 @@ def _coefficients(alpha: Tensor, beta: Tensor, functions: Sequence[MatrixFunctio
             coefficients = torch.einsum("fgi,gi,gji->fgj", weights, first, vectors[columns])
             for position, j in enumerate(columns):
                 out[j] = coefficients[:, position]
-        return out
+        return cast("list[Tensor]", out)  # every column filled
     for j in range(a):
         values, vectors = _ritz(alpha[:, j], beta[:, j])
         weights = functions[j](values.clamp_min(0).unsqueeze(0))[:, 0]  # (F, k)
         out[j] = (weights * vectors[0]) @ vectors.mT
-    return out
+    return cast("list[Tensor]", out)  # every column filled
 
 
 class _Recurrence:
@@ -358,7 +358,7 @@ def lanczos(
     while any(active) and steps < max_iterations:
         index = torch.tensor([j for j in range(c) if active[j]], device=start.device)
         if projected is not None:
-            projections.append(left.mT @ state.q[:, projected])
+            projections.append(cast(Tensor, left).mT @ state.q[:, projected])  # projected implies left
         if (len(basis) + 1) * block_bytes <= keep_bytes:
             basis.append(state.q.clone())
         product = matmul(state.q[:, index])
@@ -408,7 +408,10 @@ def lanczos(
         )
     left_projections = None
     if left is not None:
-        left_projections = torch.stack(projections) if projections else left.new_zeros(0, left.shape[1], len(projected))
+        left_projections = (
+            torch.stack(projections) if projections
+            else left.new_zeros(0, left.shape[1], len(cast(Tensor, projected)))  # left implies projected
+        )
     return LanczosRun(
         start=start,
         norms=norms,

@@ -83,7 +83,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, cast
 
 import numpy as np
 import torch
@@ -93,9 +93,9 @@ from torch import Tensor
 
 from .errors import NumericalWarning
 from .kernels.blockwise import kernel_matmul
-from .kernels.dense import evaluate, kernel_diagonal
+from .kernels.dense import Output, evaluate, kernel_diagonal
 from .kernels.infinite_width import _check_input_shape
-from .lanczos import lanczos, largest_eigenvalue
+from .lanczos import LanczosRun, MatrixFunction, lanczos, largest_eigenvalue
 from .layers.base import Hyperparameters, Layer, check_network, parameterized_layers
 from .validation import check_inputs
 
@@ -133,7 +133,8 @@ class _BlockwiseProduct:
 
     def __call__(self, rhs: Tensor, kinds: Sequence[str]) -> tuple[Tensor, ...]:
         return kernel_matmul(
-            self.net, self.x, self.x, self.hyper, rhs, kinds=tuple(kinds), input_shape=self.input_shape
+            self.net, self.x, self.x, self.hyper, rhs, kinds=cast("tuple[Output, ...]", tuple(kinds)),
+            input_shape=self.input_shape,
         )
 
 
@@ -150,7 +151,9 @@ class _Spectrum:
 
 
 #: the kernel matrices each regime needs: (dynamics G, prior P), as "nngp" / "ntk"
-_REGIME_KERNELS = {"ntk": ("ntk", "nngp"), "nngp": ("nngp", "nngp"), "ntkgp": ("ntk", "ntk")}
+_REGIME_KERNELS: dict[str, tuple[Output, Output]] = {
+    "ntk": ("ntk", "nngp"), "nngp": ("nngp", "nngp"), "ntkgp": ("ntk", "ntk")
+}
 
 
 class _KernelCache:
@@ -168,7 +171,7 @@ class _KernelCache:
         self.net, self.hyper, self.x1, self.x2, self.input_shape = net, hyper, x1, x2, input_shape
         self._values: dict[str, Tensor] = {}
 
-    def diagonal(self, kind: str) -> Tensor:
+    def diagonal(self, kind: Output) -> Tensor:
         """The per-point kernel :math:`k(x, x)` of ``x1`` (``x2`` is None), ``(n,)``, without the matrix."""
         key = f"{kind}_diag"
         if key not in self._values:
@@ -462,13 +465,16 @@ class TrainedEnsemble:
         only). A 1-D tensor of ``T`` times adds a leading dimension: ``(T, m[, k])`` and
         ``(T, m, m)`` / ``(T, m)``.
         """
-        return self._moments(test_x, t, regime, "diag" if diag else "full")
+        mean, cov = self._moments(test_x, t, regime, "diag" if diag else "full")
+        return mean, cast(Tensor, cov)  # a covariance was asked for
 
     def mean(self, test_x: Tensor, t: float | Tensor, regime: Regime = "ntk") -> Tensor:
         r"""The ensemble's mean :math:`\mu_t` at ``test_x`` alone (no covariance, no test-by-test kernel)."""
         return self._moments(test_x, t, regime, None)[0]
 
-    def _moments(self, test_x: Tensor, t, regime: str, covariance: str | None) -> tuple[Tensor, Tensor | None]:
+    def _moments(
+        self, test_x: Tensor, t: float | Tensor, regime: str, covariance: str | None
+    ) -> tuple[Tensor, Tensor | None]:
         regime = _check_regime(regime)
         times, batched = _check_times(t)
         check_inputs("test_x", test_x, batched=False)
@@ -486,7 +492,9 @@ class TrainedEnsemble:
             mean = mean.squeeze(-1)
         return mean, (None if cov is None else cov if batched else cov[0])
 
-    def _moments_eigh(self, test_x: Tensor, times: list[float], regime: str, covariance: str | None):
+    def _moments_eigh(
+        self, test_x: Tensor, times: list[float], regime: str, covariance: str | None
+    ) -> tuple[Tensor, Tensor | None]:
         """``(mean (T, m, k), cov (T, m, m) / (T, m) / None)`` from the eigendecomposition of the training kernel."""
         spectrum = self._spectrum(regime)
         cross, test = self._test_kernels(test_x)
@@ -517,7 +525,8 @@ class TrainedEnsemble:
                 cov = prior_tt - (dynamics_v * h) @ dynamics_v.mT
             else:
                 weighted = dynamics_v * g  # G_tx V diag(g)
-                in_prior = weighted @ spectrum.prior_in_basis  # G_tx V diag(g) V^T P(X, X) V
+                prior_in_basis = cast(Tensor, spectrum.prior_in_basis)  # P differs from G (prior_v is set)
+                in_prior = weighted @ prior_in_basis  # G_tx V diag(g) V^T P(X, X) V
                 quadratic = (in_prior * weighted).sum(-1)
                 crossed = (weighted * prior_v).sum(-1)
                 scale = 2 * crossed.abs() + quadratic.abs()
@@ -564,12 +573,20 @@ class TrainedEnsemble:
             [t * self._time_scale() for t in times], combine, self.num_train, torch.finfo(self.train_x.dtype).eps
         )
 
-    def _lanczos(self, matmul: Callable[[Tensor], Tensor], start: Tensor, functions, **options):
+    def _lanczos(
+        self,
+        matmul: Callable[[Tensor], Tensor],
+        start: Tensor,
+        functions: MatrixFunction | Sequence[MatrixFunction],
+        **options: Any,
+    ) -> LanczosRun:
         return lanczos(
             matmul, start, functions, tolerance=self.tolerance, max_iterations=self.max_iterations, **options
         )
 
-    def _moments_lanczos(self, test_x: Tensor, times: list[float], regime: str, covariance: str | None):
+    def _moments_lanczos(
+        self, test_x: Tensor, times: list[float], regime: str, covariance: str | None
+    ) -> tuple[Tensor, Tensor | None]:
         """``(mean (T, m, k), cov (T, m, m) / (T, m) / None)`` by Lanczos (see the module docstring)."""
         if torch.is_grad_enabled() and test_x.requires_grad:
             raise NotImplementedError(
@@ -698,12 +715,12 @@ class TrainedEnsemble:
         regime = _check_regime(regime)
         times, batched = _check_times(t)
         if self.solver == "lanczos":
-            losses = self._train_loss_lanczos(times, regime, include_variance)
-            return losses if batched else losses[0]
+            lanczos_losses = self._train_loss_lanczos(times, regime, include_variance)
+            return lanczos_losses if batched else lanczos_losses[0]
         spectrum = self._spectrum(regime)
         lam = spectrum.eigenvalues
         unregularized = (lam - self.diag_reg).clamp_min(0)  # eigenvalues of G(X, X) itself
-        losses = []
+        losses: list[Tensor] = []
         for t_value in times:
             g = self._filters(spectrum, t_value)
             fitted = unregularized * g  # μ_t(X) = V diag(fitted) V^T Y
@@ -799,11 +816,14 @@ class _RitzFilter:
     is what the results dropped; :meth:`warn` reports it like the eigendecomposition does.
     """
 
-    def __init__(self, taus: list[float], combine, n: int, eps: float):
+    def __init__(
+        self, taus: list[float], combine: Callable[[Tensor, Tensor], Tensor] | None, n: int, eps: float
+    ) -> None:
         self.taus, self.combine, self.n, self.eps = taus, combine, n, eps
         self.dropped, self.size, self.cutoff = 0, 0, 0.0
 
     def __call__(self, theta: Tensor) -> Tensor:
+        cutoff: Tensor | float
         if theta.shape[-1]:
             cutoff = self.n * self.eps * theta.amax(-1, keepdim=True)
             small = theta <= cutoff
@@ -961,7 +981,7 @@ def _same_values(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b.detach()))
 
 
-def _is_real_number(value) -> bool:
+def _is_real_number(value: object) -> bool:
     """A real number: Python or NumPy (not bool), or a one-element real tensor."""
     if isinstance(value, (bool, np.bool_)):
         return False
@@ -970,12 +990,12 @@ def _is_real_number(value) -> bool:
     return isinstance(value, numbers.Real)
 
 
-def _is_integer(value) -> bool:
+def _is_integer(value: object) -> bool:
     """An integer: Python or NumPy (not bool)."""
     return not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Integral)
 
 
-def _check_positive_number(name: str, value) -> float:
+def _check_positive_number(name: str, value: Any) -> float:
     if not _is_real_number(value):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     value = float(value)
@@ -984,7 +1004,7 @@ def _check_positive_number(name: str, value) -> float:
     return value
 
 
-def _check_diag_reg(diag_reg) -> float:
+def _check_diag_reg(diag_reg: Any) -> float:
     if not _is_real_number(diag_reg):
         raise TypeError(f"diag_reg must be a number, got {type(diag_reg).__name__}")
     diag_reg = float(diag_reg)
@@ -993,13 +1013,13 @@ def _check_diag_reg(diag_reg) -> float:
     return diag_reg
 
 
-def _check_regime(regime: str) -> str:
+def _check_regime(regime: str) -> Regime:
     if regime not in _REGIMES:
         raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(_REGIMES)}")
-    return regime
+    return cast(Regime, regime)
 
 
-def _check_times(t) -> tuple[list[float], bool]:
+def _check_times(t: Any) -> tuple[list[float], bool]:
     """The times as floats and whether they were a 1-D tensor or array (a batch).
 
     ``t`` is a real number (Python or NumPy, ``math.inf``), or a 1-D tensor or NumPy array of them

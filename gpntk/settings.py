@@ -26,14 +26,15 @@ for conjugate-gradient GPs and large-n posteriors.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Generic, Literal, TypeVar, cast
 
 __all__ = ["fusion", "kernel_backend", "FUSION_MIN_ELEMENTS", "FUSION_AFTER_CALLS", "DENSE_MAX_ELEMENTS"]
 
 FUSION_MIN_ELEMENTS = 2**23
 """Under ``fusion("auto")``, evaluations of at least this many numbers (pairs x per-pair entries) compile."""
 FUSION_AFTER_CALLS = 2
-"""Under ``fusion("auto")``, such large evaluations compile once this many of the same network (dtype, device, NNGP/NTK) have run eagerly."""
+"""Under ``fusion("auto")``, such large evaluations compile once this many of the same network
+(dtype, device, NNGP/NTK) have run eagerly."""
 DENSE_MAX_ELEMENTS = 2**26
 """Under ``kernel_backend("auto")``, kernel matrices of more numbers than this are not stored (512 MiB in float64)."""
 
@@ -41,45 +42,49 @@ Mode = Literal["auto"] | bool
 Backend = Literal["auto", "dense", "blockwise", "keops"]
 
 
-class _Setting:
+_M = TypeVar("_M")
+
+
+class _Setting(Generic[_M]):
     """A process-wide mode, settable for a ``with`` block or with :meth:`set` (like ``gpytorch.settings``)."""
 
-    _mode: Any
+    _mode: _M
     _name: str
+    _choices: str
 
-    def __init__(self, mode):
+    def __init__(self, mode: _M) -> None:
         self._check(mode)
         self.mode = mode
-        self._previous = None
+        self._previous: _M | None = None
 
     @classmethod
-    def _valid(cls, mode) -> bool:
+    def _valid(cls, mode: object) -> bool:
         raise NotImplementedError
 
     @classmethod
-    def _check(cls, mode) -> None:
+    def _check(cls, mode: object) -> None:
         if not cls._valid(mode):
             raise ValueError(f"{cls._name} mode must be {cls._choices}, got {mode!r}")
 
     @classmethod
-    def current(cls):
+    def current(cls) -> _M:
         return cls._mode
 
     @classmethod
-    def set(cls, mode) -> None:
+    def set(cls, mode: _M) -> None:
         cls._check(mode)
         cls._mode = mode
 
-    def __enter__(self):
+    def __enter__(self) -> "_Setting[_M]":
         self._previous = type(self)._mode
         type(self)._mode = self.mode
         return self
 
-    def __exit__(self, *exc) -> None:
-        type(self)._mode = self._previous
+    def __exit__(self, *exc: object) -> None:
+        type(self)._mode = cast(_M, self._previous)  # set by __enter__
 
 
-class fusion(_Setting):
+class fusion(_Setting[Mode]):
     """``fusion(mode)``: ``"auto"`` (default: compile large evaluations without gradients), ``True`` or ``False``.
 
     Use as a context manager, or call :meth:`set` for the rest of the process. The environment
@@ -92,7 +97,7 @@ class fusion(_Setting):
     _mode: Mode = {"0": False, "1": True}.get(os.environ.get("GPNTK_FUSION", ""), "auto")
 
     @classmethod
-    def _valid(cls, mode) -> bool:
+    def _valid(cls, mode: object) -> bool:
         return isinstance(mode, bool) or (isinstance(mode, str) and mode == "auto")
 
     @classmethod
@@ -110,7 +115,7 @@ class fusion(_Setting):
         )
 
 
-class kernel_backend(_Setting):
+class kernel_backend(_Setting[Backend]):
     r"""How kernel matrices are represented: ``"auto"`` (default), ``"dense"``, ``"blockwise"`` or ``"keops"``.
 
     * ``"dense"``: the matrix is computed once (in blocks) and stored; products are plain matmuls.
@@ -133,7 +138,7 @@ class kernel_backend(_Setting):
     _mode: Backend = os.environ.get("GPNTK_KERNEL_BACKEND", "auto")  # type: ignore[assignment]
 
     @classmethod
-    def _valid(cls, mode) -> bool:
+    def _valid(cls, mode: object) -> bool:
         return isinstance(mode, str) and mode in ("auto", "dense", "blockwise", "keops")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -117,7 +117,7 @@ class KernelState:
             coincident=coincident,
         )
 
-    def replace(self, **changes) -> "KernelState":
+    def replace(self, **changes: Any) -> "KernelState":
         """A copy with some fields changed."""
         return replace(self, **changes)
 

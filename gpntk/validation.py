@@ -18,9 +18,11 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .coincident import _is_batched
 
@@ -33,14 +35,16 @@ __all__ = [
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-def _describe(value) -> str:
+def _describe(value: object) -> str:
     text = repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{text} ({type(value).__name__})"
 
 
-def integer_argument(name: str, value, *, minimum: int | None = None, error: type[Exception] = ValueError) -> int:
+def integer_argument(
+    name: str, value: Any, *, minimum: int | None = None, error: type[Exception] = ValueError
+) -> int:
     """``value`` as a Python ``int``: a Python or numpy integer or an integer tensor/array of one element.
 
     Raises ``error`` (a ValueError subclass by default) naming ``name`` for a bool, a float (even
@@ -71,7 +75,7 @@ def integer_argument(name: str, value, *, minimum: int | None = None, error: typ
 
 def real_argument(
     name: str,
-    value,
+    value: object,
     *,
     minimum: float | None = None,
     strict: bool = False,
@@ -101,14 +105,14 @@ def real_argument(
     if math.isnan(result) or (finite and math.isinf(result)):
         raise error(f"{name} must be finite, got {result}")
     if minimum is not None and (result < minimum or (strict and result == minimum)):
-        bound = {(0, True): "positive", (0, False): "non-negative"}.get(
+        bound = {(0.0, True): "positive", (0.0, False): "non-negative"}.get(
             (minimum, strict), f"{'>' if strict else '>='} {minimum:g}"
         )
         raise error(f"{name} must be {bound}, got {result}")
     return result
 
 
-def check_inputs(name: str, x, *, batched: bool) -> None:
+def check_inputs(name: str, x: Tensor, *, batched: bool) -> None:
     """``x`` must be a finite float32 or float64 tensor of shape ``(..., n, d)`` (``(n, d)`` unless ``batched``)."""
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -130,7 +134,7 @@ def check_inputs(name: str, x, *, batched: bool) -> None:
         raise ValueError(f"{name} contains {int(bad.sum())} NaN or infinite values")
 
 
-def check_kernel_inputs(x1, x2, *, diag: bool, input_shape: tuple[int, ...] | None = None) -> None:
+def check_kernel_inputs(x1: Tensor, x2: Tensor, *, diag: bool, input_shape: tuple[int, ...] | None = None) -> None:
     """The two inputs of a kernel call: finite float tensors ``(..., n, d)`` of one dtype, device and ``d``.
 
     With ``diag`` they are paired row by row, so they need as many rows; with ``input_shape``
@@ -160,7 +164,7 @@ def check_kernel_inputs(x1, x2, *, diag: bool, input_shape: tuple[int, ...] | No
         )
 
 
-def expanded_batch_shape(sizes: tuple, current: torch.Size) -> torch.Size:
+def expanded_batch_shape(sizes: tuple[Any, ...], current: torch.Size) -> torch.Size:
     """The batch shape asked of ``Kernel.expand_batch(*sizes)`` (sizes or one iterable), checked against ``current``."""
     if len(sizes) == 1 and hasattr(sizes[0], "__iter__"):
         shape = torch.Size(sizes[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import ArchitectureError
 from .arccos import ABReLU, Abs, LeakyReLU, RectifiedMonomial, ReLU, Sign
 from .base import Activation
@@ -27,7 +29,7 @@ _BY_NAME = {
 ACTIVATION_NAMES = tuple(sorted(_BY_NAME))
 
 
-def activation_from_name(name: str, **kwargs) -> Activation:
+def activation_from_name(name: str | Activation, **kwargs: Any) -> Activation:
     """An activation layer from its (case-insensitive) name, e.g. ``"relu"`` or ``"erf"``."""
     if isinstance(name, Activation):
         return name

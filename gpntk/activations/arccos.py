@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -62,7 +63,9 @@ def _arccos_j_terms(p: int) -> tuple[tuple[tuple[int, int, float], ...], tuple[t
     for n in range(1, p + 1):
         # J' = A' + (π-θ) B' - B, so J_n = (2n-1) c J - s J'
         da, db = _poly_derivative(a), _poly_derivative(b)
-        new_a = _poly_add(_poly_times(a, 1, 0, 2 * n - 1), _poly_add(_poly_times(da, 0, 1, -1.0), _poly_times(b, 0, 1, 1.0)))
+        new_a = _poly_add(
+            _poly_times(a, 1, 0, 2 * n - 1), _poly_add(_poly_times(da, 0, 1, -1.0), _poly_times(b, 0, 1, 1.0))
+        )
         new_b = _poly_add(_poly_times(b, 1, 0, 2 * n - 1), _poly_times(db, 0, 1, -1.0))
         a, b = new_a, new_b
     return tuple((i, j, c) for (i, j), c in a.items()), tuple((i, j, c) for (i, j), c in b.items())
@@ -87,7 +90,8 @@ def _arccos_j_value(rho: Tensor, p: int) -> Tensor:
 
 
 def _arccos_j_derivative(rho: Tensor, p: int) -> Tensor:
-    r""":math:`\mathrm dJ_p/\mathrm d\rho`: :math:`p^2 J_{p-1}(\rho)`, and for :math:`p = 0` :math:`1/\sqrt{1-\rho^2}` inside (-1, 1), 0 at :math:`|\rho| = 1`.
+    r""":math:`\mathrm dJ_p/\mathrm d\rho`: :math:`p^2 J_{p-1}(\rho)`, and for :math:`p = 0`
+    :math:`1/\sqrt{1-\rho^2}` inside (-1, 1), 0 at :math:`|\rho| = 1`.
 
     :math:`J_0 = \pi - \theta` has a kink at :math:`\theta = 0` (and :math:`\pi`): along any
     path through identical inputs the angle grows like the distance, so the one-sided derivatives
@@ -113,19 +117,19 @@ class _ArcCosJ(torch.autograd.Function):
         return _arccos_j_value(rho, p)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: Tensor) -> None:
         rho, p = inputs
         ctx.p = p
         ctx.save_for_backward(rho)
         ctx.save_for_forward(rho)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (rho,) = ctx.saved_tensors
         return grad * _arccos_j_derivative(rho, ctx.p), None
 
     @staticmethod
-    def jvp(ctx, rho_tangent: Tensor, _p) -> Tensor:
+    def jvp(ctx: Any, rho_tangent: Tensor, _p: None) -> Tensor:
         (rho,) = ctx.saved_tensors
         return rho_tangent * _arccos_j_derivative(rho, ctx.p)
 
@@ -137,7 +141,7 @@ def arccos_j(rho: Tensor, p: int) -> Tensor:
     ``hessian``, ``vmap``); at :math:`|\rho| = 1` the derivative of :math:`J_0` is taken as 0 (see
     :func:`_arccos_j_derivative`).
     """
-    return _ArcCosJ.apply(rho, p)
+    return cast(Tensor, _ArcCosJ.apply(rho, p))  # type: ignore[no-untyped-call]  # Function.apply is untyped
 
 
 def _j1_j0_value(rho: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,13 +160,13 @@ class _ArcCosJ1J0(torch.autograd.Function):
         return _j1_j0_value(rho)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
         (rho,) = inputs
         ctx.save_for_backward(rho)
         ctx.save_for_forward(rho)
 
     @staticmethod
-    def backward(ctx, grad_j1: Tensor, grad_j0: Tensor):
+    def backward(ctx: Any, grad_j1: Tensor | None, grad_j0: Tensor | None) -> Tensor | None:
         (rho,) = ctx.saved_tensors
         grad = None
         if grad_j1 is not None:
@@ -173,20 +177,21 @@ class _ArcCosJ1J0(torch.autograd.Function):
         return grad
 
     @staticmethod
-    def jvp(ctx, rho_tangent: Tensor) -> tuple[Tensor, Tensor]:
+    def jvp(ctx: Any, rho_tangent: Tensor) -> tuple[Tensor, Tensor]:
         (rho,) = ctx.saved_tensors
         return rho_tangent * arccos_j(rho, 0), rho_tangent * _arccos_j_derivative(rho, 0)
 
 
 def arccos_j1_j0(rho: Tensor) -> tuple[Tensor, Tensor]:
     r""":math:`(J_1(\rho), J_0(\rho))` together, sharing one :math:`\arccos` (the ReLU family's NNGP and NTK)."""
-    return _ArcCosJ1J0.apply(rho)
+    return cast("tuple[Tensor, Tensor]", _ArcCosJ1J0.apply(rho))  # type: ignore[no-untyped-call]  # untyped apply
 
 
 class ABReLU(Activation):
     r""":math:`\phi(x) = a \min(x, 0) + b \max(x, 0)`.
 
-    Writing :math:`\phi(x) = a x + (b - a)\,\mathrm{ReLU}(x)` and using :math:`\mathbb E[u\,\mathrm{ReLU}(v)] = q_{12}/2`,
+    Writing :math:`\phi(x) = a x + (b - a)\,\mathrm{ReLU}(x)` and using
+    :math:`\mathbb E[u\,\mathrm{ReLU}(v)] = q_{12}/2`,
 
     .. math::
         k_{12} = a b\, q_{12} + \frac{(b-a)^2}{2\pi} \sqrt{q_{11}q_{22}}\, J_1(\rho), \qquad
@@ -203,7 +208,7 @@ class ABReLU(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.clamp(x, max=0) + self.b * torch.clamp(x, min=0)
 
-    def dual(self, q11, q12, q22, need_dot):
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         a, b = self.a, self.b
         rho, sqrt_prod = correlation(q11, q12, q22)
         factor = (b - a) ** 2 / (2 * math.pi)
@@ -218,7 +223,7 @@ class ABReLU(Activation):
             kdot12 = None if kdot12 is None else kdot12 + a * b
         return k12, kdot12
 
-    def dual_diag(self, q, need_dot):
+    def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         scale = (self.a**2 + self.b**2) / 2
         return scale * q, (torch.full_like(q, scale) if need_dot else None)
 
@@ -229,7 +234,7 @@ class ABReLU(Activation):
 class ReLU(ABReLU):
     r""":math:`\phi(x) = \max(x, 0)`: the arc-cosine kernel of order one (Cho & Saul 2009)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(0.0, 1.0)
 
     def __repr__(self) -> str:
@@ -250,7 +255,7 @@ class LeakyReLU(ABReLU):
 class Abs(ABReLU):
     r""":math:`\phi(x) = |x|`."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(-1.0, 1.0)
 
     def __repr__(self) -> str:
@@ -258,7 +263,8 @@ class Abs(ABReLU):
 
 
 class Sign(Activation):
-    r""":math:`\phi(x) = \operatorname{sign}(x)`: :math:`k_{12} = \tfrac{2}{\pi}\arcsin\rho = \tfrac{2}{\pi} J_0(\rho) - 1`.
+    r""":math:`\phi(x) = \operatorname{sign}(x)`:
+    :math:`k_{12} = \tfrac{2}{\pi}\arcsin\rho = \tfrac{2}{\pi} J_0(\rho) - 1`.
 
     Its derivative vanishes almost everywhere, so :math:`\dot k = 0`: the layers below a Sign
     do not contribute to the NTK (as in Novak et al. 2020). A point of zero variance maps to zero.
@@ -267,12 +273,12 @@ class Sign(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return torch.sign(x)
 
-    def dual(self, q11, q12, q22, need_dot):
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         rho, sqrt_prod = correlation(q11, q12, q22)
         k12 = torch.where(sqrt_prod > 0, (2 / math.pi) * arccos_j(rho, 0) - 1, torch.zeros_like(rho))
         return k12, (torch.zeros_like(k12) if need_dot else None)
 
-    def dual_diag(self, q, need_dot):
+    def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         k = (q > 0).to(q.dtype)
         return k, (torch.zeros_like(q) if need_dot else None)
 
@@ -296,16 +302,18 @@ class RectifiedMonomial(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return torch.where(x >= 0, x**self.degree, torch.zeros_like(x))
 
-    def dual(self, q11, q12, q22, need_dot):
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         p = self.degree
         rho, sqrt_prod = correlation(q11, q12, q22)
         k12 = sqrt_prod**p * arccos_j(rho, p) / (2 * math.pi)
         kdot12 = None
         if need_dot:
-            kdot12 = torch.zeros_like(k12) if p == 0 else p * p * sqrt_prod ** (p - 1) * arccos_j(rho, p - 1) / (2 * math.pi)
+            kdot12 = (
+                torch.zeros_like(k12) if p == 0 else p * p * sqrt_prod ** (p - 1) * arccos_j(rho, p - 1) / (2 * math.pi)
+            )
         return k12, kdot12
 
-    def dual_diag(self, q, need_dot):
+    def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         p = self.degree
         k = double_factorial(2 * p - 1) * q**p / 2
         kdot = None

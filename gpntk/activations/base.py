@@ -16,14 +16,16 @@ evaluated without any correlation of one, so ``diag=True`` is exact and differen
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..coincident import exact_values
 from ..errors import ArchitectureError
 from ..finite import ElementwiseActivation
-from ..layers.base import Hyperparameters, Layer, Signature
+from ..layers.base import Hyperparameters, Layer, Shape, Signature
+from ..spatial import Layout
 from ..state import KernelState, midpoint, set_diagonal
 from ..validation import real_argument
 
@@ -64,7 +66,7 @@ class Activation(Layer):
         need_dot = state.track_ntk and state.ntk12 is not None
         if state.diag:
             k, kdot = self._self_map(state, state.var1, need_dot)
-            ntk12 = kdot * state.ntk12 if need_dot else state.ntk12
+            ntk12 = _times(kdot, state.ntk12) if need_dot else state.ntk12
             return state.replace(cov12=k, var1=k, var2=k, ntk12=ntk12)
         layout = state.layout
         k12, kdot12 = self._pair_map(
@@ -78,12 +80,12 @@ class Activation(Layer):
             # identical inputs: the exact per-point values, with the pair formula's derivatives
             k12 = exact_values(k12, k1, coincident, layout.ndim)
             if need_dot:
-                kdot12 = exact_values(kdot12, kdot1, coincident, layout.ndim)
-        ntk12 = kdot12 * state.ntk12 if need_dot else state.ntk12
+                kdot12 = exact_values(cast(Tensor, kdot12), cast(Tensor, kdot1), coincident, layout.ndim)
+        ntk12 = _times(kdot12, state.ntk12) if need_dot else state.ntk12
         return state.replace(cov12=k12, var1=k1, var2=k2, ntk12=ntk12)
 
     def _pair_map(
-        self, layout, cov12: Tensor, points1: Tensor, points2: Tensor, same_inputs: bool, need_dot: bool
+        self, layout: Layout, cov12: Tensor, points1: Tensor, points2: Tensor, same_inputs: bool, need_dot: bool
     ) -> tuple[Tensor, Tensor | None]:
         """The dual on every pair of ``cov12``, given both sides' point variances ``Σ_{p,p}``.
 
@@ -100,10 +102,10 @@ class Activation(Layer):
             k_point, kdot_point = self.dual_diag(midpoint(q11, q22.transpose(-1, -2)), need_dot)
             k12 = set_diagonal(k12, k_point.squeeze(-1))
             if need_dot:
-                kdot12 = set_diagonal(kdot12, kdot_point.squeeze(-1))
+                kdot12 = set_diagonal(cast(Tensor, kdot12), cast(Tensor, kdot_point).squeeze(-1))
         k12 = layout.from_matrix(k12, n1, n2)
         if need_dot:
-            kdot12 = layout.from_matrix(kdot12, n1, n2)
+            kdot12 = layout.from_matrix(cast(Tensor, kdot12), n1, n2)
         return k12, kdot12
 
     def _self_map(self, state: KernelState, var: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
@@ -116,14 +118,29 @@ class Activation(Layer):
         pair = var.unsqueeze(-1 - layout.ndim).unsqueeze(-1 - layout.ndim)
         points = layout.point_variances(pair)
         k, kdot = self._pair_map(layout, pair, points, points, True, need_dot)
-        squeeze = lambda t: None if t is None else t.squeeze(-1 - layout.ndim).squeeze(-1 - layout.ndim)  # noqa: E731
-        return squeeze(k), squeeze(kdot)
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+        def squeeze(t: Tensor) -> Tensor:
+            return t.squeeze(-1 - layout.ndim).squeeze(-1 - layout.ndim)
+
+        return squeeze(k), (None if kdot is None else squeeze(kdot))
+
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
         return ElementwiseActivation(self.fn, repr(self)), in_shape
 
     def __repr__(self) -> str:
         return f"{self.name}()"
+
+
+def _times(kdot: Tensor | None, ntk12: Tensor | None) -> Tensor:
+    """``kdot * ntk12``, both present (when the NTK is tracked)."""
+    return cast(Tensor, kdot) * cast(Tensor, ntk12)
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
@@ -144,7 +161,8 @@ def gram_determinant(q11: Tensor, q12: Tensor, q22: Tensor) -> Tensor:
 
 
 def correlation(q11: Tensor, q12: Tensor, q22: Tensor) -> tuple[Tensor, Tensor]:
-    r"""``(rho, sqrt_prod)``: :math:`\rho = q_{12}/\sqrt{q_{11} q_{22}}` clamped to [-1, 1], and :math:`\sqrt{q_{11}q_{22}}`.
+    r"""``(rho, sqrt_prod)``: :math:`\rho = q_{12}/\sqrt{q_{11} q_{22}}` clamped to [-1, 1],
+    and :math:`\sqrt{q_{11}q_{22}}`.
 
     ``q11`` is ``(..., n1, 1)`` and ``q22`` ``(..., 1, n2)``. The square root in :math:`\rho` is
     taken of the product (so equal variances give exactly :math:`\rho = 1` for duplicated points);
@@ -183,7 +201,7 @@ def _unit_scales(q: Tensor) -> tuple[Tensor, Tensor]:
     return t, t * t
 
 
-def real_parameter(name: str, value) -> float:
+def real_parameter(name: str, value: object) -> float:
     """``value`` as a finite float, or an :class:`ArchitectureError` naming ``name``.
 
     Any real number is accepted (Python, numpy, a one-element real tensor); bools, strings and

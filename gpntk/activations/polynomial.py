@@ -50,9 +50,10 @@ def _pair_expectation(coef_u: list[float], coef_v: list[float], q11: Tensor, q12
 
 
 class Polynomial(Activation):
-    r""":math:`\phi(x) = \sum_i c_i x^i` with ``coef`` :math:`= (c_0, c_1, \ldots)`; exact kernels by Isserlis' theorem."""
+    r""":math:`\phi(x) = \sum_i c_i x^i` with ``coef`` :math:`= (c_0, c_1, \ldots)`;
+    exact kernels by Isserlis' theorem."""
 
-    def __init__(self, coef):
+    def __init__(self, coef: Iterable[float]) -> None:
         super().__init__()
         if isinstance(coef, (str, bytes, set, frozenset, dict)) or not isinstance(coef, Iterable):
             # a string is iterable but no sequence of numbers: Polynomial("12") is not [1, 2]; a set
@@ -72,12 +73,12 @@ class Polynomial(Activation):
             out = out * x + c
         return out
 
-    def dual(self, q11, q12, q22, need_dot):
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         k12 = _pair_expectation(self.coef, self.coef, q11, q12, q22)
         kdot12 = _pair_expectation(self.derivative_coef, self.derivative_coef, q11, q12, q22) if need_dot else None
         return k12, kdot12
 
-    def dual_diag(self, q, need_dot):
+    def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         return self.dual(q, q, q, need_dot)
 
     def __repr__(self) -> str:
@@ -85,7 +86,8 @@ class Polynomial(Activation):
 
 
 class Monomial(Polynomial):
-    r""":math:`\phi(x) = x^p`: :math:`k_{12} = \mathbb E[u^p v^p]`, :math:`\dot k_{12} = p^2\,\mathbb E[u^{p-1} v^{p-1}]`."""
+    r""":math:`\phi(x) = x^p`: :math:`k_{12} = \mathbb E[u^p v^p]`,
+    :math:`\dot k_{12} = p^2\,\mathbb E[u^{p-1} v^{p-1}]`."""
 
     def __init__(self, degree: int):
         degree = integer_argument("Monomial degree", degree, minimum=0, error=ArchitectureError)

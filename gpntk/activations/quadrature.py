@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class _AutogradDerivative:
         self.fn = fn
 
     def __call__(self, x: Tensor) -> Tensor:
-        _, tangent = torch.func.jvp(self.fn, (x,), (torch.ones_like(x),))
+        _, tangent = cast("tuple[Tensor, Tensor]", torch.func.jvp(self.fn, (x,), (torch.ones_like(x),)))
         return tangent
 
 
@@ -81,7 +81,8 @@ _HERMGAUSS_MAX_DEGREE = 100
 
 @lru_cache(maxsize=None)
 def _standard_normal_rule(degree: int) -> tuple[Tensor, Tensor]:
-    r"""Nodes and weights of the ``degree``-point Gauss–Hermite rule for :math:`\mathbb E f(z)`, :math:`z \sim \mathcal N(0, 1)`.
+    r"""Nodes and weights of the ``degree``-point Gauss–Hermite rule for :math:`\mathbb E f(z)`,
+    :math:`z \sim \mathcal N(0, 1)`.
 
     Small degrees use ``numpy.polynomial.hermite.hermgauss``, so the default rule reproduces
     Neural Tangents. That routine overflows (NaN weights) beyond about 360 points and is slow for
@@ -139,7 +140,7 @@ class Elementwise(Activation):
     def _rule(self, like: Tensor) -> tuple[Tensor, Tensor]:
         return self._nodes.to(like), self._weights.to(like)
 
-    def dual_diag(self, q, need_dot):
+    def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         self._check_accuracy(q, need_dot)
         z, w = self._rule(q)
         u = safe_sqrt(q).unsqueeze(-1) * z
@@ -198,7 +199,7 @@ class Elementwise(Activation):
                 worst, at = float(relative[index]), float(q[index])
         return worst, at
 
-    def dual(self, q11, q12, q22, need_dot):
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         shape = torch.broadcast_shapes(q11.shape, q12.shape, q22.shape)
         q11, q12, q22 = q11.expand(*shape[:-1], 1), q12.expand(shape), q22.expand(*shape[:-2], 1, shape[-1])
         n1, n2 = shape[-2], shape[-1]
@@ -229,7 +230,7 @@ class Elementwise(Activation):
             kdot12 = torch.cat(kdots, dim=-2) if len(kdots) > 1 else kdots[0]
         return k12, kdot12
 
-    def _dual_block(self, q11, q12, q22, need_dot):
+    def _dual_block(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         r"""The pair map on one block of rows; autograd differentiates through the nodes.
 
         That gives the exact derivatives of the computed values, except at correlation exactly
@@ -253,7 +254,14 @@ class Elementwise(Activation):
             values = self._edge_second_order(q11, q12, q22, orders, values)
         return values[0], (values[1] if need_dot else None)
 
-    def _edge_second_order(self, q11, q12, q22, orders, values):
+    def _edge_second_order(
+        self,
+        q11: Tensor,
+        q12: Tensor,
+        q22: Tensor,
+        orders: Sequence[tuple[int, int]],
+        values: tuple[Tensor, ...],
+    ) -> tuple[Tensor, ...]:
         r"""``values`` plus the term :math:`c(\rho - \rho)` of :meth:`_dual_block` where :math:`|\rho| = 1`.
 
         :math:`c` is evaluated only at those pairs (usually a diagonal), except under ``torch.func``
@@ -290,10 +298,15 @@ class Elementwise(Activation):
             return self.fn(x)
         if order == 1:
             return self.derivative(x)
-        _, tangent = torch.func.jvp(lambda t: self.nth_derivative(t, order - 1), (x,), (torch.ones_like(x),))
+        _, tangent = cast(
+            "tuple[Tensor, Tensor]",
+            torch.func.jvp(lambda t: self.nth_derivative(t, order - 1), (x,), (torch.ones_like(x),)),
+        )
         return tangent
 
-    def expectations(self, q11: Tensor, q12: Tensor, q22: Tensor, orders) -> tuple[Tensor, ...]:
+    def expectations(
+        self, q11: Tensor, q12: Tensor, q22: Tensor, orders: Sequence[tuple[int, int]]
+    ) -> tuple[Tensor, ...]:
         r""":math:`\mathbb E[\phi^{(a)}(u)\, \phi^{(b)}(v)]` for each ``(a, b)`` in ``orders``, by the 2-D rule.
 
         ``q11`` ``(..., r, 1)``, ``q12`` ``(..., r, n2)``, ``q22`` ``(..., 1, n2)``; the nodes

@@ -40,7 +40,7 @@ class Erf(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.erf(self.b * x) + self.c
 
-    def dual(self, q11, q12, q22, need_dot):
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         b2 = self.b**2
         leg2 = 1 + 2 * b2 * (q11 + q22) + 4 * b2 * b2 * gram_determinant(q11, q12, q22)
         leg = leg2.clamp_min(torch.finfo(q12.dtype).tiny).sqrt()
@@ -48,7 +48,7 @@ class Erf(Activation):
         kdot12 = (4 * self.a**2 * b2 / math.pi) / leg if need_dot else None
         return k12, kdot12
 
-    def dual_diag(self, q, need_dot):
+    def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         b2 = self.b**2
         k = (2 * self.a**2 / math.pi) * torch.atan2(2 * b2 * q, torch.sqrt(1 + 4 * b2 * q)) + self.c**2
         kdot = (4 * self.a**2 * b2 / math.pi) * torch.rsqrt(1 + 4 * b2 * q) if need_dot else None
@@ -75,7 +75,7 @@ class GELU(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return torch.nn.functional.gelu(x)
 
-    def dual(self, q11, q12, q22, need_dot):
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         prod_plus_1 = (1 + q11) * (1 + q22)
         prod = q11 * q22
         delta2 = 1 + q11 + q22 + gram_determinant(q11, q12, q22)  # (1 + q11)(1 + q22) - q12², never below 1
@@ -88,7 +88,7 @@ class GELU(Activation):
             kdot12 = 0.25 + alpha / (2 * math.pi) + q12 * bracket / (2 * math.pi * delta)
         return k12, kdot12
 
-    def dual_diag(self, q, need_dot):
+    def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         root = torch.sqrt(1 + 2 * q)
         alpha = torch.atan2(q, root)
         k = q * (0.25 + (q / ((q + 1) * root) + alpha / 2) / math.pi)
@@ -123,7 +123,7 @@ class Sin(Activation):
     def _cos_2c(self) -> float:
         return math.cos(2 * self.c)
 
-    def dual(self, q11, q12, q22, need_dot):
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         b2 = self.b**2
         total = q11 + q22
         s_plus = torch.exp(-0.5 * b2 * (total - 2 * q12))
@@ -132,7 +132,7 @@ class Sin(Activation):
         kdot12 = (self.a**2 * b2 / 2) * (s_plus + s_minus) if need_dot else None
         return k12, kdot12
 
-    def dual_diag(self, q, need_dot):
+    def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         b2 = self.b**2
         s_minus = self._cos_2c() * torch.exp(-2 * b2 * q)
         k = (self.a**2 / 2) * (1 - s_minus)
@@ -184,7 +184,9 @@ class Rbf(Sin):
 
 
 class Exp(Activation):
-    r""":math:`\phi(x) = a\, e^{b x}`: :math:`k_{12} = a^2 \exp\bigl(\tfrac{b^2}{2}(q_{11} + q_{22}) + b^2 q_{12}\bigr)`, :math:`\dot k_{12} = b^2 k_{12}`."""
+    r""":math:`\phi(x) = a\, e^{b x}`:
+    :math:`k_{12} = a^2 \exp\bigl(\tfrac{b^2}{2}(q_{11} + q_{22}) + b^2 q_{12}\bigr)`,
+    :math:`\dot k_{12} = b^2 k_{12}`."""
 
     def __init__(self, a: float = 1.0, b: float = 1.0):
         super().__init__()
@@ -193,12 +195,12 @@ class Exp(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.exp(self.b * x)
 
-    def dual(self, q11, q12, q22, need_dot):
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         b2 = self.b**2
         k12 = self.a**2 * torch.exp(b2 * (0.5 * (q11 + q22) + q12))
         return k12, (b2 * k12 if need_dot else None)
 
-    def dual_diag(self, q, need_dot):
+    def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         b2 = self.b**2
         k = self.a**2 * torch.exp(2 * b2 * q)
         return k, (b2 * k if need_dot else None)
@@ -225,7 +227,7 @@ class Gaussian(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.exp(self.b * x.square())
 
-    def dual(self, q11, q12, q22, need_dot):
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         b = self.b
         self._check_finite(torch.maximum(q11.max(), q22.max()))
         det = 1 - 2 * b * (q11 + q22) + 4 * b * b * gram_determinant(q11, q12, q22)
@@ -243,7 +245,7 @@ class Gaussian(Activation):
                 f"variances >= 1/(4b) = {1 / (4 * self.b):.4g}; the largest here is {q.max().item():.4g}"
             )
 
-    def dual_diag(self, q, need_dot):
+    def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         b = self.b
         self._check_finite(q)
         k = self.a**2 * torch.rsqrt(1 - 4 * b * q)

@@ -21,10 +21,10 @@ identity matrix.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, cast
 
 import gpytorch
-from linear_operator.operators import KernelLinearOperator
+from linear_operator.operators import KernelLinearOperator, LinearOperator
 from linear_operator.utils.memoize import cached
 from torch import Tensor
 
@@ -33,6 +33,9 @@ from ..errors import ApproximationWarning
 from ..layers.base import Layer
 from .blockwise import BlockwiseKernelOperator
 from .dense import Output, batch_shape_of, check_finite_kernel, evaluate, numbers_per_pair
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pykeops.torch import LazyTensor
 
 __all__ = ["covariance_function", "choose_backend", "InfiniteWidthKernelOperator"]
 
@@ -97,7 +100,7 @@ def covariance_function(
     block_elements: int | None = None,
     backend: settings.Backend | None = None,
     **hyper: Tensor,
-):
+) -> "Tensor | LinearOperator | LazyTensor":
     r"""The kernel matrix ``(..., n1, n2)`` between ``x1`` (..., n1, d) and ``x2`` (..., n2, d).
 
     ``hyper`` holds the network's hyperparameter tensors (``(..., 1, 1)`` each) keyed as in
@@ -118,7 +121,7 @@ def covariance_function(
     cov, ntk = evaluate(
         net, x1, x2, hyper, input_shape=input_shape, track_ntk=output == "ntk", block_elements=block_elements
     )
-    out = cov if output == "nngp" else ntk
+    out = cast(Tensor, cov if output == "nngp" else ntk)  # ntk is computed for "ntk"
     return out.expand(*batch_shape_of(x1, x2, hyper), x1.shape[-2], x2.shape[-2])
 
 
@@ -137,7 +140,7 @@ class InfiniteWidthKernelOperator(KernelLinearOperator):
     :class:`~gpntk.ApproximationWarning`.
     """
 
-    @cached
+    @cached  # type: ignore[untyped-decorator]  # linear_operator has no type hints
     def to_dense(self) -> Tensor:
         options = {**self.nontensor_params, "backend": "dense"}
         return self.covar_func(self.x1, self.x2, **self.tensor_params, **options)
@@ -147,7 +150,7 @@ class InfiniteWidthKernelOperator(KernelLinearOperator):
         check_finite_kernel(out, inputs=rhs)  # KeOps reductions report no overflow themselves
         return out
 
-    def root_decomposition(self, method: str | None = None):
+    def root_decomposition(self, method: str | None = None) -> LinearOperator:
         n = self.shape[-1]
         how = method
         if how is None:

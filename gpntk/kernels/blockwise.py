@@ -23,7 +23,7 @@ its autograd graph either (one block's graph at a time).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from linear_operator.operators import LinearOperator
@@ -77,7 +77,7 @@ def kernel_matmul(
             b = a if (same and x2 is x1) else x2[..., c, :]
             cov, ntk = _recursion(net, a, b, hyper, input_shape, track_ntk, same, False, fused=fused)
             for out, kind in zip(outputs, kinds):
-                block = ntk if kind == "ntk" else cov
+                block = cast(Tensor, ntk if kind == "ntk" else cov)  # ntk is computed when asked for
                 out[..., r, :] += block @ rhs[..., c, :]
                 if mirrored:
                     out[..., c, :] += block.mT @ rhs[..., r, :]
@@ -118,7 +118,9 @@ class BlockwiseKernelOperator(LinearOperator):
         self.net, self.output, self.input_shape, self.block_elements = net, output, input_shape, block_elements
 
     @classmethod
-    def from_hyperparameters(cls, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor], **options) -> "BlockwiseKernelOperator":
+    def from_hyperparameters(
+        cls, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor], **options: Any
+    ) -> "BlockwiseKernelOperator":
         return cls(x1, x2, *hyper.values(), hyper_names=tuple(hyper), **options)
 
     def _size(self) -> torch.Size:
@@ -143,10 +145,10 @@ class BlockwiseKernelOperator(LinearOperator):
     def _transpose_nonbatch(self) -> "BlockwiseKernelOperator":
         return self.from_hyperparameters(self.x2, self.x1, self.hyper, **self._options())
 
-    def _options(self) -> dict:
+    def _options(self) -> dict[str, Any]:
         return dict(net=self.net, output=self.output, input_shape=self.input_shape, block_elements=self.block_elements)
 
-    def _expand_batch(self, batch_shape) -> "BlockwiseKernelOperator":
+    def _expand_batch(self, batch_shape: torch.Size) -> "BlockwiseKernelOperator":
         def expand(t: Tensor) -> Tensor:
             return t.expand(*batch_shape, *t.shape[-2:])
 
@@ -158,7 +160,7 @@ class BlockwiseKernelOperator(LinearOperator):
             self.net, self.x1, self.x2, self.hyper, input_shape=self.input_shape, track_ntk=self.output == "ntk",
             block_elements=self.block_elements,
         )
-        out = ntk if self.output == "ntk" else cov
+        out = cast(Tensor, ntk if self.output == "ntk" else cov)  # ntk is computed for "ntk"
         return out.expand(*self.batch_shape, *self.matrix_shape)
 
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
@@ -176,7 +178,9 @@ class BlockwiseKernelOperator(LinearOperator):
         if left_vecs.dim() == 1:
             left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
         x1, x2 = self.x1.detach(), self.x2.detach()
-        hyper = {name: value.detach().requires_grad_(want) for (name, value), want in zip(self.hyper.items(), wanted[2:])}
+        hyper = {
+            name: value.detach().requires_grad_(want) for (name, value), want in zip(self.hyper.items(), wanted[2:])
+        }
         # a mirrored block's input gradients would belong to the other rows: mirror only for hyperparameters
         mirror = not (wanted[0] or wanted[1])
         blocks, elements, _ = kernel_blocks(self.net, x1, x2, hyper, self.input_shape, self.block_elements, mirror)
@@ -191,7 +195,7 @@ class BlockwiseKernelOperator(LinearOperator):
                 a = x1[..., r, :].requires_grad_(wanted[0])
                 b = x2[..., c, :].requires_grad_(wanted[1])
                 cov, ntk = _recursion(self.net, a, b, hyper, self.input_shape, track_ntk, same, False, fused=fused)
-                block = ntk if track_ntk else cov
+                block = cast(Tensor, ntk if track_ntk else cov)
                 value = (left_vecs[..., r, :] * (block @ right_vecs[..., c, :])).sum()
                 if mirrored:
                     value = value + (right_vecs[..., r, :] * (block @ left_vecs[..., c, :])).sum()

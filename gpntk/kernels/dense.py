@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -95,13 +95,19 @@ def _kernels(
 _compiled_kernels = None
 _compile_failed = False
 #: large evaluations seen so far per configuration (net, dtype, device, NTK or not), for fusion "auto"
-_large_calls: dict[tuple, int] = {}
+_large_calls: dict[tuple[int, torch.dtype, torch.device, bool], int] = {}
 #: the torch.compile backend (tests use "aot_eager" to check tracing without C++ compilation)
 _COMPILE_BACKEND = "inductor"
 
 
 def _use_fusion(
-    net: Layer, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor], input_shape, track_ntk: bool, elements: int
+    net: Layer,
+    x1: Tensor,
+    x2: Tensor,
+    hyper: dict[str, Tensor],
+    input_shape: Sequence[int] | None,
+    track_ntk: bool,
+    elements: int,
 ) -> bool:
     """Whether this evaluation runs compiled (:class:`gpntk.settings.fusion`); counts large evaluations.
 
@@ -126,7 +132,7 @@ def _use_fusion(
 _FIND = object()
 
 
-def _recursion(*args, fused: bool, coincident=_FIND) -> tuple[Tensor, Tensor | None]:
+def _recursion(*args: Any, fused: bool, coincident: Any = _FIND) -> tuple[Tensor, Tensor | None]:
     """One block's kernels, ``_kernels(*args, coincident)``, through the compiled function when ``fused``.
 
     ``args`` are ``(net, x1, x2, hyper, input_shape, track_ntk, same, diag)``. The coincident pairs
@@ -275,19 +281,20 @@ def evaluate(
     for r, c, same, mirrored in blocks:
         a = x1[..., r, :]
         b = a if (same and x2 is x1) else x2[..., c, :]
-        blocks = _recursion(
+        kernels = _recursion(
             net, a, b, hyper, input_shape, track_ntk, same, False, fused=fused, coincident=ids.block(r, c)
         )
-        for which, block in enumerate(blocks):
+        for which, block in enumerate(kernels):
             if block is None:
                 continue
-            if outputs[which] is None:
-                outputs[which] = block.new_empty(*block.shape[:-2], n1, n2)
-            outputs[which][..., r, c] = block
+            target = outputs[which]
+            if target is None:
+                target = outputs[which] = block.new_empty(*block.shape[:-2], n1, n2)
+            target[..., r, c] = block
             if mirrored:
-                outputs[which][..., c, r] = block.transpose(-1, -2)
+                target[..., c, r] = block.transpose(-1, -2)
     check_finite_kernel(*outputs)
-    return outputs[0], outputs[1]
+    return cast(Tensor, outputs[0]), outputs[1]  # Σ is always computed
 
 
 def kernel_diagonal(
@@ -320,14 +327,14 @@ def kernel_diagonal(
         b = a if x2 is x1 else x2[..., chunk, :]
         if same:
             cov, ntk = _recursion(net, a, b, hyper, input_shape, track_ntk, True, True, fused=False)
-            out = (cov if output == "nngp" else ntk).squeeze(-1)
+            out = cast(Tensor, cov if output == "nngp" else ntk).squeeze(-1)  # ntk is computed for "ntk"
         else:
             # every pair (x1_i, x2_i) as its own 1 x 1 kernel, with the point index as a batch dimension
             point_hyper = {name: value.unsqueeze(-3) for name, value in hyper.items()}
             cov, ntk = _recursion(
                 net, a.unsqueeze(-2), b.unsqueeze(-2), point_hyper, input_shape, track_ntk, False, False, fused=False
             )
-            out = (cov if output == "nngp" else ntk)[..., 0, 0]
+            out = cast(Tensor, cov if output == "nngp" else ntk)[..., 0, 0]
         parts.append(out)
     out = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
     check_finite_kernel(out)

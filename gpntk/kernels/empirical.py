@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from gpytorch.kernels import Kernel
@@ -108,7 +108,7 @@ class EmpiricalNTKKernel(Kernel):
         output: int | None = None,
         batch_shape: torch.Size = torch.Size([]),
         active_dims: Sequence[int] | None = None,
-        **kwargs,
+        **kwargs: Any,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"EmpiricalNTKKernel needs a torch.nn.Module, got {type(model).__name__}")
@@ -149,7 +149,7 @@ class EmpiricalNTKKernel(Kernel):
         """The network's device (inputs must be on it)."""
         return self._one_of("device", None)
 
-    def _one_of(self, attribute: str, default):
+    def _one_of(self, attribute: str, default: Any) -> Any:
         tensors = list(self.parameters())
         network = _model_tensor(self.model)
         if network is not None:
@@ -161,7 +161,7 @@ class EmpiricalNTKKernel(Kernel):
             )
         return values.pop() if values else default
 
-    def _apply(self, fn, *args, **kwargs):
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> "EmpiricalNTKKernel":
         # ``to``, ``double``, ``cuda``... reach the network too, although it is no submodule
         super()._apply(fn, *args, **kwargs)
         self.model._apply(fn, *args, **kwargs)
@@ -173,7 +173,9 @@ class EmpiricalNTKKernel(Kernel):
         if device is not None and device != x1.device:
             raise ValueError(f"the inputs are on {x1.device} but the network is on {device}; use kernel.to(device)")
 
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+    def forward(
+        self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
+    ) -> Tensor:
         if last_dim_is_batch:
             raise RuntimeError("EmpiricalNTKKernel does not support last_dim_is_batch")
         self._validate(x1, x2, diag)
@@ -193,13 +195,13 @@ class EmpiricalNTKKernel(Kernel):
 
     # GPyTorch's versions deep-copy the kernel (and with it the network) and, with no parameters
     # to index, would keep the old batch shape
-    def __getitem__(self, index) -> "EmpiricalNTKKernel":
+    def __getitem__(self, index: Any) -> "EmpiricalNTKKernel":
         if len(self.batch_shape) == 0:
             return self
         index = index if isinstance(index, tuple) else (index,)
         return self._with_batch_shape(torch.empty(self.batch_shape)[index].shape)
 
-    def expand_batch(self, *sizes) -> "EmpiricalNTKKernel":
+    def expand_batch(self, *sizes: int | Sequence[int]) -> "EmpiricalNTKKernel":
         new_batch_shape = expanded_batch_shape(sizes, self.batch_shape)
         if new_batch_shape == self.batch_shape:
             return self

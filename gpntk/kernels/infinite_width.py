@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import operator
 from copy import deepcopy
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from gpytorch.kernels import Kernel
+from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from .. import settings
@@ -74,7 +75,7 @@ class InfiniteWidthKernel(Kernel):
         active_dims: Sequence[int] | None = None,
         block_elements: int | None = None,
         backend: settings.Backend | None = None,
-        **kwargs,
+        **kwargs: Any,
     ):
         if not isinstance(net, Layer):
             raise TypeError(
@@ -109,19 +110,26 @@ class InfiniteWidthKernel(Kernel):
     def is_stationary(self) -> bool:
         return False
 
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+    def forward(
+        self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
+    ) -> Tensor | LinearOperator:
         hyper = self._checked_hyperparameters(x1, x2, diag, last_dim_is_batch)
-        options = dict(net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements)
+        options: dict[str, Any] = dict(
+            net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements
+        )
         if diag:
             return kernel_diagonal(x1, x2, hyper=hyper, **options)
         if choose_backend(self.net, x1, x2, hyper, self.input_shape, self.backend) == "dense":
             # a tensor: GPyTorch multiplies, adds and factorizes it exactly (as it does RBF's)
-            return covariance_function(x1, x2, backend="dense", **options, **hyper)
+            hyper_kwargs: dict[str, Any] = hyper  # keyword arguments next to options: mypy cannot tell them apart
+            return covariance_function(x1, x2, backend="dense", **options, **hyper_kwargs)
         return InfiniteWidthKernelOperator(
             x1, x2, covar_func=covariance_function, backend=self.backend, **options, **hyper
         )
 
-    def _checked_hyperparameters(self, x1: Tensor, x2: Tensor, diag: bool, last_dim_is_batch: bool) -> dict[str, Tensor]:
+    def _checked_hyperparameters(
+        self, x1: Tensor, x2: Tensor, diag: bool, last_dim_is_batch: bool
+    ) -> dict[str, Tensor]:
         """The network's hyperparameters (in ``x1``'s dtype and device), after checking the call's arguments."""
         if last_dim_is_batch:
             raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
@@ -144,7 +152,7 @@ class InfiniteWidthKernel(Kernel):
             ) from None
 
     # GPyTorch's Kernel only batches its own parameters; ours live in the layers of ``net``.
-    def __getitem__(self, index) -> "InfiniteWidthKernel":
+    def __getitem__(self, index: Any) -> "InfiniteWidthKernel":
         if len(self.batch_shape) == 0:
             return self
         new_kernel = deepcopy(self)
@@ -159,7 +167,7 @@ class InfiniteWidthKernel(Kernel):
             new_kernel._batch_shape = torch.Size([])
         return new_kernel
 
-    def expand_batch(self, *sizes) -> "InfiniteWidthKernel":
+    def expand_batch(self, *sizes: int | Sequence[int]) -> "InfiniteWidthKernel":
         new_batch_shape = expanded_batch_shape(sizes, self.batch_shape)
         if new_batch_shape == self.batch_shape:
             return self
@@ -189,7 +197,7 @@ class InfiniteWidthKernel(Kernel):
             and other.backend == self.backend
         )
 
-    def __add__(self, other):
+    def __add__(self, other: Kernel) -> Kernel:
         """``k1 + k2``: one :class:`NeuralKernelSum` when both are gpntk kernels of the same network.
 
         GPyTorch's ``AdditiveKernel`` of two kernels on one network would register the network
@@ -242,7 +250,7 @@ _UNSUPPORTED_KWARGS = {
 }
 
 
-def _reject_unsupported_kwargs(kernel_name: str, kwargs: dict) -> None:
+def _reject_unsupported_kwargs(kernel_name: str, kwargs: dict[str, Any]) -> None:
     """Raise ``TypeError`` for keyword arguments a gpntk kernel would otherwise ignore silently."""
     if not kwargs:
         return
@@ -283,7 +291,7 @@ class NeuralKernelSum(InfiniteWidthKernel):
 
     _output = "ntk"
 
-    def __init__(self, net: Layer, ntk_weight: float = 1.0, nngp_weight: float = 1.0, **kwargs):
+    def __init__(self, net: Layer, ntk_weight: float = 1.0, nngp_weight: float = 1.0, **kwargs: Any):
         super().__init__(net, **kwargs)
         self.ntk_weight = real_argument("ntk_weight", ntk_weight, minimum=0)
         self.nngp_weight = real_argument("nngp_weight", nngp_weight, minimum=0)
@@ -291,17 +299,21 @@ class NeuralKernelSum(InfiniteWidthKernel):
     def _weights(self) -> tuple[float, float]:
         return self.ntk_weight, self.nngp_weight
 
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+    def forward(
+        self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
+    ) -> Tensor | LinearOperator:
         hyper = self._checked_hyperparameters(x1, x2, diag, last_dim_is_batch)
-        options = dict(net=self.net, input_shape=self.input_shape, block_elements=self.block_elements)
+        options: dict[str, Any] = dict(net=self.net, input_shape=self.input_shape, block_elements=self.block_elements)
         a, b = self.ntk_weight, self.nngp_weight
         if diag:
             return a * kernel_diagonal(x1, x2, hyper=hyper, output="ntk", **options) + b * kernel_diagonal(
                 x1, x2, hyper=hyper, output="nngp", **options
             )
         if choose_backend(self.net, x1, x2, hyper, self.input_shape, self.backend) == "dense":
-            cov, ntk = evaluate(self.net, x1, x2, hyper, track_ntk=True, **{k: options[k] for k in ("input_shape", "block_elements")})
-            out = a * ntk + b * cov
+            cov, ntk = evaluate(
+                self.net, x1, x2, hyper, track_ntk=True, **{k: options[k] for k in ("input_shape", "block_elements")}
+            )
+            out = a * cast(Tensor, ntk) + b * cov  # track_ntk=True: the NTK is computed
             return out.expand(*batch_shape_of(x1, x2, hyper), x1.shape[-2], x2.shape[-2])
         parts = [
             InfiniteWidthKernelOperator(
@@ -315,7 +327,7 @@ class NeuralKernelSum(InfiniteWidthKernel):
         return f"{type(self).__name__}({self.net!r}, ntk_weight={self.ntk_weight:g}, nngp_weight={self.nngp_weight:g})"
 
 
-def _check_input_shape(input_shape) -> tuple[int, ...] | None:
+def _check_input_shape(input_shape: Sequence[int] | None) -> tuple[int, ...] | None:
     if input_shape is None:
         return None
     message = f"input_shape must be a sequence of positive integers, got {input_shape!r}"
@@ -330,7 +342,7 @@ def _check_input_shape(input_shape) -> tuple[int, ...] | None:
     return shape
 
 
-def _positive_int(value) -> int:
+def _positive_int(value: Any) -> int:
     """``value`` as an int if it is a positive integer (not a bool, not a float like 2.5)."""
     if isinstance(value, bool):
         raise TypeError

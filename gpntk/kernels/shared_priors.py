@@ -28,6 +28,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections import Counter
+from typing import cast
 
 import gpytorch
 from torch import nn
@@ -42,7 +43,7 @@ _PATHS: "weakref.WeakKeyDictionary[nn.Module, Counter[int]]" = weakref.WeakKeyDi
 #: parent -> {child name: child} for the children of a parent that are in _PATHS
 _TRACKED_CHILDREN: "weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]]" = weakref.WeakKeyDictionary()
 #: id of a prior-carrying layer -> the layer (while it lives), for messages and warn-once
-_LAYERS: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
+_LAYERS: "weakref.WeakValueDictionary[int, gpytorch.Module]" = weakref.WeakValueDictionary()
 #: layers already warned about
 _WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
@@ -51,11 +52,11 @@ def _has_priors(module: nn.Module) -> bool:
     return isinstance(module, gpytorch.Module) and any(prior is not None for prior, _, _ in module._priors.values())
 
 
-def _count_paths(module: nn.Module, memo: dict[int, Counter]) -> Counter:
+def _count_paths(module: nn.Module, memo: dict[int, Counter[int]]) -> Counter[int]:
     """Paths from ``module`` to each prior-carrying module, as GPyTorch's ``named_priors`` walks them."""
     key = id(module)
     if key not in memo:
-        counts: Counter = Counter()
+        counts: Counter[int] = Counter()
         if _has_priors(module):
             counts[id(module)] += 1
             _LAYERS[id(module)] = module
@@ -77,7 +78,7 @@ def track_network_priors(net: nn.Module, where: str) -> None:
     _warn_if_repeated(counts, where)
 
 
-def _warn_if_repeated(counts: Counter, where: str) -> None:
+def _warn_if_repeated(counts: Counter[int], where: str) -> None:
     """One warning for every prior-carrying layer newly reached by more than one path."""
     repeated = []
     for key, paths in counts.items():
@@ -109,8 +110,8 @@ def _registration_hook(parent: nn.Module, name: str, child: nn.Module | None) ->
     if child_counts is None:
         del tracked[name]
     else:
-        tracked[name] = child
-    total: Counter = Counter()
+        tracked[name] = cast(nn.Module, child)  # child_counts is only found for a child
+    total: Counter[int] = Counter()
     seen: set[int] = set()
     for module in tracked.values():
         if id(module) not in seen:  # torch's named_children lists a repeated child once

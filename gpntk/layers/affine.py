@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any, Callable
 
 import torch
 from gpytorch.constraints import Interval, Positive
@@ -20,7 +21,7 @@ from .base import Hyperparameters, Layer
 __all__ = ["Affine"]
 
 
-def _check_variance(name: str, value, allow_zero: bool) -> float:
+def _check_variance(name: str, value: object, allow_zero: bool) -> float:
     value = real_argument(name, value, error=ArchitectureError)  # numbers only: no bools, strings, complex
     if value < 0 or (value == 0 and not allow_zero):
         bound = "non-negative" if allow_zero else "positive"
@@ -35,7 +36,7 @@ def _get_variance(module: "Affine", name: str) -> Tensor:
     return getattr(module, name)
 
 
-def _set_variance(module: "Affine", value, name: str) -> None:
+def _set_variance(module: "Affine", value: float | Tensor, name: str) -> None:
     module._set_variance(name, value)
 
 
@@ -94,7 +95,7 @@ class Affine(Layer):
             )
         self._set_variance(name, value)
 
-    def _set_variance(self, name: str, value) -> None:
+    def _set_variance(self, name: str, value: float | Tensor) -> None:
         raw = getattr(self, f"raw_{name}")
         value = torch.as_tensor(value, dtype=torch.float64, device=raw.device)
         if not torch.isfinite(value).all() or (value <= 0).any():
@@ -112,7 +113,7 @@ class Affine(Layer):
         # (``kernel.double()``) recovers it exactly instead of its float32 rounding.
         self._exact_values[name] = (exact, getattr(self, f"raw_{name}").detach().clone())
 
-    def _apply(self, fn, recurse: bool = True):
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Affine":
         untouched = {
             name: (exact, snapshot)
             for name, (exact, snapshot) in self._exact_values.items()
@@ -149,7 +150,7 @@ class Affine(Layer):
         return self.raw_weight_variance_constraint.transform(self.raw_weight_variance)
 
     @weight_variance.setter
-    def weight_variance(self, value) -> None:
+    def weight_variance(self, value: float | Tensor) -> None:
         self._set_variance("weight_variance", value)
 
     @property
@@ -159,16 +160,18 @@ class Affine(Layer):
         return self.raw_bias_variance_constraint.transform(self.raw_bias_variance)
 
     @bias_variance.setter
-    def bias_variance(self, value) -> None:
+    def bias_variance(self, value: float | Tensor) -> None:
         if not self.has_bias:
-            raise ValueError(f"this {self.name} layer was built without bias (bias_variance=0); its bias variance is fixed")
+            raise ValueError(
+                f"this {self.name} layer was built without bias (bias_variance=0); its bias variance is fixed"
+            )
         self._set_variance("bias_variance", value)
 
     # --- batch shapes -------------------------------------------------------------------------
     def _raw_names(self) -> list[str]:
         return [f"raw_{name}" for name in self.hyperparameter_names]
 
-    def _reshape_raw(self, name: str, reshape) -> None:
+    def _reshape_raw(self, name: str, reshape: Callable[[Tensor], Tensor]) -> None:
         """Apply a batch reshaping (expand or index) to a raw parameter and its remembered exact value."""
         param = getattr(self, f"raw_{name}")
         remembered = self._exact_values.get(name)
@@ -176,6 +179,7 @@ class Affine(Layer):
         param.data = reshape(param.data).clone()
         self._exact_values.pop(name, None)
         if untouched:
+            assert remembered is not None  # untouched implies remembered
             self._exact_values[name] = (reshape(remembered[0]).clone(), param.detach().clone())
 
     def expand_hyperparameters(self, batch_shape: torch.Size) -> None:
@@ -193,18 +197,19 @@ class Affine(Layer):
             if current != batch_shape:
                 self._reshape_raw(name, lambda t: t.expand(*batch_shape, 1, 1))
 
-    def index_hyperparameters(self, index: tuple) -> None:
+    def index_hyperparameters(self, index: tuple[Any, ...]) -> None:
         for name in self.hyperparameter_names:
             self._reshape_raw(name, lambda t: t[index])
 
     # --- the affine step shared by Dense and Conv ----------------------------------------------
     def affine_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
-        r""":math:`\Sigma \leftarrow \sigma_w^2 \Sigma + \sigma_b^2`, :math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma` (trainable)."""
+        r""":math:`\Sigma \leftarrow \sigma_w^2 \Sigma + \sigma_b^2`,
+        :math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma` (trainable)."""
         layout = state.layout
         weight_variance = layout.scalar_shape(hyper.get(self, "weight_variance"))
         if self.has_bias:
             bias_variance = layout.scalar_shape(hyper.get(self, "bias_variance"))
-            affine = lambda k: weight_variance * k + bias_variance  # noqa: E731
+            affine: Callable[[Tensor], Tensor] = lambda k: weight_variance * k + bias_variance  # noqa: E731
         else:
             affine = lambda k: weight_variance * k  # noqa: E731
         cov12 = affine(state.cov12)

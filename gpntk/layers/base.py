@@ -17,7 +17,7 @@ import math
 import operator
 import weakref
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, NoReturn, Sequence, Union, cast
 
 import gpytorch
 import torch
@@ -54,13 +54,17 @@ class Signature:
     channels: str | None = "input"
     independent: bool | None = False
 
-    def after(self, layer: "Layer", **changes) -> "Signature":
+    def after(self, layer: "Layer", **changes: Any) -> "Signature":
         """This signature handed on by ``layer``, with ``changes``."""
         return replace(self, last=layer.name, **changes)
 
 
 #: what flows between layers at build time: one signature, or one per branch after FanOut
 Signatures = Union[Signature, tuple[Signature, ...]]
+#: what branch-aware layers (Serial, Identity, FanOut, ...) map: one state, or one per branch
+States = Union[KernelState, tuple[KernelState, ...]]
+#: finite-width shapes handed between branch-aware layers: one shape, or one per branch of a FanOut
+Shapes = Union[Shape, list[Shape]]
 
 UNKNOWN = Signature(gaussian=None, last="the start of this block", spatial=None, channels=None, independent=None)
 
@@ -130,7 +134,7 @@ def parameterized_layers(net: "Layer") -> list["Layer"]:
 
 
 #: layer -> (error list, key prefix) of the load_state_dict that last loaded it (see Layer._load_from_state_dict)
-_LOAD_PASSES: "weakref.WeakKeyDictionary[Layer, tuple[list, str]]" = weakref.WeakKeyDictionary()
+_LOAD_PASSES: "weakref.WeakKeyDictionary[Layer, tuple[list[str], str]]" = weakref.WeakKeyDictionary()
 
 
 class Layer(gpytorch.Module):
@@ -144,7 +148,14 @@ class Layer(gpytorch.Module):
     is_affine: bool = False
 
     def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
         """Load as torch does, failing loudly when one shared parameter gets different values.
 
@@ -224,14 +235,14 @@ class Layer(gpytorch.Module):
     def expand_hyperparameters(self, batch_shape: torch.Size) -> None:
         """Give this layer's hyperparameters the batch shape ``batch_shape`` (values broadcast)."""
 
-    def index_hyperparameters(self, index: tuple) -> None:
+    def index_hyperparameters(self, index: tuple[Any, ...]) -> None:
         """Index the batch dimensions of this layer's hyperparameters (``kernel[i]``)."""
 
     @property
     def name(self) -> str:
         return type(self).__name__
 
-    def forward(self, *args, **kwargs):  # pragma: no cover - layers are descriptions, not modules
+    def forward(self, *args: Any, **kwargs: Any) -> NoReturn:  # pragma: no cover - layers are descriptions, not modules
         raise TypeError(
             f"{self.name} describes an architecture and is not called on tensors: use "
             "gpntk.NTKKernel(net) / gpntk.NNGPKernel(net) for kernels or net.finite(width) for a network."
@@ -303,49 +314,65 @@ class Serial(Layer):
         self.takes_branches = flat[0].takes_branches
         self.check(UNKNOWN)
 
-    def children_layers(self) -> Iterator[Layer]:
-        return iter(self.layers)
+    @property
+    def _layers(self) -> Sequence[Layer]:
+        return cast("Sequence[Layer]", self.layers)
 
+    def children_layers(self) -> Iterator[Layer]:
+        return iter(self._layers)
+
+    # takes and returns the branches of a FanOut too (takes_branches): wider than Layer.check
     def check(self, signature: Signatures) -> Signatures:
-        for layer in self.layers:
+        for layer in self._layers:
             if isinstance(signature, tuple) and not layer.takes_branches:
                 raise ArchitectureError(
                     f"{layer.name} gets the {len(signature)} branches of a FanOut; apply parallel(...) to "
                     "them or combine them with FanInSum(), FanInConcat() or FanInProd() first"
                 )
-            signature = layer.check(signature)
+            signature = layer.check(signature)  # type: ignore[arg-type]  # tuples reach takes_branches layers only
         return signature
 
     def needs_full(self, after: bool) -> bool:
-        for layer in reversed(self.layers):
+        for layer in reversed(self._layers):
             after = layer.needs_full(after)
         return after
 
-    def kernel_map(self, state, hyper: Hyperparameters):
-        keep = [False] * len(self.layers)
+    # maps the branches of a FanOut too (takes_branches): wider than Layer.kernel_map
+    def kernel_map(self, state: States, hyper: Hyperparameters) -> States:
+        layers = self._layers
+        keep = [False] * len(layers)
         after = _keep_full(state)
-        for i in range(len(self.layers) - 1, -1, -1):
+        for i in range(len(layers) - 1, -1, -1):
             keep[i] = after
-            after = self.layers[i].needs_full(after)
-        for layer, keep_full in zip(self.layers, keep):
-            state = _settle(layer.kernel_map(_with_keep_full(state, keep_full), hyper))
+            after = layers[i].needs_full(after)
+        for layer, keep_full in zip(layers, keep):
+            # tuples reach takes_branches layers only
+            state = _settle(layer.kernel_map(_with_keep_full(state, keep_full), hyper))  # type: ignore[arg-type]
         return state
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
         modules = []
         shape = in_shape
-        for i, layer in enumerate(self.layers):
-            last = is_output and not any(later.contains_affine() for later in self.layers[i + 1 :])
+        layers = self._layers
+        for i, layer in enumerate(layers):
+            last = is_output and not any(later.contains_affine() for later in layers[i + 1 :])
             module, shape = layer.build_finite(shape, width, out_features, last, generator)
             modules.append(module)
         return nn.Sequential(*modules), shape
 
     def __repr__(self) -> str:
-        inner = ", ".join(repr(layer) for layer in self.layers)
+        inner = ", ".join(repr(layer) for layer in self._layers)
         return f"serial({inner})"
 
 
-def _positive_integer(name: str, value) -> int:
+def _positive_integer(name: str, value: Any) -> int:
     """``value`` as an int (Python or numpy integers), or a ValueError naming ``name``."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -358,19 +385,19 @@ def _positive_integer(name: str, value) -> int:
     return value
 
 
-def _keep_full(state) -> bool:
+def _keep_full(state: States) -> bool:
     if isinstance(state, tuple):
         return any(s.keep_full for s in state)
     return state.keep_full
 
 
-def _with_keep_full(state, keep_full: bool):
+def _with_keep_full(state: States, keep_full: bool) -> States:
     if isinstance(state, tuple):
         return tuple(s.replace(keep_full=keep_full) for s in state)
     return state.replace(keep_full=keep_full)
 
 
-def _settle(state):
+def _settle(state: States) -> States:
     if isinstance(state, tuple):
         return tuple(s.settle() for s in state)
     return state.settle()
@@ -386,13 +413,21 @@ class Identity(Layer):
 
     takes_branches = True  # passes branches on unchanged too
 
+    # passes the branches of a FanOut on too (takes_branches): wider than Layer.check / kernel_map
     def check(self, signature: Signatures) -> Signatures:
         return signature
 
-    def kernel_map(self, state, hyper: Hyperparameters):
+    def kernel_map(self, state: States, hyper: Hyperparameters) -> States:
         return state
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
         return nn.Identity(), in_shape
 
     def __repr__(self) -> str:

@@ -13,40 +13,51 @@ kind: a dense layer after it sees each branch's channels with their own weights.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, cast
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..errors import ArchitectureError
 from ..finite import Branches, MergeBranches, ParallelBranches
 from ..state import KernelState
-from .base import Hyperparameters, Layer, Serial, Signature, _positive_integer
+from .base import Hyperparameters, Layer, Serial, Shape, Shapes, Signature, Signatures, States, _positive_integer
 
 __all__ = ["FanOut", "Parallel", "parallel", "FanInSum", "FanInConcat", "FanInProd"]
 
 
-def _is_unknown(signature) -> bool:
+def _is_unknown(signature: Signatures) -> bool:
     return not isinstance(signature, tuple) and signature.channels is None and signature.gaussian is None
 
 
 class FanOut(Layer):
     """Hands its input to ``num`` branches (a ``parallel`` or a fan-in layer must follow)."""
 
-    def __init__(self, num: int):
+    def __init__(self, num: int) -> None:
         super().__init__()
         try:
             self.num = _positive_integer("FanOut num", num)
         except ValueError as error:
             raise ArchitectureError(str(error)) from None
 
-    def check(self, signature: Signature):
+    # hands on one signature / state per branch: wider than Layer.check / kernel_map
+    def check(self, signature: Signature) -> tuple[Signature, ...]:
         # copies of one function are not independent of each other
         return (signature.after(self, independent=False),) * self.num
 
-    def kernel_map(self, state: KernelState, hyper: Hyperparameters):
+    def kernel_map(
+        self, state: KernelState, hyper: Hyperparameters
+    ) -> tuple[KernelState, ...]:
         return (state,) * self.num
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shapes]:
         return Branches(self.num), [in_shape] * self.num
 
     def __repr__(self) -> str:
@@ -58,7 +69,7 @@ class Parallel(Layer):
 
     takes_branches = True
 
-    def __init__(self, *branches: Layer | Sequence[Layer]):
+    def __init__(self, *branches: Layer | Sequence[Layer]) -> None:
         super().__init__()
         if not branches:
             raise ArchitectureError("parallel() needs at least one branch")
@@ -71,12 +82,17 @@ class Parallel(Layer):
             built.append(branch)
         self.branches = nn.ModuleList(built)
 
-    def children_layers(self) -> Iterator[Layer]:
-        return iter(self.branches)
+    @property
+    def _branches(self) -> Sequence[Layer]:
+        return cast("Sequence[Layer]", self.branches)
 
-    def check(self, signature):
+    def children_layers(self) -> Iterator[Layer]:
+        return iter(self._branches)
+
+    # takes and hands on one signature / state per branch: wider than Layer.check / kernel_map
+    def check(self, signature: Signatures) -> Signatures:
         if _is_unknown(signature):
-            signature = (signature,) * len(self.branches)
+            signature = (cast(Signature, signature),) * len(self.branches)
         if not isinstance(signature, tuple):
             raise ArchitectureError(
                 f"parallel() with {len(self.branches)} branches needs FanOut({len(self.branches)}) before it, "
@@ -88,28 +104,36 @@ class Parallel(Layer):
                 f"(FanOut({len(signature)}))"
             )
         out = []
-        for branch, sig in zip(self.branches, signature):
+        for branch, sig in zip(self._branches, signature):
             if isinstance(sig, tuple) and not branch.takes_branches:
                 raise ArchitectureError("a branch of parallel() got nested branches; merge them inside the branch")
             out.append(branch.check(sig))
         return tuple(out)
 
     def needs_full(self, after: bool) -> bool:
-        return any(branch.needs_full(after) for branch in self.branches)
+        return any(branch.needs_full(after) for branch in self._branches)
 
-    def kernel_map(self, state, hyper: Hyperparameters):
-        return tuple(branch.kernel_map(s, hyper).settle() for branch, s in zip(self.branches, state))
+    def kernel_map(self, state: States, hyper: Hyperparameters) -> States:
+        states = cast("tuple[KernelState, ...]", state)  # check() refuses a single input
+        return tuple(branch.kernel_map(s, hyper).settle() for branch, s in zip(self._branches, states))
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shapes,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shapes]:
         modules, shapes = [], []
-        for branch, shape in zip(self.branches, in_shape):
+        for branch, shape in zip(self._branches, cast("list[Shape]", in_shape)):  # one shape per branch
             module, out = branch.build_finite(shape, width, out_features, is_output, generator)
             modules.append(module)
             shapes.append(out)
         return ParallelBranches(modules), shapes
 
     def __repr__(self) -> str:
-        return f"parallel({', '.join(repr(b) for b in self.branches)})"
+        return f"parallel({', '.join(repr(b) for b in self._branches)})"
 
 
 def parallel(*branches: Layer | Sequence[Layer]) -> Parallel:
@@ -124,11 +148,15 @@ class _FanIn(Layer):
     how: str
     needs_independence = True
 
-    def check(self, signature):
+    # takes one signature / state per branch
+    def check(self, signature: Signatures) -> Signature:
         if _is_unknown(signature):
+            assert not isinstance(signature, tuple)  # _is_unknown is False for branches
             return signature.after(self)
         if not isinstance(signature, tuple):
-            raise ArchitectureError(f"{self.name} merges the branches of a FanOut, but gets one input ({signature.last})")
+            raise ArchitectureError(
+                f"{self.name} merges the branches of a FanOut, but gets one input ({signature.last})"
+            )
         known = {s.spatial for s in signature if s.spatial is not None}
         if len(known) > 1:
             raise ArchitectureError(
@@ -150,11 +178,13 @@ class _FanIn(Layer):
         spatial = next(iter(known)) if known else None
         return self.merged(signature, spatial, next(iter(channels)) if channels else None)
 
-    def merged(self, signatures, spatial, channels) -> Signature:
+    def merged(
+        self, signatures: tuple[Signature, ...], spatial: tuple[int, ...] | None, channels: str | None
+    ) -> Signature:
         raise NotImplementedError
 
-    def kernel_map(self, state, hyper: Hyperparameters):
-        states = list(state)
+    def kernel_map(self, state: States, hyper: Hyperparameters) -> KernelState:
+        states = list(cast("tuple[KernelState, ...]", state))  # check() refuses a single input
         if len({s.layout for s in states}) > 1:  # some branch already dropped to the diagonal
             states = [s.replace(keep_full=False).settle() for s in states]
         first = states[0]
@@ -166,22 +196,30 @@ class _FanIn(Layer):
         ntk12 = self.combine_ntk(states) if first.track_ntk else None
         return first.replace(cov12=cov12, var1=var1, var2=var2, ntk12=ntk12, keep_full=first.keep_full)
 
-    def combine(self, tensors):
+    def combine(self, tensors: Sequence[Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def combine_ntk(self, states):
+    def combine_ntk(self, states: Sequence[KernelState]) -> Tensor | None:
         present = [s.ntk12 for s in states if s.ntk12 is not None]
         if not present:
             return None
         return self.combine([s.ntk_or_zeros() for s in states])
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
-        shapes = list(in_shape)
+    def build_finite(
+        self,
+        in_shape: Shapes,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shapes]:
+        shapes = list(cast("list[Shape]", in_shape))  # one shape per branch
         if self.how == "concat":
-            rest = {tuple(s[1:]) for s in shapes}
+            known = cast("list[tuple[int, ...]]", shapes)  # as before, a None shape raises TypeError in s[1:]
+            rest = {tuple(s[1:]) for s in known}
             if len(rest) > 1 or any(s is None for s in shapes):
                 raise ArchitectureError(f"FanInConcat gets branches of shapes {shapes}, which do not concatenate")
-            return MergeBranches(self.how), (sum(s[0] for s in shapes), *shapes[0][1:])
+            return MergeBranches(self.how), (sum(s[0] for s in known), *known[0][1:])
         if len({s for s in shapes}) > 1:
             raise ArchitectureError(
                 f"{self.name} gets branches of finite shapes {shapes}; they must match (put the readout Dense "
@@ -194,11 +232,14 @@ class _FanIn(Layer):
 
 
 class FanInSum(_FanIn):
-    r"""Sum of the branches: :math:`\Sigma = \sum_i \Sigma_i`, :math:`\Theta = \sum_i \Theta_i` (uncorrelated branches)."""
+    r"""Sum of the branches: :math:`\Sigma = \sum_i \Sigma_i`, :math:`\Theta = \sum_i \Theta_i`
+    (uncorrelated branches)."""
 
     how = "sum"
 
-    def merged(self, signatures, spatial, channels):
+    def merged(
+        self, signatures: tuple[Signature, ...], spatial: tuple[int, ...] | None, channels: str | None
+    ) -> Signature:
         gaussian = [s.gaussian for s in signatures]
         independent = [s.independent for s in signatures]
         return Signature(
@@ -207,7 +248,7 @@ class FanInSum(_FanIn):
             independent=all(i is True for i in independent),
         )
 
-    def combine(self, tensors):
+    def combine(self, tensors: Sequence[Tensor]) -> Tensor:
         out = tensors[0]
         for t in tensors[1:]:
             out = out + t
@@ -223,17 +264,19 @@ class FanInProd(_FanIn):
 
     how = "prod"
 
-    def merged(self, signatures, spatial, channels):
+    def merged(
+        self, signatures: tuple[Signature, ...], spatial: tuple[int, ...] | None, channels: str | None
+    ) -> Signature:
         return Signature(gaussian=False, last=self.name, spatial=spatial, channels=channels, independent=False)
 
-    def combine(self, tensors):
+    def combine(self, tensors: Sequence[Tensor]) -> Tensor:
         out = tensors[0]
         for t in tensors[1:]:
             out = out * t
         return out
 
-    def combine_ntk(self, states):
-        total = None
+    def combine_ntk(self, states: Sequence[KernelState]) -> Tensor | None:
+        total: Tensor | None = None
         for i, state in enumerate(states):
             if state.ntk12 is None:
                 continue
@@ -255,14 +298,16 @@ class FanInConcat(_FanIn):
     how = "concat"
     needs_independence = False
 
-    def merged(self, signatures, spatial, channels):
+    def merged(
+        self, signatures: tuple[Signature, ...], spatial: tuple[int, ...] | None, channels: str | None
+    ) -> Signature:
         independent = [s.independent for s in signatures]
         return Signature(
             gaussian=False, last=self.name, spatial=spatial, channels=channels,
             independent=all(i is True for i in independent),
         )
 
-    def combine(self, tensors):
+    def combine(self, tensors: Sequence[Tensor]) -> Tensor:
         out = tensors[0]
         for t in tensors[1:]:
             out = out + t

@@ -2,17 +2,26 @@ r"""Convolutions (1-D and 2-D, channels first) in NTK parameterization."""
 
 from __future__ import annotations
 
+from typing import Any, Literal, cast, overload
+
+import torch
+from torch import nn
+
 from ..errors import ArchitectureError
 from ..finite import NTKConv
-from ..spatial import PADDINGS, Layout, Window, convolve, window_geometry
+from ..spatial import PADDINGS, Layout, Padding, Window, convolve, window_geometry
 from ..state import KernelState
 from .affine import Affine
-from .base import Hyperparameters, Signature, _positive_integer
+from .base import Hyperparameters, Shape, Signature, _positive_integer
 
 __all__ = ["Conv"]
 
 
-def spatial_sizes(name: str, value, allow_none: bool = False) -> tuple[int, ...] | int | None:
+@overload
+def spatial_sizes(name: str, value: object, allow_none: Literal[False] = False) -> tuple[int, ...] | int: ...
+@overload
+def spatial_sizes(name: str, value: object, allow_none: bool) -> tuple[int, ...] | int | None: ...
+def spatial_sizes(name: str, value: object, allow_none: bool = False) -> tuple[int, ...] | int | None:
     """A positive int or a tuple of them (one per spatial axis), checked."""
     if value is None and allow_none:
         return None
@@ -29,13 +38,13 @@ def spatial_sizes(name: str, value, allow_none: bool = False) -> tuple[int, ...]
         raise ArchitectureError(str(error)) from None
 
 
-def check_padding(padding: str) -> str:
+def check_padding(padding: str) -> Padding:
     if padding not in PADDINGS:
         raise ArchitectureError(f"padding must be one of {PADDINGS}, got {padding!r}")
-    return padding
+    return cast(Padding, padding)
 
 
-def per_axis(layer_name: str, name: str, value, spatial: tuple[int, ...]) -> tuple[int, ...]:
+def per_axis(layer_name: str, name: str, value: int | tuple[int, ...], spatial: tuple[int, ...]) -> tuple[int, ...]:
     """``value`` (an int or a tuple) as one entry per spatial axis of ``spatial``."""
     if isinstance(value, tuple):
         if len(value) != len(spatial):
@@ -48,7 +57,11 @@ def per_axis(layer_name: str, name: str, value, spatial: tuple[int, ...]) -> tup
 
 
 def windows_for(
-    layer_name: str, spatial: tuple[int, ...], kernel_size, stride, padding: str
+    layer_name: str,
+    spatial: tuple[int, ...],
+    kernel_size: int | tuple[int, ...],
+    stride: int | tuple[int, ...],
+    padding: Padding,
 ) -> tuple[Window, ...]:
     """The per-axis windows of a convolution or pooling on inputs of spatial shape ``spatial``."""
     sizes = per_axis(layer_name, "kernel_size", kernel_size, spatial)
@@ -68,8 +81,11 @@ def output_spatial(windows: tuple[Window, ...], spatial: tuple[int, ...]) -> tup
 def spatial_input(layer: str, signature: Signature) -> None:
     """Raise unless ``signature`` describes (possibly unknown) spatial inputs."""
     if signature.spatial == ():
-        where = "the network's inputs are vectors (pass input_shape=(C, W) or (C, H, W) to the kernel, finite() or TrainedEnsemble)" \
+        where = (
+            "the network's inputs are vectors "
+            "(pass input_shape=(C, W) or (C, H, W) to the kernel, finite() or TrainedEnsemble)"
             if signature.last == "the input" else f"the outputs of {signature.last} are vectors"
+        )
         raise ArchitectureError(f"{layer} needs spatial inputs (channels first), but {where}")
 
 
@@ -109,7 +125,7 @@ class Conv(Affine):
         weight_variance: float = 1.0,
         bias_variance: float = 0.0,
         trainable: bool = True,
-        **kwargs,
+        **kwargs: Any,
     ):
         super().__init__(weight_variance, bias_variance, trainable, **kwargs)
         self.kernel_size = spatial_sizes("kernel_size", kernel_size)
@@ -133,7 +149,15 @@ class Conv(Affine):
         state = state.map_linear(lambda t: convolve(t, layout, windows), out)
         return self.affine_map(state, hyper)
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
+        assert in_shape is not None  # check() asked for spatial inputs
         channels, spatial = in_shape[0], tuple(in_shape[1:])
         windows = self.windows(spatial)
         weight_std, bias_std = self.finite_stds()

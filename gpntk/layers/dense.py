@@ -2,12 +2,13 @@ r"""Fully-connected (``Dense``) layers in NTK parameterization."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..finite import ChannelsLast, NTKLinear
 from ..state import KernelState
 from .affine import Affine
-from .base import Hyperparameters, Signature
+from .base import Hyperparameters, Shape, Signature
 
 __all__ = ["Dense"]
 
@@ -49,7 +50,14 @@ class Dense(Affine):
     def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
         return self.affine_map(state, hyper)
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
         weight_std, bias_std = self.finite_stds()
         features = out_features if is_output else width
         spatial = in_shape is not None and len(in_shape) > 1
@@ -62,6 +70,7 @@ class Dense(Affine):
             generator=generator,
         )
         if spatial:
+            assert in_shape is not None
             return ChannelsLast(module), (features, *in_shape[1:])
         return module, (features,)
 

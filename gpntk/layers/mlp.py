@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..activations import Activation, activation_from_name
 from ..errors import ArchitectureError
 from ..validation import integer_argument
@@ -17,7 +19,7 @@ def mlp(
     weight_variance: float = 2.0,
     bias_variance: float = 0.1,
     shared: bool = True,
-    **activation_kwargs,
+    **activation_kwargs: Any,
 ) -> Serial:
     """``depth`` hidden layers of ``Dense`` + ``activation``, then a ``Dense`` readout.
 

@@ -3,19 +3,20 @@ r"""Layer normalisation over the channels."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ArchitectureError
 from ..finite import ChannelNorm
 from ..state import KernelState
 from ..validation import real_argument
-from .base import Hyperparameters, Layer, Signature
+from .base import Hyperparameters, Layer, Shape, Signature
 
 __all__ = ["LayerNorm"]
 
 
 def _inverse_sqrt(q: Tensor) -> Tensor:
-    """:math:`q^{-1/2}` where :math:`q > 0` and 0 elsewhere (a zero vector normalises to zero), with finite derivatives."""
+    """:math:`q^{-1/2}` where :math:`q > 0` and 0 elsewhere (a zero vector normalises to zero),
+    with finite derivatives."""
     positive = q > 0
     return torch.where(positive, torch.rsqrt(torch.where(positive, q, torch.ones_like(q))), torch.zeros_like(q))
 
@@ -64,7 +65,14 @@ class LayerNorm(Layer):
         ntk12 = None if state.ntk12 is None else scale(state.ntk12, inv1, inv2)
         return state.replace(cov12=cov12, var1=var1, var2=var2, ntk12=ntk12)
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
         return ChannelNorm(self.eps), in_shape
 
     def __repr__(self) -> str:

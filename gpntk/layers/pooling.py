@@ -2,10 +2,13 @@ r"""Layers that average over positions: ``AvgPool``, ``GlobalAvgPool`` and ``Fla
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from ..finite import AvgPooling, FlattenRows, GlobalAvgPooling
 from ..spatial import Layout, Window, pool
 from ..state import KernelState
-from .base import Hyperparameters, Layer, Signature
+from .base import Hyperparameters, Layer, Shape, Signature
 from .conv import check_padding, output_spatial, spatial_input, spatial_sizes, windows_for
 
 __all__ = ["AvgPool", "GlobalAvgPool", "Flatten"]
@@ -40,7 +43,9 @@ class AvgPool(Layer):
 
     def check(self, signature: Signature) -> Signature:
         spatial_input(self.name, signature)
-        spatial = None if signature.spatial is None else output_spatial(self.windows(signature.spatial), signature.spatial)
+        spatial = (
+            None if signature.spatial is None else output_spatial(self.windows(signature.spatial), signature.spatial)
+        )
         return signature.after(self, spatial=spatial)
 
     def needs_full(self, after: bool) -> bool:
@@ -52,7 +57,15 @@ class AvgPool(Layer):
         out = Layout(output_spatial(windows, layout.spatial), full=True)
         return state.map_linear(lambda t: pool(t, layout, windows), out)
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
+        assert in_shape is not None  # check() asked for spatial inputs
         windows = self.windows(tuple(in_shape[1:]))
         return AvgPooling(windows), (in_shape[0], *output_spatial(windows, tuple(in_shape[1:])))
 
@@ -79,7 +92,15 @@ class GlobalAvgPool(Layer):
             raise RuntimeError("GlobalAvgPool was given only the diagonal of the spatial covariance")
         return state.map_linear(layout.mean_all, Layout())
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
+        assert in_shape is not None  # check() asked for spatial inputs
         return GlobalAvgPooling(), (in_shape[0],)
 
     def __repr__(self) -> str:
@@ -110,7 +131,14 @@ class Flatten(Layer):
             return state
         return state.map_linear(layout.mean_diagonal, Layout())
 
-    def build_finite(self, in_shape, width, out_features, is_output, generator=None):
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
         if in_shape is None or len(in_shape) == 1:
             return FlattenRows(), in_shape
         size = 1

@@ -87,13 +87,15 @@ with autodiff, without memory overflows*, JMLR 2021 (KeOps).
 
 from __future__ import annotations
 
+from typing import Any
+
 from .formula import keops_formula, keops_supported
 from .operator import _kernel_matrix_class, keops_covariance
 
 __all__ = ["keops_supported", "keops_covariance", "keops_formula"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "KeOpsKernelMatrix":
         return _kernel_matrix_class()
     raise AttributeError(name)

@@ -8,6 +8,7 @@ values (see "Gradients" in :mod:`gpntk.kernels.keops`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast, overload
 
 from .graph import _Graph, _Node
 
@@ -26,9 +27,9 @@ class _Tangent:
 
     __slots__ = ("dense", "sparse")
 
-    def __init__(self, dense: _Node | None = None, sparse: dict[int, _Node] | None = None):
+    def __init__(self, dense: _Node | None = None, sparse: dict[int, _Node | None] | None = None) -> None:
         self.dense = dense
-        self.sparse = sparse or {}
+        self.sparse: dict[int, _Node | None] = sparse or {}
 
 
 @dataclass
@@ -75,7 +76,7 @@ class _Calculus:
         out = t.dense
         for k in sorted(t.sparse):
             if t.sparse[k] is not None:
-                out = self.g.add(out, self.g.elem_t(t.sparse[k], self.D, k))
+                out = self.g.add(out, self.g.elem_t(cast(_Node, t.sparse[k]), self.D, k))
         return out
 
     def seed(self, direction: int | None) -> _Tangent | None:
@@ -97,7 +98,8 @@ class _Calculus:
 
     def mul(self, x: _Dual, y: _Dual) -> _Dual:
         tangent = self.t_add(self.t_scale(x.tangent, y.value), self.t_scale(y.tangent, x.value))
-        return _Dual(self.g.mul(x.value, y.value), tangent)
+        # values are never the zero constant (None only stands for zero tangents)
+        return _Dual(cast(_Node, self.g.mul(x.value, y.value)), tangent)
 
     def exp(self, x: _Dual) -> _Dual:
         value = self.g.unary("exp", x.value)
@@ -131,7 +133,8 @@ class _Calculus:
 
     def arccos_j1(self, rho: _Dual, j0: _Dual) -> _Dual:
         r""":math:`J_1(\rho) = \sqrt{1-\rho^2} + \rho J_0(\rho)`, derivative :math:`J_0(\rho)` (finite at 1)."""
-        value = self.g.add(self.g.unary("sqrt", self.one_minus_square(rho)), self.g.mul(j0.value, rho.value))
+        product = cast(_Node, self.g.mul(j0.value, rho.value))
+        value = self.g.add(self.g.unary("sqrt", self.one_minus_square(rho)), product)
         return _Dual(value, self.t_scale(rho.tangent, j0.value))
 
     def arcsin(self, x: _Dual) -> tuple[_Dual, _Node]:
@@ -139,6 +142,10 @@ class _Calculus:
         inv_leg = self.g.unary("rsqrt", self.one_minus_square(x))
         return _Dual(self.g.unary("asin", x.value), self.t_scale(x.tangent, inv_leg)), inv_leg
 
+    @overload
+    def settle(self, dual: _Dual) -> _Dual: ...
+    @overload
+    def settle(self, dual: _Dual | None) -> _Dual | None: ...
     def settle(self, dual: _Dual | None) -> _Dual | None:
         """``dual`` with its tangent as one ``D``-vector (at the end of a layer, so that the next one scales
         two vectors rather than one scalar per direction)."""

@@ -13,9 +13,11 @@ import torch
 from torch import Tensor
 
 from ...activations.arccos import ABReLU, Abs, LeakyReLU, RectifiedMonomial, ReLU, Sign
-from ...activations.base import safe_sqrt
+from ...activations.base import Activation, safe_sqrt
 from ...activations.smooth import Cos, Erf, Exp, Rbf, Sin
+from ...layers.base import Layer
 from .calculus import _Calculus, _Dual
+from .graph import _Node
 
 # ==================================================================================================
 # Closed-form dual activations as formulas
@@ -36,16 +38,18 @@ class _Form:
     constant_names: tuple[str, ...] = ()
     needs_same = False  # whether identical points need the exact correlation of one
 
-    def unsupported(self, layer) -> str | None:
+    def unsupported(self, layer: Activation) -> str | None:
         return None
 
-    def features(self, layer, q: Tensor) -> list[Tensor]:
+    def features(self, layer: Activation, q: Tensor) -> list[Tensor]:
         raise NotImplementedError
 
-    def constants(self, layer) -> list[float]:
+    def constants(self, layer: Activation) -> list[float]:
         return []
 
-    def pair(self, c: _Calculus, consts: list[_Dual], sigma: _Dual, fi: list[_Dual], fj: list[_Dual], same):
+    def pair(
+        self, c: _Calculus, consts: list[_Dual], sigma: _Dual, fi: list[_Dual], fj: list[_Dual], same: _Node | None
+    ) -> tuple[_Dual, _Dual | None]:
         raise NotImplementedError
 
 
@@ -55,7 +59,7 @@ def _safe_rsqrt(q: Tensor) -> Tensor:
     return torch.where(positive, torch.rsqrt(torch.where(positive, q, torch.ones_like(q))), torch.zeros_like(q))
 
 
-def _arccos_correlation(c: _Calculus, sigma: _Dual, r_i: _Dual, r_j: _Dual, same) -> _Dual:
+def _arccos_correlation(c: _Calculus, sigma: _Dual, r_i: _Dual, r_j: _Dual, same: _Node | None) -> _Dual:
     r""":math:`\rho = \Sigma_{12} / \sqrt{q_1 q_2}` clamped to [-1, 1], exactly 1 for identical points.
 
     Multiplied as :math:`(\Sigma_{12} / \sqrt{q_1}) / \sqrt{q_2}`: the partial product is at most
@@ -83,19 +87,21 @@ class _ABReLUForm(_Form):
     constant_names = ("ab", "c")
     needs_same = True
 
-    def _ab(self, layer) -> tuple[float, float]:
+    def _ab(self, layer: Activation) -> tuple[float, float]:
         if isinstance(layer, RectifiedMonomial):
             return 0.0, 1.0
         return layer.a, layer.b
 
-    def features(self, layer, q):
+    def features(self, layer: Activation, q: Tensor) -> list[Tensor]:
         return [safe_sqrt(q), _safe_rsqrt(q)]
 
-    def constants(self, layer):
+    def constants(self, layer: Activation) -> list[float]:
         a, b = self._ab(layer)
         return [a * b, (b - a) ** 2 / (2 * math.pi)]
 
-    def pair(self, c, consts, sigma, fi, fj, same):
+    def pair(
+        self, c: _Calculus, consts: list[_Dual], sigma: _Dual, fi: list[_Dual], fj: list[_Dual], same: _Node | None
+    ) -> tuple[_Dual, _Dual | None]:
         ab, scale = consts
         (sq_i, r_i), (sq_j, r_j) = fi, fj
         rho = _arccos_correlation(c, sigma, r_i, r_j, same)
@@ -113,10 +119,12 @@ class _StepForm(_Form):
     feature_names = ("rsqrt_q",)
     needs_same = True
 
-    def features(self, layer, q):
+    def features(self, layer: Activation, q: Tensor) -> list[Tensor]:
         return [_safe_rsqrt(q)]
 
-    def pair(self, c, consts, sigma, fi, fj, same):
+    def pair(
+        self, c: _Calculus, consts: list[_Dual], sigma: _Dual, fi: list[_Dual], fj: list[_Dual], same: _Node | None
+    ) -> tuple[_Dual, _Dual | None]:
         rho = _arccos_correlation(c, sigma, fi[0], fj[0], same)
         return c.mul(c.const("inv_2pi"), c.arccos_j0(rho)), None
 
@@ -131,10 +139,12 @@ class _SignForm(_Form):
     feature_names = ("positive", "rsqrt_q")
     needs_same = True
 
-    def features(self, layer, q):
+    def features(self, layer: Activation, q: Tensor) -> list[Tensor]:
         return [(q > 0).to(q.dtype), _safe_rsqrt(q)]
 
-    def pair(self, c, consts, sigma, fi, fj, same):
+    def pair(
+        self, c: _Calculus, consts: list[_Dual], sigma: _Dual, fi: list[_Dual], fj: list[_Dual], same: _Node | None
+    ) -> tuple[_Dual, _Dual | None]:
         (pos_i, r_i), (pos_j, r_j) = fi, fj
         rho = _arccos_correlation(c, sigma, r_i, r_j, same)
         k = c.sub(c.mul(c.const("two_over_pi"), c.arccos_j0(rho)), c.integer(1))
@@ -147,7 +157,7 @@ class _RectifiedForm(_Form):
     kind = "rectified"
     needs_same = True
 
-    def unsupported(self, layer) -> str | None:
+    def unsupported(self, layer: Activation) -> str | None:
         if layer.degree > 1:
             return "only degrees 0 (the step function) and 1 (ReLU) have KeOps formulas"
         return None
@@ -167,14 +177,16 @@ class _ErfForm(_Form):
     feature_names = ("u",)
     constant_names = ("amplitude", "two_b2", "offset", "slope")
 
-    def features(self, layer, q):
+    def features(self, layer: Activation, q: Tensor) -> list[Tensor]:
         return [torch.rsqrt(1 + 2 * layer.b**2 * q)]
 
-    def constants(self, layer):
+    def constants(self, layer: Activation) -> list[float]:
         a2, b2 = layer.a**2, layer.b**2
         return [2 * a2 / math.pi, 2 * b2, layer.c**2, 4 * a2 * b2 / math.pi]
 
-    def pair(self, c, consts, sigma, fi, fj, same):
+    def pair(
+        self, c: _Calculus, consts: list[_Dual], sigma: _Dual, fi: list[_Dual], fj: list[_Dual], same: _Node | None
+    ) -> tuple[_Dual, _Dual | None]:
         amplitude, two_b2, offset, slope = consts
         uu = c.mul(fi[0], fj[0])
         rho = c.mul(c.mul(two_b2, sigma), uu)
@@ -195,13 +207,15 @@ class _ExpForm(_Form):
     feature_names = ("h",)
     constant_names = ("a2", "b2")
 
-    def features(self, layer, q):
+    def features(self, layer: Activation, q: Tensor) -> list[Tensor]:
         return [0.5 * layer.b**2 * q]
 
-    def constants(self, layer):
+    def constants(self, layer: Activation) -> list[float]:
         return [layer.a**2, layer.b**2]
 
-    def pair(self, c, consts, sigma, fi, fj, same):
+    def pair(
+        self, c: _Calculus, consts: list[_Dual], sigma: _Dual, fi: list[_Dual], fj: list[_Dual], same: _Node | None
+    ) -> tuple[_Dual, _Dual | None]:
         a2, b2 = consts
         k = c.mul(a2, c.exp(c.add(c.add(fi[0], fj[0]), c.mul(b2, sigma))))
         return k, c.mul(b2, k)
@@ -219,14 +233,16 @@ class _SinForm(_Form):
     feature_names = ("h",)
     constant_names = ("half_a2", "cos2c", "b2", "half_a2b2")
 
-    def features(self, layer, q):
+    def features(self, layer: Activation, q: Tensor) -> list[Tensor]:
         return [-0.5 * layer.b**2 * q]
 
-    def constants(self, layer):
+    def constants(self, layer: Activation) -> list[float]:
         a2, b2 = layer.a**2, layer.b**2
         return [a2 / 2, layer._cos_2c(), b2, a2 * b2 / 2]
 
-    def pair(self, c, consts, sigma, fi, fj, same):
+    def pair(
+        self, c: _Calculus, consts: list[_Dual], sigma: _Dual, fi: list[_Dual], fj: list[_Dual], same: _Node | None
+    ) -> tuple[_Dual, _Dual | None]:
         half_a2, cos2c, b2, half_a2b2 = consts
         h = c.add(fi[0], fj[0])
         exponent = c.mul(b2, sigma)
@@ -246,7 +262,7 @@ _FORMS: dict[type, _Form] = {
 _STEP = _StepForm()
 
 
-def _form_of(layer) -> _Form:
+def _form_of(layer: Layer) -> _Form:
     form = _FORMS[type(layer)]
     if form.kind == "rectified":
         return _ABRELU if layer.degree == 1 else _STEP

@@ -8,7 +8,7 @@ formula of one reduction (the kernel entry, ``K @ v`` or a reduction of the back
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence, cast
 
 from ...layers.base import Identity, Layer, Serial, hyperparameter_key, parameterized_layers
 from ...layers.dense import Dense
@@ -27,7 +27,7 @@ Output = Literal["ntk", "nngp"]
 def _flatten(net: Layer) -> list[Layer]:
     """The layers of nested ``Serial`` blocks, in order."""
     if type(net) is Serial:
-        return [layer for sub in net.layers for layer in _flatten(sub)]
+        return [layer for sub in net._layers for layer in _flatten(sub)]
     return [net]
 
 
@@ -73,7 +73,7 @@ class _Structure:
     """What a formula depends on: the layer sequence (no values), the output, the sizes."""
 
     #: ("dense", w_index, b_index | None, trainable) | ("act", kind, first_feature, first_constant)
-    layers: tuple[tuple, ...]
+    layers: tuple[tuple[Any, ...], ...]
     output: str
     features: int  # m: per-point features
     params: int  # p: hyperparameters
@@ -86,7 +86,7 @@ class _Plan:
     """A network's structure plus the layer objects needed to compute features and constants."""
 
     structure: _Structure
-    steps: list  # ("dense", layer, w_key, b_key) | ("act", layer, form)
+    steps: list[tuple[Any, ...]]  # ("dense", layer, w_key, b_key) | ("act", layer, form)
 
 
 def _plan(net: Layer, hyper_keys: Sequence[str], output: str) -> _Plan:
@@ -95,7 +95,8 @@ def _plan(net: Layer, hyper_keys: Sequence[str], output: str) -> _Plan:
         raise ValueError(reason)
     index = {id(layer): i for i, layer in enumerate(parameterized_layers(net))}
     position = {key: i for i, key in enumerate(hyper_keys)}
-    layers, steps = [], []
+    layers: list[tuple[Any, ...]] = []
+    steps: list[tuple[Any, ...]] = []
     constants = list(_GLOBAL_CONSTANTS)
     features = 0
     needs_same = False
@@ -223,21 +224,22 @@ def _build(
     if mode == "matrix":
         root, axis, dim_out = kernel.value, 1, 1
     elif mode == "matmul":
-        root, axis, dim_out = g.mul(kernel.value, var["V"]), 1, c
+        root, axis, dim_out = cast(_Node, g.mul(kernel.value, var["V"])), 1, c
     else:
         tangent = c_.t_vector(kernel.tangent)
         if tangent is None:
             tangent = g.elem_t(g.int(0), directions, 0)
         weight = g.mul(var["G"], var["V"]) if c == 1 else g.node("scalprod", var["G"], var["V"], dim=1)
         other = var["Y"] if mode == "grad_i" else var["X"]
-        pieces = [g.mul(g.elem(tangent, 0), other)]
+        # products of variables and non-zero values: never the zero constant
+        pieces = [cast(_Node, g.mul(g.elem(tangent, 0), other))]
         if directions > 1:
             pieces.append(g.extract(tangent, 1, directions - 1))
-        weighted = g.mul(weight, g.concat(pieces))
+        weighted = cast(_Node, g.mul(weight, g.concat(pieces)))
         if mode == "grad_i":
             root, axis = weighted, 1
         else:
-            root, axis = g.concat([g.mul(kernel.value, var["G"]), weighted]), 0
+            root, axis = g.concat([cast(_Node, g.mul(kernel.value, var["G"])), weighted]), 0
         dim_out = root.dim
     text = _emit(root, names if names is not None else {name: name for name in var}, g.pinned)
     return root, _Formula(text, tuple(aliases), axis, dim_out)

@@ -7,7 +7,8 @@ state vectors bound by ``Factorize`` (see "Linear size" in :mod:`gpntk.kernels.k
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import builtins
+from typing import AbstractSet, Any, Callable, Sequence, cast, overload
 
 # ==================================================================================================
 # A small expression graph, written to KeOps with let-bindings
@@ -19,7 +20,7 @@ class _Node:
 
     __slots__ = ("op", "args", "data", "dim")
 
-    def __init__(self, op: str, args: tuple["_Node", ...], data, dim: int):
+    def __init__(self, op: str, args: tuple["_Node", ...], data: Any, dim: int) -> None:
         self.op, self.args, self.data, self.dim = op, args, data, dim
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
@@ -41,8 +42,8 @@ class _Graph:
     ``mul(None, x) = None``).
     """
 
-    def __init__(self):
-        self._memo: dict[tuple, _Node] = {}
+    def __init__(self) -> None:
+        self._memo: dict[tuple[str, tuple[int, ...], Any], _Node] = {}
         #: nodes the emitter computes in a state vector even when used once (the ends of layers), so
         #: that the formula's nesting, and the recursion of keopscore's parser, stay bounded by one layer
         self.pinned: set[int] = set()
@@ -52,7 +53,7 @@ class _Graph:
             self.pinned.add(id(node))
         return node
 
-    def node(self, op: str, *args: _Node, data=None, dim: int | None = None) -> _Node:
+    def node(self, op: str, *args: _Node, data: Any = None, dim: int | None = None) -> _Node:
         key = (op, tuple(id(a) for a in args), data)
         found = self._memo.get(key)
         if found is None:
@@ -68,21 +69,26 @@ class _Graph:
     def int(self, value: int) -> _Node:
         return self.node("int", data=value, dim=1)
 
-    def elem(self, a: _Node, k: int) -> _Node:
+    # (``int`` is the method above in this class body: the built-in is ``builtins.int``)
+    def elem(self, a: _Node, k: builtins.int) -> _Node:
         return self.node("elem", a, data=k, dim=1)
 
-    def extract(self, a: _Node, start: int, length: int) -> _Node:
+    def extract(self, a: _Node, start: builtins.int, length: builtins.int) -> _Node:
         if start == 0 and length == a.dim:
             return a
         return self.node("extract", a, data=(start, length), dim=length)
 
-    def elem_t(self, a: _Node, dim: int, k: int) -> _Node:
+    def elem_t(self, a: _Node, dim: builtins.int, k: builtins.int) -> _Node:
         return self.node("elemT", a, data=(dim, k), dim=dim)
 
     # arithmetic with zero (None) and one folded away
-    def _is_int(self, a: _Node | None, value: int) -> bool:
+    def _is_int(self, a: _Node | None, value: builtins.int) -> bool:
         return a is not None and a.op == "int" and a.data == value
 
+    @overload
+    def add(self, a: _Node, b: _Node) -> _Node: ...
+    @overload
+    def add(self, a: _Node | None, b: _Node | None) -> _Node | None: ...
     def add(self, a: _Node | None, b: _Node | None) -> _Node | None:
         if a is None or self._is_int(a, 0):
             return b
@@ -90,6 +96,10 @@ class _Graph:
             return a
         return self.node("add", a, b)
 
+    @overload
+    def sub(self, a: _Node, b: _Node) -> _Node: ...
+    @overload
+    def sub(self, a: _Node | None, b: _Node | None) -> _Node | None: ...
     def sub(self, a: _Node | None, b: _Node | None) -> _Node | None:
         if b is None:
             return a
@@ -97,6 +107,10 @@ class _Graph:
             return self.neg(b)
         return self.node("sub", a, b)
 
+    @overload
+    def neg(self, a: _Node) -> _Node: ...
+    @overload
+    def neg(self, a: _Node | None) -> _Node | None: ...
     def neg(self, a: _Node | None) -> _Node | None:
         return None if a is None else self.node("neg", a)
 
@@ -108,9 +122,9 @@ class _Graph:
         if self._is_int(b, 1):
             return a
         if b.op == "elemT" and a.dim == 1:  # s * e_k t = e_k (s t): stays a single entry
-            return self.elem_t(self.mul(a, b.args[0]), *b.data)
+            return self.elem_t(cast(_Node, self.mul(a, b.args[0])), *b.data)
         if a.op == "elemT" and b.dim == 1:
-            return self.elem_t(self.mul(a.args[0], b), *a.data)
+            return self.elem_t(cast(_Node, self.mul(a.args[0], b)), *a.data)
         return self.node("mul", a, b)
 
     def unary(self, op: str, a: _Node) -> _Node:
@@ -155,7 +169,7 @@ def _postorder(root: _Node, stop: Callable[[_Node], bool]) -> tuple[list[_Node],
     return order, counts
 
 
-def _emit(root: _Node, names: dict[str, str], pinned: set[int] = frozenset()) -> str:
+def _emit(root: _Node, names: dict[str, str], pinned: AbstractSet[int] = frozenset()) -> str:
     """The keopscore formula string of ``root`` as a chain of state vectors (see :mod:`gpntk.kernels.keops`).
 
     Every node used more than once, or ``pinned`` (``shared``), is computed once, in the state vector of its
@@ -226,7 +240,7 @@ def _emit(root: _Node, names: dict[str, str], pinned: set[int] = frozenset()) ->
     live: list[int] = []
     state = ""
     for step in range(1, top):
-        new = sorted((i for i, l in level.items() if l == step), key=order.__getitem__)
+        new = sorted((i for i, lev in level.items() if lev == step), key=order.__getitem__)
         keep = [i for i in live if last_use[i] > step]
         pieces, layout, offset, run = [], {}, 0, None
         for i in keep:  # runs of consecutive kept values are copied as one Extract

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -28,8 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover
 # ==================================================================================================
 
 _lock = threading.Lock()
-_FORMULAS: dict[tuple, _Formula] = {}
-_ROUTINES: dict[tuple, object] = {}
+_FORMULAS: dict[tuple[_Structure, Mode, int, int], _Formula] = {}
+#: compiled pykeops Genred routines (untyped)
+_ROUTINES: dict[tuple[_Formula, torch.dtype], Any] = {}
 
 
 def _formula(structure: _Structure, mode: Mode, d: int, c: int) -> _Formula:
@@ -43,7 +44,7 @@ def _formula(structure: _Structure, mode: Mode, d: int, c: int) -> _Formula:
     return found
 
 
-def _routine(formula: _Formula, dtype: torch.dtype):
+def _routine(formula: _Formula, dtype: torch.dtype) -> Any:
     """The compiled pykeops ``Genred`` of ``formula`` (compiled once per process, cached on disk by pykeops)."""
     from pykeops.torch import Genred
 
@@ -110,7 +111,19 @@ class _KernelMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, structure, symmetric, d, X, Y, PI, PJ, TH, C, V):
+    def forward(
+        ctx: Any,
+        structure: _Structure,
+        symmetric: bool,
+        d: int,
+        X: Tensor,
+        Y: Tensor,
+        PI: Tensor,
+        PJ: Tensor,
+        TH: Tensor,
+        C: Tensor,
+        V: Tensor,
+    ) -> Tensor:
         c = V.shape[-1]
         formula = _formula(structure, "matmul", d, c)
         args = _arguments(formula, X=X, Y=Y, PI=PI, PJ=PJ, TH=TH, C=C, V=V)
@@ -121,7 +134,7 @@ class _KernelMatmul(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, G):
+    def backward(ctx: Any, G: Tensor) -> tuple[Tensor | None, ...]:
         X, Y, PI, PJ, TH, C, V = ctx.saved_tensors
         structure, symmetric, d = ctx.structure, ctx.symmetric, ctx.d
         _, _, _, need_x, need_y, need_pi, need_pj, need_th, _, need_v = ctx.needs_input_grad
@@ -130,7 +143,7 @@ class _KernelMatmul(torch.autograd.Function):
         tensors = dict(X=X, Y=Y, PI=PI, PJ=PJ, TH=TH, C=C)
         gx = gy = gpi = gpj = gth = gv = None
 
-        def reduce_i(g_, v_):  # (B, n, d + m + p)
+        def reduce_i(g_: Tensor, v_: Tensor) -> Tensor:  # (B, n, d + m + p)
             formula = _formula(structure, "grad_i", d, c)
             return _routine(formula, X.dtype)(*_arguments(formula, **tensors, V=v_, G=g_), backend="auto")
 
@@ -269,7 +282,12 @@ def _matmul(inputs: _Inputs, v: Tensor) -> Tensor:
     TH = _batched(inputs.TH, nb, 1)
     C = _batched(inputs.C, nb, 1)
     V = _batched(v, nb, 2)
-    out = _KernelMatmul.apply(inputs.structure, inputs.symmetric, inputs.d, X, Y, PI, PJ, TH, C, V)
+    out = cast(
+        Tensor,
+        _KernelMatmul.apply(  # type: ignore[no-untyped-call]  # Function.apply is untyped
+            inputs.structure, inputs.symmetric, inputs.d, X, Y, PI, PJ, TH, C, V
+        ),
+    )
     out = out.reshape(*batch, n1, width) if len(batch) else out.reshape(n1, width)
     out = out[..., :c]
     return out[..., 0] if vector else out
@@ -280,7 +298,7 @@ def _matmul(inputs: _Inputs, v: Tensor) -> Tensor:
 # ==================================================================================================
 
 
-def _lazy_tensor_class():
+def _lazy_tensor_class() -> type:
     from pykeops.torch import LazyTensor
 
     class KeOpsKernelMatrix(LazyTensor):
@@ -293,10 +311,12 @@ def _lazy_tensor_class():
         exponentially with depth: use ``@`` for training.
         """
 
-        def __new__(cls, *args, **kwargs):
+        batchdims: tuple[int, ...]  # set in __init__ from the joined LazyTensor
+
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
             return object.__new__(cls)
 
-        def __init__(self, inputs: _Inputs):
+        def __init__(self, inputs: _Inputs) -> None:
             super().__init__()
             self._gpntk_inputs = inputs
             # the variables as pykeops LazyTensors: "i" (..., n1, 1, dim), "j" (..., 1, n2, dim), parameters
@@ -320,16 +340,16 @@ def _lazy_tensor_class():
             if len(inputs.batch) and self.batchdims != tuple(inputs.batch):
                 self.batchdims = tuple(inputs.batch)
 
-        def __matmul__(self, v, **kwargs):
+        def __matmul__(self, v: Tensor, **kwargs: Any) -> Tensor:
             return _matmul(self._gpntk_inputs, v)
 
-        def t(self):
+        def t(self) -> Any:
             i = self._gpntk_inputs
             swapped = _Inputs(i.structure, i.d, i.symmetric, i.batch, i.Y, i.X, i.PJ, i.PI, i.TH, i.C)
             return KeOpsKernelMatrix(swapped)
 
         @property
-        def T(self):
+        def T(self) -> Any:
             return self.t()
 
         def __repr__(self) -> str:
@@ -339,16 +359,16 @@ def _lazy_tensor_class():
     return KeOpsKernelMatrix
 
 
-_CLASS = None
+_CLASS: type | None = None
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "KeOpsKernelMatrix":
         return _kernel_matrix_class()
     raise AttributeError(name)
 
 
-def _kernel_matrix_class():
+def _kernel_matrix_class() -> type:
     global _CLASS
     if _CLASS is None:
         _CLASS = _lazy_tensor_class()
