@@ -127,8 +127,8 @@ class kernel_backend(_Setting[Backend]):
     * ``"auto"``: dense while the matrix holds at most :data:`DENSE_MAX_ELEMENTS` numbers or
       GPyTorch would factorize it anyway (at most ``gpytorch.settings.max_cholesky_size`` rows
       and columns) — a stored matrix makes each conjugate-gradient iteration a cheap matmul
-      instead of a whole kernel evaluation; beyond that matrix-free: KeOps on CUDA when the
-      architecture supports it and pykeops is installed, blockwise otherwise.
+      instead of a whole kernel evaluation; beyond that matrix-free, blockwise. KeOps is used only
+      when asked for: it has not been measured on a GPU yet, and on CPU it is slower than blockwise.
 
     Matrices with a single row or column are always dense. ``NTKKernel(net, backend=...)`` sets
     the backend of one kernel; the environment variable ``GPNTK_KERNEL_BACKEND`` the initial mode.

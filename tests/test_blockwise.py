@@ -206,7 +206,7 @@ def test_backend_choice(monkeypatch):
     with gpytorch.settings.max_cholesky_size(800):
         assert choose(net, x, x, hyper, None) == "dense"  # 10**6 numbers fit
         monkeypatch.setattr(settings, "DENSE_MAX_ELEMENTS", 10_000)
-        assert choose(net, x, x, hyper, None) == "blockwise"  # CPU: KeOps only on CUDA under "auto"
+        assert choose(net, x, x, hyper, None) == "blockwise"  # never KeOps under "auto": only on request
         assert choose(net, x, z, hyper, None) == "dense"  # 5000 numbers
         with gpytorch.settings.max_cholesky_size(2000):  # GPyTorch would factorize it: keep it dense
             assert choose(net, x, x, hyper, None) == "dense"
