@@ -4,21 +4,21 @@
 >>> from gpntk import layers as L
 >>> net = L.mlp(depth=3, activation="relu", weight_variance=2.0, bias_variance=0.1)
 >>> ntk = gpntk.NTKKernel(net)          # a gpytorch.kernels.Kernel
+
+``import gpntk`` is light: the names below are imported on first use (PEP 562), so the command
+line's ``--help`` runs without importing torch.
 """
 
-from ._quiet_import import stdout_to_stderr
+from __future__ import annotations
 
-# importing GPyTorch imports pykeops, which prints a banner on stdout: send it to stderr
-with stdout_to_stderr():
-    import gpytorch  # noqa: F401
+import importlib
+from typing import TYPE_CHECKING, Any
 
-    from . import layers, settings
-    from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
-    from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning
-    from .kernels import EmpiricalNTKKernel, NeuralKernelSum, NNGPKernel, NTKKernel
-    from .posterior import TrainedEnsemble
+from ._quiet_import import quiet_first_import
 
-del stdout_to_stderr
+# importing GPyTorch imports pykeops, which prints a banner on stdout: send it to stderr, whichever
+# gpntk module imports GPyTorch first
+quiet_first_import("gpytorch")
 
 __version__ = "0.1.0"
 """The version of gpntk."""
@@ -30,3 +30,44 @@ __all__ = [
     "CompositionWarning", "__version__",
     "NeuralKernelSum",
 ]
+
+#: public name -> (module, attribute or None for the module itself)
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "layers": (".layers", None),
+    "settings": (".settings", None),
+    "NTKKernel": (".kernels", "NTKKernel"),
+    "NNGPKernel": (".kernels", "NNGPKernel"),
+    "NeuralKernelSum": (".kernels", "NeuralKernelSum"),
+    "EmpiricalNTKKernel": (".kernels", "EmpiricalNTKKernel"),
+    "TrainedEnsemble": (".posterior", "TrainedEnsemble"),
+    "empirical_ntk": (".empirical", "empirical_ntk"),
+    "empirical_nngp": (".empirical", "empirical_nngp"),
+    "monte_carlo_kernel": (".empirical", "monte_carlo_kernel"),
+    "ArchitectureError": (".errors", "ArchitectureError"),
+    "GPNTKWarning": (".errors", "GPNTKWarning"),
+    "NumericalWarning": (".errors", "NumericalWarning"),
+    "ApproximationWarning": (".errors", "ApproximationWarning"),
+    "CompositionWarning": (".errors", "CompositionWarning"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gpntk' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name, __name__)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
+    from . import layers, settings
+    from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
+    from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning
+    from .kernels import EmpiricalNTKKernel, NeuralKernelSum, NNGPKernel, NTKKernel
+    from .posterior import TrainedEnsemble

@@ -17,8 +17,7 @@ def _time(text: str) -> float:
 
 
 def _add_fit_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
-    from .activations import ACTIVATION_NAMES
-    from .csv_fit import DEFAULT_DIAG_REG, DEFAULT_TIMES
+    from .cli_options import ACTIVATION_NAMES, DEFAULT_DIAG_REG, DEFAULT_TIMES  # no torch: --help stays light
 
     fit = sub.add_parser(
         "fit",

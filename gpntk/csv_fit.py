@@ -49,6 +49,7 @@ import torch
 from . import layers as L
 from ._quiet_import import stdout_to_stderr
 from .activations import ACTIVATION_NAMES
+from .cli_options import DEFAULT_DIAG_REG, DEFAULT_TIMES
 from .errors import NumericalWarning
 from .posterior import _REGIMES, Regime, TrainedEnsemble
 
@@ -58,11 +59,6 @@ __all__ = [
     "DEFAULT_TIMES", "DEFAULT_DIAG_REG", "DEFAULT_LEARNING_RATE_FRACTION", "NLL_STD_FLOOR",
 ]
 
-#: training times (gradient-descent steps) predicted at when none are given
-DEFAULT_TIMES = (100.0, 1000.0, math.inf)
-#: absolute ridge added to the training kernel by default: small against the kernel's diagonal
-#: (O(1) for standardized inputs and the default architecture), enough to keep t = inf well posed
-DEFAULT_DIAG_REG = 1e-6
 #: the default learning rate is this fraction of ``TrainedEnsemble.max_learning_rate(regime)``
 DEFAULT_LEARNING_RATE_FRACTION = 0.5
 #: in the printed negative log likelihood the std is floored at this fraction of the target's scale

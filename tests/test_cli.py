@@ -327,10 +327,51 @@ def test_refuses_to_overwrite_an_input_file(data, capsys, how):
 
 
 @pytest.mark.slow
-def test_import_gpntk_prints_nothing_on_stdout():
-    result = subprocess.run([sys.executable, "-c", "import gpntk"], capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize(
+    "statement",
+    ["import gpntk", "import gpntk.kernels", "from gpntk.layers import mlp", "import gpntk; gpntk.NTKKernel",
+     "import gpntk.csv_fit"],
+)
+def test_import_gpntk_prints_nothing_on_stdout(statement):
+    """Whichever gpntk module imports GPyTorch (and with it pykeops and its banner) first."""
+    result = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--help"], ["fit", "--help"], ["demo", "--help"]])
+def test_help_does_not_import_torch(args):
+    """``import gpntk`` is lazy: the command line's help needs neither torch nor GPyTorch."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['gpntk', *{args!r}]\n"
+        "try:\n    runpy.run_module('gpntk', run_name='__main__')\n"
+        "except SystemExit as exit:\n    assert exit.code == 0\n"
+        "heavy = sorted(m for m in ('torch', 'gpytorch', 'numpy') if m in sys.modules)\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "usage: gpntk" in result.stdout
+    assert "HEAVY []" in result.stderr
+
+
+def test_cli_activation_names_are_the_activations():
+    from gpntk.activations import ACTIVATION_NAMES
+    from gpntk.cli_options import ACTIVATION_NAMES as CLI_NAMES
+
+    assert CLI_NAMES == ACTIVATION_NAMES
+
+
+def test_lazy_public_names():
+    import gpntk
+
+    assert set(gpntk.__all__) <= set(dir(gpntk))
+    for name in gpntk.__all__:
+        assert getattr(gpntk, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
+        gpntk.NotAThing  # noqa: B018
 
 
 @pytest.mark.slow
