@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per pytest-xdist worker: with -n 2 on two cores, two threads each oversubscribe the
+    # cores and OpenMP's spinning threads slow the fast tier down 2.5x (203 s against 80 s)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
