@@ -74,6 +74,11 @@ def exact_values(
     return flat_pairs.index_copy(dim, flat, value).reshape(shape)
 
 
+def is_transformed(x: Tensor) -> bool:
+    """Whether ``x`` is wrapped by a ``torch.func`` transform (grad, vmap, jvp...): no data-dependent checks."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
 def _is_batched(x: Tensor) -> bool:
     """Whether ``x`` is (or wraps) a ``torch.func`` batched tensor (inside ``vmap``/``jacfwd``)."""
     functorch = torch._C._functorch

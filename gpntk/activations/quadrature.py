@@ -45,6 +45,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
+from ..coincident import is_transformed
 from ..errors import ApproximationWarning, ArchitectureError
 from ..validation import integer_argument
 from .base import Activation, correlation, safe_sqrt
@@ -157,7 +158,7 @@ class Elementwise(Activation):
         rule's error is largest for analytic activations (at correlation one the 2-D rule is the
         1-D one). Skipped under ``torch.compile`` and ``torch.func`` transforms (data-dependent).
         """
-        if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(q) or q.numel() == 0:
+        if torch.compiler.is_compiling() or is_transformed(q) or q.numel() == 0:
             return
         error, _ = self.rule_error(q.detach(), need_dot)
         tolerance = max(_RULE_TOLERANCE, 16 * torch.finfo(q.dtype).eps)
@@ -211,7 +212,7 @@ class Elementwise(Activation):
         checkpointed = (
             torch.is_grad_enabled()
             and any(q.requires_grad for q in (q11, q12, q22))
-            and not torch._C._functorch.is_functorch_wrapped_tensor(q12)
+            and not is_transformed(q12)
             and not torch.compiler.is_compiling()
         )
         for start in range(0, n1, rows):
@@ -250,7 +251,7 @@ class Elementwise(Activation):
         """
         orders = ((0, 0), (1, 1)) if need_dot else ((0, 0),)
         values = self.expectations(q11, q12, q22, orders)
-        if torch.is_grad_enabled() and (q12.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(q12)):
+        if torch.is_grad_enabled() and (q12.requires_grad or is_transformed(q12)):
             values = self._edge_second_order(q11, q12, q22, orders, values)
         return values[0], (values[1] if need_dot else None)
 
@@ -273,7 +274,7 @@ class Elementwise(Activation):
         s1 = safe_sqrt(q11).expand_as(rho)
         s2 = safe_sqrt(q22).expand_as(rho)
         q22 = q22.expand_as(rho)
-        transformed = torch._C._functorch.is_functorch_wrapped_tensor(q12)
+        transformed = is_transformed(q12)
         if not transformed:
             if not bool(edge.any()):
                 return values

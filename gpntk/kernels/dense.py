@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import settings
-from ..coincident import Coincidence, RowIds, _is_batched
+from ..coincident import Coincidence, RowIds, _is_batched, is_transformed
 from ..errors import NumericalWarning
 from ..layers.base import Hyperparameters, Layer
 from ..spatial import Layout
@@ -188,7 +188,7 @@ def check_finite_kernel(*values: Tensor | None, inputs: Tensor | None = None) ->
 
 
 def _unchecked(value: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(value)
+    return is_transformed(value)
 
 
 def _blocks(n: int, size: int) -> list[slice]:
