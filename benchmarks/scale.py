@@ -89,7 +89,7 @@ def _timed(fn, repeats: int, warmups: int = 1) -> dict:
 def worker_products(spec: dict) -> dict:
     import torch
 
-    from gpntk.layers.base import Hyperparameters
+    from gpntk.core.hyperparameters import Hyperparameters
 
     n, backend = spec["n"], spec["backend"]
     x, g = _data(n, spec["d"], 0)
@@ -114,7 +114,7 @@ def worker_products(spec: dict) -> dict:
 
             result.update(_timed(lambda: kernel_matmul(net, x, x, hyper, v), spec["repeats"], warmups=3))
         elif backend == "keops":
-            from gpntk.kernels.keops import keops_covariance
+            from gpntk.contrib.keops import keops_covariance
 
             result.update(_timed(lambda: keops_covariance(x, x, net=net, output="ntk", hyper=hyper) @ v, spec["repeats"]))
         elif backend == "gpytorch-keops-rbf":

@@ -51,7 +51,18 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 
+#: old module paths -> where they moved (issue 15's reorganisation), kept for one release
+_MOVED = {"csv_fit": "gpntk.cli.csv_fit"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import warnings
+
+        warnings.warn(
+            f"gpntk.{name} moved to {_MOVED[name]}; the old name will be removed", DeprecationWarning, stacklevel=2
+        )
+        return importlib.import_module(_MOVED[name])
     if name not in _LAZY:
         raise AttributeError(f"module 'gpntk' has no attribute {name!r}")
     module_name, attribute = _LAZY[name]

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# tests mirror the package in subfolders; the shared helpers (_reference, _models, _ensemble_study)
+# and the data stay here, at the top of tests/
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one thread per pytest-xdist worker: with -n 2 on two cores, two threads each oversubscribe the

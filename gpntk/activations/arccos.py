@@ -22,8 +22,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from .._validation import integer_argument
 from ..errors import ArchitectureError
-from ..validation import integer_argument
 from .base import Activation, correlation, double_factorial
 from .base import real_parameter as _real
 

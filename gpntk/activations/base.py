@@ -21,13 +21,14 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from ..coincident import exact_values
+from .._validation import real_argument
+from ..core.coincident import exact_values
+from ..core.finite import ElementwiseActivation
+from ..core.hyperparameters import Hyperparameters
+from ..core.layer import Layer, Shape, Signature
+from ..core.spatial import Layout
+from ..core.state import KernelState, midpoint, set_diagonal
 from ..errors import ArchitectureError
-from ..finite import ElementwiseActivation
-from ..layers.base import Hyperparameters, Layer, Shape, Signature
-from ..spatial import Layout
-from ..state import KernelState, midpoint, set_diagonal
-from ..validation import real_argument
 
 __all__ = ["Activation", "correlation", "safe_sqrt", "gram_determinant", "real_parameter", "double_factorial"]
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validation import integer_argument
 from ..errors import ArchitectureError
-from ..validation import integer_argument
 from .base import Activation, double_factorial, real_parameter
 
 __all__ = ["Polynomial", "Monomial", "gaussian_moment"]

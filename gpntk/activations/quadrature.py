@@ -45,9 +45,9 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
-from ..coincident import is_transformed
+from .._transforms import is_transformed
+from .._validation import integer_argument
 from ..errors import ApproximationWarning, ArchitectureError
-from ..validation import integer_argument
 from .base import Activation, correlation, safe_sqrt
 
 __all__ = ["Elementwise", "Tanh", "Sigmoid", "Softplus", "SiLU"]

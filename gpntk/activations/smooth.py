@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..coincident import _is_batched
+from .._transforms import is_batched
 from .base import Activation, gram_determinant, real_parameter
 
 __all__ = ["Erf", "GELU", "Sin", "Cos", "Rbf", "Exp", "Gaussian"]
@@ -237,7 +237,7 @@ class Gaussian(Activation):
         return k12, kdot12
 
     def _check_finite(self, q: Tensor) -> None:
-        if self.b <= 0 or _is_batched(q):  # inside vmap no value can raise: an infinite moment gives NaN
+        if self.b <= 0 or is_batched(q):  # inside vmap no value can raise: an infinite moment gives NaN
             return
         if bool((4 * self.b * q >= 1).any()):
             raise ValueError(

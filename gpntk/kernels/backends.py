@@ -29,8 +29,8 @@ from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from .. import settings
+from ..core.layer import Layer
 from ..errors import ApproximationWarning
-from ..layers.base import Layer
 from .blockwise import BlockwiseKernelOperator
 from .dense import Output, batch_shape_of, check_finite_kernel, evaluate, numbers_per_pair
 
@@ -53,7 +53,7 @@ def keops_unsupported_reason(net: Layer, input_shape: Sequence[int] | None) -> s
     """``None`` when the KeOps backend can evaluate ``net``, else why not."""
     if not keops_available():
         return "pykeops is not installed (pip install 'gpntk[keops]')"
-    from .keops import keops_supported
+    from ..contrib.keops import keops_supported
 
     return keops_supported(net, input_shape)
 
@@ -114,7 +114,7 @@ def covariance_function(
             x1, x2, hyper, net=net, output=output, input_shape=input_shape, block_elements=block_elements
         )
     if chosen == "keops":
-        from .keops import keops_covariance
+        from ..contrib.keops import keops_covariance
 
         return keops_covariance(x1, x2, net=net, output=output, hyper=hyper)
     cov, ntk = evaluate(

@@ -29,7 +29,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from ..layers.base import Layer
+from ..core.layer import Layer
 from .dense import Output, _recursion, _use_fusion, batch_shape_of, check_finite_kernel, evaluate, kernel_blocks
 
 __all__ = ["kernel_matmul", "BlockwiseKernelOperator"]

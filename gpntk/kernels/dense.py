@@ -25,11 +25,13 @@ import torch
 from torch import Tensor
 
 from .. import settings
-from ..coincident import Coincidence, RowIds, _is_batched, is_transformed
+from .._transforms import is_batched, is_transformed
+from ..core.coincident import Coincidence, RowIds
+from ..core.hyperparameters import Hyperparameters
+from ..core.layer import Layer
+from ..core.spatial import Layout
+from ..core.state import KernelState
 from ..errors import NumericalWarning
-from ..layers.base import Hyperparameters, Layer
-from ..spatial import Layout
-from ..state import KernelState
 
 __all__ = [
     "evaluate", "kernel_diagonal", "nngp_and_ntk", "same_inputs", "input_layout",
@@ -55,7 +57,7 @@ def same_inputs(x1: Tensor, x2: Tensor) -> bool:
     """
     if x1 is x2:
         return True
-    if x1.shape != x2.shape or _is_batched(x1) or _is_batched(x2):
+    if x1.shape != x2.shape or is_batched(x1) or is_batched(x2):
         return False
     return bool(torch.equal(x1, x2))
 

@@ -28,7 +28,8 @@ import torch
 from gpytorch.kernels import Kernel
 from torch import Tensor, nn
 
-from ..empirical import (
+from .._validation import SUPPORTED_DTYPES, check_kernel_inputs, expanded_batch_shape, integer_argument
+from ..empirical.functions import (
     _affine_scales,
     _differentiable,
     _ensure_initialized,
@@ -38,7 +39,6 @@ from ..empirical import (
     _structured_applicable,
     empirical_ntk,
 )
-from ..validation import SUPPORTED_DTYPES, check_kernel_inputs, expanded_batch_shape, integer_argument
 
 __all__ = ["EmpiricalNTKKernel", "empirical_covariance", "empirical_diagonal"]
 

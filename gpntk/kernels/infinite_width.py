@@ -2,7 +2,6 @@ r"""GPyTorch kernels of infinitely wide networks: :class:`NTKKernel` and :class:
 
 from __future__ import annotations
 
-import operator
 from copy import deepcopy
 from typing import Any, Sequence, cast
 
@@ -12,8 +11,9 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from .. import settings
-from ..layers.base import Hyperparameters, Layer, check_network, parameterized_layers
-from ..validation import check_kernel_inputs, expanded_batch_shape, real_argument
+from .._validation import check_input_shape, check_kernel_inputs, expanded_batch_shape, integer_argument, real_argument
+from ..core.hyperparameters import Hyperparameters, parameterized_layers
+from ..core.layer import Layer, check_network
 from .backends import InfiniteWidthKernelOperator, choose_backend, covariance_function
 from .dense import Output, batch_shape_of, evaluate, kernel_diagonal
 from .shared_priors import track_network_priors
@@ -83,16 +83,13 @@ class InfiniteWidthKernel(Kernel):
             )
         _reject_unsupported_kwargs(type(self).__name__, kwargs)
         super().__init__(batch_shape=torch.Size(batch_shape), active_dims=active_dims)
-        self.input_shape = _check_input_shape(input_shape)
+        self.input_shape = check_input_shape(input_shape)
         check_network(net, self.input_shape)
         net = _net_with_batch_shape(net, self.batch_shape)
         track_network_priors(net, type(self).__name__)
         self.net = net
         if block_elements is not None:
-            try:
-                block_elements = _positive_int(block_elements)
-            except (TypeError, ValueError):
-                raise ValueError(f"block_elements must be a positive integer, got {block_elements!r}") from None
+            block_elements = integer_argument("block_elements", block_elements, minimum=1)
         self.block_elements = block_elements
         if backend is not None:
             settings.kernel_backend._check(backend)
@@ -325,28 +322,3 @@ class NeuralKernelSum(InfiniteWidthKernel):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.net!r}, ntk_weight={self.ntk_weight:g}, nngp_weight={self.nngp_weight:g})"
-
-
-def _check_input_shape(input_shape: Sequence[int] | None) -> tuple[int, ...] | None:
-    if input_shape is None:
-        return None
-    message = f"input_shape must be a sequence of positive integers, got {input_shape!r}"
-    if isinstance(input_shape, (str, bytes)):
-        raise ValueError(message)
-    try:
-        shape = tuple(_positive_int(s) for s in input_shape)
-    except (TypeError, ValueError):
-        raise ValueError(message) from None
-    if not shape:
-        raise ValueError(message)
-    return shape
-
-
-def _positive_int(value: Any) -> int:
-    """``value`` as an int if it is a positive integer (not a bool, not a float like 2.5)."""
-    if isinstance(value, bool):
-        raise TypeError
-    value = operator.index(value)
-    if value < 1:
-        raise ValueError
-    return value

@@ -28,8 +28,9 @@ from ..activations import (
     Softplus,
     Tanh,
 )
+from ..core.layer import Layer, Signature, check_network
 from .affine import Affine
-from .base import Identity, Layer, Serial, Signature, check_network, serial
+from .base import Identity, Serial, serial
 from .branching import FanInConcat, FanInProd, FanInSum, FanOut, Parallel, parallel
 from .conv import Conv
 from .dense import Dense

@@ -13,10 +13,11 @@ from gpytorch.constraints import Interval, Positive
 from gpytorch.priors import Prior
 from torch import Tensor
 
+from .._validation import real_argument
+from ..core.hyperparameters import Hyperparameters
+from ..core.layer import Layer
+from ..core.state import KernelState
 from ..errors import ArchitectureError
-from ..state import KernelState
-from ..validation import real_argument
-from .base import Hyperparameters, Layer
 
 __all__ = ["Affine"]
 

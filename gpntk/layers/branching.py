@@ -18,10 +18,13 @@ from typing import Iterator, Sequence, cast
 import torch
 from torch import Tensor, nn
 
+from .._validation import integer_argument
+from ..core.finite import Branches, MergeBranches, ParallelBranches
+from ..core.hyperparameters import Hyperparameters
+from ..core.layer import Layer, Shape, Shapes, Signature, Signatures, States
+from ..core.state import KernelState
 from ..errors import ArchitectureError
-from ..finite import Branches, MergeBranches, ParallelBranches
-from ..state import KernelState
-from .base import Hyperparameters, Layer, Serial, Shape, Shapes, Signature, Signatures, States, _positive_integer
+from .base import Serial
 
 __all__ = ["FanOut", "Parallel", "parallel", "FanInSum", "FanInConcat", "FanInProd"]
 
@@ -36,7 +39,7 @@ class FanOut(Layer):
     def __init__(self, num: int) -> None:
         super().__init__()
         try:
-            self.num = _positive_integer("FanOut num", num)
+            self.num = integer_argument("FanOut num", num, minimum=1)
         except ValueError as error:
             raise ArchitectureError(str(error)) from None
 

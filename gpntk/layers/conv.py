@@ -7,12 +7,14 @@ from typing import Any, Literal, cast, overload
 import torch
 from torch import nn
 
+from .._validation import integer_argument
+from ..core.finite import NTKConv
+from ..core.hyperparameters import Hyperparameters
+from ..core.layer import Shape, Signature
+from ..core.spatial import PADDINGS, Layout, Padding, Window, convolve, window_geometry
+from ..core.state import KernelState
 from ..errors import ArchitectureError
-from ..finite import NTKConv
-from ..spatial import PADDINGS, Layout, Padding, Window, convolve, window_geometry
-from ..state import KernelState
 from .affine import Affine
-from .base import Hyperparameters, Shape, Signature, _positive_integer
 
 __all__ = ["Conv"]
 
@@ -29,11 +31,11 @@ def spatial_sizes(name: str, value: object, allow_none: bool = False) -> tuple[i
         if not value:
             raise ArchitectureError(f"{name} must not be empty")
         try:
-            return tuple(_positive_integer(name, v) for v in value)
+            return tuple(integer_argument(name, v, minimum=1) for v in value)
         except ValueError as error:
             raise ArchitectureError(str(error)) from None
     try:
-        return _positive_integer(name, value)
+        return integer_argument(name, value, minimum=1)
     except ValueError as error:
         raise ArchitectureError(str(error)) from None
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..finite import ChannelsLast, NTKLinear
-from ..state import KernelState
+from ..core.finite import ChannelsLast, NTKLinear
+from ..core.hyperparameters import Hyperparameters
+from ..core.layer import Shape, Signature
+from ..core.state import KernelState
 from .affine import Affine
-from .base import Hyperparameters, Shape, Signature
 
 __all__ = ["Dense"]
 

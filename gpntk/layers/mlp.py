@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._validation import integer_argument
 from ..activations import Activation, activation_from_name
 from ..errors import ArchitectureError
-from ..validation import integer_argument
 from .base import Serial, serial
 from .dense import Dense
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._validation import real_argument
+from ..core.finite import ChannelNorm
+from ..core.hyperparameters import Hyperparameters
+from ..core.layer import Layer, Shape, Signature
+from ..core.state import KernelState
 from ..errors import ArchitectureError
-from ..finite import ChannelNorm
-from ..state import KernelState
-from ..validation import real_argument
-from .base import Hyperparameters, Layer, Shape, Signature
 
 __all__ = ["LayerNorm"]
 

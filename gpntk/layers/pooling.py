@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..finite import AvgPooling, FlattenRows, GlobalAvgPooling
-from ..spatial import Layout, Window, pool
-from ..state import KernelState
-from .base import Hyperparameters, Layer, Shape, Signature
+from ..core.finite import AvgPooling, FlattenRows, GlobalAvgPooling
+from ..core.hyperparameters import Hyperparameters
+from ..core.layer import Layer, Shape, Signature
+from ..core.spatial import Layout, Window, pool
+from ..core.state import KernelState
 from .conv import check_padding, output_spatial, spatial_input, spatial_sizes, windows_for
 
 __all__ = ["AvgPool", "GlobalAvgPool", "Flatten"]

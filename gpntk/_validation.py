@@ -1,0 +1,194 @@
+"""Input and argument checks shared by gpntk's modules: errors that name what is wrong.
+
+Arguments (:func:`integer_argument`, :func:`real_argument`) accept what a user would call an
+integer or a real number, whatever library made it: Python ``int``/``float``, numpy scalars
+(``np.int64(5)``, ``np.float32(0.1)``), 0-dimensional numpy arrays and one-element real torch
+tensors. They refuse, with a message naming the argument, what only looks like one: ``bool``
+(``True`` is no width), strings (``"12"`` is no number and no list of digits), complex numbers,
+integral-valued floats where an integer is needed (``3.0`` layers), NaN and infinities.
+
+Tensor inputs (:func:`check_inputs`) must be float32 or float64: float16 and bfloat16 have too
+small a range for the kernel recursions (squared norms of inputs with entries near 100 overflow
+float16) and too few digits for a Cholesky factorisation, so they are refused with a TypeError
+naming the dtype rather than returning NaN; convert with ``x.float()`` or ``x.double()``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._transforms import is_batched
+
+__all__ = [
+    "check_input_shape",
+    "check_inputs", "check_kernel_inputs", "expanded_batch_shape", "integer_argument", "real_argument",
+    "SUPPORTED_DTYPES",
+]
+
+#: the floating-point dtypes gpntk computes in
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def integer_argument(
+    name: str, value: Any, *, minimum: int | None = None, error: type[Exception] = ValueError
+) -> int:
+    """``value`` as a Python ``int``: a Python or numpy integer or an integer tensor/array of one element.
+
+    Raises ``error`` (a ValueError subclass by default) naming ``name`` for a bool, a float (even
+    ``3.0``), a string, a complex number, or a value below ``minimum``.
+    """
+    bound = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}"
+    )
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, str):
+        raise error(f"{name} must be {bound}, got {_describe(value)}")
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if isinstance(value, np.ndarray):
+            size, integral = value.size, value.dtype.kind in "iu"
+        else:
+            size = value.numel()
+            integral = not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
+        if size != 1 or not integral:
+            raise error(f"{name} must be {bound}, got {_describe(value)}")
+        value = value.reshape(-1)[0].item()
+    try:
+        result = operator.index(value)
+    except TypeError:
+        raise error(f"{name} must be {bound}, got {_describe(value)}") from None
+    if minimum is not None and result < minimum:
+        raise error(f"{name} must be {bound}, got {value!r}")
+    return int(result)
+
+
+def real_argument(
+    name: str,
+    value: object,
+    *,
+    minimum: float | None = None,
+    strict: bool = False,
+    finite: bool = True,
+    error: type[Exception] = ValueError,
+) -> float:
+    """``value`` as a Python ``float``: any real number (Python, numpy, one-element real tensor/array).
+
+    Raises ``error`` naming ``name`` for a bool, a string, a complex number, NaN, an infinity
+    (unless ``finite=False``, which still refuses NaN), or a value below ``minimum`` (at or below it
+    with ``strict``).
+    """
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
+        raise error(f"{name} must be a number, got {_describe(value)}")
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        size = value.size if isinstance(value, np.ndarray) else value.numel()
+        complex_or_bool = (
+            value.dtype.kind in "cbOSU" if isinstance(value, np.ndarray)
+            else value.dtype.is_complex or value.dtype == torch.bool
+        )
+        if size != 1 or complex_or_bool:
+            raise error(f"{name} must be a number, got {_describe(value)}")
+        value = value.reshape(-1)[0].item()
+    if not isinstance(value, numbers.Real):
+        raise error(f"{name} must be a number, got {_describe(value)}")
+    result = float(value)
+    if math.isnan(result) or (finite and math.isinf(result)):
+        raise error(f"{name} must be finite, got {result}")
+    if minimum is not None and (result < minimum or (strict and result == minimum)):
+        bound = {(0.0, True): "positive", (0.0, False): "non-negative"}.get(
+            (minimum, strict), f"{'>' if strict else '>='} {minimum:g}"
+        )
+        raise error(f"{name} must be {bound}, got {result}")
+    return result
+
+
+def check_inputs(name: str, x: Tensor, *, batched: bool) -> None:
+    """``x`` must be a finite float32 or float64 tensor of shape ``(..., n, d)`` (``(n, d)`` unless ``batched``)."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}, which gpntk does not compute in (too small a range and precision for "
+            "the kernel recursions); convert it with .float() (float32) or .double() (float64)"
+        )
+    if batched and x.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., n, d), got {tuple(x.shape)}")
+    if not batched and x.dim() != 2:
+        raise ValueError(f"{name} must have shape (n, d), got {tuple(x.shape)}")
+    if is_batched(x):  # inside torch.func.vmap values cannot decide a branch: NaN inputs give NaN kernels
+        return
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        raise ValueError(f"{name} contains {int(bad.sum())} NaN or infinite values")
+
+
+def check_kernel_inputs(x1: Tensor, x2: Tensor, *, diag: bool, input_shape: tuple[int, ...] | None = None) -> None:
+    """The two inputs of a kernel call: finite float tensors ``(..., n, d)`` of one dtype, device and ``d``.
+
+    With ``diag`` they are paired row by row, so they need as many rows; with ``input_shape``
+    each row holds a tensor of that shape.
+    """
+    for name, x in (("x1", x1), ("x2", x2)):
+        check_inputs(name, x, batched=True)
+    if x1.dtype != x2.dtype:
+        raise TypeError(f"x1 is {x1.dtype} but x2 is {x2.dtype}; convert both to the same dtype")
+    if x1.device != x2.device:
+        raise ValueError(f"x1 is on {x1.device} but x2 is on {x2.device}")
+    if x1.shape[-1] != x2.shape[-1]:
+        raise ValueError(
+            f"x1 has {x1.shape[-1]} features but x2 has {x2.shape[-1]} (shapes {tuple(x1.shape)} "
+            f"and {tuple(x2.shape)})"
+        )
+    if input_shape is not None and x1.shape[-1] != math.prod(input_shape):
+        raise ValueError(
+            f"input_shape {input_shape} needs {math.prod(input_shape)} features per row, got {x1.shape[-1]}"
+        )
+    if x1.shape[-1] == 0:
+        raise ValueError("inputs have zero features")
+    if diag and x1.shape[-2] != x2.shape[-2]:
+        raise ValueError(
+            f"diag=True pairs the rows of x1 and x2, which needs as many points in both; got "
+            f"{x1.shape[-2]} and {x2.shape[-2]} (shapes {tuple(x1.shape)} and {tuple(x2.shape)})"
+        )
+
+
+def expanded_batch_shape(sizes: tuple[Any, ...], current: torch.Size) -> torch.Size:
+    """The batch shape asked of ``Kernel.expand_batch(*sizes)`` (sizes or one iterable), checked against ``current``."""
+    if len(sizes) == 1 and hasattr(sizes[0], "__iter__"):
+        shape = torch.Size(sizes[0])
+    else:
+        shape = torch.Size(sizes)
+    try:
+        torch.broadcast_shapes(shape, current)
+    except RuntimeError:
+        raise RuntimeError(f"Cannot expand a kernel with batch shape {current} to {shape}") from None
+    return shape
+
+
+def check_input_shape(input_shape: Sequence[int] | None) -> tuple[int, ...] | None:
+    """``input_shape`` as a tuple of positive ints (``(C, *spatial)`` or ``(d,)``), or ``None``."""
+    if input_shape is None:
+        return None
+    message = f"input_shape must be a sequence of positive integers, got {input_shape!r}"
+    if isinstance(input_shape, (str, bytes)):
+        raise ValueError(message)
+    try:
+        shape = tuple(integer_argument("input_shape", s, minimum=1) for s in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if not shape:
+        raise ValueError(message)
+    return shape

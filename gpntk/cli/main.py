@@ -1,0 +1,90 @@
+"""Argument parsing of the command line: ``gpntk demo`` / ``gpntk fit`` (``python -m gpntk`` too)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+
+def _time(text: str) -> float:
+    from .csv_fit import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error) if "times" in str(error) else f"not a time: {text!r}") from None
+
+
+def _add_fit_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
+    from .options import ACTIVATION_NAMES, DEFAULT_DIAG_REG, DEFAULT_TIMES  # no torch: --help stays light
+
+    fit = sub.add_parser(
+        "fit",
+        help="fit a CSV file with a trained ensemble of infinitely wide MLPs; write predictions with uncertainty",
+        description="Fit the CSV file TRAIN (header row, numeric cells) with an infinite ensemble of infinitely "
+        "wide MLPs trained by gradient descent for each of --times steps, and write the ensemble's mean and "
+        "standard deviation (the spread over random initialisations: epistemic, no noise term) at the rows "
+        "of --predict, or at the training rows.",
+    )
+    fit.add_argument("train", help="training CSV file with a header row")
+    fit.add_argument("--target", nargs="+", default=None, metavar="COLUMN",
+                     help="target column(s) (default: the last column)")
+    fit.add_argument("--features", nargs="+", default=None, metavar="COLUMN",
+                     help="input columns (default: all columns that are not targets)")
+    fit.add_argument("--predict", default=None, metavar="CSV",
+                     help="CSV file with the feature columns to predict at (default: the training rows); "
+                     "if it has the target column(s), test RMSE and mean NLL are printed per time")
+    fit.add_argument("--times", nargs="+", type=_time, default=list(DEFAULT_TIMES), metavar="T",
+                     help="training times in gradient-descent steps, >= 0 or inf (default: 100 1000 inf)")
+    fit.add_argument("--output", "-o", default="predictions.csv",
+                     help="output CSV, '-' for stdout (default: predictions.csv); columns: the features, then "
+                     "mean_<target>_t<time> and std_<target>_t<time>")
+    fit.add_argument("--depth", type=int, default=3, help="hidden layers (default: 3)")
+    fit.add_argument("--activation", default="relu", type=str.lower, choices=ACTIVATION_NAMES, metavar="NAME",
+                     help=f"activation (default: relu; one of {', '.join(ACTIVATION_NAMES)})")
+    fit.add_argument("--weight-variance", type=float, default=2.0, help="σw² (default: 2.0)")
+    fit.add_argument("--bias-variance", type=float, default=0.1, help="σb² (default: 0.1)")
+    fit.add_argument("--regime", choices=("ntk", "nngp", "ntkgp"), default="ntk",
+                     help="ntk: all layers trained; nngp: readout only; ntkgp: NTK-GP (default: ntk)")
+    fit.add_argument("--diag-reg", type=float, default=DEFAULT_DIAG_REG,
+                     help=f"absolute ridge added to the training kernel (default: {DEFAULT_DIAG_REG:g})")
+    fit.add_argument("--learning-rate", type=float, default=None,
+                     help="gradient-descent learning rate the times are counted in (default: half the largest "
+                     "stable one, 0.5 * max_learning_rate(regime))")
+    fit.add_argument("--no-standardize", dest="standardize", action="store_false",
+                     help="do not standardize features and targets with the training mean and std")
+    return fit
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpntk", description="Infinitely wide neural networks as GPyTorch GPs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="trained-ensemble posteriors and NTK/NNGP GPs on built-in problems")
+    demo.add_argument("--figure", default="gpntk-demo.png", help="where to save the figure (PNG); '' for none")
+    fit = _add_fit_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run
+
+        run(figure=args.figure or None)
+    elif args.command == "fit":
+        from .csv_fit import CSVFitError, fit_csv
+
+        if args.depth < 0:
+            fit.error(f"--depth must be >= 0, got {args.depth}")
+        for flag, value in (("--weight-variance", args.weight_variance), ("--bias-variance", args.bias_variance)):
+            if not (math.isfinite(value) and value >= 0):
+                fit.error(f"{flag} must be a finite number >= 0, got {value}")
+        try:
+            fit_csv(
+                args.train, targets=args.target, features=args.features, predict_path=args.predict,
+                times=args.times, output=args.output, depth=args.depth, activation=args.activation,
+                weight_variance=args.weight_variance, bias_variance=args.bias_variance, regime=args.regime,
+                diag_reg=args.diag_reg, learning_rate=args.learning_rate, standardize_data=args.standardize,
+                print_fn=(lambda s: print(s, file=sys.stderr)) if args.output == "-" else print,
+            )
+        except CSVFitError as error:
+            fit.error(str(error))
+    return 0
+
