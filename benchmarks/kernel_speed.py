@@ -81,7 +81,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
 from _memory import peak_rss_kib, reset_peak_rss, status_kib
 
 DEFAULT_NT_PYTHON = "/work/main/.venv-nt/bin/python"
@@ -144,8 +143,8 @@ def worker_gpntk(spec: dict, tmp: Path) -> dict:
     import torch
 
     import gpntk
-    from gpntk.kernels import dense
     from gpntk.kernels.dense import nngp_and_ntk
+    from gpntk.kernels.fusion import FusionPolicy
 
     _set_threads_torch(torch, spec["threads"])
     dtype = getattr(torch, spec["dtype"])
@@ -162,10 +161,12 @@ def worker_gpntk(spec: dict, tmp: Path) -> dict:
         "measurements": {},
     }
 
+    fusion = FusionPolicy()  # one owner for all calls, as a kernel object is for its evaluations
+
     def call(mode, track_ntk):
         def fn():
             with torch.no_grad(), gpntk.settings.fusion(mode):
-                return nngp_and_ntk(net, x, track_ntk=track_ntk)
+                return nngp_and_ntk(net, x, track_ntk=track_ntk, fusion=fusion)
         return fn
 
     try:
@@ -195,8 +196,8 @@ def worker_gpntk(spec: dict, tmp: Path) -> dict:
             _save(tmp, name, arrays)
             del out, nngp, ntk, arrays
         caught += [f"{rec.category.__name__}: {rec.message}" for rec in w]
-    result["compiled"] = dense._compiled_kernels is not None and not dense._compile_failed
-    result["compile_failed"] = bool(dense._compile_failed)
+    result["compiled"] = fusion.compiled and not fusion.failed
+    result["compile_failed"] = fusion.failed
     if counters is not None:
         result["dynamo_stats"] = {k: int(v) for k, v in counters["stats"].items()}
     result["warnings"] = sorted(set(caught))

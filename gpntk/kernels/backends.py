@@ -8,7 +8,7 @@ is given (:func:`choose_backend`, :class:`gpntk.settings.kernel_backend`) whethe
 * a dense tensor (:mod:`gpntk.kernels.dense`), stored once, for matrices that fit;
 * a :class:`~gpntk.kernels.blockwise.BlockwiseKernelOperator`, whose products recompute the
   kernel block by block (any architecture, memory :math:`O(n)`);
-* a pykeops ``LazyTensor`` (:mod:`gpntk.kernels.keops`), a symbolic matrix whose products are
+* a pykeops ``LazyTensor`` (:mod:`gpntk.contrib.keops`), a symbolic matrix whose products are
   KeOps reductions (fully-connected architectures with closed-form activations).
 
 :class:`NTKKernel.forward <gpntk.NTKKernel>` returns the dense tensor where the dense backend is
@@ -32,7 +32,10 @@ from .. import settings
 from ..core.layer import Layer
 from ..errors import ApproximationWarning
 from .blockwise import BlockwiseKernelOperator
-from .dense import Output, batch_shape_of, check_finite_kernel, evaluate, numbers_per_pair
+from .dense import evaluate
+from .engine import Output, check_finite_kernel
+from .fusion import FusionPolicy
+from .planning import batch_shape_of, numbers_per_pair
 
 if TYPE_CHECKING:  # pragma: no cover
     from pykeops.torch import LazyTensor
@@ -98,27 +101,31 @@ def covariance_function(
     input_shape: Sequence[int] | None = None,
     block_elements: int | None = None,
     backend: settings.Backend | None = None,
+    fusion: FusionPolicy | None = None,
     **hyper: Tensor,
 ) -> "Tensor | LinearOperator | LazyTensor":
     r"""The kernel matrix ``(..., n1, n2)`` between ``x1`` (..., n1, d) and ``x2`` (..., n2, d).
 
     ``hyper`` holds the network's hyperparameter tensors (``(..., 1, 1)`` each) keyed as in
-    :class:`~gpntk.layers.base.Hyperparameters`; ``output`` picks the NTK :math:`\Theta` or the
-    NNGP :math:`\Sigma` of the readout; ``input_shape`` ``(C, *spatial)`` describes spatial inputs.
+    :class:`~gpntk.core.hyperparameters.Hyperparameters`; ``output`` picks the NTK :math:`\Theta` or the
+    NNGP :math:`\Sigma` of the readout; ``input_shape`` ``(C, *spatial)`` describes spatial inputs;
+    ``fusion`` is the calling kernel's compile policy (:mod:`gpntk.kernels.fusion`).
     Returns a tensor, a :class:`~gpntk.kernels.blockwise.BlockwiseKernelOperator` or a pykeops
     ``LazyTensor`` (:func:`choose_backend`); each supports ``@`` and gradients.
     """
     chosen = choose_backend(net, x1, x2, hyper, input_shape, backend)
     if chosen == "blockwise":
         return BlockwiseKernelOperator.from_hyperparameters(
-            x1, x2, hyper, net=net, output=output, input_shape=input_shape, block_elements=block_elements
+            x1, x2, hyper, net=net, output=output, input_shape=input_shape, block_elements=block_elements,
+            fusion=fusion,
         )
     if chosen == "keops":
         from ..contrib.keops import keops_covariance
 
         return keops_covariance(x1, x2, net=net, output=output, hyper=hyper)
     cov, ntk = evaluate(
-        net, x1, x2, hyper, input_shape=input_shape, track_ntk=output == "ntk", block_elements=block_elements
+        net, x1, x2, hyper, input_shape=input_shape, track_ntk=output == "ntk", block_elements=block_elements,
+        fusion=fusion,
     )
     out = cast(Tensor, cov if output == "nngp" else ntk)  # ntk is computed for "ntk"
     return out.expand(*batch_shape_of(x1, x2, hyper), x1.shape[-2], x2.shape[-2])

@@ -10,7 +10,7 @@ input pairs,
     (K V)_{r} = \sum_c K_{rc} V_c, \qquad
     \frac{\partial\, u^\top K v}{\partial \theta} = \sum_{r, c} \frac{\partial\, u_r^\top K_{rc} v_c}{\partial \theta},
 
-so each block :math:`K_{rc}` is computed by the layer recursion (:mod:`gpntk.kernels.dense`),
+so each block :math:`K_{rc}` is computed by the layer recursion (:mod:`gpntk.kernels.engine`),
 used, and dropped: memory is :math:`O((n_1 + n_2) c + b)` for blocks of :math:`b` numbers, and
 the time is that of one kernel evaluation per product. For :math:`K(X, X)` only blocks on and
 above the diagonal are computed; each off-diagonal block serves both :math:`K_{rc} V_c` and
@@ -30,7 +30,10 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ..core.layer import Layer
-from .dense import Output, _recursion, _use_fusion, batch_shape_of, check_finite_kernel, evaluate, kernel_blocks
+from .dense import evaluate
+from .engine import Output, check_finite_kernel, run_block
+from .fusion import FusionPolicy
+from .planning import batch_shape_of, kernel_blocks
 
 __all__ = ["kernel_matmul", "BlockwiseKernelOperator"]
 
@@ -47,6 +50,7 @@ def kernel_matmul(
     kinds: Sequence[Output] = ("ntk",),
     input_shape: Sequence[int] | None = None,
     block_elements: int | None = None,
+    fusion: FusionPolicy | None = None,
 ) -> tuple[Tensor, ...]:
     r"""The products :math:`K(x_1, x_2)\, V` for each kernel in ``kinds``, without forming :math:`K`.
 
@@ -59,7 +63,8 @@ def kernel_matmul(
 
     Runs without building an autograd graph (use :class:`BlockwiseKernelOperator` for
     gradients). Memory: the inputs, the outputs and one block of at most ``block_elements``
-    numbers per intermediate tensor of the recursion.
+    numbers per intermediate tensor of the recursion. ``fusion``: the caller's compile policy
+    (:class:`~gpntk.kernels.fusion.FusionPolicy`; ``None``: a fresh one).
     """
     unknown = [kind for kind in kinds if kind not in _KINDS]
     if unknown or not kinds:
@@ -70,12 +75,13 @@ def kernel_matmul(
     blocks, elements, _ = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
     batch = torch.broadcast_shapes(batch_shape_of(x1, x2, hyper), rhs.shape[:-2])
     outputs = [rhs.new_zeros(*batch, x1.shape[-2], rhs.shape[-1]) for _ in kinds]
+    fusion = FusionPolicy() if fusion is None else fusion
     with torch.no_grad():
-        fused = _use_fusion(net, x1, x2, hyper, input_shape, track_ntk, elements)
+        fused = fusion.use_fusion(x1, x2, hyper, input_shape, track_ntk, elements)
         for r, c, same, mirrored in blocks:
             a = x1[..., r, :]
             b = a if (same and x2 is x1) else x2[..., c, :]
-            cov, ntk = _recursion(net, a, b, hyper, input_shape, track_ntk, same, False, fused=fused)
+            cov, ntk = run_block(net, a, b, hyper, input_shape, track_ntk, same, False, fusion=fusion, fused=fused)
             for out, kind in zip(outputs, kinds):
                 block = cast(Tensor, ntk if kind == "ntk" else cov)  # ntk is computed when asked for
                 out[..., r, :] += block @ rhs[..., c, :]
@@ -108,14 +114,17 @@ class BlockwiseKernelOperator(LinearOperator):
         hyper_names: tuple[str, ...],
         input_shape: Sequence[int] | None = None,
         block_elements: int | None = None,
+        fusion: FusionPolicy | None = None,
     ):
+        fusion = FusionPolicy() if fusion is None else fusion
         super().__init__(
             x1, x2, *hyper_values, net=net, output=output, hyper_names=hyper_names, input_shape=input_shape,
-            block_elements=block_elements,
+            block_elements=block_elements, fusion=fusion,
         )
         self.x1, self.x2 = x1, x2
         self.hyper = dict(zip(hyper_names, hyper_values))
         self.net, self.output, self.input_shape, self.block_elements = net, output, input_shape, block_elements
+        self.fusion = fusion
 
     @classmethod
     def from_hyperparameters(
@@ -131,7 +140,7 @@ class BlockwiseKernelOperator(LinearOperator):
         rhs = rhs.unsqueeze(-1) if squeeze else rhs
         (out,) = kernel_matmul(
             self.net, x1, x2, self.hyper, rhs, kinds=(self.output,), input_shape=self.input_shape,
-            block_elements=self.block_elements,
+            block_elements=self.block_elements, fusion=self.fusion,
         )
         return out.squeeze(-1) if squeeze else out
 
@@ -146,7 +155,10 @@ class BlockwiseKernelOperator(LinearOperator):
         return self.from_hyperparameters(self.x2, self.x1, self.hyper, **self._options())
 
     def _options(self) -> dict[str, Any]:
-        return dict(net=self.net, output=self.output, input_shape=self.input_shape, block_elements=self.block_elements)
+        return dict(
+            net=self.net, output=self.output, input_shape=self.input_shape, block_elements=self.block_elements,
+            fusion=self.fusion,
+        )
 
     def _expand_batch(self, batch_shape: torch.Size) -> "BlockwiseKernelOperator":
         def expand(t: Tensor) -> Tensor:
@@ -158,7 +170,7 @@ class BlockwiseKernelOperator(LinearOperator):
     def to_dense(self) -> Tensor:
         cov, ntk = evaluate(
             self.net, self.x1, self.x2, self.hyper, input_shape=self.input_shape, track_ntk=self.output == "ntk",
-            block_elements=self.block_elements,
+            block_elements=self.block_elements, fusion=self.fusion,
         )
         out = cast(Tensor, ntk if self.output == "ntk" else cov)  # ntk is computed for "ntk"
         return out.expand(*self.batch_shape, *self.matrix_shape)
@@ -189,12 +201,14 @@ class BlockwiseKernelOperator(LinearOperator):
         grad_hyper = {name: torch.zeros_like(value) for name, value in hyper.items() if value.requires_grad}
         track_ntk = self.output == "ntk"
         with torch.enable_grad():
-            fused = _use_fusion(self.net, x1, x2, hyper, self.input_shape, track_ntk, elements)
+            fused = self.fusion.use_fusion(x1, x2, hyper, self.input_shape, track_ntk, elements)
         for r, c, same, mirrored in blocks:
             with torch.enable_grad():
                 a = x1[..., r, :].requires_grad_(wanted[0])
                 b = x2[..., c, :].requires_grad_(wanted[1])
-                cov, ntk = _recursion(self.net, a, b, hyper, self.input_shape, track_ntk, same, False, fused=fused)
+                cov, ntk = run_block(
+                    self.net, a, b, hyper, self.input_shape, track_ntk, same, False, fusion=self.fusion, fused=fused
+                )
                 block = cast(Tensor, ntk if track_ntk else cov)
                 value = (left_vecs[..., r, :] * (block @ right_vecs[..., c, :])).sum()
                 if mirrored:

@@ -15,7 +15,10 @@ from .._validation import check_input_shape, check_kernel_inputs, expanded_batch
 from ..core.hyperparameters import Hyperparameters, parameterized_layers
 from ..core.layer import Layer, check_network
 from .backends import InfiniteWidthKernelOperator, choose_backend, covariance_function
-from .dense import Output, batch_shape_of, evaluate, kernel_diagonal
+from .dense import evaluate, kernel_diagonal
+from .engine import Output
+from .fusion import FusionPolicy
+from .planning import batch_shape_of
 from .shared_priors import track_network_priors
 
 __all__ = ["InfiniteWidthKernel", "NTKKernel", "NNGPKernel", "NeuralKernelSum"]
@@ -91,6 +94,8 @@ class InfiniteWidthKernel(Kernel):
         if block_elements is not None:
             block_elements = integer_argument("block_elements", block_elements, minimum=1)
         self.block_elements = block_elements
+        #: this kernel's compile policy: it counts the kernel's own large evaluations (gpntk.settings.fusion)
+        self.fusion = FusionPolicy()
         if backend is not None:
             settings.kernel_backend._check(backend)
             if backend == "keops":
@@ -116,6 +121,7 @@ class InfiniteWidthKernel(Kernel):
         )
         if diag:
             return kernel_diagonal(x1, x2, hyper=hyper, **options)
+        options["fusion"] = self.fusion
         if choose_backend(self.net, x1, x2, hyper, self.input_shape, self.backend) == "dense":
             # a tensor: GPyTorch multiplies, adds and factorizes it exactly (as it does RBF's)
             hyper_kwargs: dict[str, Any] = hyper  # keyword arguments next to options: mypy cannot tell them apart
@@ -308,13 +314,15 @@ class NeuralKernelSum(InfiniteWidthKernel):
             )
         if choose_backend(self.net, x1, x2, hyper, self.input_shape, self.backend) == "dense":
             cov, ntk = evaluate(
-                self.net, x1, x2, hyper, track_ntk=True, **{k: options[k] for k in ("input_shape", "block_elements")}
+                self.net, x1, x2, hyper, track_ntk=True, input_shape=self.input_shape,
+                block_elements=self.block_elements, fusion=self.fusion,
             )
             out = a * cast(Tensor, ntk) + b * cov  # track_ntk=True: the NTK is computed
             return out.expand(*batch_shape_of(x1, x2, hyper), x1.shape[-2], x2.shape[-2])
         parts = [
             InfiniteWidthKernelOperator(
-                x1, x2, covar_func=covariance_function, backend=self.backend, output=output, **options, **hyper
+                x1, x2, covar_func=covariance_function, backend=self.backend, output=output, fusion=self.fusion,
+                **options, **hyper,
             ) * weight
             for output, weight in (("ntk", a), ("nngp", b)) if weight != 0 or (output == "ntk" and b == 0)
         ]

@@ -11,7 +11,7 @@ import gpntk
 from gpntk import layers as L
 from gpntk import settings
 from gpntk.core.hyperparameters import Hyperparameters
-from gpntk.kernels import backends, dense
+from gpntk.kernels import backends, dense, engine
 from gpntk.kernels.blockwise import BlockwiseKernelOperator, kernel_matmul
 
 DT = torch.float64
@@ -124,13 +124,13 @@ def test_blocks_never_hold_the_matrix(monkeypatch):
     """Every recursion call of a blockwise product or derivative sees at most one block of pairs."""
     net, input_shape, x, _ = _setup("mlp", n1=300)
     seen = []
-    original = dense._kernels
+    original = engine.block_kernels
 
     def recording(net, x1, x2, *args):
         seen.append(x1.shape[-2] * x2.shape[-2])
         return original(net, x1, x2, *args)
 
-    monkeypatch.setattr(dense, "_kernels", recording)
+    monkeypatch.setattr(engine, "block_kernels", recording)
     hyper = {
         name: value.detach().clone().requires_grad_() for name, value in Hyperparameters.collect(net, like=x).items()
     }

@@ -2,45 +2,55 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import gpntk
 from gpntk import layers as L
 from gpntk import settings
-from gpntk.kernels import dense
+from gpntk.kernels import fusion as fusion_module
+from gpntk.kernels.dense import nngp_and_ntk
+from gpntk.kernels.fusion import FusionPolicy
 
 pytestmark = [pytest.mark.usefixtures("float64_default"), pytest.mark.slow]
 
 
 @pytest.fixture
-def fresh_compiler(monkeypatch):
-    """Each test starts with no compiled function and no recorded failure."""
-    monkeypatch.setattr(dense, "_compiled_kernels", None)
-    monkeypatch.setattr(dense, "_compile_failed", False)
-    monkeypatch.setattr(dense, "_large_calls", {})
-
-
-@pytest.fixture
-def traced_only(fresh_compiler, monkeypatch):
+def traced_only(monkeypatch):
     """Trace with dynamo and AOTAutograd but skip C++ code generation (seconds instead of minutes)."""
-    monkeypatch.setattr(dense, "_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(fusion_module, "COMPILE_BACKEND", "aot_eager")
+
+
+def _kernels(net, input_shape=None):
+    return [cls(net, input_shape=input_shape) for cls in (gpntk.NNGPKernel, gpntk.NTKKernel)]
+
+
+def _values(kernels, x1, x2=None):
+    return [kernel(x1, x2).to_dense() for kernel in kernels]
+
+
+def _compiled(kernels):
+    return [kernel.fusion.compiled and not kernel.fusion.failed for kernel in kernels]
 
 
 def _both(net, x1, x2=None, input_shape=None):
-    return [cls(net, input_shape=input_shape)(x1, x2).to_dense() for cls in (gpntk.NNGPKernel, gpntk.NTKKernel)]
+    return _values(_kernels(net, input_shape), x1, x2)
 
 
-def test_inductor_compiled_kernels_equal_eager(fresh_compiler):
+def test_inductor_compiled_kernels_equal_eager():
     """The real backend (C++ code generation), once, on a small network without gradients."""
     net = L.mlp(1, "relu", 2.0, 0.1)
     x = torch.randn(20, 4, generator=torch.Generator().manual_seed(3))
+    kernels = _kernels(net)
     with torch.no_grad():
         with settings.fusion(False):
-            eager = _both(net, x)
+            eager = _values(kernels, x)
+        assert _compiled(kernels) == [False, False]
         with settings.fusion(True):
-            fused = _both(net, x)
-    assert dense._compiled_kernels is not None and not dense._compile_failed
+            fused = _values(kernels, x)
+    assert _compiled(kernels) == [True, True]
     for a, b in zip(eager, fused):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -50,26 +60,28 @@ def test_traced_kernels_and_gradients_equal_eager(traced_only):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 5, generator=g, requires_grad=True)
     y = torch.randn(30, 5, generator=g)
+    kernels = _kernels(net)
     with settings.fusion(False):
-        eager = _both(net, x, y)
+        eager = _values(kernels, x, y)
         (eager_grad,) = torch.autograd.grad(eager[1].square().sum(), x)
     with settings.fusion(True):
-        fused = _both(net, x, y)
+        fused = _values(kernels, x, y)
         (fused_grad,) = torch.autograd.grad(fused[1].square().sum(), x)
-    assert dense._compiled_kernels is not None and not dense._compile_failed
+    assert _compiled(kernels) == [True, True]
     for a, b in zip(eager, fused):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(eager_grad, fused_grad, rtol=1e-10, atol=1e-10)
 
 
-def test_spatial_architectures_run_eagerly(fresh_compiler):
+def test_spatial_architectures_run_eagerly():
     net = L.serial(
         L.Conv(3, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.AvgPool(2), L.GlobalAvgPool(), L.Dense(2.0)
     )
     x = torch.randn(6, 2 * 4 * 4, generator=torch.Generator().manual_seed(1))
+    kernels = _kernels(net, input_shape=(2, 4, 4))
     with settings.fusion(True):
-        _both(net, x, input_shape=(2, 4, 4))
-    assert dense._compiled_kernels is None
+        _values(kernels, x)
+    assert _compiled(kernels) == [False, False]
 
 
 def test_auto_policy_compiles_only_repeated_large_evaluations_without_gradients():
@@ -85,27 +97,60 @@ def test_auto_policy_compiles_only_repeated_large_evaluations_without_gradients(
         assert not settings.fusion.enabled_for(10 * big, needs_grad=False)
 
 
-def test_auto_compiles_from_the_third_large_evaluation_of_a_network(traced_only, monkeypatch):
+def test_auto_compiles_from_the_third_large_evaluation_of_a_kernel(traced_only, monkeypatch):
     monkeypatch.setattr(settings, "FUSION_MIN_ELEMENTS", 100)
     net, other = L.mlp(1, "relu"), L.mlp(1, "erf")
     x = torch.randn(12, 3, generator=torch.Generator().manual_seed(4))
+    kernels, others = _kernels(net), _kernels(other)
     with torch.no_grad(), settings.fusion("auto"):
         for _ in range(settings.FUSION_AFTER_CALLS):
-            _both(net, x)  # one NNGP and one NTK evaluation each time: counted separately
-        assert dense._compiled_kernels is None
-        _both(other, x)  # another network has its own count
-        assert dense._compiled_kernels is None
-        fused = _both(net, x)
-        assert dense._compiled_kernels is not None
+            _values(kernels, x)  # one NNGP and one NTK evaluation each time: each kernel counts its own
+        assert _compiled(kernels) == [False, False]
+        _values(others, x)  # other kernels have their own counts
+        assert _compiled(others) == [False, False]
+        _both(net, x)  # so do new kernels on the same network: a one-off evaluation never compiles
+        fused = _values(kernels, x)
+        assert _compiled(kernels) == [True, True]
+        assert _compiled(others) == [False, False]
     with settings.fusion(False):
         for a, b in zip(_both(net, x), fused):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_small_evaluations_do_not_compile(fresh_compiler):
+def test_functional_evaluations_count_through_a_shared_policy(traced_only, monkeypatch):
+    """``nngp_and_ntk(..., fusion=policy)``: the caller owns the counts (None: a one-off evaluation)."""
+    monkeypatch.setattr(settings, "FUSION_MIN_ELEMENTS", 100)
+    net = L.mlp(1, "relu")
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(5))
+    policy = FusionPolicy()
+    with torch.no_grad(), settings.fusion("auto"):
+        for _ in range(settings.FUSION_AFTER_CALLS + 2):
+            nngp_and_ntk(net, x)  # a fresh policy each time: never compiles
+        for _ in range(settings.FUSION_AFTER_CALLS):
+            eager = nngp_and_ntk(net, x, fusion=policy)
+        assert not policy.compiled
+        fused = nngp_and_ntk(net, x, fusion=policy)
+        assert policy.compiled and not policy.failed
+    for a, b in zip(eager, fused):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_policies_are_not_shared_by_copies_and_pickles():
+    import copy
+    import pickle
+
+    kernel = gpntk.NTKKernel(L.mlp(1))
+    kernel.fusion.failed = True
+    for clone in (copy.deepcopy(kernel), pickle.loads(pickle.dumps(kernel))):
+        assert clone.fusion is not kernel.fusion and not clone.fusion.failed
+        assert clone.fusion.backend == kernel.fusion.backend
+
+
+def test_small_evaluations_do_not_compile():
+    kernels = _kernels(L.mlp(1))
     with settings.fusion("auto"):
-        _both(L.mlp(1), torch.randn(10, 3))
-    assert dense._compiled_kernels is None
+        _values(kernels, torch.randn(10, 3))
+    assert _compiled(kernels) == [False, False]
 
 
 def test_fusion_mode_is_checked_and_restored():
@@ -119,7 +164,7 @@ def test_fusion_mode_is_checked_and_restored():
     assert settings.fusion.current() == before
 
 
-def test_compiler_failure_warns_once_and_falls_back(fresh_compiler, monkeypatch):
+def test_compiler_failure_warns_once_per_kernel_and_falls_back(monkeypatch):
     def broken_compile(fn, **kwargs):
         def run(*args):
             raise RuntimeError("no C++ compiler")
@@ -130,11 +175,14 @@ def test_compiler_failure_warns_once_and_falls_back(fresh_compiler, monkeypatch)
     net = L.mlp(1, "erf")
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
     expected = _both(net, x)
+    kernels = _kernels(net)
     with settings.fusion(True):
-        with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler.*eagerly"):
-            first = _both(net, x)
-        second = _both(net, x)  # no second warning: compilation is not retried
-    assert dense._compile_failed
+        with pytest.warns(gpntk.NumericalWarning, match="torch.compile failed .*no C\\+\\+ compiler.*eagerly"):
+            first = _values(kernels, x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            second = _values(kernels, x)  # no second warning: compilation is not retried
+    assert [kernel.fusion.failed for kernel in kernels] == [True, True]
     for a, b, c in zip(expected, first, second):
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(a, c)

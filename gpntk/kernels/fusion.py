@@ -1,0 +1,112 @@
+r"""The compile policy: whether one owner's kernel evaluations run through :func:`torch.compile`.
+
+The layer recursion of a fully connected network is dozens of elementwise passes per layer;
+:func:`torch.compile` fuses them into a few loops (measured 10x faster per block on a CPU), but
+compiling costs seconds to minutes. :class:`gpntk.settings.fusion` says when it pays (``"auto"``:
+large evaluations without gradients, once the same configuration has run
+:data:`~gpntk.settings.FUSION_AFTER_CALLS` times); a :class:`FusionPolicy` applies that rule for
+one owner — a kernel (:class:`~gpntk.NTKKernel`, :class:`~gpntk.NNGPKernel`), a trained ensemble,
+or one functional call — and holds what the rule needs: how many large evaluations of each
+configuration (dtype, device, NNGP/NTK) the owner has run, and whether compilation failed.
+
+The counts belong to their owner, not to the process: nothing is keyed by object ids, two kernels
+over one network count separately, and an owner that is garbage-collected takes its counts with
+it. The compiled code itself is shared by all owners: TorchDynamo caches compiled frames on the
+code object of :func:`~gpntk.kernels.engine.block_kernels`, so a new policy reuses them without
+recompiling.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import settings
+from ..errors import NumericalWarning
+
+__all__ = ["FusionPolicy", "COMPILE_BACKEND"]
+
+COMPILE_BACKEND = "inductor"
+"""The :func:`torch.compile` backend new policies use (tests use ``"aot_eager"``: tracing without C++ code)."""
+
+BlockFunction = Callable[..., tuple[Tensor, Tensor | None]]
+
+
+class FusionPolicy:
+    """Compile-or-not decisions and the compiled recursion of one owner's kernel evaluations.
+
+    ``backend``: the :func:`torch.compile` backend (default :data:`COMPILE_BACKEND`).
+    """
+
+    def __init__(self, backend: str | None = None) -> None:
+        self._start(COMPILE_BACKEND if backend is None else backend)
+
+    def _start(self, backend: str) -> None:
+        self.backend = backend
+        #: whether compilation failed: this owner then evaluates eagerly, without retrying
+        self.failed = False
+        #: whether an evaluation of this owner has run compiled
+        self.compiled = False
+        self._large_calls: dict[tuple[torch.dtype, torch.device, bool], int] = {}
+        self._compiled_fn: BlockFunction | None = None
+
+    def use_fusion(
+        self,
+        x1: Tensor,
+        x2: Tensor,
+        hyper: dict[str, Tensor],
+        input_shape: Sequence[int] | None,
+        track_ntk: bool,
+        elements: int,
+    ) -> bool:
+        """Whether an evaluation of ``elements`` numbers runs compiled; counts it if it is large.
+
+        Spatial architectures always run eagerly: their recursion (window sums, layouts) takes
+        minutes to trace and compile, and its cost is dominated by the spatial maps rather than by
+        chains of elementwise passes.
+        """
+        if self.failed or (input_shape is not None and len(input_shape) >= 2):
+            return False
+        needs_grad = torch.is_grad_enabled() and (
+            x1.requires_grad or x2.requires_grad or any(h.requires_grad for h in hyper.values())
+        )
+        previous = 0
+        if elements >= settings.FUSION_MIN_ELEMENTS:
+            key = (x1.dtype, x1.device, track_ntk)
+            previous = self._large_calls.get(key, 0)
+            self._large_calls[key] = previous + 1
+        return settings.fusion.enabled_for(elements, needs_grad, previous)
+
+    def run(self, fn: BlockFunction, args: tuple[Any, ...], fused: bool) -> tuple[Tensor, Tensor | None]:
+        """``fn(*args)``, compiled when ``fused``; a compiler failure warns once and falls back to eager."""
+        if not fused or self.failed:
+            return fn(*args)
+        if self._compiled_fn is None:
+            self._compiled_fn = torch.compile(fn, dynamic=True, backend=self.backend)
+        try:
+            out = self._compiled_fn(*args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to eager, once
+            self.failed = True
+            warnings.warn(
+                f"torch.compile failed ({type(error).__name__}: {error}); this gpntk kernel evaluates eagerly "
+                "from now on (see gpntk.settings.fusion)",
+                NumericalWarning,
+                stacklevel=3,
+            )
+            return fn(*args)
+        self.compiled = True
+        return out
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "FusionPolicy":
+        # a copied kernel (batch indexing, deepcopy) starts its own counts; the compiled code is shared anyway
+        return FusionPolicy(self.backend)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickled kernels carry the backend only: compiled functions cannot be pickled
+        return {"backend": self.backend}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._start(state["backend"])
