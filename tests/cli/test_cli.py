@@ -11,7 +11,7 @@ import torch
 
 from gpntk import TrainedEnsemble
 from gpntk import layers as L
-from gpntk.cli.csv_fit import format_time
+from gpntk.cli.csv_io import format_time
 from gpntk.cli.main import main
 
 
