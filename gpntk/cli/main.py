@@ -18,16 +18,8 @@ def _time(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error) if "times" in str(error) else f"not a time: {text!r}") from None
 
 
-def _add_fit_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
-    """The ``gpntk fit`` sub-command: its options are :func:`~gpntk.cli.csv_fit.fit_csv`'s arguments."""
-    fit = sub.add_parser(
-        "fit",
-        help="fit a CSV file with a trained ensemble of infinitely wide MLPs; write predictions with uncertainty",
-        description="Fit the CSV file TRAIN (header row, numeric cells) with an infinite ensemble of infinitely "
-        "wide MLPs trained by gradient descent for each of --times steps, and write the ensemble's mean and "
-        "standard deviation (the spread over random initialisations: epistemic, no noise term) at the rows "
-        "of --predict, or at the training rows.",
-    )
+def _add_fit_arguments(fit: argparse.ArgumentParser) -> None:
+    """The options of ``gpntk fit``: :func:`~gpntk.cli.csv_fit.fit_csv`'s arguments."""
     fit.add_argument("train", help="training CSV file with a header row")
     fit.add_argument("--target", nargs="+", default=None, metavar="COLUMN",
                      help="target column(s) (default: the last column)")
@@ -55,7 +47,6 @@ def _add_fit_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                      "stable one, 0.5 * max_learning_rate(regime))")
     fit.add_argument("--no-standardize", dest="standardize", action="store_false",
                      help="do not standardize features and targets with the training mean and std")
-    return fit
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -64,7 +55,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="trained-ensemble posteriors and NTK/NNGP GPs on built-in problems")
     demo.add_argument("--figure", default="gpntk-demo.png", help="where to save the figure (PNG); '' for none")
-    return parser, _add_fit_parser(sub)
+    fit = sub.add_parser(
+        "fit",
+        help="fit a CSV file with a trained ensemble of infinitely wide MLPs; write predictions with uncertainty",
+        description="Fit the CSV file TRAIN (header row, numeric cells) with an infinite ensemble of infinitely "
+        "wide MLPs trained by gradient descent for each of --times steps, and write the ensemble's mean and "
+        "standard deviation (the spread over random initialisations: epistemic, no noise term) at the rows "
+        "of --predict, or at the training rows.",
+    )
+    _add_fit_arguments(fit)
+    return parser, fit
 
 
 def main(argv: list[str] | None = None) -> int:
