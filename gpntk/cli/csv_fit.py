@@ -69,6 +69,7 @@ from .csv_io import (
 from .options import DEFAULT_DIAG_REG, DEFAULT_TIMES, parse_time
 
 __all__ = [
+    # CSVFitError ... check_times and parse_time live in csv_io and options; csv_fit had them before
     "CSVFitError", "Table", "read_table", "format_time", "parse_time", "standardize", "fit_csv",
     "check_distinct_files", "check_times", "choose_columns", "check_options", "prepare_data", "predict",
     "summary", "print_metrics", "score", "EnsembleOptions", "FitData",
