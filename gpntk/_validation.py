@@ -28,8 +28,8 @@ from ._transforms import is_batched
 
 __all__ = [
     "check_input_shape",
-    "check_inputs", "check_kernel_inputs", "expanded_batch_shape", "integer_argument", "real_argument",
-    "SUPPORTED_DTYPES",
+    "check_inputs", "check_kernel_inputs", "check_nonnegative", "expanded_batch_shape", "integer_argument",
+    "real_argument", "SUPPORTED_DTYPES",
 ]
 
 #: the floating-point dtypes gpntk computes in
@@ -111,6 +111,19 @@ def real_argument(
         )
         raise error(f"{name} must be {bound}, got {result}")
     return result
+
+
+def check_nonnegative(name: str, value: float, *, strict: bool = False, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` unless ``value`` is a finite number ``>= 0`` (``> 0`` with ``strict``).
+
+    For option values that are already numbers (the command line's): unlike :func:`real_argument`
+    nothing is converted, and the one message shows the value as given,
+    ``"<name> must be a finite number >= 0, got <value>"`` (``"<name> must be positive and finite,
+    got <value>"`` with ``strict``).
+    """
+    if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+        bound = "positive and finite" if strict else "a finite number >= 0"
+        raise error(f"{name} must be {bound}, got {value}")
 
 
 def check_inputs(name: str, x: Tensor, *, batched: bool) -> None:

@@ -30,33 +30,50 @@ Conventions:
   :math:`nk/\lambda_{\max}(G)`, half the largest stable one, so that one step of time shrinks the
   residual along the top eigenvector of the training kernel by the factor :math:`e^{-1}` and the
   times mean the same for any number of targets ``k`` or points ``n``.
+
+:func:`fit_csv` runs these steps, in this order (so a problem is reported before any work):
+:func:`choose_columns` (read the training file), :func:`check_options`, :func:`prepare_data`
+(read the prediction file, standardize), :func:`predict` (build the network and the ensemble,
+predict, back to the original units), then :func:`gpntk.cli.csv_io.write_predictions`,
+:func:`summary` and :func:`print_metrics`. Reading and writing the files is :mod:`gpntk.cli.csv_io`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
-import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TextIO, cast
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .. import layers as L
 from .._quiet_import import stdout_to_stderr
+from .._validation import check_nonnegative
 from ..activations import ACTIVATION_NAMES
 from ..errors import NumericalWarning
-from ..posterior.ensemble import REGIMES, Regime, TrainedEnsemble
-from .options import DEFAULT_DIAG_REG, DEFAULT_TIMES
+from ..posterior import REGIMES, Regime, TrainedEnsemble
+from .csv_io import (
+    CSVFitError,
+    Table,
+    check_distinct_files,
+    check_times,
+    format_time,
+    prediction_table,
+    read_table,
+    write_predictions,
+)
+from .options import DEFAULT_DIAG_REG, DEFAULT_TIMES, parse_time
 
 __all__ = [
+    # CSVFitError ... check_times and parse_time live in csv_io and options; csv_fit had them before
     "CSVFitError", "Table", "read_table", "format_time", "parse_time", "standardize", "fit_csv",
-    "check_distinct_files", "check_times",
-    "DEFAULT_TIMES", "DEFAULT_DIAG_REG", "DEFAULT_LEARNING_RATE_FRACTION", "NLL_STD_FLOOR",
+    "check_distinct_files", "check_times", "choose_columns", "check_options", "prepare_data", "predict",
+    "summary", "print_metrics", "score", "EnsembleOptions", "FitData",
+    "DEFAULT_TIMES", "DEFAULT_DIAG_REG", "DEFAULT_LEARNING_RATE_FRACTION", "NLL_STD_FLOOR", "MIN_TRAIN_ROWS",
 ]
 
 #: the default learning rate is this fraction of ``TrainedEnsemble.max_learning_rate(regime)``
@@ -67,135 +84,48 @@ NLL_STD_FLOOR = 1e-12
 MIN_TRAIN_ROWS = 2
 
 
-class CSVFitError(ValueError):
-    """A problem with the user's files, columns or options; the message names it."""
+@dataclass(frozen=True)
+class EnsembleOptions:
+    """The network and training options of one fit, checked (see :func:`fit_csv` and :func:`check_options`).
 
-
-@dataclass
-class Table:
-    """A numeric CSV table: ``columns`` (the header) and ``values`` ``(rows, len(columns))`` float64."""
-
-    path: str
-    columns: list[str]
-    values: np.ndarray
-
-    def select(self, names: Sequence[str]) -> np.ndarray:
-        """The named columns, ``(rows, len(names))``."""
-        return self.values[:, [self.columns.index(name) for name in names]]
-
-
-def read_table(path: str, required: Sequence[str] | None = None) -> Table:
-    """Read a CSV file with a header row into a float64 :class:`Table`.
-
-    Only the ``required`` columns (all columns if None) must hold finite numbers; others are kept
-    as NaN-filled columns if they are not numeric. Raises :class:`CSVFitError` for a missing or
-    empty file, a duplicated or missing column, a ragged row or a non-numeric / NaN / infinite cell
-    (naming its line number and column).
+    The network is ``mlp(depth, activation, weight_variance=..., bias_variance=...)``; the ensemble
+    is trained in ``regime`` with the ridge ``diag_reg`` at ``learning_rate`` (None: the default,
+    :data:`DEFAULT_LEARNING_RATE_FRACTION` of the largest stable one); ``standardize`` says whether
+    the data are standardized (the messages of data too large for float64 arithmetic say so).
     """
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:  # utf-8-sig: drop a byte-order mark
-            rows = list(csv.reader(handle))
-    except FileNotFoundError:
-        raise CSVFitError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise CSVFitError(f"cannot read {path}: {error}") from None
-    rows = [row for row in rows if any(cell.strip() for cell in row)]
-    if not rows:
-        raise CSVFitError(f"{path} is empty (a header row naming the columns is needed)")
-    columns = [name.strip() for name in rows[0]]
-    if all(_is_number(name) for name in columns):
-        raise CSVFitError(
-            f"{path}: the first row {rows[0]} holds only numbers; a header row naming the columns is needed "
-            "(add one, e.g. x1,x2,y)"
-        )
-    seen = set()
-    for name in columns:
-        if not name:
-            raise CSVFitError(f"{path}: the header has an empty column name")
-        if name in seen:
-            raise CSVFitError(f"{path}: column {name!r} appears twice in the header")
-        seen.add(name)
-    if required is not None:
-        missing = [name for name in required if name not in columns]
-        if missing:
-            raise CSVFitError(f"{path}: no column(s) {', '.join(map(repr, missing))}; columns are {columns}")
-    checked = set(columns if required is None else required)
-    values = np.full((len(rows) - 1, len(columns)), np.nan, dtype=np.float64)
-    for i, row in enumerate(rows[1:]):
-        line = i + 2
-        if len(row) != len(columns):
-            raise CSVFitError(f"{path}, line {line}: {len(row)} cells but the header has {len(columns)} columns")
-        for j, (name, cell) in enumerate(zip(columns, row)):
-            try:
-                value = float(cell)
-            except ValueError:
-                if name in checked:
-                    raise CSVFitError(f"{path}, line {line}, column {name!r}: {cell!r} is not a number") from None
-                continue
-            if name in checked and not math.isfinite(value):
-                raise CSVFitError(f"{path}, line {line}, column {name!r}: {cell!r} is not a finite number")
-            values[i, j] = value
-    return Table(path, columns, values)
+
+    depth: int
+    activation: str
+    weight_variance: float
+    bias_variance: float
+    regime: Regime
+    diag_reg: float
+    learning_rate: float | None
+    standardize: bool
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+@dataclass(frozen=True)
+class FitData:
+    """The tables and columns of one fit, and the standardized float64 tensors it trains and predicts on.
 
-
-def check_distinct_files(output: str, inputs: Sequence[str]) -> None:
-    """Raise :class:`CSVFitError` if the ``output`` path names one of the ``inputs`` files.
-
-    Compared by resolved path (``os.path.realpath``: ``./train.csv``, symbolic links) and, where
-    both exist, by ``os.path.samefile`` (hard links).
+    ``test`` is the prediction table (the training table without a prediction file) and
+    ``test_targets`` the targets it holds numbers for (the errors are reported for these).
+    ``x_test`` ``(m, d)`` holds the prediction features in the file's units. ``train_x`` ``(n, d)``,
+    ``train_y`` (``(n,)`` for one target, ``(n, k)`` for ``k``) and ``test_x`` ``(m, d)`` are
+    standardized; ``y_mean``, ``y_scale`` ``(k,)`` map predictions back: ``mean * y_scale + y_mean``.
     """
-    target = os.path.realpath(output)
-    for path in inputs:
-        same = os.path.realpath(path) == target
-        if not same and os.path.exists(output) and os.path.exists(path):
-            try:
-                same = os.path.samefile(output, path)
-            except OSError:
-                same = False
-        if same:
-            raise CSVFitError(
-                f"the output {output!r} is the input file {path!r}; refusing to overwrite it (choose another --output)"
-            )
 
-
-def check_times(times: Sequence[float]) -> list[float]:
-    """The training times as floats: non-empty, each ``>= 0`` or inf, no two equal."""
-    times = [float(t) for t in times]
-    if not times:
-        raise CSVFitError("no training times given")
-    for t in times:
-        if math.isnan(t) or t < 0:
-            raise CSVFitError(f"training times must be >= 0 (or inf), got {t}")
-    names = [format_time(t) for t in times]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise CSVFitError(f"training time(s) {', '.join(repeated)} given twice; each time gives its own columns")
-    return times
-
-
-def parse_time(text: str) -> float:
-    """A training time from the command line: a non-negative float or ``inf``; ValueError otherwise."""
-    value = float(text)
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"training times must be >= 0 (or inf), got {text!r}")
-    return value
-
-
-def format_time(t: float) -> str:
-    """``t`` as in column names: ``100.0 -> "100"``, ``0.5 -> "0.5"``, ``inf -> "inf"``."""
-    if math.isinf(t):
-        return "inf"
-    if t == int(t):
-        return str(int(t))
-    return repr(float(t))
+    train: Table
+    test: Table
+    features: list[str]
+    targets: list[str]
+    test_targets: list[str]
+    x_test: np.ndarray
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    y_mean: np.ndarray
+    y_scale: np.ndarray
 
 
 def standardize(train: np.ndarray, enabled: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -214,10 +144,6 @@ def standardize(train: np.ndarray, enabled: bool = True) -> tuple[np.ndarray, np
     mean = unit.mean(axis=0) * peak
     scale = unit.std(axis=0) * peak
     return mean, np.where(scale > 0, scale, 1.0)
-
-
-def _format_value(value: float) -> str:
-    return repr(float(value))
 
 
 def fit_csv(
@@ -257,6 +183,34 @@ def fit_csv(
     :returns: ``{"mean": (T, m, k), "std": (T, m, k), "learning_rate", "columns", "metrics"}``,
         the arrays in original units.
     """
+    train, targets, features = choose_columns(train_path, targets, features)
+    times = check_times(times)
+    if isinstance(output, str) and output != "-":
+        check_distinct_files(output, [train_path] + ([predict_path] if predict_path is not None else []))
+    options = check_options(
+        depth, activation, weight_variance, bias_variance, regime, diag_reg, learning_rate, standardize_data
+    )
+    data = prepare_data(train, predict_path, features, targets, standardize_data)
+    # the warning of a too large learning rate points at the caller of fit_csv (predict's stacklevel)
+    post, mean, std = predict(data, times, options, quiet=output == "-")
+    columns, rows = prediction_table(features, targets, times, data.x_test, mean, std)
+    write_predictions(output, columns, rows)
+    print_fn(summary(data, options, post.learning_rate, train_path, predict_path, output))
+    metrics = print_metrics(data, times, mean, std, predict_path is not None, print_fn)
+    return {"mean": mean, "std": std, "learning_rate": post.learning_rate, "columns": columns, "metrics": metrics}
+
+
+def choose_columns(
+    train_path: str, targets: Sequence[str] | None, features: Sequence[str] | None
+) -> tuple[Table, list[str], list[str]]:
+    """Read the training file and choose its ``targets`` and ``features`` columns.
+
+    The defaults: the last column is the target, every other column a feature. Raises
+    :class:`CSVFitError` for a column named twice or both a feature and a target, a missing or
+    non-numeric used column and fewer than :data:`MIN_TRAIN_ROWS` rows.
+
+    :returns: the training table (its used columns checked), the targets and the features.
+    """
     train = read_table(train_path, required=None if targets is None and features is None else
                        list(targets or []) + list(features or []))
     if targets is None:
@@ -280,18 +234,46 @@ def fit_csv(
     train = read_table(train_path, required=features + targets)
     if train.values.shape[0] < MIN_TRAIN_ROWS:
         raise CSVFitError(f"{train_path}: {train.values.shape[0]} data row(s); at least {MIN_TRAIN_ROWS} are needed")
-    times = check_times(times)
-    if isinstance(output, str) and output != "-":
-        check_distinct_files(output, [train_path] + ([predict_path] if predict_path is not None else []))
+    return train, targets, features
+
+
+def check_options(
+    depth: int,
+    activation: str,
+    weight_variance: float,
+    bias_variance: float,
+    regime: str,
+    diag_reg: float,
+    learning_rate: float | None,
+    standardize_data: bool,
+) -> EnsembleOptions:
+    """The network and training options of :func:`fit_csv`, checked.
+
+    Raises :class:`CSVFitError` for an unknown ``regime`` or ``activation``, a ``diag_reg`` that is
+    not a finite number ``>= 0`` or a ``learning_rate`` that is not positive and finite. ``depth``
+    and the variances are checked when the network is built (:func:`predict`).
+    """
     if regime not in REGIMES:
         raise CSVFitError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
     if activation.lower() not in ACTIVATION_NAMES:
         raise CSVFitError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATION_NAMES)}")
-    if not (math.isfinite(diag_reg) and diag_reg >= 0):
-        raise CSVFitError(f"diag_reg must be a finite number >= 0, got {diag_reg}")
-    if learning_rate is not None and not (math.isfinite(learning_rate) and learning_rate > 0):
-        raise CSVFitError(f"learning rate must be positive and finite, got {learning_rate}")
+    check_nonnegative("diag_reg", diag_reg, error=CSVFitError)
+    if learning_rate is not None:
+        check_nonnegative("learning rate", learning_rate, strict=True, error=CSVFitError)
+    return EnsembleOptions(
+        depth, activation, weight_variance, bias_variance, cast(Regime, regime), diag_reg, learning_rate,
+        standardize_data,
+    )
 
+
+def prepare_data(
+    train: Table, predict_path: str | None, features: list[str], targets: list[str], standardize_data: bool
+) -> FitData:
+    """Read the prediction file (the training rows without one) and standardize features and targets.
+
+    Raises :class:`CSVFitError` for a prediction file without rows or a feature column, and for data
+    that are not finite once standardized (values too large for float64 arithmetic).
+    """
     if predict_path is not None:
         test = read_table(predict_path, required=features)
         if test.values.shape[0] < 1:
@@ -301,15 +283,13 @@ def fit_csv(
             test_targets = []  # non-numeric targets in the prediction file: no error report
     else:
         test, test_targets = train, list(targets)
-
     x_train, y_train, x_test = train.select(features), train.select(targets), test.select(features)
     x_mean, x_scale = standardize(x_train, standardize_data)
     y_mean, y_scale = standardize(y_train, standardize_data)
-    to_tensor: Callable[[Any], torch.Tensor] = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
     with np.errstate(over="ignore", invalid="ignore"):
-        train_x = to_tensor((x_train - x_mean) / x_scale)
-        train_y = to_tensor((y_train - y_mean) / y_scale)
-        test_x = to_tensor((x_test - x_mean) / x_scale)
+        train_x = torch.as_tensor((x_train - x_mean) / x_scale, dtype=torch.float64)
+        train_y = torch.as_tensor((y_train - y_mean) / y_scale, dtype=torch.float64)
+        test_x = torch.as_tensor((x_test - x_mean) / x_scale, dtype=torch.float64)
     for name, array in (("training features", train_x), ("training targets", train_y), ("prediction features", test_x)):
         if not bool(torch.isfinite(array).all()):
             raise CSVFitError(
@@ -318,107 +298,152 @@ def fit_csv(
             )
     if len(targets) == 1:
         train_y = train_y.squeeze(-1)
+    return FitData(train, test, features, targets, test_targets, x_test, train_x, train_y, test_x, y_mean, y_scale)
 
-    # whatever a dependency prints while computing (e.g. a KeOps compilation notice) goes to
-    # stderr when stdout carries the CSV
-    quiet = stdout_to_stderr() if output == "-" else contextlib.nullcontext()
-    stdout = sys.stdout
+
+def predict(
+    data: FitData, times: list[float], options: EnsembleOptions, quiet: bool
+) -> tuple[TrainedEnsemble, np.ndarray, np.ndarray]:
+    """Train the ensemble of ``mlp`` networks on ``data`` and predict at its prediction points.
+
+    Warns (:class:`~gpntk.NumericalWarning`, attributed to the caller of :func:`fit_csv`) of a
+    learning rate at or above the largest stable one. With ``quiet`` whatever a dependency prints
+    (e.g. a KeOps compilation notice) goes to stderr: stdout carries the CSV.
+
+    :returns: the ensemble and the mean and std ``(T, m, k)`` in the targets' units (the std is
+        shared by the targets); :class:`CSVFitError` if the library refuses the data or options, or
+        if a prediction is not finite.
+    """
     try:
-        with quiet:
-            net = L.mlp(depth, activation, weight_variance=weight_variance, bias_variance=bias_variance)
-            post = TrainedEnsemble(net, train_x, train_y, learning_rate=learning_rate or 1.0, diag_reg=diag_reg)
-            limit = post.max_learning_rate(cast(Regime, regime))  # checked above
-            if learning_rate is None:
+        with stdout_to_stderr() if quiet else contextlib.nullcontext():
+            net = L.mlp(
+                options.depth, options.activation, weight_variance=options.weight_variance,
+                bias_variance=options.bias_variance,
+            )
+            post = TrainedEnsemble(
+                net, data.train_x, data.train_y, learning_rate=options.learning_rate or 1.0, diag_reg=options.diag_reg
+            )
+            limit = post.max_learning_rate(options.regime)
+            if options.learning_rate is None:
                 # only the time scale depends on the learning rate; nothing cached needs recomputing
                 post.learning_rate = DEFAULT_LEARNING_RATE_FRACTION * limit
-            elif learning_rate >= limit:
+            elif options.learning_rate >= limit:
                 warnings.warn(
-                    f"learning rate {learning_rate:.6g} is at or above the largest stable one for regime {regime}, "
-                    f"{limit:.6g} (= 2nk / largest eigenvalue of the training kernel): discrete gradient descent "
-                    "diverges at this rate; the predictions are those of the continuous-time flow with times "
-                    "counted in steps of this size",
+                    f"learning rate {options.learning_rate:.6g} is at or above the largest stable one for regime "
+                    f"{options.regime}, {limit:.6g} (= 2nk / largest eigenvalue of the training kernel): discrete "
+                    "gradient descent diverges at this rate; the predictions are those of the continuous-time "
+                    "flow with times counted in steps of this size",
                     NumericalWarning,
-                    stacklevel=2,
+                    stacklevel=3,  # predict <- fit_csv <- its caller
                 )
             moments = post.moments(
-                test_x, t=torch.tensor(times, dtype=torch.float64), regime=cast(Regime, regime), diag=True
+                data.test_x, t=torch.tensor(times, dtype=torch.float64), regime=options.regime, diag=True
             )
     except (ValueError, TypeError) as error:
         raise CSVFitError(str(error)) from None
     except torch.linalg.LinAlgError as error:  # type: ignore[attr-defined]  # exported at runtime, not in the stub
         raise CSVFitError(
             f"the training kernel could not be decomposed ({error}); the data may be too large for float64 "
-            "arithmetic" + ("" if standardize_data else " without standardization") + "; nothing was written"
+            "arithmetic" + _nothing_written(options.standardize)
         ) from None
     except FloatingPointError as error:
         raise CSVFitError(
-            f"{error} The data are too large for float64 arithmetic"
-            + ("" if standardize_data else " without standardization") + "; nothing was written"
+            f"{error} The data are too large for float64 arithmetic" + _nothing_written(options.standardize)
         ) from None
+    mean, std = _original_units(moments, data, len(times), options.standardize)
+    return post, mean, std
+
+
+def _original_units(
+    moments: tuple[Tensor, Tensor], data: FitData, num_times: int, standardize_data: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The moments as mean and std ``(T, m, k)`` in the targets' units; :class:`CSVFitError` if one is not finite.
+
+    ``moments`` are those of ``TrainedEnsemble.moments(..., diag=True)`` at ``num_times`` times: the
+    means ``(T, m)`` (one target) or ``(T, m k)``, the variances ``(T, m)``, shared by the targets.
+    """
     mean_t, var = moments
-    mean = mean_t.detach().numpy().reshape(len(times), -1, len(targets))  # (T, m, k)
+    mean = mean_t.detach().numpy().reshape(num_times, -1, len(data.targets))  # (T, m, k)
     std = var.detach().clamp_min(0).sqrt().numpy()[..., None]  # (T, m, 1): shared by the targets
     with np.errstate(over="ignore", invalid="ignore"):
-        mean = mean * y_scale + y_mean
-        std = std * y_scale  # (T, m, k)
+        mean = mean * data.y_scale + data.y_mean
+        std = std * data.y_scale  # (T, m, k)
     bad = ~(np.isfinite(mean) & np.isfinite(std))
     if bad.any():
         raise CSVFitError(
             f"{int(bad.sum())} of {bad.size} predictions are not finite (NaN or infinite); the data may be too "
-            "large for float64 arithmetic" + ("" if standardize_data else " without standardization")
-            + "; nothing was written"
+            "large for float64 arithmetic" + _nothing_written(standardize_data)
         )
+    return mean, std
 
-    columns = list(features)
-    for j, target in enumerate(targets):
-        for t in times:
-            columns += [f"mean_{target}_t{format_time(t)}", f"std_{target}_t{format_time(t)}"]
-    blocks = [x_test]
-    for j in range(len(targets)):
-        for i in range(len(times)):
-            blocks += [mean[i, :, j : j + 1], std[i, :, j : j + 1]]
-    table = np.concatenate(blocks, axis=1)
 
-    def write(stream: TextIO) -> None:
-        writer = csv.writer(stream, lineterminator="\n")
-        writer.writerow(columns)
-        for row in table:
-            writer.writerow([_format_value(v) for v in row])
+def _nothing_written(standardize_data: bool) -> str:
+    """The end of the messages of data too large for float64 arithmetic."""
+    return ("" if standardize_data else " without standardization") + "; nothing was written"
 
-    if output == "-":
-        write(stdout)
-        stdout.flush()
-    elif isinstance(output, str):
-        try:
-            with open(output, "w", newline="") as handle:
-                write(handle)
-        except OSError as error:
-            raise CSVFitError(f"cannot write {output}: {error}") from None
-    else:
-        write(output)
 
-    where = predict_path or f"the {len(x_test)} training points"
-    print_fn(
-        f"fitted {len(x_train)} rows of {train_path} ({len(features)} feature(s) -> {', '.join(targets)}) with an "
-        f"infinite ensemble of depth-{depth} {activation} MLPs, regime {regime}, learning rate "
-        f"{post.learning_rate:.6g}, diag_reg {diag_reg:g}; predictions at {where} written to "
-        f"{'stdout' if output == '-' else output if isinstance(output, str) else 'the stream'}"
+def summary(
+    data: FitData,
+    options: EnsembleOptions,
+    learning_rate: float,
+    train_path: str,
+    predict_path: str | None,
+    output: str | TextIO,
+) -> str:
+    """The line :func:`fit_csv` prints: what was fitted, how, and where the predictions went."""
+    where = predict_path or f"the {len(data.x_test)} training points"
+    written_to = "stdout" if output == "-" else output if isinstance(output, str) else "the stream"
+    return (
+        f"fitted {len(data.train.values)} rows of {train_path} ({len(data.features)} feature(s) -> "
+        f"{', '.join(data.targets)}) with an infinite ensemble of depth-{options.depth} {options.activation} MLPs, "
+        f"regime {options.regime}, learning rate {learning_rate:.6g}, diag_reg {options.diag_reg:g}; predictions "
+        f"at {where} written to {written_to}"
     )
+
+
+def print_metrics(
+    data: FitData,
+    times: Sequence[float],
+    mean: np.ndarray,
+    std: np.ndarray,
+    held_out: bool,
+    print_fn: Callable[[str], None],
+) -> dict[tuple[str, str], tuple[float, float]]:
+    """Print the RMSE and mean NLL (:func:`score`) per target of ``data.test_targets`` and time.
+
+    ``mean``, ``std`` ``(T, m, k)`` are the predictions in the targets' units; ``held_out`` says the
+    truth is a prediction file's ("test RMSE"), not the training rows ("train RMSE").
+
+    :returns: ``{(target, format_time(t)): (rmse, nll)}``, empty without test targets.
+    """
     metrics: dict[tuple[str, str], tuple[float, float]] = {}
-    if test_targets:
-        truth = test.select(test_targets)
-        kind = "test" if predict_path is not None else "train"
-        print_fn(
-            f"{'target':>12s} {'t':>8s} {kind + ' RMSE':>11s} {'mean NLL':>11s}   (std: ensemble spread only, no noise)"
-        )
-        for jj, target in enumerate(test_targets):
-            j = targets.index(target)
-            for i, t in enumerate(times):
-                err = truth[:, jj] - mean[i, :, j]
-                peak = float(np.abs(err).max()) or 1.0  # sqrt(mean(err²)) without overflow
-                rmse = peak * float(np.sqrt(np.mean((err / peak) ** 2)))
-                s = np.maximum(std[i, :, j], NLL_STD_FLOOR * y_scale[j])
-                nll = float(np.mean(0.5 * math.log(2 * math.pi) + np.log(s) + 0.5 * (err / s) ** 2))
-                metrics[(target, format_time(t))] = (rmse, nll)
-                print_fn(f"{target:>12s} {format_time(t):>8s} {rmse:11.4g} {nll:11.4g}")
-    return {"mean": mean, "std": std, "learning_rate": post.learning_rate, "columns": columns, "metrics": metrics}
+    if not data.test_targets:
+        return metrics
+    truth = data.test.select(data.test_targets)
+    kind = "test" if held_out else "train"
+    print_fn(
+        f"{'target':>12s} {'t':>8s} {kind + ' RMSE':>11s} {'mean NLL':>11s}   (std: ensemble spread only, no noise)"
+    )
+    for jj, target in enumerate(data.test_targets):
+        j = data.targets.index(target)
+        for i, t in enumerate(times):
+            rmse, nll = score(truth[:, jj], mean[i, :, j], std[i, :, j], NLL_STD_FLOOR * data.y_scale[j])
+            metrics[(target, format_time(t))] = (rmse, nll)
+            print_fn(f"{target:>12s} {format_time(t):>8s} {rmse:11.4g} {nll:11.4g}")
+    return metrics
+
+
+def score(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, std_floor: float) -> tuple[float, float]:
+    r"""The RMSE and the mean Gaussian negative log likelihood of predictions of ``truth``, all ``(m,)``.
+
+    With :math:`e = y - \mu`: :math:`\sqrt{\mathrm{mean}(e^2)}`, computed as
+    :math:`p\sqrt{\mathrm{mean}((e/p)^2)}` with :math:`p = \max|e|` so that it does not overflow, and
+    :math:`\mathrm{mean}(\tfrac12\log 2\pi + \log s + \tfrac12 (e/s)^2)` with :math:`s = \max(\sigma,
+    \text{std\_floor})`.
+    """
+    err = truth - mean
+    peak = float(np.abs(err).max()) or 1.0  # sqrt(mean(err²)) without overflow
+    rmse = peak * float(np.sqrt(np.mean((err / peak) ** 2)))
+    s = np.maximum(std, std_floor)
+    nll = float(np.mean(0.5 * math.log(2 * math.pi) + np.log(s) + 0.5 * (err / s) ** 2))
+    return rmse, nll

@@ -25,7 +25,12 @@ from torch import Tensor
 from .. import layers as L
 from .._validation import integer_argument, real_argument
 from ..kernels import NNGPKernel, NTKKernel
-from ..posterior.ensemble import TrainedEnsemble
+from ..posterior import TrainedEnsemble
+
+__all__ = [
+    "run", "run_posterior", "run_kernel_fit", "make_sine_problem", "make_problem", "ExactGP", "fit", "evaluate",
+    "describe_net", "main", "DEMO_TIMES", "DEMO_LEARNING_RATE",
+]
 
 #: the training times shown by the demo, in gradient-descent steps at DEMO_LEARNING_RATE
 DEMO_TIMES = (0.0, 10.0, 100.0, 1000.0, math.inf)
@@ -97,6 +102,11 @@ def _plot_posterior(
     test_y: Tensor,
     curves: dict[str, tuple[Tensor, Tensor]],
 ) -> str | None:
+    """Save the figure of part 1 to ``path``: mean ± 2σ per regime (rows) and time (columns).
+
+    ``curves[regime]`` holds the means and standard deviations ``(T, m)`` at ``test_x`` ``(m, 1)``.
+    Returns the path, or None if matplotlib is not installed.
+    """
     try:
         import matplotlib
 
@@ -160,6 +170,8 @@ def make_problem(
 
 
 class ExactGP(gpytorch.models.ExactGP):
+    """An exact GP with a constant mean and the kernel ``covar_module``, for part 2 of the demo."""
+
     def __init__(self, train_x: Tensor, train_y: Tensor, likelihood: Any, covar_module: Any) -> None:
         super().__init__(train_x, train_y, likelihood)
         self.mean_module = gpytorch.means.ConstantMean()
@@ -172,6 +184,14 @@ class ExactGP(gpytorch.models.ExactGP):
 def fit(
     name: str, covar_module: Any, train_x: Tensor, train_y: Tensor, iterations: int = 150, lr: float = 0.05
 ) -> tuple[ExactGP, Any, float, float, float]:
+    """Fit an :class:`ExactGP` with ``covar_module`` to ``(train_x, train_y)`` by the exact marginal likelihood.
+
+    ``iterations`` steps of Adam at learning rate ``lr`` on the kernel's and the Gaussian
+    likelihood's hyperparameters (``name`` labels the kernel; it is not used).
+
+    :returns: the model, its likelihood, the marginal log likelihood per point before and after,
+        and the seconds the fit took.
+    """
     likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
     model = ExactGP(train_x, train_y, likelihood, covar_module).double()
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
@@ -193,6 +213,11 @@ def fit(
 def evaluate(
     model: ExactGP, likelihood: Any, test_x: Tensor, test_y: Tensor
 ) -> tuple[Tensor, Tensor, float, float, float]:
+    """Predict ``test_y`` ``(m,)`` at ``test_x`` ``(m, d)``: noisy observations, as the likelihood gives them.
+
+    :returns: the predictive mean and variance ``(m,)``, the RMSE, the mean Gaussian negative log
+        likelihood and the fraction of ``test_y`` within the 95% interval ``mean ± 1.96 σ``.
+    """
     model.eval()
     with torch.no_grad(), gpytorch.settings.fast_pred_var(False):
         pred = likelihood(model(test_x))
@@ -204,7 +229,8 @@ def evaluate(
 
 
 def describe_net(net: L.Serial) -> str:
-    dense = net._layers[0]
+    """The fitted (σw², σb²) of ``mlp(3, "relu")``, whose ``Dense`` layers share one pair (the first layer's)."""
+    dense = next(net.children_layers())
     return (
         f"mlp(depth=3, relu): σw² = {dense.weight_variance.item():.3f}, "
         f"σb² = {dense.bias_variance.item():.3f}"
@@ -258,6 +284,7 @@ def run_kernel_fit(print_fn: PrintFn = print, iterations: int = 150) -> dict[str
 
 
 def main(figure: str | None = "gpntk-demo.png") -> None:
+    """Run the demo, printing to stdout and saving the figure to ``figure`` (None: no figure)."""
     run(figure=figure)
 
 

@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+
+from .options import ACTIVATION_NAMES, DEFAULT_DIAG_REG, DEFAULT_TIMES, parse_time  # no torch: --help stays light
+
+__all__ = ["main", "build_parser"]
 
 
 def _time(text: str) -> float:
-    from .csv_fit import parse_time
-
+    """``type`` of ``--times``: :func:`~gpntk.cli.options.parse_time`, its errors as argparse's."""
     try:
         return parse_time(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error) if "times" in str(error) else f"not a time: {text!r}") from None
 
 
-def _add_fit_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
-    from .options import ACTIVATION_NAMES, DEFAULT_DIAG_REG, DEFAULT_TIMES  # no torch: --help stays light
-
-    fit = sub.add_parser(
-        "fit",
-        help="fit a CSV file with a trained ensemble of infinitely wide MLPs; write predictions with uncertainty",
-        description="Fit the CSV file TRAIN (header row, numeric cells) with an infinite ensemble of infinitely "
-        "wide MLPs trained by gradient descent for each of --times steps, and write the ensemble's mean and "
-        "standard deviation (the spread over random initialisations: epistemic, no noise term) at the rows "
-        "of --predict, or at the training rows.",
-    )
+def _add_fit_arguments(fit: argparse.ArgumentParser) -> None:
+    """The options of ``gpntk fit``: :func:`~gpntk.cli.csv_fit.fit_csv`'s arguments."""
     fit.add_argument("train", help="training CSV file with a header row")
     fit.add_argument("--target", nargs="+", default=None, metavar="COLUMN",
                      help="target column(s) (default: the last column)")
@@ -54,37 +47,65 @@ def _add_fit_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                      "stable one, 0.5 * max_learning_rate(regime))")
     fit.add_argument("--no-standardize", dest="standardize", action="store_false",
                      help="do not standardize features and targets with the training mean and std")
-    return fit
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``gpntk`` parser with its sub-commands ``demo`` and ``fit``; returns it and the ``fit`` parser."""
     parser = argparse.ArgumentParser(prog="gpntk", description="Infinitely wide neural networks as GPyTorch GPs.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="trained-ensemble posteriors and NTK/NNGP GPs on built-in problems")
     demo.add_argument("--figure", default="gpntk-demo.png", help="where to save the figure (PNG); '' for none")
-    fit = _add_fit_parser(sub)
+    fit = sub.add_parser(
+        "fit",
+        help="fit a CSV file with a trained ensemble of infinitely wide MLPs; write predictions with uncertainty",
+        description="Fit the CSV file TRAIN (header row, numeric cells) with an infinite ensemble of infinitely "
+        "wide MLPs trained by gradient descent for each of --times steps, and write the ensemble's mean and "
+        "standard deviation (the spread over random initialisations: epistemic, no noise term) at the rows "
+        "of --predict, or at the training rows.",
+    )
+    _add_fit_arguments(fit)
+    return parser, fit
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``gpntk`` with the arguments ``argv`` (default: ``sys.argv[1:]``); returns the exit status 0.
+
+    Errors in the arguments, the files or the data exit through argparse (``SystemExit`` with
+    status 2 and the message on stderr). The commands import torch only when they run.
+    """
+    parser, fit = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
 
         run(figure=args.figure or None)
     elif args.command == "fit":
-        from .csv_fit import CSVFitError, fit_csv
-
-        if args.depth < 0:
-            fit.error(f"--depth must be >= 0, got {args.depth}")
-        for flag, value in (("--weight-variance", args.weight_variance), ("--bias-variance", args.bias_variance)):
-            if not (math.isfinite(value) and value >= 0):
-                fit.error(f"{flag} must be a finite number >= 0, got {value}")
-        try:
-            fit_csv(
-                args.train, targets=args.target, features=args.features, predict_path=args.predict,
-                times=args.times, output=args.output, depth=args.depth, activation=args.activation,
-                weight_variance=args.weight_variance, bias_variance=args.bias_variance, regime=args.regime,
-                diag_reg=args.diag_reg, learning_rate=args.learning_rate, standardize_data=args.standardize,
-                print_fn=(lambda s: print(s, file=sys.stderr)) if args.output == "-" else print,
-            )
-        except CSVFitError as error:
-            fit.error(str(error))
+        _run_fit(fit, args)
     return 0
 
+
+def _run_fit(fit: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``gpntk fit``: check the network options, then :func:`~gpntk.cli.csv_fit.fit_csv`.
+
+    Every error exits through ``fit.error`` (status 2, the message on stderr).
+    """
+    from .._validation import check_nonnegative
+    from .csv_fit import CSVFitError, fit_csv
+
+    if args.depth < 0:
+        fit.error(f"--depth must be >= 0, got {args.depth}")
+    for flag, value in (("--weight-variance", args.weight_variance), ("--bias-variance", args.bias_variance)):
+        try:
+            check_nonnegative(flag, value)
+        except ValueError as error:
+            fit.error(str(error))
+    try:
+        fit_csv(
+            args.train, targets=args.target, features=args.features, predict_path=args.predict,
+            times=args.times, output=args.output, depth=args.depth, activation=args.activation,
+            weight_variance=args.weight_variance, bias_variance=args.bias_variance, regime=args.regime,
+            diag_reg=args.diag_reg, learning_rate=args.learning_rate, standardize_data=args.standardize,
+            print_fn=(lambda s: print(s, file=sys.stderr)) if args.output == "-" else print,
+        )
+    except CSVFitError as error:
+        fit.error(str(error))

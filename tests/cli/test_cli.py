@@ -11,7 +11,7 @@ import torch
 
 from gpntk import TrainedEnsemble
 from gpntk import layers as L
-from gpntk.cli.csv_fit import format_time
+from gpntk.cli.csv_io import format_time
 from gpntk.cli.main import main
 
 
@@ -471,3 +471,12 @@ def test_identical_inputs_get_identical_predictions(tmp_path):
     _, values = _read(tmp_path / "out.csv")
     # a function of x: equal up to rounding (today: apart by far more, see issue 14 item 4)
     np.testing.assert_allclose(values[-1], values[0], rtol=1e-9, atol=1e-9)
+
+
+def test_learning_rate_warning_points_at_the_caller_of_fit_csv(data, tmp_path):
+    import gpntk
+    from gpntk.cli.csv_fit import fit_csv
+
+    with pytest.warns(gpntk.NumericalWarning) as record:
+        fit_csv(data["train"], times=[10.0], learning_rate=1e3, output=str(tmp_path / "a.csv"), print_fn=lambda s: None)
+    assert [w.filename for w in record if issubclass(w.category, gpntk.NumericalWarning)] == [__file__]
