@@ -12,7 +12,7 @@ conjugate-gradient iteration of GPyTorch needs; it runs 1 + ``num_trace_samples`
 * ``blockwise``: ``gpntk.kernels.blockwise.kernel_matmul`` (K recomputed block by block at every
   product, memory O(n)); steady state of ``gpntk.settings.fusion("auto")`` (two warm-up calls
   before the timed ones, so that large products run compiled);
-* ``keops``:     ``gpntk.kernels.keops.keops_covariance(...) @ V`` (a pykeops reduction; the first
+* ``keops``:     ``gpntk.contrib.keops.keops_covariance(...) @ V`` (a pykeops reduction; the first
   call compiles the formula, reported as "first call");
 * ``gpytorch-keops-rbf``: GPyTorch's own KeOps RBF kernel product at the same n, a peer: the
   cheapest matrix-free kernel product the ecosystem offers;

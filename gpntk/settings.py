@@ -122,7 +122,7 @@ class kernel_backend(_Setting[Backend]):
     * ``"blockwise"``: matrix-free (:class:`gpntk.kernels.blockwise.BlockwiseKernelOperator`):
       every product recomputes the kernel block by block, memory :math:`O(n)`; for every
       architecture, on CPU and GPU.
-    * ``"keops"``: matrix-free through a pykeops formula (:mod:`gpntk.kernels.keops`); fully
+    * ``"keops"``: matrix-free through a pykeops formula (:mod:`gpntk.contrib.keops`); fully
       connected architectures with closed-form activations; needs the ``keops`` extra.
     * ``"auto"``: dense while the matrix holds at most :data:`DENSE_MAX_ELEMENTS` numbers or
       GPyTorch would factorize it anyway (at most ``gpytorch.settings.max_cholesky_size`` rows
