@@ -14,19 +14,20 @@ prior-carrying layer of a gpntk network by two paths warns once per layer with
 :class:`~gpntk.CompositionWarning`.
 
 Mechanism: a torch module-registration hook (called whenever a module is assigned as another's
-child). It keeps, for modules that contain a gpntk network with priors, the number of paths to
-each prior-carrying layer, and updates a parent from its tracked children only. While no gpntk
-network with priors exists (:data:`_PATHS` empty) the hook returns at once, so it costs other
-code nothing; it never walks module trees (networks are walked once, when a kernel is built on
-them). Limitations: modules changed after being assigned to a parent (``del``, appending to a
-``ModuleList`` already inside a model) do not update that parent's ancestors, and copies made
-by ``copy.deepcopy`` or pickling are not tracked.
+child). Modules that contain a gpntk network with priors carry, in their own ``__dict__``, the
+number of paths to each prior-carrying layer (:data:`PATHS`) and their children that do
+(:data:`TRACKED_CHILDREN`); a parent is updated from its tracked children only, and a layer
+remembers that it was warned about (:data:`WARNED`). Nothing is kept at module level: the state
+lives and dies with the modules, and copies (``copy.deepcopy``, pickling) carry their own. For
+modules without that state the hook returns after two dictionary lookups; it never walks module
+trees (networks are walked once, when a kernel is built on them). Limitation: modules changed
+after being assigned to a parent (``del``, appending to a ``ModuleList`` already inside a model)
+do not update that parent's ancestors.
 """
 
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections import Counter
 from typing import cast
 
@@ -38,28 +39,29 @@ from ..errors import CompositionWarning
 
 __all__ = ["track_network_priors"]
 
-#: module -> number of paths from it to each prior-carrying layer (keyed by id), for modules that reach one
-_PATHS: "weakref.WeakKeyDictionary[nn.Module, Counter[int]]" = weakref.WeakKeyDictionary()
-#: parent -> {child name: child} for the children of a parent that are in _PATHS
-_TRACKED_CHILDREN: "weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]]" = weakref.WeakKeyDictionary()
-#: id of a prior-carrying layer -> the layer (while it lives), for messages and warn-once
-_LAYERS: "weakref.WeakValueDictionary[int, gpytorch.Module]" = weakref.WeakValueDictionary()
-#: layers already warned about
-_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+#: attribute (in a module's ``__dict__``): Counter of paths from the module to each prior-carrying layer
+PATHS = "_gpntk_prior_paths"
+#: attribute: {child name: child} for the children of a module that carry PATHS
+TRACKED_CHILDREN = "_gpntk_tracked_children"
+#: attribute of a prior-carrying layer: it has been warned about
+WARNED = "_gpntk_prior_warned"
+
+
+def _paths(module: nn.Module | None) -> "Counter[nn.Module] | None":
+    return None if module is None else module.__dict__.get(PATHS)
 
 
 def _has_priors(module: nn.Module) -> bool:
     return isinstance(module, gpytorch.Module) and any(prior is not None for prior, _, _ in module._priors.values())
 
 
-def _count_paths(module: nn.Module, memo: dict[int, Counter[int]]) -> Counter[int]:
+def _count_paths(module: nn.Module, memo: dict[int, "Counter[nn.Module]"]) -> "Counter[nn.Module]":
     """Paths from ``module`` to each prior-carrying module, as GPyTorch's ``named_priors`` walks them."""
     key = id(module)
     if key not in memo:
-        counts: Counter[int] = Counter()
+        counts: Counter[nn.Module] = Counter()
         if _has_priors(module):
-            counts[id(module)] += 1
-            _LAYERS[id(module)] = module
+            counts[module] += 1
         for _, child in module.named_children():
             counts.update(_count_paths(child, memo))
         memo[key] = counts
@@ -74,18 +76,18 @@ def track_network_priors(net: nn.Module, where: str) -> None:
     counts = _count_paths(net, {})
     if not counts:
         return
-    _PATHS[net] = counts
+    net.__dict__[PATHS] = counts
     _warn_if_repeated(counts, where)
 
 
-def _warn_if_repeated(counts: Counter[int], where: str) -> None:
+def _warn_if_repeated(counts: "Counter[nn.Module]", where: str) -> None:
     """One warning for every prior-carrying layer newly reached by more than one path."""
     repeated = []
-    for key, paths in counts.items():
-        layer = _LAYERS.get(key)
-        if paths > 1 and layer is not None and layer not in _WARNED:
-            _WARNED.add(layer)
-            repeated.append(f"{type(layer).__name__} ({', '.join(layer._priors)}): {paths} paths")
+    for layer, paths in counts.items():
+        if paths > 1 and not layer.__dict__.get(WARNED, False):
+            layer.__dict__[WARNED] = True
+            priors = ", ".join(cast(gpytorch.Module, layer)._priors)
+            repeated.append(f"{type(layer).__name__} ({priors}): {paths} paths")
     if repeated:
         times = max(counts.values())
         warnings.warn(
@@ -99,29 +101,27 @@ def _warn_if_repeated(counts: Counter[int], where: str) -> None:
 
 
 def _registration_hook(parent: nn.Module, name: str, child: nn.Module | None) -> None:
-    if not _PATHS:  # no gpntk network with priors in this process: nothing to do
-        return None
-    child_counts = _PATHS.get(child) if child is not None else None
-    tracked = _TRACKED_CHILDREN.get(parent)
+    child_counts = _paths(child)
+    tracked: dict[str, nn.Module] | None = parent.__dict__.get(TRACKED_CHILDREN)
     if child_counts is None and (tracked is None or name not in tracked):
-        return None
+        return None  # neither the child nor the replaced one reaches a gpntk prior: nothing to do
     if tracked is None:
-        tracked = _TRACKED_CHILDREN[parent] = {}
+        tracked = parent.__dict__[TRACKED_CHILDREN] = {}
     if child_counts is None:
         del tracked[name]
     else:
         tracked[name] = cast(nn.Module, child)  # child_counts is only found for a child
-    total: Counter[int] = Counter()
+    total: Counter[nn.Module] = Counter()
     seen: set[int] = set()
     for module in tracked.values():
         if id(module) not in seen:  # torch's named_children lists a repeated child once
             seen.add(id(module))
-            total.update(_PATHS.get(module, Counter()))
+            total.update(_paths(module) or Counter())
     if total:
-        _PATHS[parent] = total
+        parent.__dict__[PATHS] = total
         _warn_if_repeated(total, f"this {type(parent).__name__}")
     else:
-        _PATHS.pop(parent, None)
+        parent.__dict__.pop(PATHS, None)
     return None
 
 
