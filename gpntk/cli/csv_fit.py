@@ -50,7 +50,7 @@ from .. import layers as L
 from .._quiet_import import stdout_to_stderr
 from ..activations import ACTIVATION_NAMES
 from ..errors import NumericalWarning
-from ..posterior.ensemble import REGIMES, Regime, TrainedEnsemble
+from ..posterior import REGIMES, Regime, TrainedEnsemble
 from .options import DEFAULT_DIAG_REG, DEFAULT_TIMES
 
 __all__ = [

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import layers as L
 from .._validation import integer_argument, real_argument
 from ..kernels import NNGPKernel, NTKKernel
-from ..posterior.ensemble import TrainedEnsemble
+from ..posterior import TrainedEnsemble
 
 #: the training times shown by the demo, in gradient-descent steps at DEMO_LEARNING_RATE
 DEMO_TIMES = (0.0, 10.0, 100.0, 1000.0, math.inf)
