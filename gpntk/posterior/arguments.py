@@ -6,7 +6,7 @@ General checks (numbers, times, input tensors) are in :mod:`gpntk._validation`.
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Sequence, cast
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ from .solver import REGIMES, SOLVERS, Regime
 __all__ = ["check_architecture", "check_targets", "check_regime", "check_test_inputs", "check_solver_options"]
 
 
-def check_architecture(net: Any, train_x: Tensor, input_shape: Any) -> tuple[int, ...] | None:
+def check_architecture(net: object, train_x: Tensor, input_shape: Sequence[int] | None) -> tuple[int, ...] | None:
     """``net`` a gpntk architecture for ``input_shape`` and ``train_x`` ``(n, d)`` its inputs; the checked shape."""
     if not isinstance(net, Layer):
         raise TypeError(f"TrainedEnsemble needs an architecture built from gpntk.layers, got {type(net).__name__}")
@@ -32,7 +32,7 @@ def check_architecture(net: Any, train_x: Tensor, input_shape: Any) -> tuple[int
     return shape
 
 
-def check_targets(train_y: Any, num_train: int) -> None:
+def check_targets(train_y: object, num_train: int) -> None:
     """``train_y``: finite real targets ``(n,)`` or ``(n, k)`` for ``num_train`` training points, ``k >= 1``."""
     if not torch.is_tensor(train_y):
         raise TypeError(f"train_y must be a torch.Tensor, got {type(train_y).__name__}")
@@ -53,7 +53,9 @@ def check_targets(train_y: Any, num_train: int) -> None:
         raise ValueError(f"train_y contains {int((~torch.isfinite(train_y)).sum())} NaN or infinite values")
 
 
-def check_solver_options(solver: Any, tolerance: Any, max_iterations: Any, train_product: Any) -> tuple[float, int]:
+def check_solver_options(
+    solver: object, tolerance: object, max_iterations: object, train_product: object
+) -> tuple[float, int]:
     """The solver's name, Lanczos ``tolerance`` in (0, 1), ``max_iterations`` and ``train_product``; the numbers."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
