@@ -157,12 +157,12 @@ class TrainedEnsemble:
         check_targets(train_y, train_x.shape[0])
         learning_rate = positive_number("learning_rate", learning_rate)
         diag_reg = non_negative_number("diag_reg", diag_reg)
-        self.tolerance, self.max_iterations = check_solver_options(solver, tolerance, max_iterations, train_product)
+        self._tolerance, self._max_iterations = check_solver_options(solver, tolerance, max_iterations, train_product)
         # the snapshot: a frozen copy of the architecture, its hyperparameter values, the data
         snapshot = EnsembleSnapshot.take(net, train_x, train_y, shape)
         problem = TrainingProblem(snapshot, learning_rate, diag_reg, KernelCache(snapshot, snapshot.train_x, None))
         name = resolve_solver(solver, snapshot.num_train)
-        self._solver = make_solver(name, problem, self.tolerance, self.max_iterations, train_product)
+        self._solver = make_solver(name, problem, self._tolerance, self._max_iterations, train_product)
         self._test_kernels = TestKernelCache(snapshot)
 
     # --- the snapshot and the settings ------------------------------------------------------------
@@ -215,6 +215,16 @@ class TrainedEnsemble:
     def solver(self) -> Literal["eigh", "lanczos"]:
         """The solver in use, ``"eigh"`` or ``"lanczos"`` (``"auto"`` resolved at construction)."""
         return self._solver.name
+
+    @property
+    def tolerance(self) -> float:
+        """The Lanczos solver's relative tolerance (as given; fixed at construction)."""
+        return self._tolerance
+
+    @property
+    def max_iterations(self) -> int:
+        """The Lanczos solver's limit on products per solve (as given; fixed at construction)."""
+        return self._max_iterations
 
     @property
     def num_products(self) -> int:
