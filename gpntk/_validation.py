@@ -30,6 +30,8 @@ __all__ = [
     "check_input_shape",
     "check_inputs", "check_kernel_inputs", "check_nonnegative", "expanded_batch_shape", "integer_argument",
     "real_argument", "SUPPORTED_DTYPES",
+    "is_real_number", "is_integer", "positive_number", "non_negative_number", "positive_integer",
+    "number_in_unit_interval", "training_times",
 ]
 
 #: the floating-point dtypes gpntk computes in
@@ -205,3 +207,87 @@ def check_input_shape(input_shape: Sequence[int] | None) -> tuple[int, ...] | No
     if not shape:
         raise ValueError(message)
     return shape
+
+
+# --- numbers and times as the trained ensemble takes them ----------------------------------------
+# (stricter about what counts as an integer than integer_argument: no one-element tensors)
+
+
+def is_real_number(value: object) -> bool:
+    """A real number: Python or NumPy (not bool), or a one-element real tensor."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if torch.is_tensor(value):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real)
+
+
+def is_integer(value: object) -> bool:
+    """An integer: Python or NumPy (not bool)."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Integral)
+
+
+def positive_number(name: str, value: Any) -> float:
+    """``value`` as a positive finite ``float`` (TypeError if it is no real number, ValueError if out of range)."""
+    if not is_real_number(value):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return value
+
+
+def non_negative_number(name: str, value: Any) -> float:
+    """``value`` as a non-negative finite ``float`` (a ridge such as ``diag_reg``)."""
+    if not is_real_number(value):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be non-negative and finite, got {value}")
+    return value
+
+
+def positive_integer(name: str, value: Any) -> int:
+    """``value`` (a Python or NumPy integer, not bool) as a positive ``int``; ValueError otherwise."""
+    if not is_integer(value) or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def number_in_unit_interval(name: str, value: Any) -> float:
+    """``value`` as a ``float`` strictly between 0 and 1 (a relative tolerance); ValueError otherwise."""
+    if not is_real_number(value) or not 0 < float(value) < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def training_times(t: Any) -> tuple[list[float], bool]:
+    """The times as floats and whether they were a 1-D tensor or array (a batch).
+
+    ``t`` is a real number (Python or NumPy, ``math.inf``), or a 1-D tensor or NumPy array of them
+    (a 0-d one counts as a number); every time is ``>= 0``.
+    """
+    if isinstance(t, np.ndarray):
+        if t.dtype.kind not in "iuf":
+            raise TypeError(f"t must hold real numbers, got a NumPy array of dtype {t.dtype}")
+        t = torch.from_numpy(np.asarray(t, dtype=np.float64))
+    if torch.is_tensor(t):
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"t must hold real numbers, got a tensor of dtype {t.dtype}")
+        if t.dim() > 1:
+            raise ValueError(f"t must be a number or a 1-D tensor of times, got shape {tuple(t.shape)}")
+        batched = t.dim() == 1
+        values = [float(v) for v in t.detach().reshape(-1).tolist()]
+        if batched and not values:
+            raise ValueError("t is an empty tensor of times")
+    else:
+        if not is_real_number(t):
+            raise TypeError(
+                f"t must be a number, math.inf or a 1-D tensor of times, got {t!r} ({type(t).__name__})"
+            )
+        values = [float(t)]
+        batched = False
+    for value in values:
+        if math.isnan(value) or value < 0:
+            raise ValueError(f"training time t must be >= 0 (or math.inf), got {value}")
+    return values, batched

@@ -4,6 +4,7 @@
 this package's modules.
 """
 
-from .ensemble import EIGH_MAX_TRAIN, REGIMES, Regime, Solver, TrainedEnsemble, TrainProduct
+from .ensemble import TrainedEnsemble
+from .solver import EIGH_MAX_TRAIN, REGIMES, Regime, Solver, TrainProduct
 
 __all__ = ["TrainedEnsemble", "Regime", "REGIMES", "Solver", "TrainProduct", "EIGH_MAX_TRAIN"]

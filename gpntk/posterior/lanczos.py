@@ -79,7 +79,7 @@ from torch import Tensor
 from .._validation import integer_argument, real_argument
 from ..errors import NumericalWarning
 
-__all__ = ["lanczos", "largest_eigenvalue", "LanczosRun", "MatrixFunction", "MatMul"]
+__all__ = ["lanczos", "largest_eigenvalue", "check_options", "LanczosRun", "MatrixFunction", "MatMul"]
 
 #: ``f``: Ritz values ``(a, k)`` of ``a`` tridiagonals (float64 on the CPU, round-off negatives clipped to 0) to
 #: values ``(F, a, k)`` of F functions (elementwise, except that a function may use each row's largest value)
@@ -270,10 +270,166 @@ class LanczosRun:
         return out
 
 
-def _check_options(tolerance: float, max_iterations: int, check_every: int) -> None:
+def check_options(tolerance: float, max_iterations: int, check_every: int) -> None:
+    """The options of :func:`lanczos` and :func:`largest_eigenvalue`: a positive tolerance, positive integers."""
     real_argument("tolerance", tolerance, minimum=0, strict=True)
     for name, value in (("max_iterations", max_iterations), ("check_every", check_every)):
         integer_argument(name, value, minimum=1)
+
+
+@dataclass
+class _Columns:
+    """What :func:`lanczos` does with each of its ``c`` start columns, checked."""
+
+    functions: list[MatrixFunction]  # one per column
+    quadratic: list[bool]  # converge on the quadratic form (Gauss quadrature) rather than the vector
+    offsets: list[float | None]  # a reference r in the units of f(T) e1: r / |b|^2
+    projected: Tensor | None  # the columns whose L^T q_j are accumulated (with left)
+    left_position: dict[int, int]  # column -> its position among the projected ones
+
+    @staticmethod
+    def check(
+        start: Tensor,
+        norms: Tensor,
+        functions: MatrixFunction | Sequence[MatrixFunction],
+        quadrature: bool | Sequence[bool],
+        reference: Tensor | None,
+        left: Tensor | None,
+        left_columns: Sequence[int] | None,
+    ) -> _Columns:
+        """The per-column settings from :func:`lanczos`'s arguments (see there); ValueError on a mismatch."""
+        n, c = start.shape
+        per_column = list(functions) if isinstance(functions, Sequence) else [functions] * c
+        quadratic = [bool(quadrature)] * c if isinstance(quadrature, bool) else [bool(v) for v in quadrature]
+        if len(per_column) != c or len(quadratic) != c:
+            raise ValueError(f"functions and quadrature need one entry per column ({c})")
+        if reference is not None and reference.shape != (c,):
+            raise ValueError(f"reference must have shape ({c},), got {tuple(reference.shape)}")
+        projected = None
+        if left is not None:
+            if left.dim() != 2 or left.shape[0] != n:
+                raise ValueError(f"left must be (n, m) with n = {n}, got shape {tuple(left.shape)}")
+            projected = (
+                torch.arange(c) if left_columns is None else torch.as_tensor(list(left_columns), dtype=torch.long)
+            )
+            projected = projected.to(start.device)
+        left_position = {} if projected is None else {int(j): position for position, j in enumerate(projected)}
+        offsets: list[float | None] = [None] * c
+        if reference is not None:
+            offsets = (reference / norms.square().clamp_min(torch.finfo(start.dtype).tiny)).tolist()
+        return _Columns(per_column, quadratic, offsets, projected, left_position)
+
+
+class _FirstPass:
+    """The state of pass 1 of :func:`lanczos`: the recurrence, the tridiagonals, and per column f(T) e1 and its error.
+
+    :meth:`step` advances the unconverged columns by one product; :meth:`judge` updates their
+    coefficients and convergence estimates; :meth:`outcome` assembles the :class:`LanczosRun`.
+    """
+
+    def __init__(
+        self, start: Tensor, norms: Tensor, columns: _Columns, left: Tensor | None, max_iterations: int,
+        keep_bytes: int,
+    ):
+        n, c = start.shape
+        self.start, self.norms, self.columns, self.left, self.keep_bytes = start, norms, columns, left, keep_bytes
+        self.state = _Recurrence(start, norms)
+        self.alphas, self.betas = start.new_zeros(max_iterations, c), start.new_zeros(max_iterations, c)
+        self.projections: list[Tensor] = []  # L^T q_j of the projected columns
+        self.basis: list[Tensor] = []  # the first Lanczos vectors, kept for pass 2
+        self.block_bytes = n * c * start.element_size()
+        self.lengths = [0] * c
+        num_functions = [function(torch.ones(1, 1, dtype=torch.float64)).shape[0] for function in columns.functions]
+        # a zero start vector needs no step: f(A) 0 = 0
+        self.coefficients = [torch.zeros(f, 0, dtype=torch.float64) for f in num_functions]
+        self.previous: list[Tensor | None] = [None] * c
+        self.changes = [math.inf] * c  # error estimates
+        self.last_changes = [math.inf] * c  # relative changes between the last two checks
+        self.active = [bool(norm > 0) for norm in norms]
+        self.scale = torch.zeros_like(norms)  # running max of |alpha|, beta per column: about ||A||
+        self.breakdown_level = BREAKDOWN * n * torch.finfo(start.dtype).eps
+        self.steps = 0
+
+    def step(self, matmul: MatMul) -> tuple[Tensor, Tensor]:
+        r"""One product with the block of active columns: their indices and :math:`\beta` (0 at a breakdown)."""
+        state, projected, n = self.state, self.columns.projected, self.start.shape[0]
+        index = torch.tensor([j for j, active in enumerate(self.active) if active], device=self.start.device)
+        if projected is not None:
+            self.projections.append(cast(Tensor, self.left).mT @ state.q[:, projected])  # projected implies left
+        if (len(self.basis) + 1) * self.block_bytes <= self.keep_bytes:
+            self.basis.append(state.q.clone())
+        product = matmul(state.q[:, index])
+        if product.shape != (n, index.numel()):
+            raise ValueError(f"matmul returned shape {tuple(product.shape)}, expected {(n, index.numel())}")
+        alpha, u = state.residual(index, product)
+        beta = u.norm(dim=-2)
+        self.scale[index] = torch.maximum(self.scale[index], torch.maximum(alpha.abs(), beta))
+        beta = torch.where(beta <= self.breakdown_level * self.scale[index], torch.zeros_like(beta), beta)
+        self.alphas[self.steps, index], self.betas[self.steps, index] = alpha, beta
+        state.advance(index, u, beta)
+        self.steps += 1
+        return index, beta
+
+    def judge(self, index: Tensor, beta: Tensor, check: bool, tolerance: float) -> None:
+        """After a step: f(T) e1 of the columns checked or broken down, and which columns go on."""
+        columns = index.tolist()
+        finished = [position for position in range(len(columns)) if check or beta[position] == 0]
+        if finished:
+            chosen = index[finished]
+            chosen_functions = [self.columns.functions[columns[p]] for p in finished]
+            new = _coefficients(
+                self.alphas[: self.steps, chosen], self.betas[: self.steps - 1, chosen], chosen_functions
+            )
+            for position, coefficient in zip(finished, new):
+                self.coefficients[columns[position]] = coefficient
+        stacked = None  # the projections so far, (steps, m, c_left) on the CPU, for checking projected columns
+        if check and self.columns.projected is not None:
+            stacked = torch.stack(self.projections).to("cpu", torch.float64)
+        for position, j in enumerate(columns):
+            self.lengths[j] = self.steps
+            if beta[position] == 0:  # an invariant Krylov space: exact
+                self.active[j], self.changes[j] = False, 0.0
+            elif check:
+                self._judge_column(j, stacked, tolerance)
+
+    def _judge_column(self, j: int, stacked: Tensor | None, tolerance: float) -> None:
+        """The error estimate of column ``j`` at a check, judged on what is returned."""
+        # L^T Q f(T) e1 for projected columns, else f(T) e1
+        columns = self.columns
+        value = self.coefficients[j]
+        if stacked is not None and j in columns.left_position and not columns.quadratic[j]:
+            value = value @ stacked[:, :, columns.left_position[j]]
+        change = _change(value, self.previous[j], columns.quadratic[j], columns.offsets[j])
+        self.changes[j], self.last_changes[j] = _error_estimate(change, self.last_changes[j]), change
+        self.previous[j] = value
+        self.active[j] = self.changes[j] > tolerance
+
+    def unconverged(self) -> list[int]:
+        return [j for j, active in enumerate(self.active) if active]
+
+    def outcome(self) -> LanczosRun:
+        """The :class:`LanczosRun` of the steps so far."""
+        left, unconverged = self.left, self.unconverged()
+        left_projections = None
+        if left is not None:
+            left_projections = (
+                torch.stack(self.projections) if self.projections
+                else left.new_zeros(0, left.shape[1], len(cast(Tensor, self.columns.projected)))  # left: projected
+            )
+        return LanczosRun(
+            start=self.start,
+            norms=self.norms,
+            alpha=self.alphas[: self.steps],
+            beta=self.betas[: self.steps],
+            lengths=self.lengths,
+            coefficients=self.coefficients,
+            left_projections=left_projections,
+            left_columns=self.columns.projected,
+            basis=self.basis,
+            converged=not unconverged,
+            max_change=max((self.changes[j] for j in unconverged), default=0.0),
+            products=self.steps,
+        )
 
 
 def lanczos(
@@ -316,116 +472,26 @@ def lanczos(
     :param max_iterations: the most products; unconverged columns then warn (``warn``).
     :param check_every: steps between convergence checks (each costs small eigendecompositions).
     """
-    _check_options(tolerance, max_iterations, check_every)
+    check_options(tolerance, max_iterations, check_every)
     if start.dim() != 2:
         raise ValueError(f"start must be (n, c), got shape {tuple(start.shape)}")
-    n, c = start.shape
-    per_column = list(functions) if isinstance(functions, Sequence) else [functions] * c
-    quadratic = [bool(quadrature)] * c if isinstance(quadrature, bool) else [bool(v) for v in quadrature]
-    if len(per_column) != c or len(quadratic) != c:
-        raise ValueError(f"functions and quadrature need one entry per column ({c})")
-    if reference is not None and reference.shape != (c,):
-        raise ValueError(f"reference must have shape ({c},), got {tuple(reference.shape)}")
-    projected = None
-    if left is not None:
-        if left.dim() != 2 or left.shape[0] != n:
-            raise ValueError(f"left must be (n, m) with n = {n}, got shape {tuple(left.shape)}")
-        projected = torch.arange(c) if left_columns is None else torch.as_tensor(list(left_columns), dtype=torch.long)
-        projected = projected.to(start.device)
-    left_position = {} if projected is None else {int(j): position for position, j in enumerate(projected)}
-
     norms = start.norm(dim=0)
-    # a reference r in the units of f(T) e1: r / |b|^2
-    offsets = [None] * c
-    if reference is not None:
-        offsets = (reference / norms.square().clamp_min(torch.finfo(start.dtype).tiny)).tolist()
-    state = _Recurrence(start, norms)
-    alphas, betas = start.new_zeros(max_iterations, c), start.new_zeros(max_iterations, c)
-    projections: list[Tensor] = []
-    basis: list[Tensor] = []
-    block_bytes = n * c * start.element_size()
-    lengths = [0] * c
-    num_functions = [function(torch.ones(1, 1, dtype=torch.float64)).shape[0] for function in per_column]
-    # a zero start vector needs no step: f(A) 0 = 0
-    coefficients = [torch.zeros(f, 0, dtype=torch.float64) for f in num_functions]
-    previous: list[Tensor | None] = [None] * c
-    changes = [math.inf] * c  # error estimates
-    last_changes = [math.inf] * c  # relative changes between the last two checks
-    active = [bool(norm > 0) for norm in norms]
-    scale = torch.zeros_like(norms)  # running max of |alpha|, beta per column: about ||A||
-    breakdown_level = BREAKDOWN * n * torch.finfo(start.dtype).eps
-    steps = 0
-    while any(active) and steps < max_iterations:
-        index = torch.tensor([j for j in range(c) if active[j]], device=start.device)
-        if projected is not None:
-            projections.append(cast(Tensor, left).mT @ state.q[:, projected])  # projected implies left
-        if (len(basis) + 1) * block_bytes <= keep_bytes:
-            basis.append(state.q.clone())
-        product = matmul(state.q[:, index])
-        if product.shape != (n, index.numel()):
-            raise ValueError(f"matmul returned shape {tuple(product.shape)}, expected {(n, index.numel())}")
-        alpha, u = state.residual(index, product)
-        beta = u.norm(dim=-2)
-        scale[index] = torch.maximum(scale[index], torch.maximum(alpha.abs(), beta))
-        beta = torch.where(beta <= breakdown_level * scale[index], torch.zeros_like(beta), beta)
-        alphas[steps, index], betas[steps, index] = alpha, beta
-        state.advance(index, u, beta)
-        steps += 1
-        check = steps % check_every == 0 or steps == max_iterations
-        stacked = None  # the projections so far, (steps, m, c_left) on the CPU, for checking projected columns
-        if check and projected is not None:
-            stacked = torch.stack(projections).to("cpu", torch.float64)
-        columns = index.tolist()
-        finished = [position for position in range(len(columns)) if check or beta[position] == 0]
-        if finished:
-            chosen = index[finished]
-            chosen_functions = [per_column[columns[p]] for p in finished]
-            new = _coefficients(alphas[:steps, chosen], betas[: steps - 1, chosen], chosen_functions)
-            for position, coefficient in zip(finished, new):
-                coefficients[columns[position]] = coefficient
-        for position, j in enumerate(columns):
-            lengths[j] = steps
-            if beta[position] == 0:  # an invariant Krylov space: exact
-                active[j], changes[j] = False, 0.0
-            elif check:
-                # judged on what is returned: L^T Q f(T) e1 for projected columns, else f(T) e1
-                value = coefficients[j]
-                if stacked is not None and j in left_position and not quadratic[j]:
-                    value = value @ stacked[:, :, left_position[j]]
-                change = _change(value, previous[j], quadratic[j], offsets[j])
-                changes[j], last_changes[j] = _error_estimate(change, last_changes[j]), change
-                previous[j] = value
-                active[j] = changes[j] > tolerance
-    unconverged = [j for j in range(c) if active[j]]
-    max_change = max((changes[j] for j in unconverged), default=0.0)
+    columns = _Columns.check(start, norms, functions, quadrature, reference, left, left_columns)
+    run = _FirstPass(start, norms, columns, left, max_iterations, keep_bytes)
+    while any(run.active) and run.steps < max_iterations:
+        index, beta = run.step(matmul)
+        run.judge(index, beta, run.steps % check_every == 0 or run.steps == max_iterations, tolerance)
+    outcome = run.outcome()
+    unconverged = run.unconverged()
     if unconverged and warn:
         warnings.warn(
-            f"Lanczos did not converge in {max_iterations} iterations for {len(unconverged)} of {c} columns "
-            f"(estimated relative error {max_change:.2g} > tolerance {tolerance:.2g}); raise max_iterations, loosen "
-            "the tolerance, or add a ridge (diag_reg > 0) to bound the condition number",
+            f"Lanczos did not converge in {max_iterations} iterations for {len(unconverged)} of {start.shape[1]} "
+            f"columns (estimated relative error {outcome.max_change:.2g} > tolerance {tolerance:.2g}); raise "
+            "max_iterations, loosen the tolerance, or add a ridge (diag_reg > 0) to bound the condition number",
             NumericalWarning,
             stacklevel=2,
         )
-    left_projections = None
-    if left is not None:
-        left_projections = (
-            torch.stack(projections) if projections
-            else left.new_zeros(0, left.shape[1], len(cast(Tensor, projected)))  # left implies projected
-        )
-    return LanczosRun(
-        start=start,
-        norms=norms,
-        alpha=alphas[:steps],
-        beta=betas[:steps],
-        lengths=lengths,
-        coefficients=coefficients,
-        left_projections=left_projections,
-        left_columns=projected,
-        basis=basis,
-        converged=not unconverged,
-        max_change=max_change,
-        products=steps,
-    )
+    return outcome
 
 
 def _error_estimate(change: float, last_change: float) -> float:
@@ -481,7 +547,7 @@ def largest_eigenvalue(
     ``tolerance``. The start vector is a seeded Gaussian (deterministic, and almost surely not
     orthogonal to the top eigenvector).
     """
-    _check_options(tolerance, max_iterations, check_every)
+    check_options(tolerance, max_iterations, check_every)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     start = torch.randn(n, 1, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
     state = _Recurrence(start, start.norm(dim=0))

@@ -132,13 +132,13 @@ def test_numpy_numbers_in_demo_problems():
 
 
 def test_numpy_numbers_in_lanczos_options():
-    from gpntk.posterior.lanczos import _check_options
+    from gpntk.posterior.lanczos import check_options
 
-    _check_options(np.float64(1e-6), np.int64(50), np.int32(5))
+    check_options(np.float64(1e-6), np.int64(50), np.int32(5))
     with pytest.raises(ValueError, match="tolerance"):
-        _check_options("1e-6", 50, 5)
+        check_options("1e-6", 50, 5)
     with pytest.raises(ValueError, match="max_iterations"):
-        _check_options(1e-6, 50.0, 5)
+        check_options(1e-6, 50.0, 5)
 
 
 # --- misread arguments are refused ----------------------------------------------------------

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-import gpntk.posterior.ensemble as posterior
+import gpntk.posterior.kernel_cache as kernel_cache
+import gpntk.posterior.solver as solver_module
 from gpntk import layers as L
 from gpntk.kernels.blockwise import kernel_matmul
 from gpntk.kernels.dense import evaluate, nngp_and_ntk
@@ -110,8 +111,8 @@ def test_default_product_touches_the_training_kernel_only_through_products(monke
         assert matrix.shape[-1] < n, "an n x n eigendecomposition was computed"
         return small_eigh(matrix, *args, **kwargs)
 
-    monkeypatch.setattr(posterior, "kernel_matmul", counting_matmul)
-    monkeypatch.setattr(posterior, "evaluate", no_training_matrix)
+    monkeypatch.setattr(kernel_cache, "kernel_matmul", counting_matmul)
+    monkeypatch.setattr(kernel_cache, "evaluate", no_training_matrix)
     monkeypatch.setattr(torch.linalg, "eigh", no_eigh)
     post = TrainedEnsemble(net, x, y, learning_rate=2.0, diag_reg=0.05, solver="lanczos")
     for regime in ("ntk", "nngp"):
@@ -127,7 +128,7 @@ def test_default_product_touches_the_training_kernel_only_through_products(monke
             used = used[:-1]
         # Lanczos steps: (n, c) blocks of the columns still running, at most the target and the m test columns
         assert all(shape[0] == n and shape[1] <= 1 + m for shape, _ in used)
-        assert all(kinds == (posterior._REGIME_KERNELS[regime][0],) for _, kinds in used)
+        assert all(kinds == (solver_module.REGIME_KERNELS[regime][0],) for _, kinds in used)
     assert len(calls) == post.num_products
     loss = post.train_loss(TIMES, "ntk", include_variance=False)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-12)
@@ -160,9 +161,9 @@ def test_auto_uses_lanczos_above_the_threshold(monkeypatch):
     x, y = torch.randn(12, 3, generator=g), torch.randn(12, generator=g)
     net = L.mlp(1, "relu")
     assert TrainedEnsemble(net, x, y).solver == "eigh"
-    monkeypatch.setattr(posterior, "EIGH_MAX_TRAIN", 12)
+    monkeypatch.setattr(solver_module, "EIGH_MAX_TRAIN", 12)
     assert TrainedEnsemble(net, x, y).solver == "eigh"
-    monkeypatch.setattr(posterior, "EIGH_MAX_TRAIN", 11)
+    monkeypatch.setattr(solver_module, "EIGH_MAX_TRAIN", 11)
     post = TrainedEnsemble(net, x, y, diag_reg=0.01)
     assert post.solver == "lanczos"
     reference = TrainedEnsemble(net, x, y, diag_reg=0.01, solver="eigh")

@@ -116,7 +116,7 @@ def test_duplicated_inputs_follow_the_reduced_problem_at_every_time(activation, 
     net = L.mlp(2, activation, 2.0, 0.1)
     unique, x, y, test_x = _duplicated_problem(dtype, conflicting)
     post = TrainedEnsemble(net, x.to(dtype), y.to(dtype), solver=solver)
-    train_kernel = post._train_kernels_cache.get("ntk")
+    train_kernel = post._solver.problem.train_kernels.get("ntk")
     # duplicated rows up to round-off (the self-kernel is computed on its own): singular up to round-off
     eps = torch.finfo(dtype).eps
     assert (train_kernel[:6] - train_kernel[6:12]).abs().max() <= 16 * eps * train_kernel.abs().max()
@@ -191,7 +191,7 @@ def test_dropping_round_off_eigenvalues_at_a_finite_time_warns_only_when_it_coul
 
 def test_variances_negative_beyond_round_off_are_repaired_with_a_warning(monkeypatch):
     """A repair larger than the documented bound (VARIANCE_ROUNDING n eps of the terms) is reported."""
-    import gpntk.posterior.ensemble as posterior
+    from dataclasses import replace
 
     x = torch.randn(8, 3, dtype=torch.float64)
     y = torch.randn(8, dtype=torch.float64)
@@ -199,10 +199,8 @@ def test_variances_negative_beyond_round_off_are_repaired_with_a_warning(monkeyp
     _, variances = post.moments(x, math.inf, diag=True)
     assert variances.min() >= 0
     # a training kernel whose computed spectrum is off: the subtracted term exceeds the prior variance
-    spectrum = post._spectrum("nngp")
-    monkeypatch.setitem(
-        post._spectra, "nngp", posterior.replace(spectrum, eigenvalues=spectrum.eigenvalues * 0.5)
-    )
+    spectrum = post._solver.spectrum("nngp")
+    monkeypatch.setitem(post._solver.spectra, "nngp", replace(spectrum, eigenvalues=spectrum.eigenvalues * 0.5))
     with pytest.warns(gpntk.NumericalWarning, match="negative beyond round-off"):
         _, variances = post.moments(x, math.inf, "nngp", diag=True)
     assert variances.min() == 0
