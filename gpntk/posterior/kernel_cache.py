@@ -32,11 +32,12 @@ class BlockwiseProduct:
         self.net, self.hyper, self.x, self.input_shape = (
             snapshot.net, snapshot.hyper, snapshot.train_x, snapshot.input_shape
         )
+        self.fusion = snapshot.fusion
 
     def __call__(self, rhs: Tensor, kinds: Sequence[str]) -> tuple[Tensor, ...]:
         return kernel_matmul(
             self.net, self.x, self.x, self.hyper, rhs, kinds=cast("tuple[Output, ...]", tuple(kinds)),
-            input_shape=self.input_shape,
+            input_shape=self.input_shape, fusion=self.fusion,
         )
 
 
@@ -52,6 +53,7 @@ class KernelCache:
 
     def __init__(self, snapshot: EnsembleSnapshot, x1: Tensor, x2: Tensor | None):
         self.net, self.hyper, self.input_shape = snapshot.net, snapshot.hyper, snapshot.input_shape
+        self.fusion = snapshot.fusion
         self.x1, self.x2 = x1, x2
         self._values: dict[str, Tensor] = {}
 
@@ -69,7 +71,8 @@ class KernelCache:
         if kind not in self._values:
             x2 = self.x1 if self.x2 is None else self.x2
             nngp, ntk = evaluate(
-                self.net, self.x1, x2, self.hyper, input_shape=self.input_shape, track_ntk=kind == "ntk"
+                self.net, self.x1, x2, self.hyper, input_shape=self.input_shape, track_ntk=kind == "ntk",
+                fusion=self.fusion,
             )
             self._values["nngp"] = nngp
             if ntk is not None:

@@ -9,12 +9,13 @@ with :meth:`gpntk.core.hyperparameters.Hyperparameters.collect`, keyed as there.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from ..core.hyperparameters import Hyperparameters, parameterized_layers
 from ..core.layer import Layer
+from ..kernels.fusion import FusionPolicy
 
 __all__ = ["EnsembleSnapshot", "freeze_network"]
 
@@ -57,6 +58,8 @@ class EnsembleSnapshot:
     train_y: Tensor  # (n, k)
     multi_output: bool  # whether the targets were (n, k) rather than (n,)
     input_shape: tuple[int, ...] | None
+    #: the ensemble's compile policy: its repeated large evaluations compile (gpntk.settings.fusion)
+    fusion: FusionPolicy = field(default_factory=FusionPolicy, compare=False)
 
     @classmethod
     def take(

@@ -186,3 +186,22 @@ def test_compiler_failure_warns_once_per_kernel_and_falls_back(monkeypatch):
     for a, b, c in zip(expected, first, second):
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(a, c)
+
+
+def test_a_trained_ensemble_compiles_its_own_repeated_large_evaluations(traced_only, monkeypatch):
+    """The ensemble owns a policy: its repeated large kernel evaluations compile, with the same values."""
+    monkeypatch.setattr(settings, "FUSION_MIN_ELEMENTS", 100)
+    g = torch.Generator().manual_seed(6)
+    net = L.mlp(1, "relu", 2.0, 0.1)
+    x, y = torch.randn(15, 3, generator=g), torch.randn(15, generator=g)
+    tests = [torch.randn(12, 3, generator=g) for _ in range(3)]
+    post = gpntk.TrainedEnsemble(net, x, y, learning_rate=0.5)
+    policy = post._test_kernels.snapshot.fusion
+    with torch.no_grad(), settings.fusion("auto"):
+        for test_x in tests:
+            fused = post.moments(test_x, t=10.0, regime="nngp")
+    assert policy.compiled and not policy.failed
+    with settings.fusion(False):
+        reference = gpntk.TrainedEnsemble(net, x, y, learning_rate=0.5).moments(tests[-1], t=10.0, regime="nngp")
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
