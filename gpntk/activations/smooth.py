@@ -185,7 +185,8 @@ class Sin(Activation):
         return self.a * torch.sin(self.b * x + self.c)
 
     def cos_2c(self) -> float:
-        """:math:`\\cos 2c` (0 for ``Rbf``, where it is exactly :math:`\\cos(\\pi/2)`)."""
+        """:math:`\\cos 2c` (``Cos`` and ``Rbf`` give their exact values: for ``Rbf``, 0 rather than the rounded
+        :math:`\\cos(\\pi/2)`)."""
         return math.cos(2 * self.c)
 
     def formula_constants(self) -> tuple[float, float, float, float]:
