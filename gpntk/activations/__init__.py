@@ -1,4 +1,9 @@
-"""Dual activations: closed forms, and Gauss–Hermite quadrature for any smooth φ."""
+"""Dual activations: closed forms, and Gauss–Hermite quadrature for any smooth φ.
+
+The closed-form pair duals of :mod:`.arccos` and :mod:`.smooth` are each written once, against the
+operations protocol :class:`.ops.DualOps`: ``Activation.dual`` evaluates them on tensors
+(:data:`.ops.TORCH`), the optional KeOps backend (:mod:`gpntk.contrib.keops`) on formula nodes.
+"""
 
 from __future__ import annotations
 

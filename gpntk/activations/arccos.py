@@ -6,185 +6,105 @@ Cho & Saul (2009) show that for the rectified monomial :math:`\phi(x) = x^p\,\ma
     \mathbb E[\phi(u)\phi(v)] = \frac{(q_{11} q_{22})^{p/2}}{2\pi} J_p(\theta), \qquad
     \theta = \arccos \rho,\ \rho = \frac{q_{12}}{\sqrt{q_{11} q_{22}}},
 
-with :math:`J_0 = \pi - \theta`, :math:`J_1 = \sin\theta + (\pi - \theta)\cos\theta` and
-:math:`J_p = (2p - 1)\cos\theta\, J_{p-1} - \sin\theta\, J_{p-1}'(\theta)`. As functions of
-:math:`\rho`, Price's theorem gives :math:`\mathrm dJ_p/\mathrm d\rho = p^2 J_{p-1}`, which is
-what the custom autograd function below uses: derivatives are exact and finite at
-:math:`\rho = 1` for :math:`p \ge 1` (there :math:`\sin\theta` itself is not differentiable).
+with the arc-cosine functions :math:`J_p` of :mod:`gpntk.activations.angular` (exact and finite
+derivatives at :math:`\rho = \pm 1`). Each pair dual is written once (``abrelu_pair``,
+``sign_pair``, ``rectified_monomial_pair``) against :class:`gpntk.activations.ops.DualOps`, as a
+function of :math:`(\rho, \sqrt{q_{11} q_{22}})`: ``dual`` evaluates it on tensors with the
+correlation of :func:`~gpntk.activations.base.correlation`, and the KeOps backend on formula
+nodes.
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from .._validation import integer_argument
 from ..errors import ArchitectureError
+from .angular import arccos_j, arccos_j1_j0
 from .base import Activation, correlation, double_factorial
 from .base import real_parameter as _real
+from .ops import TORCH, DualOps
 
-__all__ = ["ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "RectifiedMonomial", "arccos_j"]
+__all__ = [
+    "ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "RectifiedMonomial", "abrelu_pair", "sign_pair",
+    "rectified_monomial_pair", "arccos_j", "arccos_j1_j0",
+]
 
-# A J_p is stored as two polynomials in (cos θ, sin θ): J = A(c, s) + (π - θ) B(c, s),
-# each a dict {(i, j): coefficient} for the monomial c^i s^j.
-_Poly = dict[tuple[int, int], float]
+V = TypeVar("V")
 
-
-def _poly_add(a: _Poly, b: _Poly, scale: float = 1.0) -> _Poly:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = out.get(key, 0.0) + scale * value
-    return {k: v for k, v in out.items() if v != 0.0}
-
-
-def _poly_derivative(p: _Poly) -> _Poly:
-    """d/dθ of a polynomial in c = cos θ, s = sin θ."""
-    out: _Poly = {}
-    for (i, j), coef in p.items():
-        if i:
-            out = _poly_add(out, {(i - 1, j + 1): -i * coef})
-        if j:
-            out = _poly_add(out, {(i + 1, j - 1): j * coef})
-    return out
+# ==================================================================================================
+# The pair formulas, written once for every backend (gpntk.activations.ops)
+# ==================================================================================================
+# Each takes the pair's correlation rho = q12 / sqrt(q11 q22) (clamped to [-1, 1]) and
+# sqrt_prod = sqrt(q11) sqrt(q22), which every backend computes its own way (correlation() below
+# scales by powers of two; the KeOps backend multiplies per-point reciprocal square roots and sets
+# rho = 1 for identical points).
 
 
-def _poly_times(p: _Poly, di: int, dj: int, scale: float) -> _Poly:
-    return {(i + di, j + dj): scale * coef for (i, j), coef in p.items()}
+def abrelu_pair(
+    ops: DualOps[V], constants: Sequence[V | float], q12: V, rho: V, sqrt_prod: V, need_dot: bool
+) -> tuple[V, V | None]:
+    r"""The dual of :class:`ABReLU`: constants :math:`(ab, (b-a)^2/2\pi)` (:meth:`ABReLU.formula_constants`).
 
+    .. math::
+        k_{12} = ab\, q_{12} + \frac{(b-a)^2}{2\pi}\sqrt{q_{11}q_{22}}\, J_1(\rho), \qquad
+        \dot k_{12} = ab + \frac{(b-a)^2}{2\pi} J_0(\rho);
 
-@lru_cache(maxsize=None)
-def _arccos_j_terms(p: int) -> tuple[tuple[tuple[int, int, float], ...], tuple[tuple[int, int, float], ...]]:
-    a: _Poly = {}
-    b: _Poly = {(0, 0): 1.0}  # J_0 = π - θ
-    for n in range(1, p + 1):
-        # J' = A' + (π-θ) B' - B, so J_n = (2n-1) c J - s J'
-        da, db = _poly_derivative(a), _poly_derivative(b)
-        new_a = _poly_add(
-            _poly_times(a, 1, 0, 2 * n - 1), _poly_add(_poly_times(da, 0, 1, -1.0), _poly_times(b, 0, 1, 1.0))
-        )
-        new_b = _poly_add(_poly_times(b, 1, 0, 2 * n - 1), _poly_times(db, 0, 1, -1.0))
-        a, b = new_a, new_b
-    return tuple((i, j, c) for (i, j), c in a.items()), tuple((i, j, c) for (i, j), c in b.items())
-
-
-def _arccos_j_value(rho: Tensor, p: int) -> Tensor:
-    if p == 0:  # J_0 = π - θ
-        return math.pi - torch.arccos(rho)
-    if p == 1:  # J_1 = sin θ + (π - θ) cos θ
-        return (1 - rho.square()).clamp_min(0).sqrt().addcmul(math.pi - torch.arccos(rho), rho)
-    terms_a, terms_b = _arccos_j_terms(p)
-    cos = rho
-    sin = (1 - rho.square()).clamp_min(0).sqrt()
-    rest = math.pi - torch.arccos(rho)
-    value_a = torch.zeros_like(rho)
-    for i, j, coef in terms_a:
-        value_a = value_a + coef * cos**i * sin**j
-    value_b = torch.zeros_like(rho)
-    for i, j, coef in terms_b:
-        value_b = value_b + coef * cos**i * sin**j
-    return value_a + rest * value_b
-
-
-def _arccos_j_derivative(rho: Tensor, p: int) -> Tensor:
-    r""":math:`\mathrm dJ_p/\mathrm d\rho`: :math:`p^2 J_{p-1}(\rho)`, and for :math:`p = 0`
-    :math:`1/\sqrt{1-\rho^2}` inside (-1, 1), 0 at :math:`|\rho| = 1`.
-
-    :math:`J_0 = \pi - \theta` has a kink at :math:`\theta = 0` (and :math:`\pi`): along any
-    path through identical inputs the angle grows like the distance, so the one-sided derivatives
-    are opposite and their average is 0. Returning 0 there makes every derivative built on
-    :math:`J_0'` (the ReLU family's NTK, Sign, the second derivatives of the ReLU NNGP) the average
-    of its one-sided values, finite, instead of the ``1/sqrt(eps)`` of a clamped square root.
-    Differentiable (in ``rho``) to any order.
+    the terms in :math:`ab` are left out where it is known to be zero (ReLU).
     """
-    if p > 0:
-        return (p * p) * arccos_j(rho, p - 1)
-    inside = rho.abs() < 1
-    gap = torch.where(inside, 1 - rho.square(), torch.ones_like(rho))
-    return torch.where(inside, torch.rsqrt(gap), torch.zeros_like(rho))
+    ab, scale = constants
+    if need_dot:
+        j1, j0 = ops.arccos_j1_j0(rho)
+    else:
+        j1, j0 = ops.arccos_j(rho, 1), None
+    k12 = ops.mul(ops.mul(scale, sqrt_prod), j1)
+    kdot12 = None if j0 is None else ops.mul(scale, j0)
+    if not ops.is_zero(ab):
+        k12 = ops.add(ops.mul(ab, q12), k12)
+        kdot12 = None if kdot12 is None else ops.add(ab, kdot12)
+    return k12, kdot12
 
 
-class _ArcCosJ(torch.autograd.Function):
-    """:math:`J_p(\\rho)` with derivative :func:`_arccos_j_derivative`; works under ``torch.func`` transforms."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(rho: Tensor, p: int) -> Tensor:
-        return _arccos_j_value(rho, p)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: Tensor) -> None:
-        rho, p = inputs
-        ctx.p = p
-        ctx.save_for_backward(rho)
-        ctx.save_for_forward(rho)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (rho,) = ctx.saved_tensors
-        return grad * _arccos_j_derivative(rho, ctx.p), None
-
-    @staticmethod
-    def jvp(ctx: Any, rho_tangent: Tensor, _p: None) -> Tensor:
-        (rho,) = ctx.saved_tensors
-        return rho_tangent * _arccos_j_derivative(rho, ctx.p)
+def sign_pair(
+    ops: DualOps[V], constants: Sequence[V | float], rho: V, sqrt_prod: V, need_dot: bool
+) -> tuple[V, V | None]:
+    r"""The dual of :class:`Sign`: constants :math:`(2/\pi,)`; :math:`k_{12} = \tfrac2\pi J_0(\rho) - 1`
+    where both variances are positive, else 0, and :math:`\dot k_{12} = 0`."""
+    (two_over_pi,) = constants
+    k12 = ops.where_positive(sqrt_prod, ops.sub(ops.mul(two_over_pi, ops.arccos_j(rho, 0)), 1))
+    return k12, (ops.zeros_like(k12) if need_dot else None)
 
 
-def arccos_j(rho: Tensor, p: int) -> Tensor:
-    r"""The arc-cosine function :math:`J_p` of Cho & Saul (2009) as a function of :math:`\rho = \cos\theta`.
+def rectified_monomial_pair(
+    ops: DualOps[V], constants: Sequence[V | float], degree: int, rho: V, sqrt_prod: V, need_dot: bool
+) -> tuple[V, V | None]:
+    r"""The dual of :class:`RectifiedMonomial` of degree :math:`p`: constants :math:`(2\pi,)`;
 
-    Differentiable to any order, also under ``torch.func`` (``grad``, ``jacrev``, ``jacfwd``,
-    ``hessian``, ``vmap``); at :math:`|\rho| = 1` the derivative of :math:`J_0` is taken as 0 (see
-    :func:`_arccos_j_derivative`).
+    .. math::
+        k_{12} = \frac{(q_{11}q_{22})^{p/2} J_p(\rho)}{2\pi}, \qquad
+        \dot k_{12} = \frac{p^2 (q_{11}q_{22})^{(p-1)/2} J_{p-1}(\rho)}{2\pi}\ (0 \text{ for } p = 0).
     """
-    return cast(Tensor, _ArcCosJ.apply(rho, p))  # type: ignore[no-untyped-call]  # Function.apply is untyped
+    (two_pi,) = constants
+    p = degree
+    k12 = ops.div(ops.mul(ops.power(sqrt_prod, p), ops.arccos_j(rho, p)), two_pi)
+    kdot12 = None
+    if need_dot:
+        if p == 0:
+            kdot12 = ops.zeros_like(k12)
+        else:
+            kdot12 = ops.div(ops.mul(ops.mul(p * p, ops.power(sqrt_prod, p - 1)), ops.arccos_j(rho, p - 1)), two_pi)
+    return k12, kdot12
 
 
-def _j1_j0_value(rho: Tensor) -> tuple[Tensor, Tensor]:
-    j0 = math.pi - torch.arccos(rho)
-    j1 = (1 - rho.square()).clamp_min(0).sqrt().addcmul(j0, rho)
-    return j1, j0
+# ==================================================================================================
+# The activations
+# ==================================================================================================
 
-
-class _ArcCosJ1J0(torch.autograd.Function):
-    r"""``(J_1, J_0)`` from one arccos, with :math:`J_1' = J_0` and :math:`J_0'` from :func:`_arccos_j_derivative`."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(rho: Tensor) -> tuple[Tensor, Tensor]:
-        return _j1_j0_value(rho)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
-        (rho,) = inputs
-        ctx.save_for_backward(rho)
-        ctx.save_for_forward(rho)
-
-    @staticmethod
-    def backward(ctx: Any, grad_j1: Tensor | None, grad_j0: Tensor | None) -> Tensor | None:
-        (rho,) = ctx.saved_tensors
-        grad = None
-        if grad_j1 is not None:
-            grad = grad_j1 * arccos_j(rho, 0)
-        if grad_j0 is not None:
-            term = grad_j0 * _arccos_j_derivative(rho, 0)
-            grad = term if grad is None else grad + term
-        return grad
-
-    @staticmethod
-    def jvp(ctx: Any, rho_tangent: Tensor) -> tuple[Tensor, Tensor]:
-        (rho,) = ctx.saved_tensors
-        return rho_tangent * arccos_j(rho, 0), rho_tangent * _arccos_j_derivative(rho, 0)
-
-
-def arccos_j1_j0(rho: Tensor) -> tuple[Tensor, Tensor]:
-    r""":math:`(J_1(\rho), J_0(\rho))` together, sharing one :math:`\arccos` (the ReLU family's NNGP and NTK)."""
-    return cast("tuple[Tensor, Tensor]", _ArcCosJ1J0.apply(rho))  # type: ignore[no-untyped-call]  # untyped apply
 
 
 class ABReLU(Activation):
@@ -208,20 +128,14 @@ class ABReLU(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.clamp(x, max=0) + self.b * torch.clamp(x, min=0)
 
-    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+    def formula_constants(self) -> tuple[float, float]:
+        """The constants of :func:`abrelu_pair`: :math:`(ab, (b-a)^2/2\\pi)`."""
         a, b = self.a, self.b
+        return a * b, (b - a) ** 2 / (2 * math.pi)
+
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         rho, sqrt_prod = correlation(q11, q12, q22)
-        factor = (b - a) ** 2 / (2 * math.pi)
-        if need_dot:
-            j1, j0 = arccos_j1_j0(rho)
-        else:
-            j1, j0 = arccos_j(rho, 1), None
-        k12 = (factor * sqrt_prod) * j1
-        kdot12 = None if j0 is None else factor * j0
-        if a * b != 0:
-            k12 = k12 + (a * b) * q12
-            kdot12 = None if kdot12 is None else kdot12 + a * b
-        return k12, kdot12
+        return abrelu_pair(TORCH, self.formula_constants(), q12, rho, sqrt_prod, need_dot)
 
     def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         scale = (self.a**2 + self.b**2) / 2
@@ -273,10 +187,13 @@ class Sign(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return torch.sign(x)
 
+    def formula_constants(self) -> tuple[float]:
+        """The constants of :func:`sign_pair`: :math:`(2/\\pi,)`."""
+        return (2 / math.pi,)
+
     def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         rho, sqrt_prod = correlation(q11, q12, q22)
-        k12 = torch.where(sqrt_prod > 0, (2 / math.pi) * arccos_j(rho, 0) - 1, torch.zeros_like(rho))
-        return k12, (torch.zeros_like(k12) if need_dot else None)
+        return sign_pair(TORCH, self.formula_constants(), rho, sqrt_prod, need_dot)
 
     def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         k = (q > 0).to(q.dtype)
@@ -302,16 +219,13 @@ class RectifiedMonomial(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return torch.where(x >= 0, x**self.degree, torch.zeros_like(x))
 
+    def formula_constants(self) -> tuple[float]:
+        """The constants of :func:`rectified_monomial_pair`: :math:`(2\\pi,)`."""
+        return (2 * math.pi,)
+
     def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
-        p = self.degree
         rho, sqrt_prod = correlation(q11, q12, q22)
-        k12 = sqrt_prod**p * arccos_j(rho, p) / (2 * math.pi)
-        kdot12 = None
-        if need_dot:
-            kdot12 = (
-                torch.zeros_like(k12) if p == 0 else p * p * sqrt_prod ** (p - 1) * arccos_j(rho, p - 1) / (2 * math.pi)
-            )
-        return k12, kdot12
+        return rectified_monomial_pair(TORCH, self.formula_constants(), self.degree, rho, sqrt_prod, need_dot)
 
     def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         p = self.degree

@@ -30,7 +30,7 @@ from ..core.spatial import Layout
 from ..core.state import KernelState, midpoint, set_diagonal
 from ..errors import ArchitectureError
 
-__all__ = ["Activation", "correlation", "safe_sqrt", "gram_determinant", "real_parameter", "double_factorial"]
+__all__ = ["Activation", "correlation", "safe_sqrt", "real_parameter", "double_factorial"]
 
 
 class Activation(Layer):
@@ -148,17 +148,6 @@ def safe_sqrt(x: Tensor) -> Tensor:
     """:math:`\\sqrt{\\max(x, 0)}` with derivative 0 (not infinity or NaN) where ``x <= 0``."""
     positive = x > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
-
-
-def gram_determinant(q11: Tensor, q12: Tensor, q22: Tensor) -> Tensor:
-    r""":math:`\max(q_{11} q_{22} - q_{12}^2, 0)`: the determinant of a pair's covariance, never negative.
-
-    Mathematically non-negative; in floating point it cancels, and for large variances (float32
-    inputs of scale :math:`10^4`) rounding made it negative by more than the terms it is added to,
-    which turned square roots of positive quantities into NaN. At identical inputs
-    (:math:`q_{12} = q_{11} = q_{22}` exactly) it is exactly 0.
-    """
-    return (q11 * q22 - q12.square()).clamp_min(0)
 
 
 def correlation(q11: Tensor, q12: Tensor, q22: Tensor) -> tuple[Tensor, Tensor]:

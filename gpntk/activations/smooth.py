@@ -6,14 +6,78 @@ Every expectation is over :math:`(u, v) \sim \mathcal N(0, [[q_{11}, q_{12}], [q
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from .._transforms import is_batched
-from .base import Activation, gram_determinant, real_parameter
+from .base import Activation, real_parameter
+from .ops import TORCH, DualOps, gram_determinant
 
-__all__ = ["Erf", "GELU", "Sin", "Cos", "Rbf", "Exp", "Gaussian"]
+__all__ = ["Erf", "GELU", "Sin", "Cos", "Rbf", "Exp", "Gaussian", "erf_pair", "sin_pair", "exp_pair"]
+
+V = TypeVar("V")
+
+# ==================================================================================================
+# The pair formulas, written once for every backend (gpntk.activations.ops)
+# ==================================================================================================
+# Each takes the pair's variances q11 (..., n1, 1), q22 (..., 1, n2) and covariance q12 (or, in the
+# KeOps backend, the same quantities of one pair).
+
+
+def erf_pair(
+    ops: DualOps[V], constants: Sequence[V | float], q11: V, q12: V, q22: V, need_dot: bool
+) -> tuple[V, V | None]:
+    r"""The dual of :class:`Erf`; constants :math:`(2b^2, 4b^4, 2a^2/\pi, c^2, 4a^2b^2/\pi)`.
+
+    With the squared leg :math:`\ell^2 = 1 + 2b^2(q_{11} + q_{22}) + 4b^4 \max(q_{11}q_{22} - q_{12}^2, 0)`
+    (never below 1; floored at the smallest normal number all the same),
+
+    .. math::
+        k_{12} = \frac{2a^2}{\pi} \operatorname{atan2}(2b^2 q_{12}, \ell) + c^2, \qquad
+        \dot k_{12} = \frac{4a^2b^2}{\pi}\, \frac1\ell.
+    """
+    two_b2, four_b4, amplitude, offset, slope = constants
+    spread = ops.add(1, ops.mul(two_b2, ops.add(q11, q22)))
+    leg2 = ops.add(spread, ops.mul(four_b4, gram_determinant(ops, q11, q12, q22)))
+    leg = ops.sqrt(ops.clamp_min(leg2, ops.tiny(q12)))
+    k12 = ops.add(ops.mul(amplitude, ops.atan2(ops.mul(two_b2, q12), leg)), offset)
+    return k12, (ops.div(slope, leg) if need_dot else None)
+
+
+def sin_pair(
+    ops: DualOps[V], constants: Sequence[V | float], q11: V, q12: V, q22: V, need_dot: bool
+) -> tuple[V, V | None]:
+    r"""The dual of :class:`Sin` (``Cos``, ``Rbf``); constants :math:`(-b^2/2, \cos 2c, a^2/2, a^2b^2/2)`.
+
+    .. math::
+        s_\pm = \exp\bigl(-\tfrac{b^2}{2}(q_{11} + q_{22} \mp 2 q_{12})\bigr), \qquad
+        k_{12} = \frac{a^2}{2}\bigl(s_+ - \cos(2c)\, s_-\bigr), \qquad
+        \dot k_{12} = \frac{a^2 b^2}{2}\bigl(s_+ + \cos(2c)\, s_-\bigr).
+    """
+    neg_half_b2, cos2c, half_a2, half_a2b2 = constants
+    total = ops.add(q11, q22)
+    s_plus = ops.exp(ops.mul(neg_half_b2, ops.sub(total, ops.mul(2, q12))))
+    s_minus = ops.mul(cos2c, ops.exp(ops.mul(neg_half_b2, ops.add(total, ops.mul(2, q12)))))
+    k12 = ops.mul(half_a2, ops.sub(s_plus, s_minus))
+    return k12, (ops.mul(half_a2b2, ops.add(s_plus, s_minus)) if need_dot else None)
+
+
+def exp_pair(
+    ops: DualOps[V], constants: Sequence[V | float], q11: V, q12: V, q22: V, need_dot: bool
+) -> tuple[V, V | None]:
+    r"""The dual of :class:`Exp`; constants :math:`(a^2, b^2)`:
+    :math:`k_{12} = a^2 \exp\bigl(b^2(\tfrac12(q_{11} + q_{22}) + q_{12})\bigr)`, :math:`\dot k_{12} = b^2 k_{12}`."""
+    a2, b2 = constants
+    k12 = ops.mul(a2, ops.exp(ops.mul(b2, ops.add(ops.mul(0.5, ops.add(q11, q22)), q12))))
+    return k12, (ops.mul(b2, k12) if need_dot else None)
+
+
+# ==================================================================================================
+# The activations
+# ==================================================================================================
 
 
 class Erf(Activation):
@@ -40,13 +104,13 @@ class Erf(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.erf(self.b * x) + self.c
 
-    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+    def formula_constants(self) -> tuple[float, float, float, float, float]:
+        """The constants of :func:`erf_pair`."""
         b2 = self.b**2
-        leg2 = 1 + 2 * b2 * (q11 + q22) + 4 * b2 * b2 * gram_determinant(q11, q12, q22)
-        leg = leg2.clamp_min(torch.finfo(q12.dtype).tiny).sqrt()
-        k12 = (2 * self.a**2 / math.pi) * torch.atan2(2 * b2 * q12, leg) + self.c**2
-        kdot12 = (4 * self.a**2 * b2 / math.pi) / leg if need_dot else None
-        return k12, kdot12
+        return 2 * b2, 4 * b2 * b2, 2 * self.a**2 / math.pi, self.c**2, 4 * self.a**2 * b2 / math.pi
+
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+        return erf_pair(TORCH, self.formula_constants(), q11, q12, q22, need_dot)
 
     def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         b2 = self.b**2
@@ -78,7 +142,7 @@ class GELU(Activation):
     def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         prod_plus_1 = (1 + q11) * (1 + q22)
         prod = q11 * q22
-        delta2 = 1 + q11 + q22 + gram_determinant(q11, q12, q22)  # (1 + q11)(1 + q22) - q12², never below 1
+        delta2 = 1 + q11 + q22 + gram_determinant(TORCH, q11, q12, q22)  # (1 + q11)(1 + q22) - q12², never below 1
         delta = delta2.sqrt()
         alpha = torch.atan2(q12, delta)
         k12 = q12 / 4 + (q12 * alpha + (q12.square() + prod * delta2) / (prod_plus_1 * delta)) / (2 * math.pi)
@@ -120,21 +184,22 @@ class Sin(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.sin(self.b * x + self.c)
 
-    def _cos_2c(self) -> float:
+    def cos_2c(self) -> float:
+        """:math:`\\cos 2c` (``Cos`` and ``Rbf`` give their exact values: for ``Rbf``, 0 rather than the rounded
+        :math:`\\cos(\\pi/2)`)."""
         return math.cos(2 * self.c)
 
-    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+    def formula_constants(self) -> tuple[float, float, float, float]:
+        """The constants of :func:`sin_pair`."""
         b2 = self.b**2
-        total = q11 + q22
-        s_plus = torch.exp(-0.5 * b2 * (total - 2 * q12))
-        s_minus = self._cos_2c() * torch.exp(-0.5 * b2 * (total + 2 * q12))
-        k12 = (self.a**2 / 2) * (s_plus - s_minus)
-        kdot12 = (self.a**2 * b2 / 2) * (s_plus + s_minus) if need_dot else None
-        return k12, kdot12
+        return -0.5 * b2, self.cos_2c(), self.a**2 / 2, self.a**2 * b2 / 2
+
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+        return sin_pair(TORCH, self.formula_constants(), q11, q12, q22, need_dot)
 
     def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         b2 = self.b**2
-        s_minus = self._cos_2c() * torch.exp(-2 * b2 * q)
+        s_minus = self.cos_2c() * torch.exp(-2 * b2 * q)
         k = (self.a**2 / 2) * (1 - s_minus)
         kdot = (self.a**2 * b2 / 2) * (1 + s_minus) if need_dot else None
         return k, kdot
@@ -153,7 +218,7 @@ class Cos(Sin):
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.cos(self.b * x + self.cos_phase)
 
-    def _cos_2c(self) -> float:
+    def cos_2c(self) -> float:
         return -math.cos(2 * self.cos_phase)
 
     def __repr__(self) -> str:
@@ -176,7 +241,7 @@ class Rbf(Sin):
         super().__init__(math.sqrt(2.0), math.sqrt(2 * gamma), math.pi / 4)
         self.gamma = gamma
 
-    def _cos_2c(self) -> float:
+    def cos_2c(self) -> float:
         return 0.0
 
     def __repr__(self) -> str:
@@ -195,10 +260,12 @@ class Exp(Activation):
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.exp(self.b * x)
 
+    def formula_constants(self) -> tuple[float, float]:
+        """The constants of :func:`exp_pair`: :math:`(a^2, b^2)`."""
+        return self.a**2, self.b**2
+
     def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
-        b2 = self.b**2
-        k12 = self.a**2 * torch.exp(b2 * (0.5 * (q11 + q22) + q12))
-        return k12, (b2 * k12 if need_dot else None)
+        return exp_pair(TORCH, self.formula_constants(), q11, q12, q22, need_dot)
 
     def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         b2 = self.b**2
@@ -230,7 +297,7 @@ class Gaussian(Activation):
     def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         b = self.b
         self._check_finite(torch.maximum(q11.max(), q22.max()))
-        det = 1 - 2 * b * (q11 + q22) + 4 * b * b * gram_determinant(q11, q12, q22)
+        det = 1 - 2 * b * (q11 + q22) + 4 * b * b * gram_determinant(TORCH, q11, q12, q22)
         inv_root = torch.rsqrt(det)
         k12 = self.a**2 * inv_root
         kdot12 = 4 * self.a**2 * b * b * q12 * inv_root**3 if need_dot else None

@@ -32,7 +32,7 @@ from scipy.special import expit, roots_hermitenorm, roots_legendre
 
 from gpntk import layers as L
 from gpntk.activations import Activation
-from gpntk.activations.arccos import arccos_j
+from gpntk.activations.angular import arccos_j
 from gpntk.activations.quadrature import Elementwise
 
 # --- independent expectations --------------------------------------------------------------------

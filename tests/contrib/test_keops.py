@@ -1,4 +1,4 @@
-"""The KeOps backend (:mod:`gpntk.kernels.keops`): products and gradients against the dense backend.
+"""The KeOps backend (:mod:`gpntk.contrib.keops`): products and gradients against the dense backend.
 
 Compiling a KeOps formula takes tens of seconds on a CPU, so the tests share a handful of
 architectures, one input dimension and one number of right-hand sides (formulas depend on the

@@ -22,10 +22,20 @@ and an activation maps :math:`\Sigma \leftarrow k(\Sigma)`,
 :mod:`gpntk.activations`. The per-point variances :math:`q_l(x) = \Sigma_l(x, x)` of every layer
 do not depend on the other point: they are computed in torch by the exact per-point recursion
 (``Activation.dual_diag``, never through a correlation of one) and enter the formula as KeOps
-``Vi``/``Vj`` variables ("features" such as :math:`\sqrt{q}` and :math:`1/\sqrt{q}`); only the
-pair quantities :math:`\Sigma_l(x, x')`, :math:`\Theta_l(x, x')` are symbolic. The
-hyperparameters :math:`\sigma_w^2, \sigma_b^2` are one ``Pm`` (parameter) vector and the
-constants of the activations another, so that new values reuse the compiled formula.
+``Vi``/``Vj`` variables ("features": :math:`q` itself, or :math:`\sqrt{q}` and :math:`1/\sqrt{q}`
+for the arc-cosine family); only the pair quantities :math:`\Sigma_l(x, x')`, :math:`\Theta_l(x, x')`
+are symbolic. The hyperparameters :math:`\sigma_w^2, \sigma_b^2` are one ``Pm`` (parameter) vector
+and the constants of the activations another, so that new values reuse the compiled formula.
+
+**One source for each dual.** The pair duals :math:`k, \dot k` are not written here: each is one
+function of :mod:`gpntk.activations` (``abrelu_pair``, ``sign_pair``, ``rectified_monomial_pair``,
+``erf_pair``, ``sin_pair``, ``exp_pair``) stated against the small operations protocol
+:class:`gpntk.activations.ops.DualOps`. ``Activation.dual`` evaluates it on tensors
+(:data:`gpntk.activations.ops.TORCH`); this backend evaluates the same function on the dual
+numbers of :class:`.calculus._Calculus`, which builds formula nodes, with the activation's
+``formula_constants()`` as entries of the constants vector. Only the arc-cosine correlation
+:math:`\rho` is computed differently (from per-point features here, with power-of-two scaling in
+torch), see "Identical points".
 
 **Linear size.** Each layer uses the previous :math:`\Sigma_{12}` several times (in the
 correlation, in :math:`\sqrt{1-\rho^2}`, in :math:`\arccos\rho`, ...), so the formula written as a
@@ -44,7 +54,7 @@ where each state holds the new values of its level and copies the earlier ones s
 (the C++ compiler removes the copies: measured no slower than nested ``Factorize`` blocks). Each
 state reads only the previous one, so the formula string, keopscore's expression tree, its
 parsing and the generated code all grow linearly with depth (measured in
-``tests/test_keops.py``). keopscore's ``AutoFactorize`` finds the same sharing automatically,
+``tests/contrib/test_keops.py``). keopscore's ``AutoFactorize`` finds the same sharing automatically,
 but only by searching the already exponential tree.
 
 **Gradients.** KeOps' own autodiff differentiates a ``Factorize`` by substituting the bound
@@ -74,10 +84,22 @@ two, padding with zero columns) and the dtype. Inputs always carry at least one 
 so batched and unbatched calls share one compiled module.
 
 **Modules.** :mod:`.graph`: the expression graph and its emission as a chain of ``Factorize``
-bindings; :mod:`.calculus`: dual numbers (forward-mode derivatives) on the graph; :mod:`.forms`:
-the closed-form dual activations as formulas; :mod:`.formula`: which architectures are supported
-and the network as a formula (:func:`keops_formula`); :mod:`.operator`: evaluation (compiled
-reductions, the backward pass) and the symbolic kernel matrix (:func:`keops_covariance`).
+bindings; :mod:`.calculus`: dual numbers (forward-mode derivatives) on the graph, implementing
+``DualOps``; :mod:`.forms`: which closed-form dual each activation type uses, with its per-point
+features and constants; :mod:`.formula`: which architectures are supported and the network as a
+formula (:func:`keops_formula`); :mod:`.operator`: evaluation (compiled reductions, memoised per
+process by ``functools.lru_cache``, the backward pass) and the symbolic kernel matrix
+(:func:`keops_covariance`).
+
+**Third-party internals still used.** ``KeOpsKernelMatrix`` subclasses pykeops' ``LazyTensor``
+and copies onto itself the attributes of a ``LazyTensor`` joined from its variables (``tools``,
+``_dtype``, ``Genred``, ``KernelSolve``, ``ni``, ``nj``, ``ranges``, ``backend``, ``batchdims``,
+``variables``, ``symbolic_variables``) and sets ``formula``, ``ndim`` and ``axis``: pykeops has no
+public constructor for a ``LazyTensor`` from a formula string, and these are what its other
+operations (``K.sum(1)``, ``K * 2``, GPyTorch's ``KernelLinearOperator``) read. The formula text
+relies on keopscore's parser evaluating Python assignment expressions in order (the chain of
+``Factorize`` bindings) and on ``Genred``'s documented arguments only. No GPyTorch internals are
+used.
 
 References: Y. Cho and L. K. Saul, *Kernel methods for deep learning*, NeurIPS 2009 (arc-cosine
 kernels); C. K. I. Williams, *Computing with infinite networks*, NeurIPS 1997 (the erf kernel);

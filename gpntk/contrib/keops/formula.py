@@ -29,7 +29,7 @@ Output = Literal["ntk", "nngp"]
 def _flatten(net: Layer) -> list[Layer]:
     """The layers of nested ``Serial`` blocks, in order."""
     if type(net) is Serial:
-        return [layer for sub in net._layers for layer in _flatten(sub)]
+        return [layer for sub in net.children_layers() for layer in _flatten(sub)]
     return [net]
 
 
@@ -37,7 +37,7 @@ def keops_supported(net: Layer, input_shape: Sequence[int] | None = None) -> str
     """``None`` if the KeOps backend can evaluate ``net``, else a sentence saying why not (naming the layer).
 
     Supported: vector inputs (``input_shape`` ``None`` or ``(d,)``) and serial chains of ``Dense``
-    layers, ``Identity`` and the activations listed in :mod:`gpntk.kernels.keops`. Everything
+    layers, ``Identity`` and the activations listed in :mod:`gpntk.contrib.keops`. Everything
     else (convolutions, pooling, branches, ``LayerNorm``, activations evaluated by quadrature or
     without a closed form here) has no KeOps formula; the dense and blockwise backends evaluate
     those.
@@ -67,7 +67,7 @@ def keops_supported(net: Layer, input_shape: Sequence[int] | None = None) -> str
 # ==================================================================================================
 
 #: constants every formula may use, first in the constants vector
-_GLOBAL_CONSTANTS = ("inv_d", "pi", "eps", "two_over_pi", "inv_2pi")
+_GLOBAL_CONSTANTS = ("inv_d", "pi", "eps", "tiny")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _plan(net: Layer, hyper_keys: Sequence[str], output: str) -> _Plan:
             continue
         form = _form_of(layer)
         first_constant = len(constants)
-        constants += [f"{len(steps)}_{name}" for name in form.constant_names]
+        constants += [f"{len(steps)}_{k}" for k in range(form.constant_count)]
         layers.append(("act", form.kind, features, first_constant))
         steps.append(("act", layer, form))
         features += len(form.feature_names)
@@ -141,24 +141,9 @@ class _Formula:
         return [f"{name}={('Vi', 'Vj', 'Pm')[cat]}({pos},{dim})" for pos, (name, cat, dim) in enumerate(self.aliases)]
 
 
-def _build(
-    structure: _Structure, mode: Mode, d: int, c: int = 1, names: dict[str, str] | None = None
-) -> tuple[_Node, _Formula]:
-    r"""The formula of one reduction, as a graph root and as text.
-
-    ``mode``:
-
-    * ``"matrix"``: the kernel entry :math:`K(x_i, y_j)` alone (the ``LazyTensor``'s formula);
-    * ``"matmul"``: :math:`\sum_j K_{ij} v_j` (``V``: ``Vj(c)``), reduced over :math:`j`;
-    * ``"grad_i"``: with ``G`` = ``Vi(c)`` the gradient of the output and
-      :math:`w_{ij} = g_i \cdot v_j`, reduced over :math:`j`:
-      :math:`\sum_j w_{ij} [\partial_s K\, y_j,\ \partial_{f_i} K,\ \partial_\theta K]`
-      (``d + m + p`` numbers per :math:`i`; :math:`s = x\cdot y` unscaled, :math:`f_i` the
-      features of :math:`x_i`, :math:`\theta` the hyperparameters);
-    * ``"grad_j"``: reduced over :math:`i`:
-      :math:`\sum_i [K_{ij} g_i,\ w_{ij}\,\partial_s K\, x_i,\ w_{ij}\,\partial_{f_j} K]`
-      (``c + d + m`` numbers per :math:`j`).
-    """
+def _aliases(structure: _Structure, mode: Mode, d: int, c: int) -> list[tuple[str, int, int]]:
+    """The variables of one reduction, ``(name, category, dim)`` in argument order (category 0: ``Vi``,
+    1: ``Vj``, 2: ``Pm``)."""
     m, p = structure.features, structure.params
     aliases: list[tuple[str, int, int]] = [("X", 0, d), ("Y", 1, d)]
     if m:
@@ -170,32 +155,49 @@ def _build(
         aliases.append(("V", 1, c))
     if mode in ("grad_i", "grad_j"):
         aliases.append(("G", 0, c))
-    g = _Graph()
-    var = {name: g.var(name, dim) for name, _, dim in aliases}
-    # derivative directions: [s, features of one side, hyperparameters]
-    if mode == "grad_i":
-        directions, feature_side, with_params = 1 + m + p, "PI", True
-    elif mode == "grad_j":
-        directions, feature_side, with_params = 1 + m, "PJ", False
-    else:
-        directions, feature_side, with_params = 0, None, False
-    differentiate = directions > 0
-    constants = {name: i for i, name in enumerate(structure.constants)}
-    c_ = _Calculus(g, directions, constants, var["C"])
+    return aliases
 
+
+@dataclass(frozen=True)
+class _Directions:
+    r"""The derivative directions of one reduction: :math:`s = x \cdot y`, then the features of one side
+    (``feature_side``), then (``with_params``) the hyperparameters; ``count == 0``: values only."""
+
+    count: int
+    feature_side: str | None
+    with_params: bool
+
+    @staticmethod
+    def of(structure: _Structure, mode: Mode) -> _Directions:
+        m, p = structure.features, structure.params
+        if mode == "grad_i":
+            return _Directions(1 + m + p, "PI", True)
+        if mode == "grad_j":
+            return _Directions(1 + m, "PJ", False)
+        return _Directions(0, None, False)
+
+
+def _network(structure: _Structure, c_: _Calculus, var: dict[str, _Node], directions: _Directions) -> _Dual:
+    r"""The kernel entry of the network as a dual number: the recursion of :mod:`gpntk.contrib.keops` on the graph.
+
+    ``Dense``: :math:`\Sigma \leftarrow \sigma_w^2 \Sigma + \sigma_b^2`,
+    :math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma` (trainable); activation:
+    :math:`(\Sigma, \Theta) \leftarrow (k, \dot k\, \Theta)` from its form (:mod:`.forms`).
+    """
+    g, m = c_.g, structure.features
+    differentiate = directions.count > 0
     dot = _Dual(g.node("scalprod", var["X"], var["Y"], dim=1), c_.seed(0 if differentiate else None))
-    s = c_.mul(dot, c_.const("inv_d"))
     same = g.neg(g.node("sqdist", var["X"], var["Y"], dim=1)) if structure.needs_same else None
 
     def feature(side: str, k: int) -> _Dual:
-        seed = 1 + k if (differentiate and side == feature_side) else None
+        seed = 1 + k if (differentiate and side == directions.feature_side) else None
         return _Dual(g.elem(var[side], k), c_.seed(seed))
 
     def param(k: int) -> _Dual:
-        return _Dual(g.elem(var["TH"], k), c_.seed(1 + m + k if with_params else None))
+        return _Dual(g.elem(var["TH"], k), c_.seed(1 + m + k if directions.with_params else None))
 
     track_ntk = structure.output == "ntk"
-    sigma: _Dual = s
+    sigma: _Dual = c_.mul(dot, c_.const("inv_d"))
     tau: _Dual | None = None
     for layer in structure.layers:
         if layer[0] == "dense":
@@ -215,34 +217,67 @@ def _build(
         nf = len(form.feature_names)
         fi = [feature("PI", first_feature + k) for k in range(nf)]
         fj = [feature("PJ", first_feature + k) for k in range(nf)]
-        consts = [_Dual(g.elem(var["C"], first_constant + k)) for k in range(len(form.constant_names))]
-        k, kdot = form.pair(c_, consts, sigma, fi, fj, same)
+        consts = [_Dual(g.elem(var["C"], first_constant + k)) for k in range(form.constant_count)]
+        k, kdot = form.pair(c_, consts, sigma, fi, fj, same, track_ntk)
         tau = None if (tau is None or kdot is None or not track_ntk) else c_.mul(kdot, tau)
         sigma, tau = c_.settle(k), c_.settle(tau)
     kernel = tau if track_ntk else sigma
-    if kernel is None:  # an NTK without any trainable layer: identically zero
-        kernel = _Dual(g.int(0))
+    return _Dual(g.int(0)) if kernel is None else kernel  # an NTK without any trainable layer: zero
 
+
+def _reduced(
+    c_: _Calculus, kernel: _Dual, mode: Mode, var: dict[str, _Node], directions: int, c: int
+) -> tuple[_Node, int, int]:
+    """The reduced expression of ``mode`` (see :func:`_build`), its reduction axis and its dimension."""
+    g = c_.g
     if mode == "matrix":
-        root, axis, dim_out = kernel.value, 1, 1
-    elif mode == "matmul":
-        root, axis, dim_out = cast(_Node, g.mul(kernel.value, var["V"])), 1, c
-    else:
-        tangent = c_.t_vector(kernel.tangent)
-        if tangent is None:
-            tangent = g.elem_t(g.int(0), directions, 0)
-        weight = g.mul(var["G"], var["V"]) if c == 1 else g.node("scalprod", var["G"], var["V"], dim=1)
-        other = var["Y"] if mode == "grad_i" else var["X"]
-        # products of variables and non-zero values: never the zero constant
-        pieces = [cast(_Node, g.mul(g.elem(tangent, 0), other))]
-        if directions > 1:
-            pieces.append(g.extract(tangent, 1, directions - 1))
-        weighted = cast(_Node, g.mul(weight, g.concat(pieces)))
-        if mode == "grad_i":
-            root, axis = weighted, 1
-        else:
-            root, axis = g.concat([cast(_Node, g.mul(kernel.value, var["G"])), weighted]), 0
-        dim_out = root.dim
+        return kernel.value, 1, 1
+    if mode == "matmul":
+        return cast(_Node, g.mul(kernel.value, var["V"])), 1, c
+    tangent = c_.t_vector(kernel.tangent)
+    if tangent is None:
+        tangent = g.elem_t(g.int(0), directions, 0)
+    weight = g.mul(var["G"], var["V"]) if c == 1 else g.node("scalprod", var["G"], var["V"], dim=1)
+    other = var["Y"] if mode == "grad_i" else var["X"]
+    # products of variables and non-zero values: never the zero constant
+    pieces = [cast(_Node, g.mul(g.elem(tangent, 0), other))]
+    if directions > 1:
+        pieces.append(g.extract(tangent, 1, directions - 1))
+    weighted = cast(_Node, g.mul(weight, g.concat(pieces)))
+    if mode == "grad_i":
+        return weighted, 1, weighted.dim
+    root = g.concat([cast(_Node, g.mul(kernel.value, var["G"])), weighted])
+    return root, 0, root.dim
+
+
+def _build(
+    structure: _Structure, mode: Mode, d: int, c: int = 1, names: dict[str, str] | None = None
+) -> tuple[_Node, _Formula]:
+    r"""The formula of one reduction, as a graph root and as text.
+
+    ``mode``:
+
+    * ``"matrix"``: the kernel entry :math:`K(x_i, y_j)` alone (the ``LazyTensor``'s formula);
+    * ``"matmul"``: :math:`\sum_j K_{ij} v_j` (``V``: ``Vj(c)``), reduced over :math:`j`;
+    * ``"grad_i"``: with ``G`` = ``Vi(c)`` the gradient of the output and
+      :math:`w_{ij} = g_i \cdot v_j`, reduced over :math:`j`:
+      :math:`\sum_j w_{ij} [\partial_s K\, y_j,\ \partial_{f_i} K,\ \partial_\theta K]`
+      (``d + m + p`` numbers per :math:`i`; :math:`s = x\cdot y` unscaled, :math:`f_i` the
+      features of :math:`x_i`, :math:`\theta` the hyperparameters);
+    * ``"grad_j"``: reduced over :math:`i`:
+      :math:`\sum_i [K_{ij} g_i,\ w_{ij}\,\partial_s K\, x_i,\ w_{ij}\,\partial_{f_j} K]`
+      (``c + d + m`` numbers per :math:`j`).
+
+    ``names``: the text of each variable (default: its alias name).
+    """
+    aliases = _aliases(structure, mode, d, c)
+    g = _Graph()
+    var = {name: g.var(name, dim) for name, _, dim in aliases}
+    directions = _Directions.of(structure, mode)
+    constants = {name: i for i, name in enumerate(structure.constants)}
+    c_ = _Calculus(g, directions.count, constants, var["C"])
+    kernel = _network(structure, c_, var, directions)
+    root, axis, dim_out = _reduced(c_, kernel, mode, var, directions.count, c)
     text = _emit(root, names if names is not None else {name: name for name in var}, g.pinned)
     return root, _Formula(text, tuple(aliases), axis, dim_out)
 

@@ -2,12 +2,15 @@
 
 :class:`_Graph` builds :class:`_Node` s by hash-consing (and folds zeros and ones); :func:`_emit` writes
 a root as a keopscore formula string in which every repeated value is computed once, as a chain of
-state vectors bound by ``Factorize`` (see "Linear size" in :mod:`gpntk.kernels.keops`).
+state vectors bound by ``Factorize`` (see "Linear size" in :mod:`gpntk.contrib.keops`).
 """
 
 from __future__ import annotations
 
 import builtins
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import AbstractSet, Any, Callable, Sequence, cast, overload
 
 # ==================================================================================================
@@ -27,12 +30,13 @@ class _Node:
         return f"_Node({self.op}, dim={self.dim})"
 
 
-#: keopscore names of the operations
-_KEOPS_NAMES = {
+#: keopscore names of the operations (read-only)
+_KEOPS_NAMES: Mapping[str, str] = MappingProxyType({
     "add": "Add", "sub": "Subtract", "mul": "Mult", "neg": "Minus", "sqrt": "Sqrt", "rsqrt": "Rsqrt",
     "acos": "Acos", "asin": "Asin", "exp": "Exp", "square": "Square", "clamp": "Clamp", "ifelse": "IfElse",
-    "step": "Step", "scalprod": "Scalprod", "sqdist": "SqDist", "concat": "Concat",
-}
+    "step": "Step", "scalprod": "Scalprod", "sqdist": "SqDist", "concat": "Concat", "div": "Divide",
+    "atan2": "Atan2",
+})
 
 
 class _Graph:
@@ -140,7 +144,7 @@ class _Graph:
 
 def _leaf_like(node: _Node) -> bool:
     """Nodes cheaper to repeat than to bind: variables, constants and entries of variables."""
-    if node.op in ("var", "int"):
+    if node.op in ("var", "int", "rat"):
         return True
     return node.op in ("elem", "extract") and node.args[0].op == "var"
 
@@ -169,8 +173,116 @@ def _postorder(root: _Node, stop: Callable[[_Node], bool]) -> tuple[list[_Node],
     return order, counts
 
 
+@dataclass
+class _Schedule:
+    """Where each shared value of a formula is computed (see :func:`_emit`).
+
+    ``by_id``: the nodes reachable from the root (children first, ``order`` their positions);
+    ``level``: for each shared node, the state vector that computes it; ``reads``: the shared
+    nodes each expression reads directly; ``last_use``: the last state (or ``top``, the root) that
+    reads each shared node.
+    """
+
+    by_id: dict[int, _Node]
+    order: dict[int, int]
+    level: dict[int, int]
+    reads: dict[int, set[int]]
+    last_use: dict[int, int]
+    top: int
+
+    @staticmethod
+    def of(root: _Node, pinned: AbstractSet[int]) -> _Schedule:
+        nodes, counts = _postorder(root, _leaf_like)
+        shared = {
+            id(n) for n in nodes
+            if n is not root and not _leaf_like(n) and (counts.get(id(n), 0) > 1 or id(n) in pinned)
+        }
+        # level of each shared node and the shared nodes each expression reads directly
+        height: dict[int, int] = {}
+        reads: dict[int, set[int]] = {}
+        level: dict[int, int] = {}
+        for node in nodes:  # children first
+            h, r = 0, set()
+            for child in node.args:
+                if id(child) in shared:
+                    h = max(h, level[id(child)])
+                    r.add(id(child))
+                elif id(child) in height:
+                    h = max(h, height[id(child)])
+                    r |= reads[id(child)]
+            height[id(node)], reads[id(node)] = h, r
+            if id(node) in shared:
+                level[id(node)] = h + 1
+        top = height[id(root)] + 1
+        by_id = {id(n): n for n in nodes}
+        last_use: dict[int, int] = {}
+        for consumer in [*(by_id[i] for i in shared), root]:
+            at = top if consumer is root else level[id(consumer)]
+            for i in reads[id(consumer)]:
+                last_use[i] = max(last_use.get(i, 0), at)
+        order = {id(n): i for i, n in enumerate(nodes)}  # children first: a deterministic order
+        return _Schedule(by_id, order, level, reads, last_use, top)
+
+
+def _inline(node: _Node, where: dict[int, int], state: str, names: dict[str, str]) -> str:
+    """The text of ``node``, reading the values ``where`` holds from the state vector ``state``."""
+    if id(node) in where:  # a value of the previous state
+        at = where[id(node)]
+        return f"Elem({state},{at})" if node.dim == 1 else f"Extract({state},{at},{node.dim})"
+    op = node.op
+    if op == "var":
+        return names[node.data]
+    if op == "int":
+        return f"IntCst({node.data})"
+    if op == "rat":
+        return f"RatCst({node.data[0]},{node.data[1]})"
+    args = [_inline(a, where, state, names) for a in node.args]
+    if op == "elem":
+        return f"Elem({args[0]},{node.data})"
+    if op == "extract":
+        return f"Extract({args[0]},{node.data[0]},{node.data[1]})"
+    if op == "elemT":
+        return f"ElemT({args[0]},{node.data[0]},{node.data[1]})"
+    return f"{_KEOPS_NAMES[op]}({','.join(args)})"
+
+
+def _concat(pieces: list[str]) -> str:
+    """``Concat`` of ``pieces``, balanced, so that no value is copied more than log(k) times."""
+    if len(pieces) == 1:
+        return pieces[0]
+    half = len(pieces) // 2
+    return f"Concat({_concat(pieces[:half])},{_concat(pieces[half:])})"
+
+
+def _state(
+    schedule: _Schedule, keep: list[int], new: list[int], where: dict[int, int], state: str, names: dict[str, str]
+) -> tuple[str, dict[int, int]]:
+    """The body of the next state vector (the values ``keep`` copied from ``state``, then the ``new`` ones)
+    and the position of each of its values."""
+    pieces: list[str] = []
+    layout: dict[int, int] = {}
+    offset, run = 0, None
+    for i in keep:  # runs of consecutive kept values are copied as one Extract
+        at, dim = where[i], schedule.by_id[i].dim
+        if run is not None and run[0] + run[1] == at:
+            run[1] += dim
+        else:
+            if run is not None:
+                pieces.append(f"Extract({state},{run[0]},{run[1]})")
+            run = [at, dim]
+        layout[i] = offset
+        offset += dim
+    if run is not None:
+        pieces.append(f"Extract({state},{run[0]},{run[1]})")
+    for i in new:
+        pieces.append(_inline(schedule.by_id[i], where, state, names))
+        layout[i] = offset
+        offset += schedule.by_id[i].dim
+    return _concat(pieces), layout
+
+
 def _emit(root: _Node, names: dict[str, str], pinned: AbstractSet[int] = frozenset()) -> str:
-    """The keopscore formula string of ``root`` as a chain of state vectors (see :mod:`gpntk.kernels.keops`).
+    """The keopscore formula string of ``root`` as a chain of state vectors (see :mod:`gpntk.contrib.keops`).
 
     Every node used more than once, or ``pinned`` (``shared``), is computed once, in the state vector of its
     *level* (one more than the highest level among the shared nodes its expression reads). Level
@@ -181,89 +293,19 @@ def _emit(root: _Node, names: dict[str, str], pinned: AbstractSet[int] = frozens
     argument, up to the previous state) and its code generation do work linear in the number of
     states, and ``names`` (the variables' text) is all the emitter needs.
     """
-    nodes, counts = _postorder(root, _leaf_like)
-    shared = {
-        id(n) for n in nodes
-        if n is not root and not _leaf_like(n) and (counts.get(id(n), 0) > 1 or id(n) in pinned)
-    }
-    order = {id(n): i for i, n in enumerate(nodes)}  # children first: a deterministic order
-    # level of each shared node and the shared nodes each expression reads directly
-    height: dict[int, int] = {}
-    reads: dict[int, set[int]] = {}
-    level: dict[int, int] = {}
-    by_id = {id(n): n for n in nodes}
-    for node in nodes:  # children first
-        h, r = 0, set()
-        for child in node.args:
-            if id(child) in shared:
-                h = max(h, level[id(child)])
-                r.add(id(child))
-            elif id(child) in height:
-                h = max(h, height[id(child)])
-                r |= reads[id(child)]
-        height[id(node)], reads[id(node)] = h, r
-        if id(node) in shared:
-            level[id(node)] = h + 1
-    top = height[id(root)] + 1
-    last_use: dict[int, int] = {}
-    for consumer in [*(by_id[i] for i in shared), root]:
-        at = top if consumer is root else level[id(consumer)]
-        for i in reads[id(consumer)]:
-            last_use[i] = max(last_use.get(i, 0), at)
-
-    def inline(node: _Node, where: dict[int, int], state: str) -> str:
-        if id(node) in where:  # a value of the previous state
-            at = where[id(node)]
-            return f"Elem({state},{at})" if node.dim == 1 else f"Extract({state},{at},{node.dim})"
-        op = node.op
-        if op == "var":
-            return names[node.data]
-        if op == "int":
-            return f"IntCst({node.data})"
-        args = [inline(a, where, state) for a in node.args]
-        if op == "elem":
-            return f"Elem({args[0]},{node.data})"
-        if op == "extract":
-            return f"Extract({args[0]},{node.data[0]},{node.data[1]})"
-        if op == "elemT":
-            return f"ElemT({args[0]},{node.data[0]},{node.data[1]})"
-        return f"{_KEOPS_NAMES[op]}({','.join(args)})"
-
-    def concat(pieces: list[str]) -> str:  # balanced, so that no value is copied more than log(k) times
-        if len(pieces) == 1:
-            return pieces[0]
-        half = len(pieces) // 2
-        return f"Concat({concat(pieces[:half])},{concat(pieces[half:])})"
-
+    schedule = _Schedule.of(root, pinned)
     definitions: list[str] = []
     where: dict[int, int] = {}  # position of each live value in the current state
     live: list[int] = []
     state = ""
-    for step in range(1, top):
-        new = sorted((i for i, lev in level.items() if lev == step), key=order.__getitem__)
-        keep = [i for i in live if last_use[i] > step]
-        pieces, layout, offset, run = [], {}, 0, None
-        for i in keep:  # runs of consecutive kept values are copied as one Extract
-            at, dim = where[i], by_id[i].dim
-            if run is not None and run[0] + run[1] == at:
-                run[1] += dim
-            else:
-                if run is not None:
-                    pieces.append(f"Extract({state},{run[0]},{run[1]})")
-                run = [at, dim]
-            layout[i] = offset
-            offset += dim
-        if run is not None:
-            pieces.append(f"Extract({state},{run[0]},{run[1]})")
-        for i in new:
-            pieces.append(inline(by_id[i], where, state))
-            layout[i] = offset
-            offset += by_id[i].dim
-        body = concat(pieces)
+    for step in range(1, schedule.top):
+        new = sorted((i for i, lev in schedule.level.items() if lev == step), key=schedule.order.__getitem__)
+        keep = [i for i in live if schedule.last_use[i] > step]
+        body, layout = _state(schedule, keep, new, where, state, names)
         name = f"_s{step}"
         definitions.append(f"({name}:={body if not state else f'Factorize({body},{state})'})")
         where, live, state = layout, keep + new, name
-    final = inline(root, where, state)
+    final = _inline(root, where, state, names)
     if state:
         final = f"Factorize({final},{state})"
     if not definitions:

@@ -1,6 +1,7 @@
 """Evaluation: the compiled reductions, ``K @ v`` with its backward pass, and the symbolic kernel matrix.
 
-Formulas and compiled pykeops routines are cached per process; :class:`_KernelMatmul` is the
+Formulas and compiled pykeops routines are memoised per process (:func:`_formula`, :func:`_routine`,
+``functools.lru_cache``: no other state); :class:`_KernelMatmul` is the
 autograd function of ``K @ v``; :func:`_prepare` computes the per-point features, hyperparameters
 and constants once per matrix; :func:`keops_covariance` returns the matrix as a pykeops
 ``LazyTensor`` subclass (created on first use, so that pykeops is imported only then).
@@ -9,8 +10,8 @@ and constants once per matrix; :func:`keops_covariance` returns the matrix as a 
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -27,41 +28,19 @@ if TYPE_CHECKING:  # pragma: no cover
 # Evaluation
 # ==================================================================================================
 
-_lock = threading.Lock()
-_FORMULAS: dict[tuple[_Structure, Mode, int, int], _Formula] = {}
-#: compiled pykeops Genred routines (untyped)
-_ROUTINES: dict[tuple[_Formula, torch.dtype], Any] = {}
-
-
+@lru_cache(maxsize=None)
 def _formula(structure: _Structure, mode: Mode, d: int, c: int) -> _Formula:
-    key = (structure, mode, d, c)
-    with _lock:
-        found = _FORMULAS.get(key)
-    if found is None:
-        found = _build(structure, mode, d, c)[1]
-        with _lock:
-            _FORMULAS[key] = found
-    return found
+    """The formula of one reduction (:func:`~.formula._build`), built once per process."""
+    return _build(structure, mode, d, c)[1]
 
 
+@lru_cache(maxsize=None)
 def _routine(formula: _Formula, dtype: torch.dtype) -> Any:
-    """The compiled pykeops ``Genred`` of ``formula`` (compiled once per process, cached on disk by pykeops)."""
+    """The compiled pykeops ``Genred`` of ``formula`` (untyped; compiled once per process and dtype, cached on disk by
+    pykeops)."""
     from pykeops.torch import Genred
 
-    key = (formula, dtype)
-    with _lock:
-        found = _ROUTINES.get(key)
-    if found is None:
-        found = Genred(
-            formula.text,
-            formula.alias_strings(),
-            reduction_op="Sum",
-            axis=formula.axis,
-            enable_chunks=False,
-        )
-        with _lock:
-            _ROUTINES[key] = found
-    return found
+    return Genred(formula.text, formula.alias_strings(), reduction_op="Sum", axis=formula.axis, enable_chunks=False)
 
 
 def _identically_zero(structure: _Structure) -> bool:
@@ -218,14 +197,12 @@ def _point_features(plan: _Plan, x: Tensor, hyper: dict[str, Tensor]) -> Tensor:
 
 
 def _constants(plan: _Plan, d: int, like: Tensor) -> Tensor:
-    values = {
-        "inv_d": 1.0 / d, "pi": math.pi, "eps": torch.finfo(like.dtype).eps, "two_over_pi": 2 / math.pi,
-        "inv_2pi": 1 / (2 * math.pi),
-    }
+    finfo = torch.finfo(like.dtype)
+    values = {"inv_d": 1.0 / d, "pi": math.pi, "eps": finfo.eps, "tiny": finfo.tiny}
     out = [values[name] for name in _GLOBAL_CONSTANTS]
     for step in plan.steps:
         if step[0] == "act":
-            out += step[2].constants(step[1])
+            out += list(step[2].constants(step[1]))
     return torch.tensor(out, dtype=like.dtype, device=like.device)
 
 
@@ -298,7 +275,12 @@ def _matmul(inputs: _Inputs, v: Tensor) -> Tensor:
 # ==================================================================================================
 
 
-def _lazy_tensor_class() -> type:
+# (over 60 lines: the body is the class KeOpsKernelMatrix, which subclasses pykeops' LazyTensor and so can only be
+# defined once pykeops is imported)
+@lru_cache(maxsize=1)
+def _kernel_matrix_class() -> type:
+    """The class of :func:`keops_covariance`'s matrices, created once, on first use (so that pykeops is imported
+    only then)."""
     from pykeops.torch import LazyTensor
 
     class KeOpsKernelMatrix(LazyTensor):
@@ -359,20 +341,10 @@ def _lazy_tensor_class() -> type:
     return KeOpsKernelMatrix
 
 
-_CLASS: type | None = None
-
-
 def __getattr__(name: str) -> Any:
     if name == "KeOpsKernelMatrix":
         return _kernel_matrix_class()
     raise AttributeError(name)
-
-
-def _kernel_matrix_class() -> type:
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _lazy_tensor_class()
-    return _CLASS
 
 
 def keops_covariance(
