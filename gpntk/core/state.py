@@ -46,13 +46,13 @@ class KernelState:
     ``ntk12 is None`` stands for an identically zero NTK: the input layer, or layers below the
     first trainable one. ``track_ntk=False`` skips the NTK altogether (NNGP-only evaluations).
     ``same_inputs`` records that ``x1`` and ``x2`` are the same points. ``coincident`` lists the
-    pairs of exactly identical inputs (:mod:`gpntk.coincident`; the diagonal when ``same_inputs``):
+    pairs of exactly identical inputs (:mod:`gpntk.core.coincident`; the diagonal when ``same_inputs``):
     their entries of ``cov12`` (and of the NTK multiplier) are re-set at every nonlinearity to the
     exact per-point values instead of being evaluated through a correlation of exactly one, where
     closed forms lose accuracy; derivatives there are those of the pair formula.
 
     Spatial inputs append the spatial dimensions of ``layout`` to every tensor (see
-    :mod:`gpntk.spatial`): ``cov12`` is ``(..., n1, n2, *S)`` and ``var1`` / ``var2`` hold each
+    :mod:`gpntk.core.spatial`): ``cov12`` is ``(..., n1, n2, *S)`` and ``var1`` / ``var2`` hold each
     point's covariance between its own positions, ``(..., n1, 1, *S)`` / ``(..., 1, n2, *S)``.
     ``keep_full`` tells a layer that a later one needs the full position-by-position covariance
     (pooling), so it must not be reduced to its diagonal yet.
@@ -91,7 +91,7 @@ class KernelState:
         :math:`\Sigma_0(x, x')_{p, p'} = \sum_c x_{c,p}\, x'_{c,p'} / C` (Novak et al. 2019), kept
         in full (``full``) or only for :math:`p = p'`.
 
-        ``coincident`` are the pairs of identical rows (see :mod:`gpntk.coincident`); with
+        ``coincident`` are the pairs of identical rows (see :mod:`gpntk.core.coincident`); with
         ``same_inputs`` and none given, the diagonal. Their entries of :math:`\Sigma_0` take the
         per-point value :math:`\Sigma_0(x_{1,i}, x_{1,i})` exactly, with the derivatives of
         :math:`x_1 \cdot x_2 / d`. In per-point mode, every per-point quantity is evaluated at the

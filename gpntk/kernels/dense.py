@@ -87,7 +87,7 @@ def kernel_diagonal(
 
     When ``x1 is x2`` this is the exact per-point recursion on the variances :math:`\Sigma(x, x)`,
     :math:`\Theta(x, x)`; otherwise each pair is evaluated on its own, identical pairs taking the
-    same per-point values (bitwise, see :mod:`gpntk.coincident`) with the derivatives of the pair
+    same per-point values (bitwise, see :mod:`gpntk.core.coincident`) with the derivatives of the pair
     formula in each argument. Points are taken in chunks so that a
     spatial covariance of at most ``block_elements`` numbers is held at once.
     """

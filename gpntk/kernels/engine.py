@@ -34,7 +34,7 @@ def same_inputs(x1: Tensor, x2: Tensor) -> bool:
     """Whether ``x1`` and ``x2`` hold the same points (then diagonals use the per-point recursion).
 
     Inside a ``torch.func`` batching transform (``vmap``), where values cannot decide a branch,
-    only ``x1 is x2`` counts (coincident rows are still found, see :mod:`gpntk.coincident`).
+    only ``x1 is x2`` counts (coincident rows are still found, see :mod:`gpntk.core.coincident`).
     """
     if x1 is x2:
         return True
@@ -64,7 +64,7 @@ def block_kernels(
     """``(Σ, Θ or None)`` of one block: the input kernel and every layer's map.
 
     ``same``: ``x1`` and ``x2`` are the same points; ``coincident``: the pairs of identical rows
-    (:mod:`gpntk.coincident`). No data-dependent branch, so it compiles.
+    (:mod:`gpntk.core.coincident`). No data-dependent branch, so it compiles.
     """
     layout = input_layout(net, input_shape)
     state = KernelState.from_inputs(
