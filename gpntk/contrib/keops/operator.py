@@ -275,8 +275,8 @@ def _matmul(inputs: _Inputs, v: Tensor) -> Tensor:
 # ==================================================================================================
 
 
-# (over 60 lines: the body is the class KeOpsKernelMatrix, which subclasses pykeops' LazyTensor and so can only be
-# defined once pykeops is imported)
+# long: the body is the class KeOpsKernelMatrix, which subclasses pykeops' LazyTensor and so can only be
+# defined once pykeops is imported
 @lru_cache(maxsize=1)
 def _kernel_matrix_class() -> type:
     """The class of :func:`keops_covariance`'s matrices, created once, on first use (so that pykeops is imported
