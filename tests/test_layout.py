@@ -167,7 +167,10 @@ def test_no_long_function_without_a_reason():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = (node.end_lineno or node.lineno) - node.lineno + 1
                 first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
-                head = "\n".join(lines[first - 2: node.lineno + 1])
+                above = first - 1  # the comment block right above the function (or its decorators)
+                while above > 0 and lines[above - 1].lstrip().startswith("#"):
+                    above -= 1
+                head = "\n".join(lines[above: node.lineno + 1])
                 if length > MAX_FUNCTION_LINES and "# long:" not in head:
                     wrong.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: {length} lines")
     message = f"functions over {MAX_FUNCTION_LINES} lines with no '# long: reason' comment:\n"
