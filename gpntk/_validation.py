@@ -28,7 +28,8 @@ from ._transforms import is_batched
 
 __all__ = [
     "check_input_shape",
-    "check_inputs", "check_kernel_inputs", "expanded_batch_shape", "integer_argument", "real_argument",
+    "check_inputs", "check_kernel_inputs", "choice_argument", "expanded_batch_shape", "integer_argument",
+    "real_argument",
     "SUPPORTED_DTYPES",
 ]
 
@@ -111,6 +112,18 @@ def real_argument(
         )
         raise error(f"{name} must be {bound}, got {result}")
     return result
+
+
+def choice_argument(name: str, value: object, choices: Sequence[str]) -> str:
+    """``value`` if it is one of the strings ``choices``; otherwise a ValueError listing them.
+
+    The message reads ``"<name> must be 'a', 'b' or 'c', got <value!r>"``.
+    """
+    if isinstance(value, str) and value in choices:
+        return value
+    quoted = [repr(choice) for choice in choices]
+    listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    raise ValueError(f"{name} must be {listed}, got {value!r}")
 
 
 def check_inputs(name: str, x: Tensor, *, batched: bool) -> None:
