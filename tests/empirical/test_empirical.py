@@ -137,6 +137,24 @@ def test_argument_errors():
         gpntk.monte_carlo_kernel(net, x, width=0, n_samples=2)
 
 
+def test_choice_errors_name_every_choice_and_the_value():
+    model = L.mlp(1, "relu").finite(8, in_features=3)
+    x = torch.randn(4, 3)
+    cases = [
+        (lambda: gpntk.empirical_ntk(model, x, reduce="sum"), "reduce must be 'mean' or 'none', got 'sum'"),
+        (lambda: gpntk.empirical_nngp(model, x, reduce=None), "reduce must be 'mean' or 'none', got None"),
+        (lambda: gpntk.empirical_ntk(model, x, method=["auto"]),
+         "method must be 'auto', 'structured' or 'jacobian', got ['auto']"),
+        (lambda: gpntk.monte_carlo_kernel(L.mlp(1, "relu"), x, width=4, n_samples=2, kind="NTK"),
+         "kind must be 'ntk' or 'nngp', got 'NTK'"),
+        (lambda: gpntk.EmpiricalNTKKernel(model, kind="ntkk"), "kind must be 'ntk' or 'nngp', got 'ntkk'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert str(info.value) == message
+
+
 def test_monte_carlo_is_reproducible_and_seeded():
     net = L.mlp(2, "relu")
     x1, x2 = _x(4, 3, 0), _x(3, 3, 1)
