@@ -28,8 +28,8 @@ from ._transforms import is_batched
 
 __all__ = [
     "check_input_shape",
-    "check_inputs", "check_kernel_inputs", "check_nonnegative", "expanded_batch_shape", "integer_argument",
-    "real_argument", "SUPPORTED_DTYPES",
+    "check_inputs", "check_kernel_inputs", "check_nonnegative", "choice_argument", "expanded_batch_shape",
+    "integer_argument", "real_argument", "SUPPORTED_DTYPES",
     "is_real_number", "is_integer", "positive_number", "non_negative_number", "positive_integer",
     "number_in_unit_interval", "training_times",
 ]
@@ -126,6 +126,18 @@ def check_nonnegative(name: str, value: float, *, strict: bool = False, error: t
     if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
         bound = "positive and finite" if strict else "a finite number >= 0"
         raise error(f"{name} must be {bound}, got {value}")
+
+
+def choice_argument(name: str, value: object, choices: Sequence[str]) -> str:
+    """``value`` if it is one of the strings ``choices``; otherwise a ValueError listing them.
+
+    The message reads ``"<name> must be 'a', 'b' or 'c', got <value!r>"``.
+    """
+    if isinstance(value, str) and value in choices:
+        return value
+    quoted = [repr(choice) for choice in choices]
+    listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    raise ValueError(f"{name} must be {listed}, got {value!r}")
 
 
 def check_inputs(name: str, x: Tensor, *, batched: bool) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 import gpntk
 from gpntk import layers as L
 from gpntk.core.finite import NTKLinear
-from gpntk.empirical.functions import _structured_applicable
+from gpntk.empirical.structured import structured_applicable
 
 DTYPE = torch.float64
 
@@ -33,7 +33,7 @@ def _mixed_net() -> L.Serial:
 def test_structured_matches_jacobian(out_features, reduce, same):
     model = _mixed_net().finite(24, in_features=5, out_features=out_features,
                                 generator=torch.Generator().manual_seed(0)).to(DTYPE)
-    assert _structured_applicable(model)
+    assert structured_applicable(model)
     x1 = _x(6, 5, 1)
     x2 = None if same else _x(4, 5, 2)
     fast = gpntk.empirical_ntk(model, x1, x2, reduce=reduce, method="structured")
@@ -81,7 +81,7 @@ def test_generic_modules_fall_back_to_the_jacobian():
             return torch.sin(x @ self.a.T).sum(-1)
 
     model = Custom()
-    assert not _structured_applicable(model)
+    assert not structured_applicable(model)
     x = _x(5, 3, 0)
     ntk = gpntk.empirical_ntk(model, x)
     jac = torch.autograd.functional.jacobian(lambda a: torch.sin(x @ a.T).sum(-1), model.a).reshape(5, -1)
@@ -90,7 +90,7 @@ def test_generic_modules_fall_back_to_the_jacobian():
         gpntk.empirical_ntk(model, x, method="structured")
     # a module that mixes rows is not row-wise either
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(DTYPE)
-    assert not _structured_applicable(bn)
+    assert not structured_applicable(bn)
     running = bn[1].running_mean.clone()
     assert gpntk.empirical_ntk(bn, x).shape == (5, 5)
     assert torch.equal(bn[1].running_mean, running)  # the model's buffers are left alone
@@ -135,6 +135,24 @@ def test_argument_errors():
         gpntk.monte_carlo_kernel(net, x, width=4, n_samples=2, kind="ntkk")
     with pytest.raises(ValueError, match="width"):
         gpntk.monte_carlo_kernel(net, x, width=0, n_samples=2)
+
+
+def test_choice_errors_name_every_choice_and_the_value():
+    model = L.mlp(1, "relu").finite(8, in_features=3)
+    x = torch.randn(4, 3)
+    cases = [
+        (lambda: gpntk.empirical_ntk(model, x, reduce="sum"), "reduce must be 'mean' or 'none', got 'sum'"),
+        (lambda: gpntk.empirical_nngp(model, x, reduce=None), "reduce must be 'mean' or 'none', got None"),
+        (lambda: gpntk.empirical_ntk(model, x, method=["auto"]),
+         "method must be 'auto', 'structured' or 'jacobian', got ['auto']"),
+        (lambda: gpntk.monte_carlo_kernel(L.mlp(1, "relu"), x, width=4, n_samples=2, kind="NTK"),
+         "kind must be 'ntk' or 'nngp', got 'NTK'"),
+        (lambda: gpntk.EmpiricalNTKKernel(model, kind="ntkk"), "kind must be 'ntk' or 'nngp', got 'ntkk'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert str(info.value) == message
 
 
 def test_monte_carlo_is_reproducible_and_seeded():

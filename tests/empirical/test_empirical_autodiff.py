@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import gpntk
-from gpntk.empirical.functions import _structured_applicable
+from gpntk.empirical.structured import structured_applicable
 
 DTYPE = torch.float64
 D = 3
@@ -63,7 +63,7 @@ MODELS = {"structured": _finite, "jacobian": _generic}
 
 
 def test_models_take_the_intended_paths():
-    assert _structured_applicable(_finite()) and not _structured_applicable(_generic())
+    assert structured_applicable(_finite()) and not structured_applicable(_generic())
 
 
 @pytest.mark.parametrize("path", sorted(MODELS))

@@ -21,7 +21,7 @@ from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
 from torch import nn
 
 import gpntk
-from gpntk.empirical.functions import _structured_applicable
+from gpntk.empirical.structured import structured_applicable
 from gpntk.kernels.empirical import EmpiricalNTKKernel
 
 DTYPE = torch.float64
@@ -119,7 +119,7 @@ class _Positions(nn.Module):
 
 def test_structured_layers_at_several_positions():
     model = _Positions().to(DTYPE)
-    assert _structured_applicable(model)
+    assert structured_applicable(model)
     x1, x2 = _x(5, 6, seed=24), _x(5, 6, seed=25)
     reference = _reference_ntk(model, x1, x2).diagonal(dim1=-2, dim2=-1).mean(-1)
     kernel = EmpiricalNTKKernel(model)
