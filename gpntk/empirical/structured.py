@@ -140,8 +140,10 @@ def _output_gradients(out: Tensor, probes: list[Tensor], create_graph: bool) -> 
     eye = torch.eye(k, dtype=out.dtype, device=out.device)
     seeds = eye.unsqueeze(1).expand(k, n, k)
     try:
+        # retain_graph: a failure part-way through the batched pass must leave the graph to the fallback
         return torch.autograd.grad(
-            out, probes, seeds, is_grads_batched=True, allow_unused=True, create_graph=create_graph
+            out, probes, seeds, is_grads_batched=True, allow_unused=True, create_graph=create_graph,
+            retain_graph=True,
         )
     except RuntimeError:  # an operation vmap cannot batch: one backward pass per channel
         per_channel = [

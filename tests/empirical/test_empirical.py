@@ -166,3 +166,42 @@ def test_monte_carlo_is_reproducible_and_seeded():
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert not torch.equal(a[0], c[0])
         assert (a[1] > 0).all()
+
+
+class _TanhWithoutVmap(torch.autograd.Function):
+    """tanh whose backward reads a value (``.item()``), which ``vmap`` cannot batch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        assert grad.abs().sum().item() < 1e300
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
+class _RowwiseTanhWithoutVmap(torch.nn.Module):
+    gpntk_rowwise = True
+
+    def forward(self, x):
+        return _TanhWithoutVmap.apply(x)
+
+
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_structured_ntk_falls_back_to_one_backward_per_channel_anywhere_in_the_network(where):
+    """An operation vmap cannot batch, in the middle of a network as at its end: same NTK as with nn.Tanh."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(4, 6).double(), torch.nn.Linear(6, 3).double()
+
+    def net(activation):
+        if where == "middle":
+            return torch.nn.Sequential(first, activation, second)
+        return torch.nn.Sequential(first, torch.nn.Tanh(), second, activation)
+
+    x = torch.randn(5, 4, dtype=torch.float64)
+    got = gpntk.empirical_ntk(net(_RowwiseTanhWithoutVmap()), x)
+    expected = gpntk.empirical_ntk(net(torch.nn.Tanh()), x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
