@@ -195,7 +195,7 @@ def real_parameter(name: str, value: object) -> float:
     """``value`` as a finite float, or an :class:`ArchitectureError` naming ``name``.
 
     Any real number is accepted (Python, numpy, a one-element real tensor); bools, strings and
-    complex numbers are not (:func:`gpntk.validation.real_argument`).
+    complex numbers are not (:func:`gpntk._validation.real_argument`).
     """
     return real_argument(name, value, error=ArchitectureError)
 

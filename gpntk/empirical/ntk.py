@@ -51,7 +51,7 @@ def empirical_ntk(
         module); ``"structured"`` sums per-layer products of the affine layers' inputs and output
         gradients (no ``n x #params`` Jacobian: much faster and lighter for wide networks), which
         needs a network of row-wise modules whose trainable parameters all belong to
-        :class:`~gpntk.finite.NTKLinear` / ``nn.Linear`` layers, as ``net.finite()`` builds;
+        :class:`~gpntk.core.finite.NTKLinear` / ``nn.Linear`` layers, as ``net.finite()`` builds;
         ``"auto"`` (default) takes ``"structured"`` where it applies.
 
     Differentiable in ``x1``, ``x2`` when they require grad (never in the parameters); see the
