@@ -263,3 +263,76 @@ def pool(t: Tensor, layout: Layout, windows: tuple[Window, ...]) -> Tensor:
             t = pad(t, dim, window)
             t = t.unfold(dim, window.size, window.stride).mean(-1)
     return t
+
+
+@dataclass(frozen=True)
+class TransposedWindow:
+    r"""One spatial axis of a transposed convolution, as ``jax.lax.conv_transpose`` defines it.
+
+    Output position :math:`p` receives input position :math:`q` through tap :math:`t` when
+    :math:`s q = p + t - a` (``shift`` :math:`a`); ``output`` is the number of output positions.
+    """
+
+    size: int
+    stride: int
+    shift: int
+    output: int
+
+
+def transposed_geometry(length: int, size: int, stride: int, padding: Literal["same", "valid"]) -> TransposedWindow:
+    r"""The geometry of one axis of a transposed convolution on ``length`` positions.
+
+    ``"valid"``: :math:`L s + \max(k - s, 0)` outputs and :math:`a = k - 1`; ``"same"``:
+    :math:`L s` outputs and :math:`a = k - 1` if :math:`s > k - 1`, else
+    :math:`\lceil (k + s - 2)/2 \rceil` (the padding of ``jax.lax.conv_transpose`` and Neural Tangents).
+    """
+    if padding == "valid":
+        return TransposedWindow(size, stride, size - 1, length * stride + max(size - stride, 0))
+    shift = size - 1 if stride > size - 1 else -(-(size + stride - 2) // 2)
+    return TransposedWindow(size, stride, shift, length * stride)
+
+
+def transpose_convolve(t: Tensor, layout: Layout, windows: tuple[TransposedWindow, ...]) -> Tensor:
+    r"""The averaging of a transposed convolution over its taps, on every spatial axis.
+
+    .. math::
+        \Sigma'_{p, p'} = \frac{1}{k} \sum_{t} \Sigma_{q(p, t),\, q(p', t)}, \qquad s\, q(p, t) = p + t - a,
+
+    with zero where :math:`q` is not an input position (not an integer, or outside). The input is
+    dilated by the stride (:math:`s - 1` zeros between positions), after which this is a stride-1
+    window sum with :math:`a` zeros before (:func:`convolve`'s shifted sums); like a convolution,
+    it maps the diagonal :math:`\Sigma_{p,p}` on its own.
+    """
+    for axis, window in enumerate(windows):
+        dims = layout.axis_dims(axis)
+        if window.stride > 1:
+            t = _dilate(t, dims, window.stride)
+        length = t.shape[dims[0]]
+        after = window.output - 1 - length - window.shift + window.size
+        t = _shifted_sum(t, dims, Window(window.size, 1, window.shift, after, False))
+    return t
+
+
+def _dilate(t: Tensor, dims: tuple[int, ...], stride: int) -> Tensor:
+    """``stride - 1`` zeros between consecutive entries along every dim of ``dims``."""
+    shape = list(t.shape)
+    index: list[slice] = [slice(None)] * t.dim()
+    for dim in dims:
+        shape[dim] = (shape[dim] - 1) * stride + 1
+        index[dim] = slice(None, None, stride)
+    out = t.new_zeros(shape)
+    out[tuple(index)] = t
+    return out
+
+
+def diagonal_to_full(t: Tensor, layout: Layout) -> Tensor:
+    r"""The full layout of a covariance that is zero between different positions.
+
+    ``t`` holds :math:`\Sigma_{p,p}` in ``layout``'s diagonal layout; the result holds
+    :math:`\Sigma_{p,p'} = \delta_{pp'} \Sigma_{p,p}` in the full layout of ``layout.spatial``.
+    """
+    m = len(layout.spatial)
+    for done in range(m):
+        # the first remaining position dim (before the ``done`` pairs) becomes a pair appended last
+        t = torch.diag_embed(t.movedim(-m - done, -1), dim1=-2, dim2=-1)
+    return t

@@ -33,6 +33,7 @@ from .affine import Affine
 from .base import Identity, Serial, serial
 from .branching import FanInConcat, FanInProd, FanInSum, FanOut, Parallel, parallel
 from .conv import Conv
+from .conv_variants import ConvLocal, ConvTranspose
 from .dense import Dense
 from .mlp import mlp
 from .normalization import LayerNorm
@@ -45,4 +46,5 @@ __all__ = [
     "ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Exp",
     "Gaussian", "Monomial", "RectifiedMonomial", "Polynomial", "Elementwise", "Tanh", "Sigmoid",
     "Softplus", "SiLU",
+    "ConvTranspose", "ConvLocal",
 ]
