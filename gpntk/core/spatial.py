@@ -314,15 +314,16 @@ def transpose_convolve(t: Tensor, layout: Layout, windows: tuple[TransposedWindo
 
 
 def _dilate(t: Tensor, dims: tuple[int, ...], stride: int) -> Tensor:
-    """``stride - 1`` zeros between consecutive entries along every dim of ``dims``."""
-    shape = list(t.shape)
-    index: list[slice] = [slice(None)] * t.dim()
+    """``stride - 1`` zeros between consecutive entries along every dim of ``dims`` (out of place)."""
     for dim in dims:
-        shape[dim] = (shape[dim] - 1) * stride + 1
-        index[dim] = slice(None, None, stride)
-    out = t.new_zeros(shape)
-    out[tuple(index)] = t
-    return out
+        dim %= t.dim()
+        length = t.shape[dim]
+        spread = t.unsqueeze(dim + 1)  # (..., L, 1, ...)
+        shape = list(spread.shape)
+        shape[dim + 1] = stride - 1
+        spread = torch.cat([spread, spread.new_zeros(shape)], dim=dim + 1)  # (..., L, s, ...)
+        t = spread.flatten(dim, dim + 1).narrow(dim, 0, (length - 1) * stride + 1)
+    return t
 
 
 def diagonal_to_full(t: Tensor, layout: Layout) -> Tensor:

@@ -332,3 +332,55 @@ def test_keops_refuses_with_a_reason():
         net = L.serial(layer, L.ReLU(), L.Flatten(), L.Dense(1.0))
         assert layer.name in keops_supported(net)
         assert keops_supported(net, (2, 5)) is not None
+
+
+# --- transforms and placements -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["transpose-gap", "local-gap"])
+def test_torch_func_transforms_agree_with_autograd(name):
+    make, shape = NETS[name]
+    kernel = gpntk.NTKKernel(make(), input_shape=shape)
+    x1, x2 = _inputs(shape, 3, seed=3), _inputs(shape, 2, seed=4)
+
+    def f(a):
+        return kernel(a, x2).to_dense()
+
+    reference = torch.autograd.functional.jacobian(f, x1)
+    torch.testing.assert_close(torch.func.jacrev(f)(x1), reference, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.func.jacfwd(f)(x1), reference, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.func.vmap(f)(torch.stack([x1, 2 * x1])), torch.stack([f(x1), f(2 * x1)]))
+
+
+PLACEMENTS = {
+    # ConvLocal in a residual-style sum whose other branch is a Conv, pooled: both branches full
+    "local-branch-sum": L.serial(
+        L.FanOut(2), L.parallel([L.ConvLocal(3, weight_variance=2.0, bias_variance=0.1)], [L.Conv(3, weight_variance=1.5)]),
+        L.FanInSum(), L.ReLU(), L.GlobalAvgPool(), L.Dense(1.0, 0.1),
+    ),
+    # a pooled branch beside a flattened one: the shared input is full, ConvLocal reduces it
+    "local-beside-pooling": L.serial(
+        L.FanOut(2),
+        L.parallel([L.ConvLocal(2, weight_variance=2.0), L.ReLU(), L.GlobalAvgPool()],
+                   [L.ConvTranspose(2, stride=2, weight_variance=2.0), L.ReLU(), L.Flatten()]),
+        L.FanInConcat(), L.Dense(1.0, 0.1),
+    ),
+    # after average pooling (full), then a transposed convolution before global pooling
+    "pool-then-transpose": L.serial(
+        L.Conv(3, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.AvgPool(2),
+        L.ConvLocal(2, padding="same", weight_variance=2.0), L.ReLU(),
+        L.ConvTranspose(3, stride=2, weight_variance=2.0, bias_variance=0.1), L.Erf(), L.GlobalAvgPool(), L.Dense(1.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PLACEMENTS)
+def test_placements_in_branches_and_after_pooling(name):
+    net, shape = PLACEMENTS[name], (2, 6)
+    x = _inputs(shape, 4, seed=5)
+    for cls in (gpntk.NNGPKernel, gpntk.NTKKernel):
+        kernel = cls(net, input_shape=shape)
+        with torch.no_grad():
+            full = kernel(x).to_dense()
+            torch.testing.assert_close(kernel(x, diag=True), full.diagonal(), rtol=1e-12, atol=1e-12)
+        assert torch.isfinite(full).all() and torch.linalg.eigvalsh(full).min() > -1e-10
+    model = net.finite(5, input_shape=shape, generator=torch.Generator().manual_seed(0)).double()
+    assert model(x).shape == (4, 1)
