@@ -353,7 +353,8 @@ def test_torch_func_transforms_agree_with_autograd(name):
 PLACEMENTS = {
     # ConvLocal in a residual-style sum whose other branch is a Conv, pooled: both branches full
     "local-branch-sum": L.serial(
-        L.FanOut(2), L.parallel([L.ConvLocal(3, weight_variance=2.0, bias_variance=0.1)], [L.Conv(3, weight_variance=1.5)]),
+        L.FanOut(2),
+        L.parallel([L.ConvLocal(3, weight_variance=2.0, bias_variance=0.1)], [L.Conv(3, weight_variance=1.5)]),
         L.FanInSum(), L.ReLU(), L.GlobalAvgPool(), L.Dense(1.0, 0.1),
     ),
     # a pooled branch beside a flattened one: the shared input is full, ConvLocal reduces it
