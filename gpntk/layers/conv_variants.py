@@ -39,11 +39,12 @@ class _WindowedAffine(Affine):
     def __init__(
         self,
         kernel_size: int | tuple[int, ...],
-        stride: int | tuple[int, ...],
-        weight_variance: float,
-        bias_variance: float,
-        trainable: bool,
-        kwargs: dict[str, Any],
+        stride: int | tuple[int, ...] = 1,
+        padding: str = "same",
+        weight_variance: float = 1.0,
+        bias_variance: float = 0.0,
+        trainable: bool = True,
+        **kwargs: Any,
     ):
         parameterization = kwargs.pop("parameterization", "ntk")
         if parameterization != "ntk":
@@ -53,10 +54,31 @@ class _WindowedAffine(Affine):
         super().__init__(weight_variance, bias_variance, trainable, **kwargs)
         self.kernel_size = spatial_sizes("kernel_size", kernel_size)
         self.stride = spatial_sizes("stride", stride)
-        self.padding: str = "valid"
+        self.padding = self.checked_padding(padding)
+
+    def checked_padding(self, padding: str) -> str:
+        raise NotImplementedError
 
     def out_spatial(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         raise NotImplementedError
+
+    def finite_module(
+        self, channels: int, features: int, spatial: tuple[int, ...], generator: torch.Generator | None
+    ) -> nn.Module:
+        raise NotImplementedError
+
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
+        assert in_shape is not None  # check() asked for spatial inputs
+        spatial = tuple(in_shape[1:])
+        features = out_features if is_output else width
+        return self.finite_module(in_shape[0], features, spatial, generator), (features, *self.out_spatial(spatial))
 
     def check(self, signature: Signature) -> Signature:
         spatial_input(self.name, signature)
@@ -97,19 +119,9 @@ class ConvTranspose(_WindowedAffine):
     :param kwargs: priors and constraints, as for :class:`~gpntk.layers.Dense`.
     """
 
-    def __init__(
-        self,
-        kernel_size: int | tuple[int, ...],
-        stride: int | tuple[int, ...] = 1,
-        padding: str = "same",
-        weight_variance: float = 1.0,
-        bias_variance: float = 0.0,
-        trainable: bool = True,
-        **kwargs: Any,
-    ):
-        super().__init__(kernel_size, stride, weight_variance, bias_variance, trainable, kwargs)
+    def checked_padding(self, padding: str) -> str:
         try:
-            self.padding = choice_argument("ConvTranspose padding", padding, ("same", "valid"))
+            return choice_argument("ConvTranspose padding", padding, ("same", "valid"))
         except ValueError as error:
             raise ArchitectureError(str(error)) from None
 
@@ -129,21 +141,12 @@ class ConvTranspose(_WindowedAffine):
         state = state.map_linear(lambda t: transpose_convolve(t, layout, windows), out)
         return self.affine_map(state, hyper)
 
-    def build_finite(
-        self,
-        in_shape: Shape,
-        width: int,
-        out_features: int,
-        is_output: bool,
-        generator: torch.Generator | None = None,
-    ) -> tuple[nn.Module, Shape]:
-        assert in_shape is not None  # check() asked for spatial inputs
-        channels, spatial = in_shape[0], tuple(in_shape[1:])
-        windows = self.windows(spatial)
+    def finite_module(
+        self, channels: int, features: int, spatial: tuple[int, ...], generator: torch.Generator | None
+    ) -> nn.Module:
         weight_std, bias_std = self.finite_stds()
-        features = out_features if is_output else width
-        module = NTKConvTranspose(channels, features, windows, weight_std, bias_std, self.trainable, generator)
-        return module, (features, *(w.output for w in windows))
+        return NTKConvTranspose(channels, features, self.windows(spatial), weight_std, bias_std, self.trainable,
+                                generator)
 
 
 class ConvLocal(_WindowedAffine):
@@ -172,18 +175,8 @@ class ConvLocal(_WindowedAffine):
     :param kwargs: priors and constraints, as for :class:`~gpntk.layers.Dense`.
     """
 
-    def __init__(
-        self,
-        kernel_size: int | tuple[int, ...],
-        stride: int | tuple[int, ...] = 1,
-        padding: str = "same",
-        weight_variance: float = 1.0,
-        bias_variance: float = 0.0,
-        trainable: bool = True,
-        **kwargs: Any,
-    ):
-        super().__init__(kernel_size, stride, weight_variance, bias_variance, trainable, kwargs)
-        self.padding = check_padding(padding)
+    def checked_padding(self, padding: str) -> str:
+        return check_padding(padding)
 
     def windows(self, spatial: tuple[int, ...]) -> tuple[Window, ...]:
         return windows_for(self.name, spatial, self.kernel_size, self.stride, check_padding(self.padding))
@@ -204,19 +197,10 @@ class ConvLocal(_WindowedAffine):
             return state
         return state.map_linear(lambda t: diagonal_to_full(t, out), Layout(out.spatial, full=True))
 
-    def build_finite(
-        self,
-        in_shape: Shape,
-        width: int,
-        out_features: int,
-        is_output: bool,
-        generator: torch.Generator | None = None,
-    ) -> tuple[nn.Module, Shape]:
-        assert in_shape is not None  # check() asked for spatial inputs
-        channels, spatial = in_shape[0], tuple(in_shape[1:])
+    def finite_module(
+        self, channels: int, features: int, spatial: tuple[int, ...], generator: torch.Generator | None
+    ) -> nn.Module:
         windows = self.windows(spatial)
-        out = output_spatial(windows, spatial)
         weight_std, bias_std = self.finite_stds()
-        features = out_features if is_output else width
-        module = NTKConvLocal(channels, features, windows, out, weight_std, bias_std, self.trainable, generator)
-        return module, (features, *out)
+        return NTKConvLocal(channels, features, windows, output_spatial(windows, spatial), weight_std, bias_std,
+                            self.trainable, generator)
