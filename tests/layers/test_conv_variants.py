@@ -385,3 +385,22 @@ def test_placements_in_branches_and_after_pooling(name):
         assert torch.isfinite(full).all() and torch.linalg.eigvalsh(full).min() > -1e-10
     model = net.finite(5, input_shape=shape, generator=torch.Generator().manual_seed(0)).double()
     assert model(x).shape == (4, 1)
+
+
+@pytest.mark.parametrize("pool", [L.Flatten, L.GlobalAvgPool])
+def test_positions_no_tap_reaches_stay_finite_and_pickle(pool):
+    """k < s ("valid") leaves positions with variance exactly 0 (no bias): kernels and gradients stay finite."""
+    import pickle
+
+    net = L.serial(
+        L.ConvTranspose(2, stride=3, padding="valid", weight_variance=2.0), L.ReLU(),
+        L.ConvLocal(2, weight_variance=1.0), L.Erf(), pool(), L.Dense(1.0),
+    )
+    x = _inputs((2, 4), 3, seed=6).requires_grad_()
+    for cls in (gpntk.NNGPKernel, gpntk.NTKKernel):
+        kernel = cls(net, input_shape=(2, 4))
+        k = kernel(x).to_dense()
+        (grad,) = torch.autograd.grad(k.sum(), x)
+        assert torch.isfinite(k).all() and torch.isfinite(grad).all()
+        torch.testing.assert_close(kernel(x, diag=True), k.diagonal(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pickle.loads(pickle.dumps(kernel))(x).to_dense(), k)
