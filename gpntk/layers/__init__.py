@@ -34,9 +34,10 @@ from .base import Identity, Serial, serial
 from .branching import FanInConcat, FanInProd, FanInSum, FanOut, Parallel, parallel
 from .conv import Conv
 from .dense import Dense
+from .dropout import Dropout
 from .mlp import mlp
 from .normalization import LayerNorm
-from .pooling import AvgPool, Flatten, GlobalAvgPool
+from .pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
 
 __all__ = [
     "Layer", "Serial", "Signature", "serial", "check_network", "Identity", "Affine", "Dense", "Conv",
@@ -45,4 +46,5 @@ __all__ = [
     "ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Exp",
     "Gaussian", "Monomial", "RectifiedMonomial", "Polynomial", "Elementwise", "Tanh", "Sigmoid",
     "Softplus", "SiLU",
+    "SumPool", "GlobalSumPool", "Dropout",
 ]

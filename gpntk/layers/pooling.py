@@ -1,18 +1,18 @@
-r"""Layers that average over positions: ``AvgPool``, ``GlobalAvgPool`` and ``Flatten``."""
+r"""Layers that pool over positions: ``AvgPool``, ``GlobalAvgPool``, ``Flatten``, ``SumPool`` and ``GlobalSumPool``."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..core.finite import AvgPooling, FlattenRows, GlobalAvgPooling
+from ..core.finite import AvgPooling, FlattenRows, GlobalAvgPooling, GlobalSumPooling, SumPooling
 from ..core.hyperparameters import Hyperparameters
 from ..core.layer import Layer, Shape, Signature
 from ..core.spatial import Layout, Window, pool
 from ..core.state import KernelState
 from .conv import check_padding, output_spatial, spatial_input, spatial_sizes, windows_for
 
-__all__ = ["AvgPool", "GlobalAvgPool", "Flatten"]
+__all__ = ["AvgPool", "GlobalAvgPool", "Flatten", "SumPool", "GlobalSumPool"]
 
 
 class AvgPool(Layer):
@@ -149,3 +149,70 @@ class Flatten(Layer):
 
     def __repr__(self) -> str:
         return "Flatten()"
+
+
+class SumPool(AvgPool):
+    r"""Sum pooling over windows of positions (no parameters): :class:`AvgPool` without normalisation.
+
+    .. math::
+        \Sigma'_{p,p'} = \sum_{\delta, \delta' \in w} \Sigma_{sp+\delta,\, sp'+\delta'}
+
+    i.e. :math:`\Sigma' = S \Sigma S^\top` with :math:`S` the 0/1 window-sum matrix (and the same
+    for :math:`\Theta`); padded positions (``"same"``) are zeros, so windows at the edges sum fewer
+    positions and are not rescaled (Neural Tangents' ``SumPool``, Novak et al. 2020). The finite
+    module sums each window of every channel.
+
+    :param kernel_size: window size, an int or one per spatial axis.
+    :param stride: an int or one per axis; ``None`` (default) is the window size.
+    :param padding: ``"valid"`` (default), ``"same"`` (zeros) or ``"circular"``.
+    """
+
+    def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
+        layout = state.layout
+        windows = self.windows(layout.spatial)
+        out = Layout(output_spatial(windows, layout.spatial), full=True)
+        return state.map_linear(lambda t: pool(t, layout, windows, average=False), out)
+
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
+        assert in_shape is not None  # check() asked for spatial inputs
+        windows = self.windows(tuple(in_shape[1:]))
+        return SumPooling(windows), (in_shape[0], *output_spatial(windows, tuple(in_shape[1:])))
+
+    def __repr__(self) -> str:
+        return f"SumPool(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r})"
+
+
+class GlobalSumPool(GlobalAvgPool):
+    r"""Sum over all positions: :math:`\Sigma' = \sum_{p,p'} \Sigma_{p,p'}` (same for :math:`\Theta`).
+
+    :class:`GlobalAvgPool` times :math:`P^2` for :math:`P` positions: the outputs' variance grows
+    with the input size (Neural Tangents' ``GlobalSumPool``). The outputs are vectors.
+    """
+
+    def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
+        layout = state.layout
+        if not layout.full:
+            raise RuntimeError("GlobalSumPool was given only the diagonal of the spatial covariance")
+        dims = tuple(range(-layout.ndim, 0))
+        return state.map_linear(lambda t: t.sum(dim=dims) if dims else t, Layout())
+
+    def build_finite(
+        self,
+        in_shape: Shape,
+        width: int,
+        out_features: int,
+        is_output: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, Shape]:
+        assert in_shape is not None  # check() asked for spatial inputs
+        return GlobalSumPooling(), (in_shape[0],)
+
+    def __repr__(self) -> str:
+        return "GlobalSumPool()"
