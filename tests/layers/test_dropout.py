@@ -228,3 +228,45 @@ def test_batched_inputs(kind):
         assert torch.allclose(k11[b], _dense(kernel, x1[b]), rtol=1e-13)
         assert torch.allclose(k12[b], _dense(kernel, x1[b], x2[b]), rtol=1e-13)
     assert (k11[:, 1, 1] - k12[:, 1, 2] > 0.05 * k12[:, 1, 2].abs()).all()
+
+
+def _pooled_dropout_net():
+    return L.serial(
+        L.Conv(3, weight_variance=2.0, bias_variance=0.1), L.ReLU(), L.SumPool(2, 1, "same"), L.Dropout(P),
+        L.Conv(2, weight_variance=1.0, bias_variance=0.1), L.Erf(), L.GlobalSumPool(), L.Dense(0.5, 0.1),
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(KERNELS))
+@pytest.mark.parametrize("spatial", [False, True])
+def test_batched_hyperparameters_and_their_gradients(kind, spatial):
+    """A batch of weight variances gives each member's kernel; d K / d raw σw² matches central differences."""
+    make, shape, d = (_pooled_dropout_net, (2, 5), 10) if spatial else (_mlp, None, 4)
+    x, z = _inputs(4, d), _inputs(3, d, seed=11)
+    kernel = KERNELS[kind](make(), input_shape=shape, batch_shape=torch.Size([2]))
+    kernel.net.layers[0].weight_variance = torch.tensor([[[1.0]], [[2.5]]])
+    batched = _dense(kernel, x)
+    assert batched.shape == (2, 4, 4)
+    for b, value in enumerate((1.0, 2.5)):
+        single = make()
+        single.layers[0].weight_variance = value
+        assert torch.allclose(batched[b], _dense(KERNELS[kind](single, input_shape=shape), x), rtol=1e-13)
+    net = make().double()
+    first = net.layers[0]
+    single_kernel = KERNELS[kind](net, input_shape=shape)
+
+    def loss():
+        return (single_kernel(x).to_dense().sum() + single_kernel(x, z).to_dense().sum()
+                + single_kernel(x, diag=True).sum())
+
+    value = loss()
+    value.backward()
+    grad = first.raw_weight_variance.grad.clone()
+    h = 1e-6
+    with torch.no_grad():
+        first.raw_weight_variance += h
+        up = loss()
+        first.raw_weight_variance -= 2 * h
+        down = loss()
+        first.raw_weight_variance += h
+    assert torch.allclose(grad.sum(), (up - down) / (2 * h), rtol=1e-7)
