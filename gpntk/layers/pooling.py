@@ -2,8 +2,10 @@ r"""Layers that pool over positions: ``AvgPool``, ``GlobalAvgPool``, ``Flatten``
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.finite import AvgPooling, FlattenRows, GlobalAvgPooling, GlobalSumPooling, SumPooling
 from ..core.hyperparameters import Hyperparameters
@@ -31,6 +33,10 @@ class AvgPool(Layer):
         ``count_include_pad=True``) or ``"circular"``.
     """
 
+    #: whether windows are averaged (``False``: summed, :class:`SumPool`), and the finite module
+    average: bool = True
+    finite_module: type[AvgPooling] = AvgPooling
+
     def __init__(self, kernel_size: int | tuple[int, ...], stride: int | tuple[int, ...] | None = None,
                  padding: str = "valid"):
         super().__init__()
@@ -56,7 +62,7 @@ class AvgPool(Layer):
         layout = state.layout
         windows = self.windows(layout.spatial)
         out = Layout(output_spatial(windows, layout.spatial), full=True)
-        return state.map_linear(lambda t: pool(t, layout, windows), out)
+        return state.map_linear(lambda t: pool(t, layout, windows, average=self.average), out)
 
     def build_finite(
         self,
@@ -68,10 +74,10 @@ class AvgPool(Layer):
     ) -> tuple[nn.Module, Shape]:
         assert in_shape is not None  # check() asked for spatial inputs
         windows = self.windows(tuple(in_shape[1:]))
-        return AvgPooling(windows), (in_shape[0], *output_spatial(windows, tuple(in_shape[1:])))
+        return self.finite_module(windows), (in_shape[0], *output_spatial(windows, tuple(in_shape[1:])))
 
     def __repr__(self) -> str:
-        return f"AvgPool(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r})"
+        return f"{self.name}(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r})"
 
 
 class GlobalAvgPool(Layer):
@@ -79,6 +85,9 @@ class GlobalAvgPool(Layer):
 
     The outputs are vectors; the layers before it keep the full position-by-position covariance.
     """
+
+    #: the finite module
+    finite_module: type[nn.Module] = GlobalAvgPooling
 
     def check(self, signature: Signature) -> Signature:
         spatial_input(self.name, signature)
@@ -90,8 +99,12 @@ class GlobalAvgPool(Layer):
     def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
         layout = state.layout
         if not layout.full:
-            raise RuntimeError("GlobalAvgPool was given only the diagonal of the spatial covariance")
-        return state.map_linear(layout.mean_all, Layout())
+            raise RuntimeError(f"{self.name} was given only the diagonal of the spatial covariance")
+        return state.map_linear(self.reduce(layout), Layout())
+
+    def reduce(self, layout: Layout) -> Callable[[Tensor], Tensor]:
+        """The map of a full-layout tensor to its pooled value: the mean over all position pairs."""
+        return layout.mean_all
 
     def build_finite(
         self,
@@ -102,10 +115,10 @@ class GlobalAvgPool(Layer):
         generator: torch.Generator | None = None,
     ) -> tuple[nn.Module, Shape]:
         assert in_shape is not None  # check() asked for spatial inputs
-        return GlobalAvgPooling(), (in_shape[0],)
+        return self.finite_module(), (in_shape[0],)
 
     def __repr__(self) -> str:
-        return "GlobalAvgPool()"
+        return f"{self.name}()"
 
 
 class Flatten(Layer):
@@ -167,26 +180,8 @@ class SumPool(AvgPool):
     :param padding: ``"valid"`` (default), ``"same"`` (zeros) or ``"circular"``.
     """
 
-    def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
-        layout = state.layout
-        windows = self.windows(layout.spatial)
-        out = Layout(output_spatial(windows, layout.spatial), full=True)
-        return state.map_linear(lambda t: pool(t, layout, windows, average=False), out)
-
-    def build_finite(
-        self,
-        in_shape: Shape,
-        width: int,
-        out_features: int,
-        is_output: bool,
-        generator: torch.Generator | None = None,
-    ) -> tuple[nn.Module, Shape]:
-        assert in_shape is not None  # check() asked for spatial inputs
-        windows = self.windows(tuple(in_shape[1:]))
-        return SumPooling(windows), (in_shape[0], *output_spatial(windows, tuple(in_shape[1:])))
-
-    def __repr__(self) -> str:
-        return f"SumPool(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r})"
+    average = False
+    finite_module = SumPooling
 
 
 class GlobalSumPool(GlobalAvgPool):
@@ -196,23 +191,9 @@ class GlobalSumPool(GlobalAvgPool):
     with the input size (Neural Tangents' ``GlobalSumPool``). The outputs are vectors.
     """
 
-    def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
-        layout = state.layout
-        if not layout.full:
-            raise RuntimeError("GlobalSumPool was given only the diagonal of the spatial covariance")
+    finite_module = GlobalSumPooling
+
+    def reduce(self, layout: Layout) -> Callable[[Tensor], Tensor]:
+        """The sum over all position pairs."""
         dims = tuple(range(-layout.ndim, 0))
-        return state.map_linear(lambda t: t.sum(dim=dims) if dims else t, Layout())
-
-    def build_finite(
-        self,
-        in_shape: Shape,
-        width: int,
-        out_features: int,
-        is_output: bool,
-        generator: torch.Generator | None = None,
-    ) -> tuple[nn.Module, Shape]:
-        assert in_shape is not None  # check() asked for spatial inputs
-        return GlobalSumPooling(), (in_shape[0],)
-
-    def __repr__(self) -> str:
-        return "GlobalSumPool()"
+        return lambda t: t.sum(dim=dims) if dims else t
