@@ -303,3 +303,15 @@ def training_times(t: Any) -> tuple[list[float], bool]:
         if math.isnan(value) or value < 0:
             raise ValueError(f"training time t must be >= 0 (or math.inf), got {value}")
     return values, batched
+
+
+def probability_argument(name: str, value: object, *, error: type[Exception] = ValueError) -> float:
+    """``value`` as a Python ``float`` in ``[0, 1)`` (a drop probability), or ``error`` naming ``name``.
+
+    Any real number is accepted as by :func:`real_argument`; 1 and above are refused (nothing would
+    be kept).
+    """
+    result = real_argument(name, value, minimum=0.0, error=error)
+    if result >= 1.0:
+        raise error(f"{name} must be in [0, 1) (the probability of dropping a unit), got {result}")
+    return result

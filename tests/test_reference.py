@@ -27,6 +27,9 @@ from gpntk import layers as L
 KERNEL_CASES = case_names("fc_") + case_names("conv")
 # issue 16: transposed and locally connected convolutions
 KERNEL_CASES += ["a2_convlocal1d", "a2_convtranspose1d_same", "a2_convtranspose2d_valid"]
+# issue 16: sum pooling and dropout (Neural Tangents' SumPool, GlobalSumPool, Dropout in train mode)
+A2_POOL_CASES = case_names("a2_sumpool") + case_names("a2_dropout")
+KERNEL_CASES += A2_POOL_CASES
 CASES = KERNEL_CASES
 
 #: layers whose duals are Gauss–Hermite quadratures (in gpntk and in the oracle)
@@ -136,6 +139,7 @@ def test_case_selection():
     kernel_cases = {name for name in every_case if load_case(name).kind == "kernel"}
     assert kernel_cases == set(CASES), "a kernel case is not selected, or a selected case is not a kernel case"
     assert len([name for name in CASES if not name.startswith("a2_")]) == 43  # 40 fc_* and 3 conv* cases
+    assert len(A2_POOL_CASES) == 5
     for name in CASES:
         assert not missing_layers(load_case(name).layers), f"{name} uses a layer gpntk.layers lacks"
     spatial_and_branching = ("conv1d_relu_gap", "conv2d_erf_pool", "conv2d_relu_flatten")

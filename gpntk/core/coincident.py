@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._transforms import is_batched
 
-__all__ = ["Coincidence", "RowIds", "exact_values", "coincident_pairs"]
+__all__ = ["Coincidence", "RowIds", "exact_values", "coincident_pairs", "same_point_pairs", "common_pairs"]
 
 
 @dataclass(frozen=True)
@@ -152,3 +152,49 @@ class RowIds:
 def coincident_pairs(x1: Tensor, x2: Tensor) -> Coincidence | None:
     """The coincident pairs of ``x1`` (``(..., n1, d)``) and ``x2`` (``(..., n2, d)``)."""
     return RowIds(x1, x2).block()
+
+
+def same_point_pairs(coincidence: Coincidence | None, same_inputs: bool, n1: int, n2: int) -> Coincidence | None:
+    r"""Only the pairs of ``coincidence`` that are one point with itself: :math:`(i, i)` when ``same_inputs``.
+
+    After a layer that draws independent noise for every evaluation of an input (``Dropout`` in
+    train mode), identical rows of *different* inputs (``x1_i = x2_j`` with ``x1`` not ``x2``, or
+    duplicated rows ``i != j`` of one input) are different draws and no longer coincident; only a
+    point with itself (the diagonal of a kernel of the same inputs, ``same_inputs``) stays so. No
+    data-dependent shape: the index form is the ``n1 x n1`` diagonal, the mask form is intersected
+    with it.
+    """
+    if coincidence is None or not same_inputs:
+        return None
+    if coincidence.mask is not None:
+        mask = coincidence.mask
+        eye = torch.eye(n1, n2, dtype=torch.bool, device=mask.device)
+        return Coincidence(mask=mask & eye)
+    assert coincidence.rows is not None  # index form
+    i = torch.arange(min(n1, n2), device=coincidence.rows.device)
+    return Coincidence(rows=i, flat=i * (n2 + 1))
+
+
+def common_pairs(coincidences: list[Coincidence | None]) -> Coincidence | None:
+    """The pairs coincident in every one of ``coincidences`` (those of branches merged into one state).
+
+    The same object everywhere (the usual case: every branch saw the same inputs) is returned as
+    it is; otherwise the intersection (index form by flat pair index, mask form elementwise).
+    """
+    first = coincidences[0]
+    if all(c is first for c in coincidences):
+        return first
+    if any(c is None for c in coincidences):
+        return None
+    result = cast(Coincidence, first)
+    for other in coincidences[1:]:
+        other = cast(Coincidence, other)
+        if result.mask is not None or other.mask is not None:
+            if result.mask is None or other.mask is None:
+                return None  # never mixed within one evaluation; nothing is coincident then
+            result = Coincidence(mask=result.mask & other.mask)
+            continue
+        rows, flat = cast(Tensor, result.rows), cast(Tensor, result.flat)
+        keep = torch.isin(flat, cast(Tensor, other.flat))
+        result = Coincidence(rows=rows[keep], flat=flat[keep])
+    return result

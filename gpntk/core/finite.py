@@ -31,6 +31,7 @@ from .spatial import Window
 __all__ = [
     "NTKLinear", "NTKConv", "ElementwiseActivation", "ChannelsLast", "RowsToTensors", "FlattenRows",
     "GlobalAvgPooling", "AvgPooling", "ChannelNorm", "Branches", "ParallelBranches", "MergeBranches",
+    "SumPooling", "GlobalSumPooling",
 ]
 
 
@@ -301,3 +302,19 @@ class MergeBranches(nn.Module):
 
     def extra_repr(self) -> str:
         return self.how
+
+
+class SumPooling(AvgPooling):
+    """Sum pooling of ``(n, C, *spatial)`` over windows: :class:`AvgPooling` without the ``1/|w|`` (padding zeros)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _patches(x, self.windows).sum(dim=tuple(range(-len(self.windows), 0)))
+
+
+class GlobalSumPooling(nn.Module):
+    """Sum over all spatial positions: ``(n, C, *spatial)`` to ``(n, C)``."""
+
+    gpntk_rowwise = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.sum(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x

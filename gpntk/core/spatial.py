@@ -250,18 +250,21 @@ def _shifted_sum(t: Tensor, dims: tuple[int, ...], window: Window) -> Tensor:
     return out / window.size
 
 
-def pool(t: Tensor, layout: Layout, windows: tuple[Window, ...]) -> Tensor:
+def pool(t: Tensor, layout: Layout, windows: tuple[Window, ...], average: bool = True) -> Tensor:
     r"""Average pooling of a full-layout tensor on every spatial axis.
 
     .. math::
         \Sigma'_{p, p'} = \frac{1}{|w|^2} \sum_{\delta, \delta' \in w} \Sigma_{s p + \delta,\, s p' + \delta'}
+
+    With ``average=False``, sum pooling: the same window sums without the factor :math:`1/|w|^2`.
     """
     if not layout.full:
         raise ValueError("pooling needs the full position-by-position covariance")
     for axis, window in enumerate(windows):
         for dim in layout.axis_dims(axis):
             t = pad(t, dim, window)
-            t = t.unfold(dim, window.size, window.stride).mean(-1)
+            windowed = t.unfold(dim, window.size, window.stride)
+            t = windowed.mean(-1) if average else windowed.sum(-1)
     return t
 
 

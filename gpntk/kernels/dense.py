@@ -17,7 +17,7 @@ from torch import Tensor
 from ..core.coincident import RowIds
 from ..core.hyperparameters import Hyperparameters
 from ..core.layer import Layer
-from .engine import Output, check_finite_kernel, input_layout, run_block
+from .engine import Output, check_finite_kernel, input_layout, run_block, same_inputs
 from .fusion import FusionPolicy
 from .planning import batch_shape_of, block_ranges, default_block_elements, kernel_blocks
 
@@ -98,6 +98,8 @@ def kernel_diagonal(
     track_ntk = output == "ntk"
     parts = []
     same = x1 is x2
+    # equal values in two tensors: the same points, as for the full matrix (Dropout's self-entries)
+    equal = not same and same_inputs(x1, x2)
     for chunk in chunks:
         a = x1[..., chunk, :]
         b = a if x2 is x1 else x2[..., chunk, :]
@@ -108,7 +110,7 @@ def kernel_diagonal(
             # every pair (x1_i, x2_i) as its own 1 x 1 kernel, with the point index as a batch dimension
             point_hyper = {name: value.unsqueeze(-3) for name, value in hyper.items()}
             cov, ntk = run_block(
-                net, a.unsqueeze(-2), b.unsqueeze(-2), point_hyper, input_shape, track_ntk, False, False,
+                net, a.unsqueeze(-2), b.unsqueeze(-2), point_hyper, input_shape, track_ntk, equal, False,
                 fusion=None, fused=False,
             )
             out = cast(Tensor, cov if output == "nngp" else ntk)[..., 0, 0]

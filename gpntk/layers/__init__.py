@@ -35,9 +35,10 @@ from .branching import FanInConcat, FanInProd, FanInSum, FanOut, Parallel, paral
 from .conv import Conv
 from .conv_variants import ConvLocal, ConvTranspose
 from .dense import Dense
+from .dropout import Dropout
 from .mlp import mlp
 from .normalization import LayerNorm
-from .pooling import AvgPool, Flatten, GlobalAvgPool
+from .pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
 
 __all__ = [
     "Layer", "Serial", "Signature", "serial", "check_network", "Identity", "Affine", "Dense", "Conv",
@@ -47,4 +48,5 @@ __all__ = [
     "Gaussian", "Monomial", "RectifiedMonomial", "Polynomial", "Elementwise", "Tanh", "Sigmoid",
     "Softplus", "SiLU",
     "ConvTranspose", "ConvLocal",
+    "SumPool", "GlobalSumPool", "Dropout",
 ]

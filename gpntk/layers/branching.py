@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import integer_argument
+from ..core.coincident import common_pairs
 from ..core.finite import Branches, MergeBranches, ParallelBranches
 from ..core.hyperparameters import Hyperparameters
 from ..core.layer import Layer, Shape, Shapes, Signature, Signatures, States
@@ -197,7 +198,11 @@ class _FanIn(Layer):
         else:
             var1, var2 = self.combine([s.var1 for s in states]), self.combine([s.var2 for s in states])
         ntk12 = self.combine_ntk(states) if first.track_ntk else None
-        return first.replace(cov12=cov12, var1=var1, var2=var2, ntk12=ntk12, keep_full=first.keep_full)
+        # a pair identical in one branch may not be in another (after a Dropout): keep the common ones
+        coincident = common_pairs([s.coincident for s in states])
+        return first.replace(
+            cov12=cov12, var1=var1, var2=var2, ntk12=ntk12, keep_full=first.keep_full, coincident=coincident
+        )
 
     def combine(self, tensors: Sequence[Tensor]) -> Tensor:
         raise NotImplementedError

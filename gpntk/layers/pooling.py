@@ -1,18 +1,20 @@
-r"""Layers that average over positions: ``AvgPool``, ``GlobalAvgPool`` and ``Flatten``."""
+r"""Layers that pool over positions: ``AvgPool``, ``GlobalAvgPool``, ``Flatten``, ``SumPool`` and ``GlobalSumPool``."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import Callable
 
-from ..core.finite import AvgPooling, FlattenRows, GlobalAvgPooling
+import torch
+from torch import Tensor, nn
+
+from ..core.finite import AvgPooling, FlattenRows, GlobalAvgPooling, GlobalSumPooling, SumPooling
 from ..core.hyperparameters import Hyperparameters
 from ..core.layer import Layer, Shape, Signature
 from ..core.spatial import Layout, Window, pool
 from ..core.state import KernelState
 from .conv import check_padding, output_spatial, spatial_input, spatial_sizes, windows_for
 
-__all__ = ["AvgPool", "GlobalAvgPool", "Flatten"]
+__all__ = ["AvgPool", "GlobalAvgPool", "Flatten", "SumPool", "GlobalSumPool"]
 
 
 class AvgPool(Layer):
@@ -30,6 +32,10 @@ class AvgPool(Layer):
     :param padding: ``"valid"`` (default), ``"same"`` (zeros, counted in the average, as torch's
         ``count_include_pad=True``) or ``"circular"``.
     """
+
+    #: whether windows are averaged (``False``: summed, :class:`SumPool`), and the finite module
+    average: bool = True
+    finite_module: type[AvgPooling] = AvgPooling
 
     def __init__(self, kernel_size: int | tuple[int, ...], stride: int | tuple[int, ...] | None = None,
                  padding: str = "valid"):
@@ -56,7 +62,7 @@ class AvgPool(Layer):
         layout = state.layout
         windows = self.windows(layout.spatial)
         out = Layout(output_spatial(windows, layout.spatial), full=True)
-        return state.map_linear(lambda t: pool(t, layout, windows), out)
+        return state.map_linear(lambda t: pool(t, layout, windows, average=self.average), out)
 
     def build_finite(
         self,
@@ -68,10 +74,10 @@ class AvgPool(Layer):
     ) -> tuple[nn.Module, Shape]:
         assert in_shape is not None  # check() asked for spatial inputs
         windows = self.windows(tuple(in_shape[1:]))
-        return AvgPooling(windows), (in_shape[0], *output_spatial(windows, tuple(in_shape[1:])))
+        return self.finite_module(windows), (in_shape[0], *output_spatial(windows, tuple(in_shape[1:])))
 
     def __repr__(self) -> str:
-        return f"AvgPool(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r})"
+        return f"{self.name}(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r})"
 
 
 class GlobalAvgPool(Layer):
@@ -79,6 +85,9 @@ class GlobalAvgPool(Layer):
 
     The outputs are vectors; the layers before it keep the full position-by-position covariance.
     """
+
+    #: the finite module
+    finite_module: type[nn.Module] = GlobalAvgPooling
 
     def check(self, signature: Signature) -> Signature:
         spatial_input(self.name, signature)
@@ -90,8 +99,12 @@ class GlobalAvgPool(Layer):
     def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
         layout = state.layout
         if not layout.full:
-            raise RuntimeError("GlobalAvgPool was given only the diagonal of the spatial covariance")
-        return state.map_linear(layout.mean_all, Layout())
+            raise RuntimeError(f"{self.name} was given only the diagonal of the spatial covariance")
+        return state.map_linear(self.reduce(layout), Layout())
+
+    def reduce(self, layout: Layout) -> Callable[[Tensor], Tensor]:
+        """The map of a full-layout tensor to its pooled value: the mean over all position pairs."""
+        return layout.mean_all
 
     def build_finite(
         self,
@@ -102,10 +115,10 @@ class GlobalAvgPool(Layer):
         generator: torch.Generator | None = None,
     ) -> tuple[nn.Module, Shape]:
         assert in_shape is not None  # check() asked for spatial inputs
-        return GlobalAvgPooling(), (in_shape[0],)
+        return self.finite_module(), (in_shape[0],)
 
     def __repr__(self) -> str:
-        return "GlobalAvgPool()"
+        return f"{self.name}()"
 
 
 class Flatten(Layer):
@@ -149,3 +162,38 @@ class Flatten(Layer):
 
     def __repr__(self) -> str:
         return "Flatten()"
+
+
+class SumPool(AvgPool):
+    r"""Sum pooling over windows of positions (no parameters): :class:`AvgPool` without normalisation.
+
+    .. math::
+        \Sigma'_{p,p'} = \sum_{\delta, \delta' \in w} \Sigma_{sp+\delta,\, sp'+\delta'}
+
+    i.e. :math:`\Sigma' = S \Sigma S^\top` with :math:`S` the 0/1 window-sum matrix (and the same
+    for :math:`\Theta`); padded positions (``"same"``) are zeros, so windows at the edges sum fewer
+    positions and are not rescaled (Neural Tangents' ``SumPool``, Novak et al. 2020). The finite
+    module sums each window of every channel.
+
+    :param kernel_size: window size, an int or one per spatial axis.
+    :param stride: an int or one per axis; ``None`` (default) is the window size.
+    :param padding: ``"valid"`` (default), ``"same"`` (zeros) or ``"circular"``.
+    """
+
+    average = False
+    finite_module = SumPooling
+
+
+class GlobalSumPool(GlobalAvgPool):
+    r"""Sum over all positions: :math:`\Sigma' = \sum_{p,p'} \Sigma_{p,p'}` (same for :math:`\Theta`).
+
+    :class:`GlobalAvgPool` times :math:`P^2` for :math:`P` positions: the outputs' variance grows
+    with the input size (Neural Tangents' ``GlobalSumPool``). The outputs are vectors.
+    """
+
+    finite_module = GlobalSumPooling
+
+    def reduce(self, layout: Layout) -> Callable[[Tensor], Tensor]:
+        """The sum over all position pairs."""
+        dims = tuple(range(-layout.ndim, 0))
+        return lambda t: t.sum(dim=dims) if dims else t

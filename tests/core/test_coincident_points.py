@@ -147,3 +147,24 @@ def test_negative_zero_and_nan_rows():
     # the mask form (batched inputs) agrees
     mask = coincident_pairs(a.unsqueeze(0), a.clone().unsqueeze(0)).mask[0]
     assert mask.nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+
+
+def test_same_point_pairs_and_common_pairs():
+    """After a Dropout only a point with itself stays coincident; merged branches keep the common pairs."""
+    from gpntk.core.coincident import Coincidence, RowIds, common_pairs, same_point_pairs
+
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]], dtype=torch.float64)
+    ids = RowIds(x, x).block()
+    assert ids is not None and ids.rows is not None and len(ids.rows) == 5  # 3 diagonal + 2 duplicates
+    diagonal = same_point_pairs(ids, True, 3, 3)
+    assert diagonal is not None and diagonal.flat is not None
+    assert diagonal.flat.tolist() == [0, 4, 8]
+    assert same_point_pairs(ids, False, 3, 3) is None and same_point_pairs(None, True, 3, 3) is None
+    merged = common_pairs([ids, diagonal])
+    assert merged is not None and sorted(merged.flat.tolist()) == [0, 4, 8]
+    assert common_pairs([ids, ids]) is ids and common_pairs([ids, None]) is None
+    mask = (x.unsqueeze(-2) == x.unsqueeze(-3)).all(-1)
+    masked = same_point_pairs(Coincidence(mask=mask), True, 3, 3)
+    assert masked is not None and torch.equal(masked.mask, torch.eye(3, dtype=torch.bool))
+    both = common_pairs([Coincidence(mask=mask), masked])
+    assert both is not None and torch.equal(both.mask, torch.eye(3, dtype=torch.bool))
