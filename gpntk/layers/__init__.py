@@ -37,6 +37,7 @@ from .dense import Dense
 from .mlp import mlp
 from .normalization import LayerNorm
 from .pooling import AvgPool, Flatten, GlobalAvgPool
+from .attention import GlobalSelfAttention
 
 __all__ = [
     "Layer", "Serial", "Signature", "serial", "check_network", "Identity", "Affine", "Dense", "Conv",
@@ -45,4 +46,5 @@ __all__ = [
     "ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Exp",
     "Gaussian", "Monomial", "RectifiedMonomial", "Polynomial", "Elementwise", "Tanh", "Sigmoid",
     "Softplus", "SiLU",
+    "GlobalSelfAttention",
 ]
