@@ -30,6 +30,7 @@ from ..activations import (
 )
 from ..core.layer import Layer, Signature, check_network
 from .affine import Affine
+from .attention import GlobalSelfAttention
 from .base import Identity, Serial, serial
 from .branching import FanInConcat, FanInProd, FanInSum, FanOut, Parallel, parallel
 from .conv import Conv
@@ -37,7 +38,6 @@ from .dense import Dense
 from .mlp import mlp
 from .normalization import LayerNorm
 from .pooling import AvgPool, Flatten, GlobalAvgPool
-from .attention import GlobalSelfAttention
 
 __all__ = [
     "Layer", "Serial", "Signature", "serial", "check_network", "Identity", "Affine", "Dense", "Conv",

@@ -29,6 +29,10 @@ __all__ = ["GlobalSelfAttention"]
 
 _FLOAT64 = torch.empty(0, dtype=torch.float64)
 _VARIANCES = ("key_variance", "query_variance", "value_variance", "out_variance")
+_NO_WEIGHT_VARIANCE = (
+    "GlobalSelfAttention has no weight_variance; its variances are key_variance, query_variance, value_variance, "
+    "out_variance and bias_variance"
+)
 
 
 def _variance(name: str) -> property:
@@ -148,10 +152,11 @@ class GlobalSelfAttention(Affine):
 
     @property
     def weight_variance(self) -> Tensor:
-        raise AttributeError(
-            "GlobalSelfAttention has no weight_variance; its variances are key_variance, query_variance, "
-            "value_variance, out_variance and bias_variance"
-        )
+        raise AttributeError(_NO_WEIGHT_VARIANCE)
+
+    @weight_variance.setter
+    def weight_variance(self, value: float | Tensor) -> None:
+        raise AttributeError(_NO_WEIGHT_VARIANCE)
 
     @property
     def bias_variance(self) -> Tensor:
@@ -260,7 +265,8 @@ def _linear_map(state: KernelState, mechanism: str, sigma_qk: Tensor, ov: Tensor
 
 
 def _identity_sqrt_map(state: KernelState, qkov: Tensor, bias: Tensor | None) -> KernelState:
-    r"""``linear_scaling=False``, identity: :math:`\Sigma \leftarrow \sigma_{QK}^2\sigma_{OV}^2 s \Sigma + \sigma_b^2`, etc."""
+    r"""``linear_scaling=False``, identity:
+    :math:`\Sigma \leftarrow \sigma_{QK}^2\sigma_{OV}^2 s\, \Sigma + \sigma_b^2`, etc."""
     add_bias: Callable[[Tensor], Tensor] = (lambda t: t) if bias is None else (lambda t: t + bias)
 
     def total(t: Tensor) -> Tensor:  # the sum over all pairs of positions, kept as (1, 1)
