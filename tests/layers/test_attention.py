@@ -78,7 +78,8 @@ def test_diag_is_the_diagonal_and_backends_agree(kind, mechanism, linear_scaling
 def _transcribed(x1: torch.Tensor, x2: torch.Tensor, mechanism: str, linear_scaling: bool) -> tuple:
     """``Dense(1.5, 0.1)``, one attention layer, ``GlobalAvgPool``, ``Dense(2, 0.1)``, pair by pair.
 
-    The formulas as ``tests/reference/README.md`` states them (second half), with explicit loops.
+    The formulas as the reference data's README states them for the ``a2_attn_*`` cases (Hron et
+    al. 2020 in Neural Tangents' conventions), with explicit loops.
     """
     qk, ov, bias = 0.7 * 1.3, 1.1 * 0.9, 0.15
 
@@ -269,3 +270,31 @@ def test_finite_module_arguments():
         NTKSelfAttention(2, 2, 1, 2, "tanh", True, (1.0, 1.0, 1.0, 1.0, 0.0))
     with pytest.raises(ValueError, match="key_std"):
         NTKSelfAttention(2, 2, 1, 2, "softmax", True, (0.0, 1.0, 1.0, 1.0, 0.0))
+
+
+def test_residual_block_and_posterior():
+    """A transformer-like residual block ``h + Attention(h)`` is exact (the branch ends with its own
+    output projection) and a trained-ensemble posterior runs on it; the snapshot copies the layer."""
+    block = L.serial(L.FanOut(2), L.parallel(attention(), L.Identity()), L.FanInSum())
+    net = L.serial(L.Dense(1.5, 0.1), block, L.LayerNorm(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0, 0.1))
+    x, y = inputs(6), torch.randn(6, 1, generator=torch.Generator().manual_seed(3))
+    post = gpntk.TrainedEnsemble(net, x, y, diag_reg=1e-6, input_shape=SHAPE)
+    mean = post.mean(x, float("inf"))
+    torch.testing.assert_close(mean, y, rtol=0, atol=1e-3)
+    net.layers[1].layers[1].branches[0].key_variance = 3.0  # later changes do not reach the ensemble
+    torch.testing.assert_close(post.mean(x, float("inf")), mean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(KERNELS))
+def test_after_a_convolution(kind):
+    """Conv keeps the full covariance the attention layer needs; diag and blockwise paths agree."""
+    net = L.serial(L.Conv(2, padding="circular", weight_variance=1.5, bias_variance=0.1), attention("relu"),
+                   L.Erf(), L.Flatten(), L.Dense(2.0, 0.1))
+    x = inputs(4)
+    with torch.no_grad():
+        full = KERNELS[kind](net, input_shape=SHAPE)(x).to_dense()
+        diag = KERNELS[kind](net, input_shape=SHAPE)(x, diag=True)
+        blockwise = KERNELS[kind](net, input_shape=SHAPE, backend="blockwise", block_elements=6)(x).to_dense()
+    torch.testing.assert_close(diag, full.diagonal(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(blockwise, full, rtol=1e-12, atol=0)
+    assert net.finite(4, input_shape=SHAPE)(x).shape == (4, 1)
