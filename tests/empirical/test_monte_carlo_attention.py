@@ -30,7 +30,8 @@ batches of 8. Asserted, for each (architecture, kernel):
 Measured relative errors of the 64-network mean at widths 16 / 64 / 256 (Frobenius):
 softmax NTK 0.144 / 0.019 / 0.014, NNGP 0.049 / 0.016 / 0.032; identity NTK 0.223 / 0.129 / 0.022,
 NNGP 0.138 / 0.030 / 0.023; sqrt NTK 0.131 / 0.129 / 0.002, NNGP 0.742 / 0.108 / 0.011 (its typical
-8-network error stays near 0.17-0.19: the heads are fixed). About 70 s in all on one core.
+8-network error stays near 0.17-0.19: the heads are fixed). About 95 s in all on one core (2-core machine
+under load), most of it the 8-head `sqrt` NTK.
 """
 
 from __future__ import annotations
