@@ -30,6 +30,7 @@ from ..activations import (
 )
 from ..core.layer import Layer, Signature, check_network
 from .affine import Affine
+from .attention import GlobalSelfAttention
 from .base import Identity, Serial, serial
 from .branching import FanInConcat, FanInProd, FanInSum, FanOut, Parallel, parallel
 from .conv import Conv
@@ -49,4 +50,5 @@ __all__ = [
     "Softplus", "SiLU",
     "ConvTranspose", "ConvLocal",
     "SumPool", "GlobalSumPool", "Dropout",
+    "GlobalSelfAttention",
 ]
