@@ -109,8 +109,9 @@ class Conv(Affine):
     with zero (``"same"``) or wrapped (``"circular"``) positions outside the input, or none
     (``"valid"``). Under ``"same"`` and ``"circular"`` the window may be longer than the input:
     circular padding then wraps around more than once (padded position :math:`j` holds input
-    position :math:`(j - \text{before}) \bmod L`, as ``numpy.pad(mode="wrap")``). The diagonal :math:`p = p'` maps to itself, so without a later pooling layer
-    only :math:`\Sigma_{p,p}` is ever computed.
+    position :math:`(j - \text{before}) \bmod L`, as ``numpy.pad(mode="wrap")``). The diagonal
+    :math:`p = p'` maps to itself, so without a later pooling layer only :math:`\Sigma_{p,p}` is
+    ever computed.
 
     :param kernel_size: window size, an int or one per spatial axis.
     :param stride: an int or one per axis.
