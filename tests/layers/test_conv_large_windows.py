@@ -182,3 +182,30 @@ def test_monte_carlo_through_a_relu(kind, float64_default):
     wrong = ((mean - twin).norm() / twin.norm()).item()
     assert error < 0.04, f"{kind}: {error:.3f}"
     assert wrong > 10 * error, f"{kind}: twin {wrong:.3f} vs {error:.3f}"
+
+
+def _large_window_net() -> L.Serial:
+    return L.serial(
+        L.Conv(7, 1, "circular", 2.0, 0.1), L.ReLU(), L.Conv((5,), 2, "same", 1.5, 0.1), L.ReLU(),
+        L.GlobalAvgPool(), L.Dense(1.0, 0.1),
+    )
+
+
+def test_structured_empirical_ntk_blockwise_backend_and_float32(float64_default):
+    """The structured empirical NTK (a conv is an NTKLinear on patches) equals the full Jacobian one;
+    the blockwise backend equals the dense one; float32 stays finite."""
+    shape = (2, 3)
+    x = torch.randn(4, 6)
+    model = _large_window_net().finite(6, input_shape=shape, out_features=2, generator=torch.Generator().manual_seed(1))
+    structured = gpntk.empirical_ntk(model, x, x[:2], method="structured")
+    full = gpntk.empirical_ntk(model, x, x[:2], method="jacobian")
+    torch.testing.assert_close(structured, full, rtol=1e-10, atol=1e-12)
+    kernel = gpntk.NTKKernel(_large_window_net(), input_shape=shape)
+    with torch.no_grad():
+        dense = kernel(x).to_dense()
+        with gpntk.settings.kernel_backend("blockwise"):
+            blockwise = kernel(x) @ torch.eye(4)
+        torch.testing.assert_close(blockwise, dense, rtol=1e-12, atol=1e-12)
+        k32 = gpntk.NTKKernel(_large_window_net().float(), input_shape=shape)(x.float()).to_dense()
+    assert k32.dtype == torch.float32 and torch.isfinite(k32).all()
+    torch.testing.assert_close(k32.double(), dense, rtol=1e-4, atol=1e-5)

@@ -58,13 +58,37 @@ def test_zero_input_and_float32_finite():
     assert k[0].abs().max() == 0  # a zero vector normalises to zero
 
 
-def test_gradients_with_respect_to_the_variances_are_finite(float64_default):
-    net = _net(EPS)
-    x = _inputs()
-    kernel = gpntk.NTKKernel(net)
-    kernel(x).to_dense().sum().backward()
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+def test_gradcheck_wrt_inputs_and_first_variances(kind, float64_default):
+    """Finite differences of the map with eps, in the inputs (a zero input included: there the
+    normaliser is 1/sqrt(eps)) and in the variances of the Dense before it."""
+    net = L.serial(L.Dense(1.5, 0.2), L.LayerNorm(eps=0.3), L.Erf(), L.Dense(2.0, 0.1))
+    kernel = (gpntk.NTKKernel if kind == "ntk" else gpntk.NNGPKernel)(net)
+    x1 = _inputs()[:3].clone().requires_grad_(True)
+    x2 = _inputs()[2:].clone()
+    x2[0] = 0.0
+    x2.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: kernel(a, b).to_dense(), (x1, x2))
+    dense = net.layers[0]
+    raw = (dense.raw_weight_variance.detach().clone().requires_grad_(True),
+           dense.raw_bias_variance.detach().clone().requires_grad_(True))
+
+    def entries(raw_w: torch.Tensor, raw_b: torch.Tensor) -> torch.Tensor:
+        del dense.raw_weight_variance, dense.raw_bias_variance
+        dense.raw_weight_variance, dense.raw_bias_variance = raw_w, raw_b  # plain tensors
+        return kernel(x1.detach(), x2.detach()).to_dense()
+
+    assert torch.autograd.gradcheck(entries, raw)
+
+
+def test_float32_finite():
+    net = L.serial(L.Dense(1.0, 0.0), L.LayerNorm(eps=1e-5), L.ReLU(), L.Dense(1.0, 0.1))
+    x = torch.randn(4, 3)
+    x[0] = 0.0
+    with torch.no_grad():
+        for cls in (gpntk.NNGPKernel, gpntk.NTKKernel):
+            assert torch.isfinite(cls(net)(x).to_dense()).all()
+            assert torch.isfinite(cls(net)(x, diag=True)).all()
 
 
 def test_reference_case_unchanged(float64_default):
