@@ -39,7 +39,7 @@ from . import layers as L
 from .kernels import NNGPKernel, NTKKernel
 from .posterior import TrainedEnsemble
 
-__all__ = ["reference_kernels", "build_network", "load_spec"]
+__all__ = ["reference_kernels", "build_network", "load_spec", "default_dtype"]
 
 #: case kinds this module evaluates; graph kinds await graph inputs in gpntk
 SUPPORTED_KINDS = ("kernel", "posterior")
@@ -88,7 +88,8 @@ def _build(layers: list[Any]) -> list[L.Layer]:
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Run a block with ``dtype`` as torch's default dtype, restoring the previous one after."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -109,7 +110,7 @@ def build_network(layers: list[Any]) -> L.Serial:
     missing = _missing_layers(layers)
     if missing:
         raise NotImplementedError(f"gpntk has no layer {', '.join(missing)} (in gpntk.layers)")
-    with _default_dtype(torch.float64):
+    with default_dtype(torch.float64):
         return L.serial(*_build(layers))
 
 
