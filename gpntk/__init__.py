@@ -28,7 +28,7 @@ __all__ = [
     "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
     "ArchitectureError", "GPNTKWarning", "NumericalWarning", "ApproximationWarning",
     "CompositionWarning", "__version__",
-    "NeuralKernelSum",
+    "NeuralKernelSum", "testing",
 ]
 
 #: public name -> (module, attribute or None for the module itself)
@@ -48,6 +48,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "NumericalWarning": (".errors", "NumericalWarning"),
     "ApproximationWarning": (".errors", "ApproximationWarning"),
     "CompositionWarning": (".errors", "CompositionWarning"),
+    "testing": (".testing", None),
 }
 
 
@@ -77,7 +78,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
-    from . import layers, settings
+    from . import layers, settings, testing
     from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
     from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning
     from .kernels import EmpiricalNTKKernel, NeuralKernelSum, NNGPKernel, NTKKernel

@@ -7,7 +7,6 @@ gpntk's layer names; ``["serial", {"layers": [...]}]`` and
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from gpntk import layers as L
+from gpntk.testing import default_dtype
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 
@@ -94,14 +94,6 @@ def build_layers(layers: list, override: Override | None = None) -> list:
     return built
 
 
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def build_net(layers: list, override: Override | None = None, dtype: torch.dtype = torch.float64) -> "L.Serial":

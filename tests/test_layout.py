@@ -25,7 +25,7 @@ LEVELS = {
     "kernels": 4, "empirical": 4, "contrib": 4,
     "posterior": 5,
     "cli": 6,
-    "__main__": 7,
+    "__main__": 7, "testing": 7,
 }
 #: the lazy façade (PEP 562) re-exports from every level
 FACADE = {"__init__"}

@@ -138,8 +138,14 @@ def _quadrature(name: str) -> dict[str, np.ndarray] | None:
 def test_case_selection():
     every_case = case_names()
     kernel_cases = {name for name in every_case if load_case(name).kind == "kernel"}
-    assert kernel_cases == set(CASES), "a kernel case is not selected, or a selected case is not a kernel case"
-    assert len([name for name in CASES if not name.startswith("a2_")]) == 43  # 40 fc_* and 3 conv* cases
+    # a2_* cases are selected as their layers arrive; tests/test_testing.py checks that every case
+    # runs (through gpntk.testing) or is expected to be missing
+    first = {name for name in CASES if not name.startswith("a2_")}
+    assert {name for name in kernel_cases if not name.startswith("a2_")} == first, (
+        "a kernel case is not selected, or a selected case is not a kernel case"
+    )
+    assert set(CASES) <= kernel_cases
+    assert len(first) == 43  # 40 fc_* and 3 conv* cases
     assert len(A2_POOL_CASES) == 5
     for name in CASES:
         assert not missing_layers(load_case(name).layers), f"{name} uses a layer gpntk.layers lacks"

@@ -26,7 +26,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
 from .._validation import integer_argument, real_argument
-from .spatial import Window
+from .spatial import Window, circular_index
 
 __all__ = [
     "NTKLinear", "NTKConv", "ElementwiseActivation", "ChannelsLast", "RowsToTensors", "FlattenRows",
@@ -156,13 +156,18 @@ class RowsToTensors(nn.Module):
 
 def _pad_spatial(x: Tensor, windows: Sequence[Window]) -> Tensor:
     """Pad the spatial dims of ``(n, C, *spatial)`` as the kernel's windows do (zeros or circular)."""
+    if windows and windows[0].circular:
+        # indexing rather than F.pad(mode="circular"), which cannot wrap around more than once
+        for axis, window in enumerate(windows):
+            if window.before or window.after:
+                x = x.index_select(2 + axis, circular_index(x.shape[2 + axis], window, x.device))
+        return x
     pads: list[int] = []
     for window in reversed(windows):
         pads += [window.before, window.after]
     if not any(pads):
         return x
-    mode = "circular" if windows[0].circular else "constant"
-    return F.pad(x, pads, mode=mode)
+    return F.pad(x, pads, mode="constant")
 
 
 def _patches(x: Tensor, windows: Sequence[Window]) -> Tensor:

@@ -53,6 +53,15 @@ class Signature:
     (``serial`` checks its inside when it is built, and the whole network is checked from the
     input when a kernel or a finite network is made of it). ``last``: the name of the layer that
     produced the outputs, for messages.
+
+    ``independent`` is about the innermost enclosing ``FanOut``; ``outer_independent`` holds the
+    same for each ``FanOut`` outside it, outermost first (empty outside nested branches, or where
+    they are not known). Inside a residual branch ``b = Dense(...)`` handed to a nested
+    ``FanOut``, the copies of ``b`` depend on each other but each is still a fresh function with
+    respect to the outer ``FanOut``'s other branches, so ``h + (b + g(b))`` merges exactly.
+    A layer that changes ``independent`` (``True``: its own affine weights, a fresh function
+    for every enclosing ``FanOut``; ``False``: a nonlinearity) sets every outer entry alike,
+    unless it gives ``outer_independent`` itself.
     """
 
     gaussian: bool | None = False
@@ -60,9 +69,12 @@ class Signature:
     spatial: tuple[int, ...] | None = ()
     channels: str | None = "input"
     independent: bool | None = False
+    outer_independent: tuple[bool, ...] = ()
 
     def after(self, layer: "Layer", **changes: Any) -> "Signature":
         """This signature handed on by ``layer``, with ``changes``."""
+        if "independent" in changes and "outer_independent" not in changes:
+            changes["outer_independent"] = (changes["independent"] is True,) * len(self.outer_independent)
         return replace(self, last=layer.name, **changes)
 
 

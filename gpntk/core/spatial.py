@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["Layout", "Window", "window_geometry"]
+__all__ = ["Layout", "Window", "window_geometry", "circular_index"]
 
 Padding = Literal["same", "valid", "circular"]
 PADDINGS = ("same", "valid", "circular")
@@ -187,15 +187,23 @@ def window_geometry(length: int, size: int, stride: int, padding: Padding) -> Wi
     return Window(size, stride, total // 2, total - total // 2, padding == "circular")
 
 
+def circular_index(length: int, window: Window, device: torch.device | None = None) -> Tensor:
+    """The source positions of an axis of ``length`` padded circularly by ``window``.
+
+    Padded position ``j`` holds input position ``(j - before) mod length``, as ``numpy.pad(mode="wrap")``
+    (and Neural Tangents' circular padding) define it: a padding longer than the input, which a
+    window longer than the input needs, wraps around more than once.
+    """
+    return torch.arange(-window.before, length + window.after, device=device) % length
+
+
 def pad(t: Tensor, dim: int, window: Window) -> Tensor:
-    """Pad dimension ``dim`` of ``t`` with zeros or circularly."""
+    """Pad dimension ``dim`` of ``t`` with zeros or circularly (see :func:`circular_index`)."""
     if window.before == 0 and window.after == 0:
         return t
     length = t.shape[dim]
     if window.circular:
-        if window.before > length or window.after > length:
-            raise ValueError("circular padding larger than the input")
-        parts = [t.narrow(dim, length - window.before, window.before), t, t.narrow(dim, 0, window.after)]
+        return t.index_select(dim, circular_index(length, window, t.device))
     else:
         shape = list(t.shape)
         shape[dim] = window.before

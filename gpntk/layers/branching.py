@@ -8,7 +8,10 @@ Merging is exact at infinite width when the branches' outputs are uncorrelated, 
 all branches but one end with their own affine layer (a fresh zero-mean function); sums and
 products of branches that are both nonlinear functions of the same input would need their
 cross-covariance, which no layer computes, so they are refused. Concatenation needs nothing of the
-kind: a dense layer after it sees each branch's channels with their own weights.
+kind: a dense layer after it sees each branch's channels with their own weights. Independence is
+tracked for every enclosing ``FanOut`` (``Signature.outer_independent``), so nested residual blocks
+``h + (b + g(b))``, whose inner sum is a fresh function with respect to ``h``, merge exactly
+(:func:`merged_independence`).
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ class FanOut(Layer):
 
     # hands on one signature / state per branch: wider than Layer.check / kernel_map
     def check(self, signature: Signature) -> tuple[Signature, ...]:
-        # copies of one function are not independent of each other
-        return (signature.after(self, independent=False),) * self.num
+        # copies of one function are not independent of each other, but each stays what it was with
+        # respect to the branches of enclosing FanOuts (independent of them if it was fresh)
+        outer = (*signature.outer_independent, signature.independent is True)
+        return (signature.after(self, independent=False, outer_independent=outer),) * self.num
 
     def kernel_map(
         self, state: KernelState, hyper: Hyperparameters
@@ -249,11 +254,11 @@ class FanInSum(_FanIn):
         self, signatures: tuple[Signature, ...], spatial: tuple[int, ...] | None, channels: str | None
     ) -> Signature:
         gaussian = [s.gaussian for s in signatures]
-        independent = [s.independent for s in signatures]
+        independent, outer = merged_independence(signatures)
         return Signature(
             gaussian=all(g is True for g in gaussian) or (None if None in gaussian else False),
             last=self.name, spatial=spatial, channels=channels,
-            independent=all(i is True for i in independent),
+            independent=independent, outer_independent=outer,
         )
 
     def combine(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -275,7 +280,12 @@ class FanInProd(_FanIn):
     def merged(
         self, signatures: tuple[Signature, ...], spatial: tuple[int, ...] | None, channels: str | None
     ) -> Signature:
-        return Signature(gaussian=False, last=self.name, spatial=spatial, channels=channels, independent=False)
+        # the product of fresh functions is not treated as fresh: refused in enclosing sums, as before
+        outer = (False,) * (min(len(s.outer_independent) for s in signatures) - 1)
+        return Signature(
+            gaussian=False, last=self.name, spatial=spatial, channels=channels, independent=False,
+            outer_independent=outer,
+        )
 
     def combine(self, tensors: Sequence[Tensor]) -> Tensor:
         out = tensors[0]
@@ -309,10 +319,10 @@ class FanInConcat(_FanIn):
     def merged(
         self, signatures: tuple[Signature, ...], spatial: tuple[int, ...] | None, channels: str | None
     ) -> Signature:
-        independent = [s.independent for s in signatures]
+        independent, outer = merged_independence(signatures)
         return Signature(
             gaussian=False, last=self.name, spatial=spatial, channels=channels,
-            independent=all(i is True for i in independent),
+            independent=independent, outer_independent=outer,
         )
 
     def combine(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -320,3 +330,21 @@ class FanInConcat(_FanIn):
         for t in tensors[1:]:
             out = out + t
         return out / len(tensors)
+
+
+def merged_independence(signatures: Sequence[Signature]) -> tuple[bool, tuple[bool, ...]]:
+    """``independent`` and ``outer_independent`` of the sum (or concatenation) of branches.
+
+    The branches come from one ``FanOut``, whose own entry is the last of each branch's
+    ``outer_independent``. A sum of functions that are each fresh with respect to the branches of
+    an enclosing ``FanOut`` (a zero-mean function of affine weights no other branch has) is
+    fresh with respect to them too: its covariance with them vanishes, in Σ and in Θ. So
+    ``h + (b + g(b))`` with ``b``, ``g`` ending in their own affine layers merges exactly, while
+    ``h + (relu(h) + g(h))`` is refused (``relu(h)`` is correlated with ``h``).
+    """
+    depth = min(len(s.outer_independent) for s in signatures)
+    if depth == 0:  # the enclosing FanOuts are not known (a block checked on its own)
+        return all(s.independent is True for s in signatures), ()
+    columns = zip(*(s.outer_independent[:depth] for s in signatures))
+    fresh = tuple(all(column) for column in columns)
+    return fresh[-1], fresh[:-1]

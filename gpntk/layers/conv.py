@@ -69,9 +69,11 @@ def windows_for(
     sizes = per_axis(layer_name, "kernel_size", kernel_size, spatial)
     strides = per_axis(layer_name, "stride", stride, spatial)
     for size, length in zip(sizes, spatial):
-        if size > length:
+        # "same" and "circular" pad any window (circular padding wraps around as often as needed)
+        if size > length and padding == "valid":
             raise ArchitectureError(
-                f"{layer_name} has kernel_size {sizes}, larger than its input's spatial shape {spatial}"
+                f"{layer_name} has kernel_size {sizes}, larger than its input's spatial shape {spatial}, "
+                "with padding='valid' (no full window fits); use padding='same' or 'circular'"
             )
     return tuple(window_geometry(length, k, s, padding) for length, k, s in zip(spatial, sizes, strides))
 
@@ -105,8 +107,11 @@ class Conv(Affine):
             \Theta_{sp+\delta,\, sp'+\delta} + \Sigma'_{p,p'},
 
     with zero (``"same"``) or wrapped (``"circular"``) positions outside the input, or none
-    (``"valid"``). The diagonal :math:`p = p'` maps to itself, so without a later pooling layer
-    only :math:`\Sigma_{p,p}` is ever computed.
+    (``"valid"``). Under ``"same"`` and ``"circular"`` the window may be longer than the input:
+    circular padding then wraps around more than once (padded position :math:`j` holds input
+    position :math:`(j - \text{before}) \bmod L`, as ``numpy.pad(mode="wrap")``). The diagonal
+    :math:`p = p'` maps to itself, so without a later pooling layer only :math:`\Sigma_{p,p}` is
+    ever computed.
 
     :param kernel_size: window size, an int or one per spatial axis.
     :param stride: an int or one per axis.
