@@ -25,6 +25,7 @@ from gpntk import layers as L
 # Every ``fc_*`` and ``conv*`` case is a kernel case, and every one runs: ``test_case_selection``
 # fails if a case uses a layer gpntk.layers lacks (a renamed or missing layer).
 KERNEL_CASES = case_names("fc_") + case_names("conv")
+KERNEL_CASES += case_names("a2_sp_")  # standard parameterization (Dense, Conv), issue 16
 CASES = KERNEL_CASES
 
 #: layers whose duals are Gauss–Hermite quadratures (in gpntk and in the oracle)
@@ -133,7 +134,7 @@ def test_case_selection():
     every_case = case_names()
     kernel_cases = {name for name in every_case if load_case(name).kind == "kernel"}
     assert kernel_cases == set(CASES), "a kernel case is not selected, or a selected case is not a kernel case"
-    assert len(CASES) == 43  # 40 fc_* and 3 conv* cases
+    assert len(CASES) == 43 + 3  # 40 fc_* and 3 conv* cases; 3 a2_sp_* cases
     for name in CASES:
         assert not missing_layers(load_case(name).layers), f"{name} uses a layer gpntk.layers lacks"
     spatial_and_branching = ("conv1d_relu_gap", "conv2d_erf_pool", "conv2d_relu_flatten")

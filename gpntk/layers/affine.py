@@ -1,5 +1,21 @@
 r"""What affine layers (``Dense``, ``Conv``) share: the hyperparameters :math:`\sigma_w^2, \sigma_b^2`
-and the affine step of the kernel recursion in NTK parameterization.
+and the affine step of the kernel recursion, in NTK or standard parameterization.
+
+**Standard parameterization** (``parameterization="standard"``, ``in_width=n``): the layer
+computes :math:`h = W x + b` with trained :math:`W_{ij} \sim \mathcal N(0, \sigma_w^2/n_{fan})`,
+:math:`b_i \sim \mathcal N(0, \sigma_b^2)`, :math:`n_{fan} = n k` (``k`` filter taps, 1 for
+``Dense``). Its NNGP map is that of the NTK parameterization, but the gradient with respect to
+:math:`W` is the layer's input itself, so the tangent kernel grows with the width
+(Sohl-Dickstein, Novak, Schoenholz & Lee 2020, *On the infinite width limit of neural networks with
+a standard parameterization*, arXiv:2001.07301; Park et al. 2019):
+
+.. math::
+    \Theta \leftarrow n k\, \mathcal W(\Sigma) + \sigma_w^2\, \mathcal W(\Theta) + \beta,
+
+:math:`\mathcal W` the convolution's average over its taps (identity for ``Dense``),
+:math:`\Sigma` the covariance of the layer's inputs, :math:`\beta = 1` with a bias and 0
+without. The kernel is that of the finite network whose layer has exactly ``n`` inputs, so
+``net.finite(width)`` refuses a width that differs from the next layer's ``in_width``.
 """
 
 from __future__ import annotations
@@ -13,7 +29,7 @@ from gpytorch.constraints import Interval, Positive
 from gpytorch.priors import Prior
 from torch import Tensor
 
-from .._validation import real_argument
+from .._validation import parameterization_arguments, real_argument
 from ..core.hyperparameters import Hyperparameters
 from ..core.layer import Layer
 from ..core.state import KernelState
@@ -42,13 +58,15 @@ def _set_variance(module: "Affine", value: float | Tensor, name: str) -> None:
 
 
 class Affine(Layer):
-    r"""Base class of affine layers in NTK parameterization (:class:`Dense`, :class:`Conv`).
+    r"""Base class of affine layers in NTK or standard parameterization (:class:`Dense`, :class:`Conv`).
 
     Owns the hyperparameters :math:`\sigma_w^2` (``weight_variance``) and :math:`\sigma_b^2`
     (``bias_variance``, 0 for a layer without bias), stored GPyTorch-style as raw parameters of
     shape ``(*batch_shape, 1, 1)`` under a constraint (default
     :class:`~gpytorch.constraints.Positive`), with optional priors; and the affine step of the
     recursion, :meth:`affine_map`. ``trainable=False`` freezes the layer (no NTK term).
+    ``parameterization="standard"`` with ``in_width`` (see the module docstring) changes the NTK
+    term of the layer's own parameters.
     """
 
     is_affine = True
@@ -60,16 +78,16 @@ class Affine(Layer):
         trainable: bool = True,
         *,
         parameterization: str = "ntk",
+        in_width: int | None = None,
         weight_variance_prior: Prior | None = None,
         bias_variance_prior: Prior | None = None,
         weight_variance_constraint: Interval | None = None,
         bias_variance_constraint: Interval | None = None,
     ):
         super().__init__()
-        if parameterization != "ntk":
-            raise ArchitectureError(
-                f"{type(self).__name__} supports parameterization='ntk' only, got {parameterization!r}"
-            )
+        self.parameterization, self.in_width = parameterization_arguments(
+            type(self).__name__, parameterization, in_width, error=ArchitectureError
+        )
         weight_variance = _check_variance("weight_variance", weight_variance, allow_zero=False)
         bias_variance = _check_variance("bias_variance", bias_variance, allow_zero=True)
         if not isinstance(trainable, bool):
@@ -203,9 +221,11 @@ class Affine(Layer):
             self._reshape_raw(name, lambda t: t[index])
 
     # --- the affine step shared by Dense and Conv ----------------------------------------------
-    def affine_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
+    def affine_map(self, state: KernelState, hyper: Hyperparameters, taps: int = 1) -> KernelState:
         r""":math:`\Sigma \leftarrow \sigma_w^2 \Sigma + \sigma_b^2`,
-        :math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma` (trainable)."""
+        :math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma_{\text{new}}` (trainable, NTK
+        parameterization) or :math:`+\, n k\, \Sigma + \beta` (standard parameterization, ``taps``
+        = :math:`k`, the state already averaged over the taps)."""
         layout = state.layout
         weight_variance = layout.scalar_shape(hyper.get(self, "weight_variance"))
         if self.has_bias:
@@ -222,10 +242,36 @@ class Affine(Layer):
         if state.track_ntk:
             scaled = None if ntk12 is None else weight_variance * ntk12
             if self.trainable:
-                ntk12 = cov12 if scaled is None else scaled + cov12
+                own = self._own_tangent(state.cov12, cov12, taps)
+                ntk12 = own if scaled is None else scaled + own
             else:
                 ntk12 = scaled
         return state.replace(cov12=cov12, var1=var1, var2=var2, ntk12=ntk12)
+
+    def _own_tangent(self, cov_in: Tensor, cov_out: Tensor, taps: int) -> Tensor:
+        """The layer's own parameters' NTK term: the new Σ (NTK), or ``n k Σ_in + β`` (standard)."""
+        if self.in_width is None:
+            return cov_out
+        own = (self.in_width * taps) * cov_in
+        return own + 1.0 if self.has_bias else own
+
+    def finite_fan_in(self, features: int | None) -> int | None:
+        """The number of input features of the finite module: ``features``, checked against ``in_width``.
+
+        ``features`` is what the finite network feeds the layer (``None``: not known yet). A
+        standard layer's kernel is that of a network whose layer gets exactly ``in_width``, so any
+        other number is refused.
+        """
+        if self.in_width is None:
+            return features
+        if features is not None and features != self.in_width:
+            raise ArchitectureError(
+                f"{self!r} gets {features} input features (channels) in the finite network, but its kernel in "
+                f"standard parameterization is that of a layer with in_width={self.in_width} inputs: the finite "
+                "network converges to the kernel only when each hidden width equals the next layer's in_width "
+                f"(use net.finite({self.in_width}) or build the layer with in_width={features})"
+            )
+        return self.in_width
 
     def finite_stds(self) -> tuple[float, float]:
         """``(σw, σb)`` as floats for the finite-width module (the exact values when untouched)."""
@@ -245,4 +291,6 @@ class Affine(Layer):
         args = f"weight_variance={fmt(self.weight_variance)}, bias_variance={fmt(self.bias_variance)}"
         if not self.trainable:
             args += ", trainable=False"
+        if self.in_width is not None:
+            args += f", parameterization={self.parameterization!r}, in_width={self.in_width}"
         return args

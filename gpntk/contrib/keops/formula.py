@@ -37,7 +37,7 @@ def keops_supported(net: Layer, input_shape: Sequence[int] | None = None) -> str
     """``None`` if the KeOps backend can evaluate ``net``, else a sentence saying why not (naming the layer).
 
     Supported: vector inputs (``input_shape`` ``None`` or ``(d,)``) and serial chains of ``Dense``
-    layers, ``Identity`` and the activations listed in :mod:`gpntk.contrib.keops`. Everything
+    layers in NTK parameterization, ``Identity`` and the activations listed in :mod:`gpntk.contrib.keops`. Everything
     else (convolutions, pooling, branches, ``LayerNorm``, activations evaluated by quadrature or
     without a closed form here) has no KeOps formula; the dense and blockwise backends evaluate
     those.
@@ -48,6 +48,11 @@ def keops_supported(net: Layer, input_shape: Sequence[int] | None = None) -> str
             f"{tuple(input_shape)} (spatial inputs)"
         )
     for layer in _flatten(net):
+        if isinstance(layer, Dense) and layer.in_width is not None:
+            return (
+                f"the KeOps backend has no formula for {layer!r}: it evaluates Dense layers in NTK parameterization "
+                "only (use the dense or blockwise backend for parameterization='standard')"
+            )
         if isinstance(layer, Dense) or type(layer) is Identity:
             continue
         form = _FORMS.get(type(layer))
