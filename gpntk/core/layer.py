@@ -221,7 +221,9 @@ class Layer(gpytorch.Module):
         """The finite-width network of this architecture in NTK parameterization.
 
         Every hidden affine layer has ``width`` output channels and the readout has
-        ``out_features``. Each affine layer computes
+        ``out_features``. Layers built with ``parameterization="standard"`` get standard-parameterized
+        modules (:mod:`gpntk.core.standard`) and refuse a number of inputs other than their
+        ``in_width``. Each affine layer in NTK parameterization computes
         :math:`h = \\sigma_w / \\sqrt{n_{in}}\\, W x + \\sigma_b\\, b` with
         :math:`W, b \\sim \\mathcal N(0, 1)` drawn from ``generator`` (:math:`n_{in}` is the
         fan-in: input channels times window size for a convolution), and takes the current

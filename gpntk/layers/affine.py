@@ -70,6 +70,9 @@ class Affine(Layer):
     """
 
     is_affine = True
+    #: whether this class (itself, not a subclass) maps and builds the standard parameterization:
+    #: a subclass whose fan-in differs (other taps, unshared weights) must declare it itself
+    standard_parameterization: bool = False
 
     def __init__(
         self,
@@ -88,6 +91,10 @@ class Affine(Layer):
         self.parameterization, self.in_width = parameterization_arguments(
             type(self).__name__, parameterization, in_width, error=ArchitectureError
         )
+        if self.in_width is not None and not type(self).__dict__.get("standard_parameterization", False):
+            raise ArchitectureError(
+                f"{type(self).__name__} supports parameterization='ntk' only (standard parameterization: Dense, Conv)"
+            )
         weight_variance = _check_variance("weight_variance", weight_variance, allow_zero=False)
         bias_variance = _check_variance("bias_variance", bias_variance, allow_zero=True)
         if not isinstance(trainable, bool):

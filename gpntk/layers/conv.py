@@ -139,6 +139,8 @@ class Conv(Affine):
         self.stride = spatial_sizes("stride", stride)
         self.padding = check_padding(padding)
 
+    standard_parameterization = True
+
     def windows(self, spatial: tuple[int, ...]) -> tuple[Window, ...]:
         return windows_for(self.name, spatial, self.kernel_size, self.stride, self.padding)
 

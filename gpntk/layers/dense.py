@@ -53,6 +53,8 @@ class Dense(Affine):
     its hyperparameters (not its finite-width weights).
     """
 
+    standard_parameterization = True
+
     def check(self, signature: Signature) -> Signature:
         return signature.after(self, gaussian=True, channels="hidden", independent=True)
 

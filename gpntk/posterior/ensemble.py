@@ -20,7 +20,8 @@ every time (Lee et al. 2019, eqs. 15–16):
 Regimes:
 
 * ``"ntk"``: every layer trained, :math:`G = \Theta`, :math:`P = \Sigma` (the NNGP);
-* ``"nngp"``: only the readout trained, :math:`G = P = \Sigma`;
+* ``"nngp"``: only the readout trained, :math:`G = P = \Sigma` (NTK parameterization only: refused
+  for networks with standard-parameterized layers, whose readout has another tangent kernel);
 * ``"ntkgp"``: the NTK-GP of He, Lakshminarayanan & Teh (2020), ensembles trained with an added
   random function, :math:`G = P = \Theta`; at :math:`t = \infty` it is the exact GP posterior with
   the NTK as prior covariance.

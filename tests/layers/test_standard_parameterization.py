@@ -277,3 +277,12 @@ def test_trained_ensemble_follows_the_standard_kernels():
         ensemble.max_learning_rate("nngp")
     ntk_net = L.serial(L.Dense(2.0, 0.1), L.ReLU(), L.Dense(1.2, 0.1))  # NTK parameterization keeps it
     assert gpntk.TrainedEnsemble(ntk_net, x, y).mean(test_x, t, regime="nngp").shape == (3, 2)
+
+
+def test_subclasses_must_declare_standard_support():
+    class Unshared(L.Conv):  # e.g. a layer whose fan-in the standard map of Conv would get wrong
+        pass
+
+    with pytest.raises(ArchitectureError, match=r"Unshared supports parameterization='ntk' only"):
+        Unshared(3, in_width=2, **SP)
+    assert Unshared(3).in_width is None
