@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple
 
 import pytest
 import torch
+from test_monte_carlo_architectures import _one_thread, _relative_error  # noqa: F401 (an autouse fixture)
 
 import gpntk
 from gpntk import layers as L
@@ -75,17 +76,8 @@ ARCHITECTURES = {"mlp": Architecture(_mlp, (5,), 1, 2), "cnn": Architecture(_cnn
 CASES = [(name, kind) for name in ARCHITECTURES for kind in ("ntk", "nngp")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _shape(name: str) -> tuple[int, ...] | None:
-    shape = ARCHITECTURES[name].input_shape
-    return shape if len(shape) > 1 else None
+    return ARCHITECTURES[name].input_shape if name == "cnn" else None
 
 
 def _inputs(name: str) -> torch.Tensor:
@@ -99,10 +91,6 @@ def _exact(net: L.Layer, name: str, kind: str) -> torch.Tensor:
     kernel = (gpntk.NTKKernel if kind == "ntk" else gpntk.NNGPKernel)(net, input_shape=_shape(name))
     with torch.no_grad():
         return kernel(_inputs(name)).to_dense()
-
-
-def _relative_error(mean: torch.Tensor, exact: torch.Tensor) -> float:
-    return ((mean - exact).norm() / exact.norm()).item()
 
 
 @functools.lru_cache(maxsize=None)
