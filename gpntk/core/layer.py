@@ -52,7 +52,10 @@ class Signature:
     multiplied exactly. ``None`` means unknown, at the start of a block built on its own
     (``serial`` checks its inside when it is built, and the whole network is checked from the
     input when a kernel or a finite network is made of it). ``last``: the name of the layer that
-    produced the outputs, for messages.
+    produced the outputs, for messages. ``features``: the number of input features (channels)
+    the outputs have, where known: the network's own inputs' (``d``, or ``C`` for spatial inputs,
+    when the kernel or network knows it), so that a first layer in standard parameterization
+    can check its ``in_width``; ``None`` (unknown) after any layer that does not pass it on.
     """
 
     gaussian: bool | None = False
@@ -60,10 +63,11 @@ class Signature:
     spatial: tuple[int, ...] | None = ()
     channels: str | None = "input"
     independent: bool | None = False
+    features: int | None = None
 
     def after(self, layer: "Layer", **changes: Any) -> "Signature":
-        """This signature handed on by ``layer``, with ``changes``."""
-        return replace(self, last=layer.name, **changes)
+        """This signature handed on by ``layer``, with ``changes`` (``features`` unknown unless given)."""
+        return replace(self, last=layer.name, **{"features": None, **changes})
 
 
 #: what flows between layers at build time: one signature, or one per branch after FanOut
@@ -76,14 +80,18 @@ Shapes = Union[Shape, list[Shape]]
 UNKNOWN = Signature(gaussian=None, last="the start of this block", spatial=None, channels=None, independent=None)
 
 
-def check_network(net: "Layer", input_shape: Sequence[int] | None = None) -> Signature:
+def check_network(
+    net: "Layer", input_shape: Sequence[int] | None = None, in_features: int | None = None
+) -> Signature:
     """Check ``net`` from its input: with ``input_shape`` ``(C, *spatial)`` for spatial inputs.
 
-    The network must end with one non-spatial output (flattened or pooled), so that its kernel
-    is one number per pair of inputs.
+    ``in_features``: the number of features of vector inputs, where known (``input_shape``
+    gives ``C`` for spatial ones). The network must end with one non-spatial output (flattened
+    or pooled), so that its kernel is one number per pair of inputs.
     """
     spatial = tuple(input_shape[1:]) if input_shape is not None else ()
-    signature = net.check(Signature(spatial=spatial))
+    features = input_shape[0] if input_shape is not None else in_features
+    signature = net.check(Signature(spatial=spatial, features=features))
     if isinstance(signature, tuple):
         raise ArchitectureError(
             f"the network ends with {len(signature)} parallel branches; combine them with FanInSum(), "
@@ -246,7 +254,7 @@ class Layer(gpytorch.Module):
             if in_features is not None and in_features != math.prod(input_shape):
                 raise ValueError(f"in_features={in_features} does not match input_shape {input_shape}")
             shape = input_shape
-        check_network(self, input_shape)
+        check_network(self, input_shape, in_features)
         module, _ = self.build_finite(shape, width, out_features, True, generator)
         if input_shape is not None and len(input_shape) >= 2:
             module = nn.Sequential(RowsToTensors(input_shape), module)

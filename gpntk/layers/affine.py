@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .._validation import parameterization_arguments, real_argument
 from ..core.hyperparameters import Hyperparameters
-from ..core.layer import Layer
+from ..core.layer import Layer, Signature
 from ..core.state import KernelState
 from ..errors import ArchitectureError
 
@@ -261,6 +261,14 @@ class Affine(Layer):
             return cov_out
         own = (self.in_width * taps) * cov_in
         return own + 1.0 if self.has_bias else own
+
+    def check_in_width(self, signature: Signature) -> None:
+        """Refuse a standard layer applied to the network's inputs whose ``in_width`` is not their number."""
+        if self.in_width is not None and signature.features is not None and signature.features != self.in_width:
+            raise ArchitectureError(
+                f"{self!r} gets {signature.features} input features (channels) from {signature.last}, but its "
+                f"in_width is {self.in_width}: a standard-parameterized layer's in_width is its number of inputs"
+            )
 
     def finite_fan_in(self, features: int | None) -> int | None:
         """The number of input features of the finite module: ``features``, checked against ``in_width``.

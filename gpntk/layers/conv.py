@@ -146,6 +146,7 @@ class Conv(Affine):
 
     def check(self, signature: Signature) -> Signature:
         spatial_input(self.name, signature)
+        self.check_in_width(signature)
         spatial = None
         if signature.spatial is not None:
             spatial = output_spatial(self.windows(signature.spatial), signature.spatial)

@@ -56,6 +56,7 @@ class Dense(Affine):
     standard_parameterization = True
 
     def check(self, signature: Signature) -> Signature:
+        self.check_in_width(signature)
         return signature.after(self, gaussian=True, channels="hidden", independent=True)
 
     def kernel_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:

@@ -24,8 +24,8 @@ def check_architecture(net: object, train_x: Tensor, input_shape: Sequence[int] 
     if not isinstance(net, Layer):
         raise TypeError(f"TrainedEnsemble needs an architecture built from gpntk.layers, got {type(net).__name__}")
     shape = check_input_shape(input_shape)
-    check_network(net, shape)
     check_inputs("train_x", train_x, batched=False)
+    check_network(net, shape, in_features=train_x.shape[-1])
     if shape is not None and train_x.shape[-1] != math.prod(shape):
         raise ValueError(
             f"input_shape {shape} needs {math.prod(shape)} features per row, got {train_x.shape[-1]}"

@@ -207,7 +207,7 @@ def test_finite_modules_and_their_distribution():
 def test_finite_refuses_a_width_other_than_in_width():
     with pytest.raises(ArchitectureError, match=r"gets 16 input features .* in_width=8 .* net.finite\(8\)"):
         sp_mlp(8).finite(16, in_features=4)
-    with pytest.raises(ArchitectureError, match=r"gets 5 input features .* in_width=4"):
+    with pytest.raises(ArchitectureError, match=r"gets 5 input features \(channels\) from the input, .* in_width is 4"):
         sp_mlp(8).finite(8, in_features=5)  # the first layer's in_width is the input dimension
     with pytest.raises(ArchitectureError, match=r"Conv\(.*in_width=2\) gets 3 input features"):
         sp_cnn(5).finite(5, input_shape=(3, 6))
@@ -286,3 +286,30 @@ def test_subclasses_must_declare_standard_support():
     with pytest.raises(ArchitectureError, match=r"Unshared supports parameterization='ntk' only"):
         Unshared(3, in_width=2, **SP)
     assert Unshared(3).in_width is None
+
+
+def test_a_first_layer_in_width_must_be_the_number_of_inputs():
+    """The kernel of a first layer with another in_width belongs to no network: refused where the inputs are known."""
+    kernel = gpntk.NTKKernel(sp_mlp(8))  # vector inputs: their number is known at the call
+    with pytest.raises(ArchitectureError, match=r"Dense\(.*in_width=4\) gets 5 input features .* from the input"):
+        kernel(torch.randn(3, 5)).to_dense()
+    with pytest.raises(ArchitectureError, match=r"gets 5 input features"):
+        kernel(torch.randn(3, 5), diag=True)
+    with pytest.raises(ArchitectureError, match=r"gets 5 input features"):
+        gpntk.NeuralKernelSum(sp_mlp(8))(torch.randn(3, 5)).to_dense()
+    assert kernel(torch.randn(3, 4)).shape == (3, 3)
+    with pytest.raises(ArchitectureError, match=r"Conv\(.*in_width=2\) gets 3 input features"):
+        gpntk.NNGPKernel(sp_cnn(5), input_shape=(3, 6))  # spatial: C is known when the kernel is built
+    with pytest.raises(ArchitectureError, match=r"gets 5 input features"):
+        gpntk.TrainedEnsemble(sp_mlp(8), torch.randn(4, 5), torch.randn(4))
+    # after a layer that changes the number of features the check stops: Flatten of the inputs
+    flat = L.serial(L.Flatten(), L.Dense(2.0, 0.1, in_width=12, **SP), L.ReLU(), L.Dense(in_width=5, **SP))
+    x = inputs(3, CNN_SHAPE)
+    assert gpntk.NTKKernel(flat, input_shape=CNN_SHAPE)(x).to_dense().shape == (3, 3)
+    # a 1x1 standard Dense on spatial inputs: in_width = C
+    spatial_dense = L.serial(
+        L.Dense(2.0, 0.1, in_width=2, **SP), L.ReLU(), L.GlobalAvgPool(), L.Dense(in_width=5, **SP)
+    )
+    assert gpntk.NTKKernel(spatial_dense, input_shape=CNN_SHAPE)(x).to_dense().shape == (3, 3)
+    with pytest.raises(ArchitectureError, match=r"Dense\(.*in_width=6\) gets 2 input features"):
+        L.serial(L.Dense(in_width=6, **SP), L.ReLU(), L.Flatten(), L.Dense()).finite(4, input_shape=CNN_SHAPE)
