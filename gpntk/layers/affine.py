@@ -88,7 +88,7 @@ class Affine(Layer):
         bias_variance_constraint: Interval | None = None,
     ):
         super().__init__()
-        self.parameterization, self.in_width = parameterization_arguments(
+        self._parameterization, self._in_width = parameterization_arguments(
             type(self).__name__, parameterization, in_width, error=ArchitectureError
         )
         if self.in_width is not None and not type(self).__dict__.get("standard_parameterization", False):
@@ -108,6 +108,16 @@ class Affine(Layer):
             self._register_variance("bias_variance", bias_variance, bias_variance_prior, bias_variance_constraint)
         elif bias_variance_prior is not None:
             raise ArchitectureError("bias_variance_prior was given but bias_variance is 0 (a layer without bias)")
+
+    @property
+    def parameterization(self) -> str:
+        """``"ntk"`` or ``"standard"`` (fixed at construction)."""
+        return self._parameterization
+
+    @property
+    def in_width(self) -> int | None:
+        """The number of inputs of a standard-parameterized layer (``None`` in NTK parameterization); fixed."""
+        return self._in_width
 
     def _register_variance(self, name: str, value: float, prior: Prior | None, constraint: Interval | None) -> None:
         raw = f"raw_{name}"

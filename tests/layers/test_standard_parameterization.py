@@ -313,3 +313,11 @@ def test_a_first_layer_in_width_must_be_the_number_of_inputs():
     assert gpntk.NTKKernel(spatial_dense, input_shape=CNN_SHAPE)(x).to_dense().shape == (3, 3)
     with pytest.raises(ArchitectureError, match=r"Dense\(.*in_width=6\) gets 2 input features"):
         L.serial(L.Dense(in_width=6, **SP), L.ReLU(), L.Flatten(), L.Dense()).finite(4, input_shape=CNN_SHAPE)
+
+
+def test_parameterization_and_in_width_are_fixed():
+    layer = L.Dense(in_width=3, **SP)
+    assert (layer.parameterization, layer.in_width) == ("standard", 3)
+    assert (L.Dense().parameterization, L.Dense().in_width) == ("ntk", None)
+    with pytest.raises(AttributeError):
+        layer.in_width = 5
