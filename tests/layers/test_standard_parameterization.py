@@ -3,8 +3,8 @@
 The Neural Tangents cases ``a2_sp_*`` are in ``tests/test_reference.py``; here: the maps by hand on
 a linear network, the NNGP unchanged, frozen layers, ``diag=True``, float32, batch shapes,
 hyperparameter gradients (gradcheck), the blockwise backend, the finite modules (their
-distribution, the width checks, the structured empirical NTK against the Jacobian one), the KeOps
-backend's refusal and the trained ensemble.
+distribution, the width checks, the structured empirical NTK against the Jacobian one), which
+networks the KeOps backend takes, and the trained ensemble.
 """
 
 from __future__ import annotations
@@ -245,10 +245,11 @@ def test_structured_empirical_ntk_matches_the_jacobian(name, out_features):
 
 
 # --- backends and the posterior ------------------------------------------------------------------
-def test_keops_backend_refuses_standard_layers():
-    reason = keops_supported(sp_mlp(8))
-    assert reason is not None and "Dense(" in reason and "parameterization='standard'" in reason
-    assert keops_supported(L.serial(L.Dense(), L.ReLU(), L.Dense())) is None
+def test_keops_backend_takes_standard_dense_layers_only_on_vectors():
+    """Its values and gradients are checked against dense in tests/contrib/test_keops_standard.py (slow)."""
+    assert keops_supported(sp_mlp(8)) is None
+    reason = keops_supported(sp_cnn(5), input_shape=CNN_SHAPE)
+    assert reason is not None and "spatial inputs" in reason
 
 
 def test_trained_ensemble_follows_the_standard_kernels():
