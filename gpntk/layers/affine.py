@@ -7,7 +7,8 @@ computes :math:`h = W x + b` with trained :math:`W_{ij} \sim \mathcal N(0, \sigm
 ``Dense``). Its NNGP map is that of the NTK parameterization, but the gradient with respect to
 :math:`W` is the layer's input itself, so the tangent kernel grows with the width
 (Sohl-Dickstein, Novak, Schoenholz & Lee 2020, *On the infinite width limit of neural networks with
-a standard parameterization*, arXiv:2001.07301; Park et al. 2019):
+a standard parameterization*, arXiv:2001.07301; Park, Smith, Sohl-Dickstein & Le 2019, *The effect of
+network width on stochastic gradient descent and generalization*, ICML):
 
 .. math::
     \Theta \leftarrow n k\, \mathcal W(\Sigma) + \sigma_w^2\, \mathcal W(\Theta) + \beta,
