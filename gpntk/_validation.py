@@ -31,7 +31,7 @@ __all__ = [
     "check_inputs", "check_kernel_inputs", "check_nonnegative", "choice_argument", "expanded_batch_shape",
     "integer_argument", "real_argument", "SUPPORTED_DTYPES",
     "is_real_number", "is_integer", "positive_number", "non_negative_number", "positive_integer",
-    "number_in_unit_interval", "training_times",
+    "number_in_unit_interval", "training_times", "PARAMETERIZATIONS", "parameterization_arguments",
 ]
 
 #: the floating-point dtypes gpntk computes in
@@ -315,3 +315,32 @@ def probability_argument(name: str, value: object, *, error: type[Exception] = V
     if result >= 1.0:
         raise error(f"{name} must be in [0, 1) (the probability of dropping a unit), got {result}")
     return result
+
+
+#: the parameterizations of affine layers (``Dense``, ``Conv``)
+PARAMETERIZATIONS = ("ntk", "standard")
+
+
+def parameterization_arguments(
+    layer: str, parameterization: object, in_width: object, *, error: type[Exception] = ValueError
+) -> tuple[str, int | None]:
+    """``(parameterization, in_width)`` of an affine layer named ``layer``, checked together.
+
+    ``"standard"`` needs ``in_width`` (the layer's number of input features or channels, a
+    positive integer); ``"ntk"`` refuses it (its kernel does not depend on the widths).
+    """
+    if parameterization not in PARAMETERIZATIONS:
+        raise error(f"{layer} parameterization must be 'ntk' or 'standard', got {parameterization!r}")
+    if parameterization == "ntk":
+        if in_width is not None:
+            raise error(
+                f"{layer} got in_width={in_width!r} with parameterization='ntk', whose kernel does not depend on "
+                "the widths; in_width belongs to parameterization='standard'"
+            )
+        return "ntk", None
+    if in_width is None:
+        raise error(
+            f"{layer} with parameterization='standard' needs in_width, its number of input features (channels "
+            "for a convolution): the standard-parameterization NTK grows with the widths"
+        )
+    return "standard", integer_argument("in_width", in_width, minimum=1, error=error)

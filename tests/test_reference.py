@@ -31,6 +31,7 @@ KERNEL_CASES += ["a2_convlocal1d", "a2_convtranspose1d_same", "a2_convtranspose2
 A2_POOL_CASES = case_names("a2_sumpool") + case_names("a2_dropout")
 KERNEL_CASES += A2_POOL_CASES
 KERNEL_CASES += case_names("a2_attn")  # GlobalSelfAttention (softmax, relu/abs with bias, identity linear/sqrt)
+KERNEL_CASES += case_names("a2_sp_")  # standard parameterization (Dense, Conv), issue 16
 CASES = KERNEL_CASES
 
 #: layers whose duals are Gauss–Hermite quadratures (in gpntk and in the oracle)

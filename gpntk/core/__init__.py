@@ -9,5 +9,6 @@
   :func:`check_network`);
 * :mod:`~gpntk.core.hyperparameters`: the read-only :class:`Hyperparameters` snapshot a kernel
   evaluation reads;
-* :mod:`~gpntk.core.finite`: the torch modules of finite networks in NTK parameterization.
+* :mod:`~gpntk.core.finite`: the torch modules of finite networks in NTK parameterization;
+* :mod:`~gpntk.core.standard`: the finite affine modules in standard parameterization.
 """

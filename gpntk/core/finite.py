@@ -200,7 +200,7 @@ class NTKConv(nn.Module):
         super().__init__()
         self.windows = tuple(windows)
         fan_in = in_channels * math.prod(w.size for w in self.windows)
-        self.linear = NTKLinear(fan_in, out_channels, weight_std, bias_std, trainable, generator)
+        self.linear: nn.Module = NTKLinear(fan_in, out_channels, weight_std, bias_std, trainable, generator)
 
     def forward(self, x: Tensor) -> Tensor:
         m = len(self.windows)

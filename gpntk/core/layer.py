@@ -62,6 +62,11 @@ class Signature:
     A layer that changes ``independent`` (``True``: its own affine weights, a fresh function
     for every enclosing ``FanOut``; ``False``: a nonlinearity) sets every outer entry alike,
     unless it gives ``outer_independent`` itself.
+
+    ``features``: the number of input features (channels)
+    the outputs have, where known: the network's own inputs' (``d``, or ``C`` for spatial inputs,
+    when the kernel or network knows it), so that a first layer in standard parameterization
+    can check its ``in_width``; ``None`` (unknown) after any layer that does not pass it on.
     """
 
     gaussian: bool | None = False
@@ -70,12 +75,13 @@ class Signature:
     channels: str | None = "input"
     independent: bool | None = False
     outer_independent: tuple[bool, ...] = ()
+    features: int | None = None
 
     def after(self, layer: "Layer", **changes: Any) -> "Signature":
-        """This signature handed on by ``layer``, with ``changes``."""
+        """This signature handed on by ``layer``, with ``changes`` (``features`` unknown unless given)."""
         if "independent" in changes and "outer_independent" not in changes:
             changes["outer_independent"] = (changes["independent"] is True,) * len(self.outer_independent)
-        return replace(self, last=layer.name, **changes)
+        return replace(self, last=layer.name, **{"features": None, **changes})
 
 
 #: what flows between layers at build time: one signature, or one per branch after FanOut
@@ -88,14 +94,18 @@ Shapes = Union[Shape, list[Shape]]
 UNKNOWN = Signature(gaussian=None, last="the start of this block", spatial=None, channels=None, independent=None)
 
 
-def check_network(net: "Layer", input_shape: Sequence[int] | None = None) -> Signature:
+def check_network(
+    net: "Layer", input_shape: Sequence[int] | None = None, in_features: int | None = None
+) -> Signature:
     """Check ``net`` from its input: with ``input_shape`` ``(C, *spatial)`` for spatial inputs.
 
-    The network must end with one non-spatial output (flattened or pooled), so that its kernel
-    is one number per pair of inputs.
+    ``in_features``: the number of features of vector inputs, where known (``input_shape``
+    gives ``C`` for spatial ones). The network must end with one non-spatial output (flattened
+    or pooled), so that its kernel is one number per pair of inputs.
     """
     spatial = tuple(input_shape[1:]) if input_shape is not None else ()
-    signature = net.check(Signature(spatial=spatial))
+    features = input_shape[0] if input_shape is not None else in_features
+    signature = net.check(Signature(spatial=spatial, features=features))
     if isinstance(signature, tuple):
         raise ArchitectureError(
             f"the network ends with {len(signature)} parallel branches; combine them with FanInSum(), "
@@ -233,7 +243,9 @@ class Layer(gpytorch.Module):
         """The finite-width network of this architecture in NTK parameterization.
 
         Every hidden affine layer has ``width`` output channels and the readout has
-        ``out_features``. Each affine layer computes
+        ``out_features``. Layers built with ``parameterization="standard"`` get standard-parameterized
+        modules (:mod:`gpntk.core.standard`) and refuse a number of inputs other than their
+        ``in_width``. Each affine layer in NTK parameterization computes
         :math:`h = \\sigma_w / \\sqrt{n_{in}}\\, W x + \\sigma_b\\, b` with
         :math:`W, b \\sim \\mathcal N(0, 1)` drawn from ``generator`` (:math:`n_{in}` is the
         fan-in: input channels times window size for a convolution), and takes the current
@@ -256,7 +268,7 @@ class Layer(gpytorch.Module):
             if in_features is not None and in_features != math.prod(input_shape):
                 raise ValueError(f"in_features={in_features} does not match input_shape {input_shape}")
             shape = input_shape
-        check_network(self, input_shape)
+        check_network(self, input_shape, in_features)
         module, _ = self.build_finite(shape, width, out_features, True, generator)
         if input_shape is not None and len(input_shape) >= 2:
             module = nn.Sequential(RowsToTensors(input_shape), module)

@@ -137,6 +137,8 @@ class InfiniteWidthKernel(Kernel):
         if last_dim_is_batch:
             raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
         check_kernel_inputs(x1, x2, diag=diag, input_shape=self.input_shape)
+        if self.input_shape is None:  # the features of vector inputs are known now (standard layers' in_width)
+            check_network(self.net, in_features=x1.shape[-1])
         hyper = Hyperparameters.collect(self.net, like=x1)
         self._check_batch_shapes(x1, x2, hyper)
         return hyper

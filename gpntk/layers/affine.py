@@ -1,5 +1,22 @@
 r"""What affine layers (``Dense``, ``Conv``) share: the hyperparameters :math:`\sigma_w^2, \sigma_b^2`
-and the affine step of the kernel recursion in NTK parameterization.
+and the affine step of the kernel recursion, in NTK or standard parameterization.
+
+**Standard parameterization** (``parameterization="standard"``, ``in_width=n``): the layer
+computes :math:`h = W x + b` with trained :math:`W_{ij} \sim \mathcal N(0, \sigma_w^2/n_{fan})`,
+:math:`b_i \sim \mathcal N(0, \sigma_b^2)`, :math:`n_{fan} = n k` (``k`` filter taps, 1 for
+``Dense``). Its NNGP map is that of the NTK parameterization, but the gradient with respect to
+:math:`W` is the layer's input itself, so the tangent kernel grows with the width
+(Sohl-Dickstein, Novak, Schoenholz & Lee 2020, *On the infinite width limit of neural networks with
+a standard parameterization*, arXiv:2001.07301; Park, Smith, Sohl-Dickstein & Le 2019, *The effect of
+network width on stochastic gradient descent and generalization*, ICML):
+
+.. math::
+    \Theta \leftarrow n k\, \mathcal W(\Sigma) + \sigma_w^2\, \mathcal W(\Theta) + \beta,
+
+:math:`\mathcal W` the convolution's average over its taps (identity for ``Dense``),
+:math:`\Sigma` the covariance of the layer's inputs, :math:`\beta = 1` with a bias and 0
+without. The kernel is that of the finite network whose layer has exactly ``n`` inputs, so
+``net.finite(width)`` refuses a width that differs from the next layer's ``in_width``.
 """
 
 from __future__ import annotations
@@ -13,9 +30,9 @@ from gpytorch.constraints import Interval, Positive
 from gpytorch.priors import Prior
 from torch import Tensor
 
-from .._validation import real_argument
+from .._validation import parameterization_arguments, real_argument
 from ..core.hyperparameters import Hyperparameters
-from ..core.layer import Layer
+from ..core.layer import Layer, Signature
 from ..core.state import KernelState
 from ..errors import ArchitectureError
 
@@ -42,16 +59,21 @@ def _set_variance(module: "Affine", value: float | Tensor, name: str) -> None:
 
 
 class Affine(Layer):
-    r"""Base class of affine layers in NTK parameterization (:class:`Dense`, :class:`Conv`).
+    r"""Base class of affine layers in NTK or standard parameterization (:class:`Dense`, :class:`Conv`).
 
     Owns the hyperparameters :math:`\sigma_w^2` (``weight_variance``) and :math:`\sigma_b^2`
     (``bias_variance``, 0 for a layer without bias), stored GPyTorch-style as raw parameters of
     shape ``(*batch_shape, 1, 1)`` under a constraint (default
     :class:`~gpytorch.constraints.Positive`), with optional priors; and the affine step of the
     recursion, :meth:`affine_map`. ``trainable=False`` freezes the layer (no NTK term).
+    ``parameterization="standard"`` with ``in_width`` (see the module docstring) changes the NTK
+    term of the layer's own parameters.
     """
 
     is_affine = True
+    #: whether this class (itself, not a subclass) maps and builds the standard parameterization:
+    #: a subclass whose fan-in differs (other taps, unshared weights) must declare it itself
+    standard_parameterization: bool = False
 
     def __init__(
         self,
@@ -60,15 +82,19 @@ class Affine(Layer):
         trainable: bool = True,
         *,
         parameterization: str = "ntk",
+        in_width: int | None = None,
         weight_variance_prior: Prior | None = None,
         bias_variance_prior: Prior | None = None,
         weight_variance_constraint: Interval | None = None,
         bias_variance_constraint: Interval | None = None,
     ):
         super().__init__()
-        if parameterization != "ntk":
+        self._parameterization, self._in_width = parameterization_arguments(
+            type(self).__name__, parameterization, in_width, error=ArchitectureError
+        )
+        if self.in_width is not None and not type(self).__dict__.get("standard_parameterization", False):
             raise ArchitectureError(
-                f"{type(self).__name__} supports parameterization='ntk' only, got {parameterization!r}"
+                f"{type(self).__name__} supports parameterization='ntk' only (standard parameterization: Dense, Conv)"
             )
         weight_variance = _check_variance("weight_variance", weight_variance, allow_zero=False)
         bias_variance = _check_variance("bias_variance", bias_variance, allow_zero=True)
@@ -83,6 +109,16 @@ class Affine(Layer):
             self._register_variance("bias_variance", bias_variance, bias_variance_prior, bias_variance_constraint)
         elif bias_variance_prior is not None:
             raise ArchitectureError("bias_variance_prior was given but bias_variance is 0 (a layer without bias)")
+
+    @property
+    def parameterization(self) -> str:
+        """``"ntk"`` or ``"standard"`` (fixed at construction)."""
+        return self._parameterization
+
+    @property
+    def in_width(self) -> int | None:
+        """The number of inputs of a standard-parameterized layer (``None`` in NTK parameterization); fixed."""
+        return self._in_width
 
     def _register_variance(self, name: str, value: float, prior: Prior | None, constraint: Interval | None) -> None:
         raw = f"raw_{name}"
@@ -203,9 +239,11 @@ class Affine(Layer):
             self._reshape_raw(name, lambda t: t[index])
 
     # --- the affine step shared by Dense and Conv ----------------------------------------------
-    def affine_map(self, state: KernelState, hyper: Hyperparameters) -> KernelState:
+    def affine_map(self, state: KernelState, hyper: Hyperparameters, taps: int = 1) -> KernelState:
         r""":math:`\Sigma \leftarrow \sigma_w^2 \Sigma + \sigma_b^2`,
-        :math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma` (trainable)."""
+        :math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma_{\text{new}}` (trainable, NTK
+        parameterization) or :math:`+\, n k\, \Sigma + \beta` (standard parameterization, ``taps``
+        = :math:`k`, the state already averaged over the taps)."""
         layout = state.layout
         weight_variance = layout.scalar_shape(hyper.get(self, "weight_variance"))
         if self.has_bias:
@@ -222,10 +260,44 @@ class Affine(Layer):
         if state.track_ntk:
             scaled = None if ntk12 is None else weight_variance * ntk12
             if self.trainable:
-                ntk12 = cov12 if scaled is None else scaled + cov12
+                own = self._own_tangent(state.cov12, cov12, taps)
+                ntk12 = own if scaled is None else scaled + own
             else:
                 ntk12 = scaled
         return state.replace(cov12=cov12, var1=var1, var2=var2, ntk12=ntk12)
+
+    def _own_tangent(self, cov_in: Tensor, cov_out: Tensor, taps: int) -> Tensor:
+        """The layer's own parameters' NTK term: the new Σ (NTK), or ``n k Σ_in + β`` (standard)."""
+        if self.in_width is None:
+            return cov_out
+        own = (self.in_width * taps) * cov_in
+        return own + 1.0 if self.has_bias else own
+
+    def check_in_width(self, signature: Signature) -> None:
+        """Refuse a standard layer applied to the network's inputs whose ``in_width`` is not their number."""
+        if self.in_width is not None and signature.features is not None and signature.features != self.in_width:
+            raise ArchitectureError(
+                f"{self!r} gets {signature.features} input features (channels) from {signature.last}, but its "
+                f"in_width is {self.in_width}: a standard-parameterized layer's in_width is its number of inputs"
+            )
+
+    def finite_fan_in(self, features: int | None) -> int | None:
+        """The number of input features of the finite module: ``features``, checked against ``in_width``.
+
+        ``features`` is what the finite network feeds the layer (``None``: not known yet). A
+        standard layer's kernel is that of a network whose layer gets exactly ``in_width``, so any
+        other number is refused.
+        """
+        if self.in_width is None:
+            return features
+        if features is not None and features != self.in_width:
+            raise ArchitectureError(
+                f"{self!r} gets {features} input features (channels) in the finite network, but its kernel in "
+                f"standard parameterization is that of a layer with in_width={self.in_width} inputs: the finite "
+                "network converges to the kernel only when each hidden width equals the next layer's in_width "
+                f"(use net.finite({self.in_width}) or build the layer with in_width={features})"
+            )
+        return self.in_width
 
     def finite_stds(self) -> tuple[float, float]:
         """``(σw, σb)`` as floats for the finite-width module (the exact values when untouched)."""
@@ -245,4 +317,6 @@ class Affine(Layer):
         args = f"weight_variance={fmt(self.weight_variance)}, bias_variance={fmt(self.bias_variance)}"
         if not self.trainable:
             args += ", trainable=False"
+        if self.in_width is not None:
+            args += f", parameterization={self.parameterization!r}, in_width={self.in_width}"
         return args

@@ -1,7 +1,8 @@
-r"""Convolutions (1-D and 2-D, channels first) in NTK parameterization."""
+r"""Convolutions (1-D and 2-D, channels first) in NTK or standard parameterization."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, cast, overload
 
 import torch
@@ -12,6 +13,7 @@ from ..core.finite import NTKConv
 from ..core.hyperparameters import Hyperparameters
 from ..core.layer import Shape, Signature
 from ..core.spatial import PADDINGS, Layout, Padding, Window, convolve, window_geometry
+from ..core.standard import StandardConv
 from ..core.state import KernelState
 from ..errors import ArchitectureError
 from .affine import Affine
@@ -94,7 +96,7 @@ def spatial_input(layer: str, signature: Signature) -> None:
 
 
 class Conv(Affine):
-    r"""Convolution over 1-D or 2-D inputs (channels first), in NTK parameterization.
+    r"""Convolution over 1-D or 2-D inputs (channels first), in NTK (default) or standard parameterization.
 
     The dimension follows the inputs: ``input_shape=(C, W)`` gives a 1-D, ``(C, H, W)`` a 2-D
     convolution. Each output position :math:`p` sees the window :math:`w` of positions
@@ -121,7 +123,10 @@ class Conv(Affine):
     :param bias_variance: :math:`\sigma_b^2 \ge 0`, as for :class:`~gpntk.layers.Dense`.
     :param trainable: whether the layer is trained, as for :class:`~gpntk.layers.Dense`.
     :param kwargs: the keyword-only options of :class:`~gpntk.layers.Dense` (parameterization,
-        priors and constraints).
+        priors and constraints). With ``parameterization="standard"``, ``in_width`` is the number
+        of input channels ``C``, the fan-in is ``C·k`` (``k`` taps) and the NTK map is
+        :math:`\Theta' = C k\, \mathcal W(\Sigma) + \sigma_w^2\, \mathcal W(\Theta) + \beta`,
+        :math:`\mathcal W` the window average above (see :mod:`gpntk.layers.affine`).
     """
 
     def __init__(
@@ -139,11 +144,14 @@ class Conv(Affine):
         self.stride = spatial_sizes("stride", stride)
         self.padding = check_padding(padding)
 
+    standard_parameterization = True
+
     def windows(self, spatial: tuple[int, ...]) -> tuple[Window, ...]:
         return windows_for(self.name, spatial, self.kernel_size, self.stride, self.padding)
 
     def check(self, signature: Signature) -> Signature:
         spatial_input(self.name, signature)
+        self.check_in_width(signature)
         spatial = None
         if signature.spatial is not None:
             spatial = output_spatial(self.windows(signature.spatial), signature.spatial)
@@ -154,7 +162,7 @@ class Conv(Affine):
         windows = self.windows(layout.spatial)
         out = Layout(output_spatial(windows, layout.spatial), layout.full)
         state = state.map_linear(lambda t: convolve(t, layout, windows), out)
-        return self.affine_map(state, hyper)
+        return self.affine_map(state, hyper, taps=math.prod(w.size for w in windows))
 
     def build_finite(
         self,
@@ -169,7 +177,9 @@ class Conv(Affine):
         windows = self.windows(spatial)
         weight_std, bias_std = self.finite_stds()
         features = out_features if is_output else width
-        module = NTKConv(channels, features, windows, weight_std, bias_std, self.trainable, generator)
+        self.finite_fan_in(channels)
+        convolution = StandardConv if self.in_width is not None else NTKConv
+        module = convolution(channels, features, windows, weight_std, bias_std, self.trainable, generator)
         return module, (features, *output_spatial(windows, spatial))
 
     def __repr__(self) -> str:

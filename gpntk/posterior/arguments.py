@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .._validation import check_input_shape, check_inputs, number_in_unit_interval, positive_integer
 from ..core.layer import Layer, check_network
+from ..layers.affine import Affine
 from .solver import REGIMES, SOLVERS, Regime
 
 __all__ = ["check_architecture", "check_targets", "check_regime", "check_test_inputs", "check_solver_options"]
@@ -23,8 +24,8 @@ def check_architecture(net: object, train_x: Tensor, input_shape: Sequence[int] 
     if not isinstance(net, Layer):
         raise TypeError(f"TrainedEnsemble needs an architecture built from gpntk.layers, got {type(net).__name__}")
     shape = check_input_shape(input_shape)
-    check_network(net, shape)
     check_inputs("train_x", train_x, batched=False)
+    check_network(net, shape, in_features=train_x.shape[-1])
     if shape is not None and train_x.shape[-1] != math.prod(shape):
         raise ValueError(
             f"input_shape {shape} needs {math.prod(shape)} features per row, got {train_x.shape[-1]}"
@@ -66,10 +67,24 @@ def check_solver_options(
     return tolerance, max_iterations
 
 
-def check_regime(regime: str) -> Regime:
-    """``regime`` one of :data:`~gpntk.posterior.REGIMES`."""
+def check_regime(regime: str, net: Layer | None = None) -> Regime:
+    """``regime`` one of :data:`~gpntk.posterior.REGIMES`, and one that ``net`` has.
+
+    ``"nngp"`` stands for training only the readout, whose tangent kernel is the NNGP only in NTK
+    parameterization: with standard-parameterized layers (``parameterization="standard"``) it is
+    refused rather than answered with the dynamics of another network.
+    """
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
+    if regime == "nngp" and net is not None:
+        standard = [layer for layer in net.modules() if isinstance(layer, Affine) and layer.in_width is not None]
+        if standard:
+            raise ValueError(
+                f"regime='nngp' (only the readout trained, G = P = the NNGP) assumes NTK parameterization, but "
+                f"{standard[0]!r} is in standard parameterization, where training the readout alone has another "
+                "tangent kernel. The NNGP does not depend on the parameterization: build the same network with "
+                "parameterization='ntk' for regime='nngp', or use regime='ntk' / 'ntkgp' here"
+            )
     return cast(Regime, regime)
 
 

@@ -20,7 +20,8 @@ every time (Lee et al. 2019, eqs. 15–16):
 Regimes:
 
 * ``"ntk"``: every layer trained, :math:`G = \Theta`, :math:`P = \Sigma` (the NNGP);
-* ``"nngp"``: only the readout trained, :math:`G = P = \Sigma`;
+* ``"nngp"``: only the readout trained, :math:`G = P = \Sigma` (NTK parameterization only: refused
+  for networks with standard-parameterized layers, whose readout has another tangent kernel);
 * ``"ntkgp"``: the NTK-GP of He, Lakshminarayanan & Teh (2020), ensembles trained with an added
   random function, :math:`G = P = \Theta`; at :math:`t = \infty` it is the exact GP posterior with
   the NTK as prior covariance.
@@ -285,7 +286,7 @@ class TrainedEnsemble:
         self, test_x: Tensor, t: float | Tensor, regime: str, covariance: Covariance
     ) -> tuple[Tensor, Tensor | None]:
         """Checks, then the solver's ``(mean (T, m, k), cov)``, shaped as the arguments ask."""
-        regime = check_regime(regime)
+        regime = check_regime(regime, self._snapshot.net)
         times, batched = training_times(t)
         check_test_inputs(test_x, self.train_x.shape[-1])
         test_x = test_x.to(self.train_x)
@@ -354,7 +355,7 @@ class TrainedEnsemble:
         :math:`\sqrt{2(1 - \rho^2)/\text{probes}}\,\lVert\Sigma_t\rVert_F / \operatorname{tr}\Sigma_t`
         (:math:`\rho`: the correlation of the two quadratic forms over probes).
         """
-        regime = check_regime(regime)
+        regime = check_regime(regime, self._snapshot.net)
         times, batched = training_times(t)
         losses = self._solver.train_loss(times, regime, include_variance)
         return losses if batched else losses[0]
@@ -366,7 +367,7 @@ class TrainedEnsemble:
         network multiplies the residual by :math:`I - \eta G/(nk)` per step, which converges iff
         :math:`\eta < 2nk/\lambda_{\max}`.
         """
-        regime = check_regime(regime)
+        regime = check_regime(regime, self._snapshot.net)
         return 2 * self.num_train * self.num_outputs / self._solver.largest_eigenvalue(regime)
 
     def __repr__(self) -> str:

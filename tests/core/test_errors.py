@@ -151,7 +151,12 @@ def test_last_dim_is_batch_is_refused(kernel):
         (dict(bias_variance=-0.1), r"bias_variance is a variance and must be non-negative, got -0\.1"),
         (dict(bias_variance=math.nan), r"bias_variance must be finite, got nan"),
         (dict(trainable="yes"), r"trainable must be True or False"),
-        (dict(parameterization="standard"), r"parameterization='ntk' only, got 'standard'"),
+        (dict(parameterization="standard"), r"Dense with parameterization='standard' needs in_width"),
+        (dict(parameterization="mup", in_width=3), r"Dense parameterization must be 'ntk' or 'standard', got 'mup'"),
+        (dict(in_width=3), r"Dense got in_width=3 with parameterization='ntk'"),
+        (dict(parameterization="standard", in_width=0), r"in_width must be a positive integer, got 0"),
+        (dict(parameterization="standard", in_width=2.0), r"in_width must be a positive integer, got 2\.0"),
+        (dict(parameterization="standard", in_width=True), r"in_width must be a positive integer"),
     ],
 )
 def test_dense_rejects_invalid_hyperparameters(kwargs, message):

@@ -16,7 +16,9 @@ activations whose dual kernels have closed forms,
 
 **The recursion.** With :math:`\Sigma_0(x, x') = x \cdot x'/d` and :math:`\Theta_0 = 0`, a
 ``Dense`` layer maps :math:`\Sigma \leftarrow \sigma_w^2 \Sigma + \sigma_b^2`,
-:math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma` (the last term only for a trainable layer),
+:math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma` (the last term only for a trainable layer;
+in standard parameterization it is :math:`n \Sigma_{\text{in}} + \beta`, ``in_width`` :math:`n`
+an integer literal of the formula),
 and an activation maps :math:`\Sigma \leftarrow k(\Sigma)`,
 :math:`\Theta \leftarrow \dot k(\Sigma)\, \Theta` with the dual kernels :math:`k, \dot k` of
 :mod:`gpntk.activations`. The per-point variances :math:`q_l(x) = \Sigma_l(x, x)` of every layer

@@ -37,10 +37,10 @@ def keops_supported(net: Layer, input_shape: Sequence[int] | None = None) -> str
     """``None`` if the KeOps backend can evaluate ``net``, else a sentence saying why not (naming the layer).
 
     Supported: vector inputs (``input_shape`` ``None`` or ``(d,)``) and serial chains of ``Dense``
-    layers, ``Identity`` and the activations listed in :mod:`gpntk.contrib.keops`. Everything
-    else (convolutions, pooling, branches, ``LayerNorm``, activations evaluated by quadrature or
-    without a closed form here) has no KeOps formula; the dense and blockwise backends evaluate
-    those.
+    layers (NTK or standard parameterization), ``Identity`` and the activations listed in
+    :mod:`gpntk.contrib.keops`. Everything else (convolutions, pooling, branches, ``LayerNorm``,
+    activations evaluated by quadrature or without a closed form here) has no KeOps formula; the
+    dense and blockwise backends evaluate those.
     """
     if input_shape is not None and len(input_shape) >= 2:
         return (
@@ -74,7 +74,8 @@ _GLOBAL_CONSTANTS = ("inv_d", "pi", "eps", "tiny")
 class _Structure:
     """What a formula depends on: the layer sequence (no values), the output, the sizes."""
 
-    #: ("dense", w_index, b_index | None, trainable) | ("act", kind, first_feature, first_constant)
+    #: ("dense", w_index, b_index | None, trainable, in_width | None) | ("act", kind, first_feature, first_constant)
+    #: (``in_width``: of a standard-parameterized Dense, an exact integer literal of the formula)
     layers: tuple[tuple[Any, ...], ...]
     output: str
     features: int  # m: per-point features
@@ -111,7 +112,8 @@ def _plan(net: Layer, hyper_keys: Sequence[str], output: str) -> _Plan:
             b_key = hyperparameter_key(i, "bias_variance") if layer.has_bias else None
             if w_key not in position or (b_key is not None and b_key not in position):
                 raise ValueError(f"the hyperparameters given do not include those of {layer!r} ({w_key}, {b_key})")
-            layers.append(("dense", position[w_key], None if b_key is None else position[b_key], layer.trainable))
+            b_at = None if b_key is None else position[b_key]
+            layers.append(("dense", position[w_key], b_at, layer.trainable, layer.in_width))
             steps.append(("dense", layer, w_key, b_key))
             continue
         form = _form_of(layer)
@@ -181,7 +183,8 @@ def _network(structure: _Structure, c_: _Calculus, var: dict[str, _Node], direct
     r"""The kernel entry of the network as a dual number: the recursion of :mod:`gpntk.contrib.keops` on the graph.
 
     ``Dense``: :math:`\Sigma \leftarrow \sigma_w^2 \Sigma + \sigma_b^2`,
-    :math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma` (trainable); activation:
+    :math:`\Theta \leftarrow \sigma_w^2 \Theta + \Sigma` (trainable; in standard parameterization
+    :math:`+\, n \Sigma_{\text{in}} + \beta` instead of the new :math:`\Sigma`); activation:
     :math:`(\Sigma, \Theta) \leftarrow (k, \dot k\, \Theta)` from its form (:mod:`.forms`).
     """
     g, m = c_.g, structure.features
@@ -201,16 +204,19 @@ def _network(structure: _Structure, c_: _Calculus, var: dict[str, _Node], direct
     tau: _Dual | None = None
     for layer in structure.layers:
         if layer[0] == "dense":
-            _, w_at, b_at, trainable = layer
+            _, w_at, b_at, trainable, in_width = layer
             w = param(w_at)
-            sigma = c_.mul(w, sigma)
+            sigma_in, sigma = sigma, c_.mul(w, sigma)
             if b_at is not None:
                 sigma = c_.add(sigma, param(b_at))
             if track_ntk:
                 if tau is not None:
                     tau = c_.mul(w, tau)
                 if trainable:
-                    tau = sigma if tau is None else c_.add(tau, sigma)
+                    own = sigma if in_width is None else c_.mul(in_width, sigma_in)
+                    if in_width is not None and b_at is not None:
+                        own = c_.add(own, 1)
+                    tau = own if tau is None else c_.add(tau, own)
             continue
         _, kind, first_feature, first_constant = layer
         form = _KINDS[kind]
