@@ -31,7 +31,7 @@ __all__ = [
     "check_inputs", "check_kernel_inputs", "check_nonnegative", "choice_argument", "expanded_batch_shape",
     "integer_argument", "real_argument", "SUPPORTED_DTYPES",
     "is_real_number", "is_integer", "positive_number", "non_negative_number", "positive_integer",
-    "number_in_unit_interval", "training_times",
+    "number_in_unit_interval", "training_times", "bool_argument",
 ]
 
 #: the floating-point dtypes gpntk computes in
@@ -303,3 +303,13 @@ def training_times(t: Any) -> tuple[list[float], bool]:
         if math.isnan(value) or value < 0:
             raise ValueError(f"training time t must be >= 0 (or math.inf), got {value}")
     return values, batched
+
+
+def bool_argument(name: str, value: Any, *, error: type[Exception] = ValueError) -> bool:
+    """``value`` if it is a ``bool`` (Python or numpy); ``error`` naming ``name`` otherwise.
+
+    Integers, strings and ``None`` are refused: ``approximate="tanh"`` or ``do_clip=1`` is no flag.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise error(f"{name} must be True or False, got {_describe(value)}")
