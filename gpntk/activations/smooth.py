@@ -132,7 +132,7 @@ class GELU(Activation):
     r""":math:`\phi(x) = x\,\Phi(x)` with :math:`\Phi` the standard normal CDF (Tsuchida et al. 2021);
     with ``approximate=True`` its tanh approximation (Hendrycks & Gimpel 2016),
     :math:`\phi(x) = \tfrac x2\bigl(1 + \tanh\bigl(\sqrt{2/\pi}\,(x + 0.044715\,x^3)\bigr)\bigr)`
-    (``torch.nn.functional.gelu(x, approximate="tanh")``).
+    (``torch.nn.functional.gelu(x, approximate="tanh")``, evaluated as in :func:`gelu_tanh`).
 
     The exact GELU has the closed form below. The tanh approximation has none: its duals are
     Gauss–Hermite quadratures (:class:`~gpntk.activations.quadrature.Elementwise` with ``degree``
@@ -166,7 +166,7 @@ class GELU(Activation):
             self.quadrature = _GELUTanhQuadrature(GELU_TANH_DEGREE if degree is None else degree)
 
     def fn(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.gelu(x, approximate="tanh" if self.approximate else "none")
+        return gelu_tanh(x) if self.approximate else torch.nn.functional.gelu(x)
 
     def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         if self.quadrature is not None:
@@ -371,15 +371,21 @@ _GELU_TANH_CUBIC = 0.044715
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
-    r""":math:`\tfrac x2\bigl(1 + \tanh(\sqrt{2/\pi}(x + 0.044715 x^3))\bigr)`, GELU's tanh approximation."""
-    return torch.nn.functional.gelu(x, approximate="tanh")
+    r""":math:`\tfrac x2\bigl(1 + \tanh z\bigr) = x\,\sigma(2z)`, :math:`z = \sqrt{2/\pi}(x + 0.044715 x^3)`:
+    GELU's tanh approximation.
+
+    Evaluated as :math:`x\,\sigma(2z)` (:math:`\sigma` the logistic function), which keeps its
+    relative accuracy in the negative tail, where :math:`1 + \tanh z` cancels (``torch``'s
+    ``gelu(x, approximate="tanh")`` differs from it there by a few :math:`10^{-12}`, relatively).
+    """
+    return x * torch.sigmoid(2 * _GELU_TANH_SCALE * (x + _GELU_TANH_CUBIC * x**3))
 
 
 def gelu_tanh_derivative(x: Tensor) -> Tensor:
-    r"""Its derivative :math:`\tfrac12(1 + t) + \tfrac x2 (1 - t^2)\sqrt{2/\pi}(1 + 3 \cdot 0.044715 x^2)`,
-    :math:`t = \tanh(\sqrt{2/\pi}(x + 0.044715 x^3))`."""
-    t = torch.tanh(_GELU_TANH_SCALE * (x + _GELU_TANH_CUBIC * x**3))
-    return 0.5 * (1 + t) + 0.5 * x * (1 - t.square()) * _GELU_TANH_SCALE * (1 + 3 * _GELU_TANH_CUBIC * x.square())
+    r"""Its derivative :math:`\sigma + 2x\,\sigma(1 - \sigma)\sqrt{2/\pi}(1 + 3 \cdot 0.044715 x^2)`,
+    :math:`\sigma = \sigma(2z)`."""
+    s = torch.sigmoid(2 * _GELU_TANH_SCALE * (x + _GELU_TANH_CUBIC * x**3))
+    return s + 2 * x * s * (1 - s) * _GELU_TANH_SCALE * (1 + 3 * _GELU_TANH_CUBIC * x.square())
 
 
 class _GELUTanhQuadrature(Elementwise):
