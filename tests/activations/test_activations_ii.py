@@ -344,3 +344,13 @@ def test_keops_backend_says_why_not(name):
 
     reason = keops_supported(_net(name))
     assert reason is not None and "has no formula for" in reason and name.split("(")[0] in reason
+
+
+@pytest.mark.parametrize("name", FINITE)
+def test_structured_empirical_ntk_equals_the_jacobian_one(name):
+    """The finite modules are elementwise, so the structured empirical NTK applies and is exact."""
+    model = _net(name).finite(16, in_features=3, out_features=2, generator=torch.Generator().manual_seed(1)).double()
+    x1, x2 = _points(4), _points(3, seed=1)
+    structured = gpntk.empirical_ntk(model, x1, x2, method="structured")
+    jacobian = gpntk.empirical_ntk(model, x1, x2, method="jacobian")
+    torch.testing.assert_close(structured, jacobian, rtol=1e-10, atol=1e-12)
