@@ -354,3 +354,36 @@ def test_structured_empirical_ntk_equals_the_jacobian_one(name):
     structured = gpntk.empirical_ntk(model, x1, x2, method="structured")
     jacobian = gpntk.empirical_ntk(model, x1, x2, method="jacobian")
     torch.testing.assert_close(structured, jacobian, rtol=1e-10, atol=1e-12)
+
+
+def _tanh_gelu_kernel(degree, weight_variance, x):
+    net = L.serial(
+        L.Dense(weight_variance, 0.1), L.GELU(approximate=True, degree=degree),
+        L.Dense(weight_variance, 0.1), L.GELU(approximate=True, degree=degree), L.Dense(1.0),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernel = gpntk.NTKKernel(net)(x).to_dense()
+    return kernel, [w for w in caught if issubclass(w.category, ApproximationWarning)]
+
+
+@pytest.mark.parametrize(("scale", "weight_variance"), [(0.5, 1.0), (2.0, 4.0)])
+def test_gelu_tanh_warns_exactly_when_inaccurate(scale, weight_variance):
+    """The default 128-point rule against 300 points: silent where it is accurate, warns where not."""
+    x = scale * _points(6)
+    kernel, caught = _tanh_gelu_kernel(None, weight_variance, x)
+    truth, _ = _tanh_gelu_kernel(300, weight_variance, x)
+    error = ((kernel - truth).abs().max() / truth.abs().max()).item()
+    if scale < 1:
+        assert error < 1e-9 and not caught, error  # measured 4e-16
+    else:
+        assert error > 1e-7 and caught, error  # measured 3e-2 (first-layer variances up to 38)
+        assert "GELU(approximate=True)" in str(caught[0].message)
+
+
+def test_closed_forms_never_warn():
+    x = 3.0 * _points(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ApproximationWarning)
+        for name in ("ExpNormalized", "Hermite(3)", "Gabor", "SigmoidLike", "Elementwise(nngp_fn)"):
+            gpntk.NTKKernel(_net(name))(x).to_dense()
