@@ -32,6 +32,7 @@ __all__ = [
     "integer_argument", "real_argument", "SUPPORTED_DTYPES",
     "is_real_number", "is_integer", "positive_number", "non_negative_number", "positive_integer",
     "number_in_unit_interval", "training_times", "PARAMETERIZATIONS", "parameterization_arguments",
+    "probability_argument", "bool_argument",
 ]
 
 #: the floating-point dtypes gpntk computes in
@@ -344,3 +345,13 @@ def parameterization_arguments(
             "for a convolution): the standard-parameterization NTK grows with the widths"
         )
     return "standard", integer_argument("in_width", in_width, minimum=1, error=error)
+
+
+def bool_argument(name: str, value: Any, *, error: type[Exception] = ValueError) -> bool:
+    """``value`` if it is a ``bool`` (Python or numpy); ``error`` naming ``name`` otherwise.
+
+    Integers, strings and ``None`` are refused: ``approximate="tanh"`` or ``do_clip=1`` is no flag.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise error(f"{name} must be True or False, got {_describe(value)}")

@@ -1,10 +1,8 @@
 """``gpntk.testing.reference_kernels``: every reference case in ``tests/reference`` through the public API.
 
 Each case file either runs and matches the Neural Tangents values at the README's tolerances, or
-cannot run yet for a reason in ``EXPECTED_MISSING``: a layer or option that another part of issue
-16 adds, or a graph kind (issue 17). Any other reason fails, so a case cannot silently drop out.
-When a part of issue 16 lands, its cases run here with no change to this file (and the entry in
-``EXPECTED_MISSING`` may go).
+cannot run yet for a reason in ``EXPECTED_MISSING``: a graph kind (issue 17). Any other reason
+fails, so a case cannot silently drop out.
 """
 
 from __future__ import annotations
@@ -23,13 +21,8 @@ import gpntk
 from gpntk import layers as L
 from gpntk.testing import build_network, reference_kernels
 
-#: what keeps an a2 case from running today: the layers and options the other parts of issue 16
-#: add, and the graph case kinds (issue 17)
-EXPECTED_MISSING = {
-    "ExpNormalized", "Hermite", "Gabor", "SigmoidLike",
-    "GELU(approximate=True)",
-    "graph_kernel", "node_kernel",
-}
+#: what keeps an a2 case from running today: the graph case kinds (issue 17)
+EXPECTED_MISSING = {"graph_kernel", "node_kernel"}
 
 CLOSED_FORM_TOL = 1e-10
 DIAGONAL_TOL = 1e-7  # the oracle's own accuracy on the diagonal of a self-kernel (README)

@@ -12,14 +12,17 @@ from typing import Any
 from ..errors import ArchitectureError
 from .arccos import ABReLU, Abs, LeakyReLU, RectifiedMonomial, ReLU, Sign
 from .base import Activation
+from .expnormalized import ExpNormalized
+from .hermite import Hermite
 from .polynomial import Monomial, Polynomial
 from .quadrature import Elementwise, Sigmoid, SiLU, Softplus, Tanh
-from .smooth import GELU, Cos, Erf, Exp, Gaussian, Rbf, Sin
+from .smooth import GELU, Cos, Erf, Exp, Gabor, Gaussian, Rbf, SigmoidLike, Sin
 
 __all__ = [
     "Activation", "ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf",
     "Exp", "Gaussian", "Monomial", "RectifiedMonomial", "Polynomial", "Elementwise", "Tanh", "Sigmoid",
     "Softplus", "SiLU", "activation_from_name", "ACTIVATION_NAMES",
+    "ExpNormalized", "Hermite", "Gabor", "SigmoidLike",
 ]
 
 _BY_NAME = {
@@ -28,6 +31,7 @@ _BY_NAME = {
     "gaussian": Gaussian, "monomial": Monomial, "rectifiedmonomial": RectifiedMonomial,
     "polynomial": Polynomial, "tanh": Tanh, "sigmoid": Sigmoid, "softplus": Softplus, "silu": SiLU,
     "swish": SiLU,
+    "expnormalized": ExpNormalized, "hermite": Hermite, "gabor": Gabor, "sigmoidlike": SigmoidLike,
 }
 
 #: the names accepted by :func:`activation_from_name` (and ``mlp(activation=...)``)

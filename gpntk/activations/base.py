@@ -150,9 +150,9 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
 
 
-def correlation(q11: Tensor, q12: Tensor, q22: Tensor) -> tuple[Tensor, Tensor]:
-    r"""``(rho, sqrt_prod)``: :math:`\rho = q_{12}/\sqrt{q_{11} q_{22}}` clamped to [-1, 1],
-    and :math:`\sqrt{q_{11}q_{22}}`.
+def correlation(q11: Tensor, q12: Tensor, q22: Tensor, clamp: bool = True) -> tuple[Tensor, Tensor]:
+    r"""``(rho, sqrt_prod)``: :math:`\rho = q_{12}/\sqrt{q_{11} q_{22}}` clamped to [-1, 1]
+    (unless ``clamp`` is false), and :math:`\sqrt{q_{11}q_{22}}`.
 
     ``q11`` is ``(..., n1, 1)`` and ``q22`` ``(..., 1, n2)``. The square root in :math:`\rho` is
     taken of the product (so equal variances give exactly :math:`\rho = 1` for duplicated points);
@@ -172,8 +172,8 @@ def correlation(q11: Tensor, q12: Tensor, q22: Tensor) -> tuple[Tensor, Tensor]:
     p22 = torch.where(q22 > 0, q22, torch.ones_like(q22))
     (t1, s1), (t2, s2) = _unit_scales(p11), _unit_scales(p22)
     denominator = torch.sqrt((p11 * s1) * (p22 * s2))
-    rho = ((q12 * (t1 * t2)) / denominator).clamp(-1.0, 1.0)
-    return rho, safe_sqrt(q11) * safe_sqrt(q22)
+    rho = (q12 * (t1 * t2)) / denominator
+    return (rho.clamp(-1.0, 1.0) if clamp else rho), safe_sqrt(q11) * safe_sqrt(q22)
 
 
 def _unit_scales(q: Tensor) -> tuple[Tensor, Tensor]:

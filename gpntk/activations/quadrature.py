@@ -104,13 +104,30 @@ def _standard_normal_rule(degree: int) -> tuple[Tensor, Tensor]:
 
 
 class Elementwise(Activation):
-    r"""Any smooth elementwise activation ``fn``, with kernels by Gauss–Hermite quadrature.
+    r"""Any elementwise activation ``fn``: kernels by Gauss–Hermite quadrature, or a closed form you give.
+
+    Quadrature (the default): ``Elementwise(fn, derivative=None, degree=64)`` integrates
+    :math:`\mathbb E[\phi(u)\phi(v)]` and :math:`\mathbb E[\phi'(u)\phi'(v)]` numerically (module
+    notes), for smooth ``fn``, with an accuracy estimate and :class:`~gpntk.ApproximationWarning`.
+
+    Closed form: ``Elementwise(fn, nngp_fn=..., d_nngp_fn=None)`` (as Neural Tangents'
+    ``Elementwise``): ``nngp_fn(cov12, var1, var2)`` returns :math:`\mathbb E[\phi(u)\phi(v)]`
+    for :math:`(u, v) \sim \mathcal N(0, [[\mathrm{var1}, \mathrm{cov12}], [\mathrm{cov12},
+    \mathrm{var2}]])`, elementwise on three tensors of one shape, and ``d_nngp_fn`` the same
+    expectation for :math:`\phi'`. Without ``d_nngp_fn`` it is :math:`\partial\,\mathrm{nngp\_fn}/
+    \partial\,\mathrm{cov12}` by forward-mode autograd, which equals :math:`\mathbb E[\phi'(u)\phi'(v)]`
+    by Price's theorem (Price 1958). gpntk cannot check that ``nngp_fn`` is the dual of ``fn``: the
+    kernel is ``nngp_fn``'s, the finite network (``net.finite``) uses ``fn``. The diagonal is
+    ``nngp_fn(q, q, q)``.
 
     :param fn: a torch function applied elementwise (e.g. ``torch.tanh``).
-    :param derivative: :math:`\phi'`; if omitted it is computed by forward-mode autograd.
+    :param derivative: :math:`\phi'` for the quadrature; if omitted it is computed by forward-mode autograd.
     :param degree: the number of Gauss–Hermite points per dimension (cost grows as degree²; see
         the module notes on accuracy).
     :param name: a name for ``repr``.
+    :param nngp_fn: the closed-form dual (keyword only); then no quadrature is done and
+        ``derivative`` must not be given.
+    :param d_nngp_fn: the closed-form dual of :math:`\phi'` (keyword only, with ``nngp_fn``).
     """
 
     def __init__(
@@ -119,18 +136,28 @@ class Elementwise(Activation):
         derivative: Callable[[Tensor], Tensor] | None = None,
         degree: int = _DEFAULT_DEGREE,
         name: str | None = None,
+        *,
+        nngp_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+        d_nngp_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
     ):
         super().__init__()
         if not callable(fn):
             raise ArchitectureError(f"Elementwise needs a callable fn, got {fn!r}")
         if derivative is not None and not callable(derivative):
             raise ArchitectureError(f"derivative must be callable, got {derivative!r}")
+        _check_closed_form(derivative, nngp_fn, d_nngp_fn)
         degree = integer_argument("degree", degree, minimum=2, error=ArchitectureError)
         self._fn = fn
         self._derivative = derivative if derivative is not None else _AutogradDerivative(fn)
         self.degree = degree
         self._label = name or getattr(fn, "__name__", "fn")
         self._nodes, self._weights = _standard_normal_rule(degree)
+        self._closed_form = None if nngp_fn is None else _ClosedFormDual(nngp_fn, d_nngp_fn)
+
+    @property
+    def closed_form(self) -> bool:
+        """Whether the kernel is the given ``nngp_fn`` (no quadrature)."""
+        return self._closed_form is not None
 
     def fn(self, x: Tensor) -> Tensor:
         return self._fn(x)
@@ -142,6 +169,8 @@ class Elementwise(Activation):
         return self._nodes.to(like), self._weights.to(like)
 
     def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+        if self._closed_form is not None:
+            return self._closed_form(q, q, q, need_dot)
         self._check_accuracy(q, need_dot)
         z, w = self._rule(q)
         u = safe_sqrt(q).unsqueeze(-1) * z
@@ -202,6 +231,8 @@ class Elementwise(Activation):
 
     def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
         shape = torch.broadcast_shapes(q11.shape, q12.shape, q22.shape)
+        if self._closed_form is not None:
+            return self._closed_form(q11.expand(shape), q12.expand(shape), q22.expand(shape), need_dot)
         q11, q12, q22 = q11.expand(*shape[:-1], 1), q12.expand(shape), q22.expand(*shape[:-2], 1, shape[-1])
         n1, n2 = shape[-2], shape[-1]
         rows = max(1, _BLOCK_ELEMENTS // max(1, n2 * self.degree**2))
@@ -328,7 +359,65 @@ class Elementwise(Activation):
         return tuple(outputs)
 
     def __repr__(self) -> str:
+        if self._closed_form is not None:
+            return f"Elementwise({self._label}, nngp_fn={self._closed_form.label})"
         return f"Elementwise({self._label}, degree={self.degree})"
+
+
+def _check_closed_form(derivative: object, nngp_fn: object, d_nngp_fn: object) -> None:
+    """Refuse inconsistent closed-form arguments of :class:`Elementwise`, naming them."""
+    if nngp_fn is None:
+        if d_nngp_fn is not None:
+            raise ArchitectureError("Elementwise d_nngp_fn needs nngp_fn (the closed-form dual of fn itself)")
+        return
+    if not callable(nngp_fn):
+        raise ArchitectureError(f"Elementwise nngp_fn must be callable (cov12, var1, var2) -> tensor, got {nngp_fn!r}")
+    if d_nngp_fn is not None and not callable(d_nngp_fn):
+        raise ArchitectureError(
+            f"Elementwise d_nngp_fn must be callable (cov12, var1, var2) -> tensor, got {d_nngp_fn!r}"
+        )
+    if derivative is not None:
+        raise ArchitectureError(
+            "Elementwise derivative is for the quadrature; with nngp_fn, give the closed-form dual of the "
+            "derivative as d_nngp_fn (or leave it out: autograd of nngp_fn in cov12)"
+        )
+
+
+class _ClosedFormDual:
+    r"""A user-supplied closed-form dual: ``nngp_fn`` and ``d_nngp_fn``
+    (or :math:`\partial\,\mathrm{nngp\_fn}/\partial q_{12}`)."""
+
+    def __init__(
+        self,
+        nngp_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+        d_nngp_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None,
+    ):
+        self.nngp_fn, self.d_nngp_fn = nngp_fn, d_nngp_fn
+        self.label = getattr(nngp_fn, "__name__", "nngp_fn")
+
+    def __call__(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+        """``(k12, kdot12)`` on three tensors of one shape."""
+        if not need_dot:
+            return self._checked("nngp_fn", self.nngp_fn(q12, q11, q22), q12), None
+        if self.d_nngp_fn is not None:
+            k12 = self._checked("nngp_fn", self.nngp_fn(q12, q11, q22), q12)
+            return k12, self._checked("d_nngp_fn", self.d_nngp_fn(q12, q11, q22), q12)
+        # forward mode: the derivative of each entry in its own cov12 (nngp_fn acts elementwise);
+        # differentiable in all three arguments by backward-mode autograd
+        k12, kdot12 = cast(
+            "tuple[Tensor, Tensor]",
+            torch.func.jvp(lambda c: self.nngp_fn(c, q11, q22), (q12,), (torch.ones_like(q12),)),
+        )
+        return self._checked("nngp_fn", k12, q12), self._checked("the derivative of nngp_fn", kdot12, q12)
+
+    def _checked(self, what: str, value: object, like: Tensor) -> Tensor:
+        if not isinstance(value, Tensor) or value.shape != like.shape:
+            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"Elementwise {what} must return a tensor shaped as its (cov12, var1, var2) arguments, "
+                f"{tuple(like.shape)}, got {got}"
+            )
+        return value
 
 
 def _tanh_derivative(x: Tensor) -> Tensor:

@@ -13,10 +13,16 @@ import torch
 from torch import Tensor
 
 from .._transforms import is_batched
+from .._validation import bool_argument
+from ..errors import ArchitectureError
 from .base import Activation, real_parameter
 from .ops import TORCH, DualOps, gram_determinant
+from .quadrature import Elementwise
 
-__all__ = ["Erf", "GELU", "Sin", "Cos", "Rbf", "Exp", "Gaussian", "erf_pair", "sin_pair", "exp_pair"]
+__all__ = [
+    "Erf", "GELU", "Sin", "Cos", "Rbf", "Exp", "Gaussian", "erf_pair", "sin_pair", "exp_pair",
+    "Gabor", "SigmoidLike", "gabor_pair", "gelu_tanh", "gelu_tanh_derivative", "GELU_TANH_DEGREE",
+]
 
 V = TypeVar("V")
 
@@ -123,7 +129,18 @@ class Erf(Activation):
 
 
 class GELU(Activation):
-    r""":math:`\phi(x) = x\,\Phi(x)` with :math:`\Phi` the standard normal CDF (Tsuchida et al. 2021).
+    r""":math:`\phi(x) = x\,\Phi(x)` with :math:`\Phi` the standard normal CDF (Tsuchida et al. 2021);
+    with ``approximate=True`` its tanh approximation (Hendrycks & Gimpel 2016),
+    :math:`\phi(x) = \tfrac x2\bigl(1 + \tanh\bigl(\sqrt{2/\pi}\,(x + 0.044715\,x^3)\bigr)\bigr)`
+    (``torch.nn.functional.gelu(x, approximate="tanh")``, evaluated as in :func:`gelu_tanh`).
+
+    The exact GELU has the closed form below. The tanh approximation has none: its duals are
+    Gauss–Hermite quadratures (:class:`~gpntk.activations.quadrature.Elementwise` with ``degree``
+    points per dimension, the analytic :math:`\phi'`), with their accuracy estimate and
+    :class:`~gpntk.ApproximationWarning`. Its integrand has complex poles about 1.8 from the real
+    axis (where :math:`\sqrt{2/\pi}(x + 0.044715x^3) = \pm i\pi/2`), so the rule converges
+    slowly at large variances, like ``Tanh``'s; the default ``degree`` is larger than
+    ``Elementwise``'s for that reason (see :data:`GELU_TANH_DEGREE`).
 
     With :math:`\delta^2 = (1 + q_{11})(1 + q_{22}) - q_{12}^2` and
     :math:`\alpha = \operatorname{atan2}(q_{12}, \delta)`,
@@ -136,10 +153,24 @@ class GELU(Activation):
             \Bigl[\frac{1}{\delta^2} + \frac{1 - q_{11} q_{22}}{(1 + q_{11})(1 + q_{22})} + 1\Bigr].
     """
 
+    def __init__(self, approximate: bool = False, degree: int | None = None):
+        super().__init__()
+        self.approximate = bool_argument("GELU approximate", approximate, error=ArchitectureError)
+        if degree is not None and not self.approximate:
+            raise ArchitectureError(
+                "GELU degree is the quadrature order of the tanh approximation; the exact GELU "
+                "(approximate=False) has a closed-form kernel and takes no degree"
+            )
+        self.quadrature = None
+        if self.approximate:
+            self.quadrature = _GELUTanhQuadrature(GELU_TANH_DEGREE if degree is None else degree)
+
     def fn(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.gelu(x)
+        return gelu_tanh(x) if self.approximate else torch.nn.functional.gelu(x)
 
     def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+        if self.quadrature is not None:
+            return self.quadrature.dual(q11, q12, q22, need_dot)
         prod_plus_1 = (1 + q11) * (1 + q22)
         prod = q11 * q22
         delta2 = 1 + q11 + q22 + gram_determinant(TORCH, q11, q12, q22)  # (1 + q11)(1 + q22) - q12², never below 1
@@ -153,6 +184,8 @@ class GELU(Activation):
         return k12, kdot12
 
     def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+        if self.quadrature is not None:
+            return self.quadrature.dual_diag(q, need_dot)
         root = torch.sqrt(1 + 2 * q)
         alpha = torch.atan2(q, root)
         k = q * (0.25 + (q / ((q + 1) * root) + alpha / 2) / math.pi)
@@ -162,6 +195,9 @@ class GELU(Activation):
             bracket = 1 / delta2 + (1 - q.square()) / (1 + q).square() + 1
             kdot = 0.25 + alpha / (2 * math.pi) + q * bracket / (2 * math.pi * root)
         return k, kdot
+
+    def __repr__(self) -> str:
+        return "GELU()" if self.quadrature is None else repr(self.quadrature)
 
 
 class Sin(Activation):
@@ -321,3 +357,119 @@ class Gaussian(Activation):
 
     def __repr__(self) -> str:
         return f"Gaussian(a={self.a}, b={self.b})"
+
+
+# ==================================================================================================
+# GELU's tanh approximation, Gabor and SigmoidLike (Neural Tangents' activations)
+# ==================================================================================================
+
+#: the default Gauss–Hermite order of ``GELU(approximate=True)`` (points per dimension)
+GELU_TANH_DEGREE = 128
+
+_GELU_TANH_SCALE = math.sqrt(2 / math.pi)
+_GELU_TANH_CUBIC = 0.044715
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    r""":math:`\tfrac x2\bigl(1 + \tanh z\bigr) = x\,\sigma(2z)`, :math:`z = \sqrt{2/\pi}(x + 0.044715 x^3)`:
+    GELU's tanh approximation.
+
+    Evaluated as :math:`x\,\sigma(2z)` (:math:`\sigma` the logistic function), which keeps its
+    relative accuracy in the negative tail, where :math:`1 + \tanh z` cancels (``torch``'s
+    ``gelu(x, approximate="tanh")`` is off there, relatively, by :math:`6 \cdot 10^{-12}` at
+    :math:`x = -4.5`, :math:`3 \cdot 10^{-7}` at :math:`x = -6`, and rounds to 0 at :math:`x = -8`).
+    """
+    return x * torch.sigmoid(2 * _GELU_TANH_SCALE * (x + _GELU_TANH_CUBIC * x**3))
+
+
+def gelu_tanh_derivative(x: Tensor) -> Tensor:
+    r"""Its derivative :math:`\sigma + 2x\,\sigma(1 - \sigma)\sqrt{2/\pi}(1 + 3 \cdot 0.044715 x^2)`,
+    :math:`\sigma = \sigma(2z)`."""
+    s = torch.sigmoid(2 * _GELU_TANH_SCALE * (x + _GELU_TANH_CUBIC * x**3))
+    return s + 2 * x * s * (1 - s) * _GELU_TANH_SCALE * (1 + 3 * _GELU_TANH_CUBIC * x.square())
+
+
+class _GELUTanhQuadrature(Elementwise):
+    """The quadrature of ``GELU(approximate=True)`` (named so in its accuracy warnings)."""
+
+    def __init__(self, degree: int):
+        super().__init__(gelu_tanh, gelu_tanh_derivative, degree, "gelu_tanh")
+
+    def __repr__(self) -> str:
+        degree = "" if self.degree == GELU_TANH_DEGREE else f", degree={self.degree}"
+        return f"GELU(approximate=True{degree})"
+
+
+def gabor_pair(
+    ops: DualOps[V], constants: Sequence[V | float], q11: V, q12: V, q22: V, need_dot: bool
+) -> tuple[V, V | None]:
+    r"""The dual of :class:`Gabor` (no constants).
+
+    With :math:`s = q_{11} + q_{22}`, :math:`g = \max(q_{11}q_{22} - q_{12}^2, 0)`,
+    :math:`D = \det(I + 2\Sigma) = 1 + 2s + 4g` and
+    :math:`E_\pm = \exp\bigl(-N_\pm / 2D\bigr)`, :math:`N_\pm = s + 4g \mp 2q_{12}`,
+
+    .. math::
+        k_{12} = \frac{E_+ - E_-}{2\sqrt D}, \qquad
+        \dot k_{12} = \frac{\partial k_{12}}{\partial q_{12}}
+            = \frac{E_+\bigl((8q_{12} + 1)D - 4q_{12}N_+\bigr) - E_-\bigl((8q_{12} - 1)D - 4q_{12}N_-\bigr)}{2D^{5/2}}
+    """
+    total = ops.add(q11, q22)
+    spread = ops.add(total, ops.mul(4, gram_determinant(ops, q11, q12, q22)))  # s + 4g
+    det = ops.add(1, ops.add(total, spread))  # 1 + 2s + 4g
+    n_plus, n_minus = ops.sub(spread, ops.mul(2, q12)), ops.add(spread, ops.mul(2, q12))
+    inv_2det = ops.div(0.5, det)
+    e_plus = ops.exp(ops.mul(ops.sub(0, n_plus), inv_2det))
+    e_minus = ops.exp(ops.mul(ops.sub(0, n_minus), inv_2det))
+    root = ops.sqrt(det)
+    k12 = ops.div(ops.sub(e_plus, e_minus), ops.mul(2, root))
+    if not need_dot:
+        return k12, None
+    four_q12 = ops.mul(4, q12)
+    plus = ops.mul(e_plus, ops.sub(ops.mul(ops.add(ops.mul(2, four_q12), 1), det), ops.mul(four_q12, n_plus)))
+    minus = ops.mul(e_minus, ops.sub(ops.mul(ops.sub(ops.mul(2, four_q12), 1), det), ops.mul(four_q12, n_minus)))
+    kdot12 = ops.div(ops.sub(plus, minus), ops.mul(ops.mul(2, root), ops.square(det)))
+    return k12, kdot12
+
+
+class Gabor(Activation):
+    r""":math:`\phi(x) = e^{-x^2} \sin x` (Neural Tangents' ``Gabor``), with a closed-form dual.
+
+    From :math:`\sin u \sin v = \tfrac12[\cos(u - v) - \cos(u + v)]` and the Gaussian integral
+    :math:`\mathbb E\bigl[e^{-z^\top z} \cos(b^\top z)\bigr] = \det(I + 2\Sigma)^{-1/2}
+    \exp\bigl(-\tfrac12 b^\top \Sigma (I + 2\Sigma)^{-1} b\bigr)` for :math:`z \sim \mathcal N(0, \Sigma)`
+    (complete the square; e.g. Rasmussen & Williams 2006, A.2), with :math:`b = (1, \mp 1)`:
+    see :func:`gabor_pair`. :math:`\dot k_{12} = \mathbb E[\phi'(u)\phi'(v)]` is
+    :math:`\partial k_{12}/\partial q_{12}` by Price's theorem (Price 1958). On the diagonal
+    :math:`k = \bigl(1 - e^{-2q/(1 + 4q)}\bigr) / (2\sqrt{1 + 4q})`.
+    """
+
+    def fn(self, x: Tensor) -> Tensor:
+        return torch.exp(-x.square()) * torch.sin(x)
+
+    def formula_constants(self) -> tuple[()]:
+        """The constants of :func:`gabor_pair` (none)."""
+        return ()
+
+    def dual(self, q11: Tensor, q12: Tensor, q22: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+        return gabor_pair(TORCH, (), q11, q12, q22, need_dot)
+
+    def dual_diag(self, q: Tensor, need_dot: bool) -> tuple[Tensor, Tensor | None]:
+        # the pair formula at q11 = q12 = q22: the Gram determinant is exactly 0 there
+        return gabor_pair(TORCH, (), q, q, q, need_dot)
+
+
+#: the scale of :class:`SigmoidLike`: :math:`\tfrac12\operatorname{erf}(x / 2.4020563531719796) + \tfrac12`
+SIGMOID_LIKE_SCALE = 2.4020563531719796
+
+
+class SigmoidLike(Erf):
+    r""":math:`\phi(x) = \tfrac12 \operatorname{erf}(x / 2.4020563531719796) + \tfrac12`, an erf shaped
+    like the logistic sigmoid (Neural Tangents' ``Sigmoid_like``): :class:`Erf` with :math:`a = \tfrac12`,
+    :math:`b = 1/2.4020563531719796`, :math:`c = \tfrac12` and its closed form (Williams 1997)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.5, 1 / SIGMOID_LIKE_SCALE, 0.5)
+
+    def __repr__(self) -> str:
+        return "SigmoidLike()"

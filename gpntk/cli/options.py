@@ -13,9 +13,9 @@ __all__ = ["ACTIVATION_NAMES", "DEFAULT_TIMES", "DEFAULT_DIAG_REG", "parse_time"
 
 #: the names accepted by ``activation_from_name`` and ``mlp(activation=...)``, sorted
 ACTIVATION_NAMES = (
-    "abrelu", "abs", "cos", "erf", "exp", "gaussian", "gelu", "leaky_relu", "leakyrelu", "monomial",
-    "polynomial", "rbf", "rectifiedmonomial", "relu", "sigmoid", "sign", "silu", "sin", "softplus",
-    "swish", "tanh",
+    "abrelu", "abs", "cos", "erf", "exp", "expnormalized", "gabor", "gaussian", "gelu", "hermite",
+    "leaky_relu", "leakyrelu", "monomial", "polynomial", "rbf", "rectifiedmonomial", "relu", "sigmoid",
+    "sigmoidlike", "sign", "silu", "sin", "softplus", "swish", "tanh",
 )
 #: training times (gradient-descent steps) predicted at when none are given
 DEFAULT_TIMES = (100.0, 1000.0, math.inf)

@@ -100,6 +100,52 @@ def _rectified(p):
     return phi, dphi
 
 
+def _gabor(x):
+    return np.exp(-x * x) * np.sin(x)
+
+
+def _gabor_derivative(x):
+    return np.exp(-x * x) * (np.cos(x) - 2 * x * np.sin(x))
+
+
+_SIGMOID_LIKE_SCALE = 2.4020563531719796
+
+
+def _sigmoid_like(x):
+    return 0.5 * np_erf(x / _SIGMOID_LIKE_SCALE) + 0.5
+
+
+def _sigmoid_like_derivative(x):
+    return np.exp(-((x / _SIGMOID_LIKE_SCALE) ** 2)) / (_SQRT_PI * _SIGMOID_LIKE_SCALE)
+
+
+def _hermite(d):
+    """He_d / sqrt(d!) and its derivative d He_{d-1} / sqrt(d!), from numpy's HermiteE series."""
+    norm = 1 / math.sqrt(math.factorial(d))
+    phi = lambda x: norm * np.polynomial.hermite_e.hermeval(x, [0] * d + [1])  # noqa: E731
+    dphi = lambda x: norm * d * np.polynomial.hermite_e.hermeval(x, [0] * (d - 1) + [1]) if d else 0 * x  # noqa: E731
+    return phi, dphi
+
+
+def _gelu_tanh(x):
+    # x/2 (1 + tanh z) = x sigmoid(2z), the form without cancellation in the negative tail
+    return x * expit(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
+
+
+def _gelu_tanh_derivative(x):
+    t = np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x * x)
+
+
+def _erf_nngp(cov12, var1, var2):
+    """Williams' (1997) erf kernel, as a user would write it for ``Elementwise(nngp_fn=...)``."""
+    return 2 / math.pi * torch.asin(2 * cov12 / torch.sqrt((1 + 2 * var1) * (1 + 2 * var2)))
+
+
+def _erf_d_nngp(cov12, var1, var2):
+    return 4 / math.pi / torch.sqrt((1 + 2 * var1) * (1 + 2 * var2) - 4 * cov12**2)
+
+
 @dataclass(frozen=True)
 class Spec:
     """An activation and its definition: ``phi``, ``dphi`` (``None``: kdot is 0 by convention)."""
@@ -136,6 +182,24 @@ _SQRT_PI = math.sqrt(math.pi)
 # 3.2e-5 off the diagonal), Sigmoid 1.0e-9, SiLU 2.3e-11, Softplus 8e-12 (diagonal kdot at q = 2.5
 # each). The tolerances are 3-6x those; test_quadrature_converges_with_degree checks that the error
 # is the rule's order alone (it vanishes as the degree grows).
+# issue 16: Neural Tangents' activations (ExpNormalized has no phi: see test_activations_ii.py)
+NEW_SPECS = [
+    Spec("Gabor", L.Gabor, _gabor, _gabor_derivative),
+    Spec("SigmoidLike", L.SigmoidLike, _sigmoid_like, _sigmoid_like_derivative),
+    *(Spec(f"Hermite({d})", lambda d=d: L.Hermite(d), *_hermite(d)) for d in (0, 1, 2, 3, 5)),
+    # the 128-point rule: measured worst 1.5e-11 at these variances (q <= 3)
+    Spec("GELU(approximate=True)", lambda: L.GELU(approximate=True), _gelu_tanh, _gelu_tanh_derivative, tol=1e-9),
+    Spec(
+        "Elementwise(erf,nngp_fn)", lambda: L.Elementwise(torch.erf, nngp_fn=_erf_nngp), np_erf,
+        lambda x: 2 / _SQRT_PI * np.exp(-x * x),
+    ),
+    Spec(
+        "Elementwise(erf,nngp_fn,d_nngp_fn)",
+        lambda: L.Elementwise(torch.erf, nngp_fn=_erf_nngp, d_nngp_fn=_erf_d_nngp), np_erf,
+        lambda x: 2 / _SQRT_PI * np.exp(-x * x),
+    ),
+]
+
 SPECS = [
     Spec("ReLU", L.ReLU, _relu, _drelu, homogeneous=1),
     Spec("LeakyReLU(0.1)", lambda: L.LeakyReLU(0.1), _leaky, _dleaky, homogeneous=1),
@@ -187,6 +251,7 @@ SPECS = [
         "Elementwise(tanh)", lambda: L.Elementwise(torch.tanh), np.tanh, _sech2, tol=1e-3,
         with_degree=lambda d: L.Elementwise(torch.tanh, degree=d),
     ),
+    *NEW_SPECS,
 ]
 SPEC_PARAMS = [pytest.param(spec, id=spec.id) for spec in SPECS]
 QUADRATURE_PARAMS = [p for p in SPEC_PARAMS if p.values[0].quadrature]

@@ -374,3 +374,23 @@ def test_overflow_raises(output):
     kernel = (gpntk.NTKKernel if output == "ntk" else gpntk.NNGPKernel)(net, backend="keops")
     with pytest.raises(FloatingPointError, match="overflowed"):
         kernel(x) @ _points(90, 2, features=C)
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 16: Gabor and SigmoidLike (an Erf) through their pair formulas; the other new activations say why not
+
+
+@pytest.mark.parametrize("output", ["nngp", "ntk"])
+def test_gabor_and_sigmoid_like(output):
+    net = L.serial(L.Dense(1.6, 0.1), L.Gabor(), L.Dense(1.3, 0.2), L.SigmoidLike(), L.Dense(1.5, 0.1))
+    assert keops_supported(net) is None
+    x1, x2 = _points(7, 0), _points(6, 1)
+    hyper = _leaf_hyper(net, x1)
+    v = _points(6, 2, features=C)
+    out = keops_covariance(x1, x2, net=net, output=output, hyper=hyper) @ v
+    expected = _dense(net, x1, x2, hyper, output) @ v
+    assert _relative(out, expected) < 1e-12
+    grads = torch.autograd.grad(out.sum(), list(hyper.values()))
+    expected_grads = torch.autograd.grad(expected.sum(), list(hyper.values()))
+    for got, want in zip(grads, expected_grads):
+        assert _relative(got, want) < 1e-10

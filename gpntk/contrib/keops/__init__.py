@@ -12,6 +12,7 @@ activations whose dual kernels have closed forms,
 * the arc-cosine family (Cho & Saul 2009): ``ReLU``, ``LeakyReLU``, ``ABReLU``, ``Abs``,
   ``RectifiedMonomial`` of degree 1 (= ReLU) and 0 (the step function), and ``Sign``;
 * ``Erf`` (Williams 1997), ``Exp``, ``Sin``, ``Cos`` and ``Rbf``;
+* ``SigmoidLike`` (an ``Erf``) and ``Gabor``;
 * ``Identity``.
 
 **The recursion.** With :math:`\Sigma_0(x, x') = x \cdot x'/d` and :math:`\Theta_0 = 0`, a

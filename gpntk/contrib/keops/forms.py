@@ -29,7 +29,7 @@ from ...activations.arccos import (
     sign_pair,
 )
 from ...activations.base import Activation, safe_sqrt
-from ...activations.smooth import Cos, Erf, Exp, Rbf, Sin, erf_pair, exp_pair, sin_pair
+from ...activations.smooth import Cos, Erf, Exp, Gabor, Rbf, SigmoidLike, Sin, erf_pair, exp_pair, gabor_pair, sin_pair
 from ...core.layer import Layer
 from .calculus import _Calculus, _Dual
 from .graph import _Node
@@ -183,11 +183,13 @@ _SIGN = _ArcCosForm("sign", _sign_pair, 1)
 _ERF = _SmoothForm("erf", erf_pair, 5)
 _EXP = _SmoothForm("exp", exp_pair, 2)
 _SIN = _SmoothForm("sin", sin_pair, 4)
+_GABOR = _SmoothForm("gabor", gabor_pair, 0)
 #: the form of each supported activation type (read-only)
 _FORMS: Mapping[type, _Form] = MappingProxyType({
     ReLU: _ABRELU, LeakyReLU: _ABRELU, ABReLU: _ABRELU, Abs: _ABRELU,
     Sign: _SIGN, Erf: _ERF, Exp: _EXP, Sin: _SIN, Cos: _SIN, Rbf: _SIN,
     RectifiedMonomial: _RectifiedForm(),
+    SigmoidLike: _ERF, Gabor: _GABOR,
 })
 
 
@@ -199,4 +201,6 @@ def _form_of(layer: Layer) -> _Form:
 
 
 #: the forms by the ``kind`` a formula's structure records (read-only)
-_KINDS: Mapping[str, _Form] = MappingProxyType({form.kind: form for form in (_ABRELU, _STEP, _SIGN, _ERF, _EXP, _SIN)})
+_KINDS: Mapping[str, _Form] = MappingProxyType(
+    {form.kind: form for form in (_ABRELU, _STEP, _SIGN, _ERF, _EXP, _SIN, _GABOR)}
+)
