@@ -104,6 +104,8 @@ def test_conv_transpose_2d_finite_module_matches_kernel_map(padding):
 
 @pytest.mark.parametrize("length,k,s,padding", [
     (5, 3, 1, "same"), (5, 3, 2, "same"), (6, 2, 2, "valid"), (5, 3, 1, "circular"), (7, 4, 3, "same"),
+    # windows larger than the input: zeros (same) or the input wrapped more than once (circular)
+    (4, 5, 1, "same"), (3, 7, 1, "circular"), (3, 7, 2, "same"),
 ])
 def test_conv_local_finite_module_matches_kernel_map(length, k, s, padding):
     layer = L.ConvLocal(k, stride=s, padding=padding, weight_variance=1.5, bias_variance=0.2)
@@ -316,7 +318,7 @@ def test_frozen_layers_have_no_gradient():
     (lambda: L.serial(L.Flatten(), L.ConvLocal(2)), "ConvLocal needs spatial inputs.*outputs of Flatten"),
     (lambda: gpntk.NTKKernel(L.serial(L.ConvTranspose((2, 2)), L.Flatten(), L.Dense(1.0)), input_shape=(1, 4)),
      "ConvTranspose has kernel_size=\\(2, 2\\) \\(2 axes\\)"),
-    (lambda: gpntk.NTKKernel(L.serial(L.ConvLocal(5), L.Flatten(), L.Dense(1.0)), input_shape=(1, 4)),
+    (lambda: gpntk.NTKKernel(L.serial(L.ConvLocal(5, padding="valid"), L.Flatten(), L.Dense(1.0)), input_shape=(1, 4)),
      "ConvLocal has kernel_size"),
 ])
 def test_bad_arguments_and_placements_are_refused(make, match):
