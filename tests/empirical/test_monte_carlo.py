@@ -55,16 +55,6 @@ def _inputs() -> torch.Tensor:
     return x
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Many small matrix products: one thread is as fast on a free machine and far faster on a
-    busy one (OpenMP threads waiting on each other made this file ~8x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=None)
 def _study(act: str, depth: int, kind: str) -> dict:
     """Analytic kernel and, per width, Monte Carlo estimates from ``N_BATCHES`` seeded batches.

@@ -66,14 +66,6 @@ def _inputs() -> torch.Tensor:
     return torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=None)
 def _study(act: str, kind: str) -> dict:
     make, weight_variance = ACTIVATIONS[act]

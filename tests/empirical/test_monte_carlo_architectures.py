@@ -124,15 +124,6 @@ CASES = [(name, kind) for name in NAMES for kind in ("ntk", "nngp")]
 IDS = [f"{name}-{kind}" for name, kind in CASES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Many small products: one thread is as fast on a free machine and far faster on a busy one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _kernel_shape(name: str) -> tuple[int, ...] | None:
     """The ``input_shape`` for kernels and finite networks (None for vectors)."""
     shape = ARCHITECTURES[name].input_shape

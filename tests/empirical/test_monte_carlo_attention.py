@@ -99,14 +99,6 @@ CASES = [(name, kind) for name in ARCHITECTURES for kind in ("ntk", "nngp")]
 IDS = [f"{name}-{kind}" for name, kind in CASES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs() -> torch.Tensor:
     x = torch.randn(4, SHAPE[0] * SHAPE[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     x[1] = -0.8 * x[0] + 0.2 * x[1]

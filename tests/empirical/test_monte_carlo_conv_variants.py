@@ -80,14 +80,6 @@ CASES = [(name, kind) for name in ARCHITECTURES for kind in ("ntk", "nngp")]
 IDS = [f"{name}-{kind}" for name, kind in CASES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(name: str) -> torch.Tensor:
     shape = ARCHITECTURES[name].input_shape
     x = torch.randn(5, math.prod(shape), generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple
 
 import pytest
 import torch
-from test_monte_carlo_architectures import _one_thread, _relative_error  # noqa: F401 (an autouse fixture)
+from test_monte_carlo_architectures import _relative_error
 
 import gpntk
 from gpntk import layers as L
