@@ -83,6 +83,7 @@ def read_ts(path: Path) -> TimeSeries:
     Multivariate, unequal-length or unlabelled files, and missing values (``?``), are refused.
     """
     header: dict[str, str] = {}
+    class_labels: list[str] = []
     rows: list[list[float]] = []
     labels: list[str] = []
     in_data = False
@@ -93,7 +94,7 @@ def read_ts(path: Path) -> TimeSeries:
         if not in_data:
             key, _, value = line.partition(" ")
             if key.lower() == "@data":
-                in_data = True
+                in_data, class_labels = True, _class_labels(path, header)
             elif key.startswith("@"):
                 header[key[1:].lower()] = value.strip()
             else:
@@ -106,21 +107,29 @@ def read_ts(path: Path) -> TimeSeries:
             raise ValueError(f"{path}:{number}: only univariate series without missing values are supported")
         rows.append([float(v) for v in values.split(",")])
         labels.append(label.strip())
+    if not rows:
+        raise ValueError(f"{path}: no series after @data")
+    lengths = {len(row) for row in rows}
+    if len(lengths) != 1:
+        raise ValueError(f"{path}: series of different lengths {sorted(lengths)}")
+    unknown = sorted(set(labels) - set(class_labels))
+    if unknown:
+        raise ValueError(f"{path}: labels {unknown} not declared in @classLabel")
+    x = np.asarray(rows, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{path}: only univariate series without missing values are supported (found NaN or inf)")
+    return TimeSeries(x, labels, class_labels, header.get("problemname", ""))
+
+
+def _class_labels(path: Path, header: dict[str, str]) -> list[str]:
+    """The class labels of a ``.ts`` header, after checking it describes univariate equal-length labelled series."""
     for key, wanted in (("univariate", "true"), ("equallength", "true")):
         if header.get(key, wanted).lower() != wanted:
             raise ValueError(f"{path}: only @{key} {wanted} files are supported")
     class_header = header.get("classlabel", "").split()
     if not class_header or class_header[0].lower() != "true":
         raise ValueError(f"{path}: needs '@classLabel true <labels>'")
-    if not rows:
-        raise ValueError(f"{path}: no series after @data")
-    lengths = {len(row) for row in rows}
-    if len(lengths) != 1:
-        raise ValueError(f"{path}: series of different lengths {sorted(lengths)}")
-    unknown = sorted(set(labels) - set(class_header[1:]))
-    if unknown:
-        raise ValueError(f"{path}: labels {unknown} not declared in @classLabel")
-    return TimeSeries(np.asarray(rows, dtype=np.float64), labels, class_header[1:], header.get("problemname", ""))
+    return class_header[1:]
 
 
 def is_z_normalised(x: np.ndarray, atol: float = 1e-6) -> bool:
@@ -222,7 +231,9 @@ def ntk(name: str, length: int) -> gpntk.NTKKernel:
     return gpntk.NTKKernel(build(), input_shape=(1, length) if sequence else None)
 
 
-def kernel_matrices(kernel: gpntk.NTKKernel, train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def kernel_matrices(
+    kernel: gpntk.NTKKernel, train_x: torch.Tensor, test_x: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
     """``K(X, X)`` (n, n) and ``K(x, X)`` (m, n) as numpy arrays."""
     with torch.no_grad():
         return kernel(train_x).to_dense().numpy(), kernel(test_x, train_x).to_dense().numpy()

@@ -37,7 +37,8 @@ DEFAULT_FIGURE = "sequence-classification.png"
 
 def load_benchmark():
     """``benchmarks/sequence_classification.py`` as a module: the data reader and the three networks."""
-    spec = importlib.util.spec_from_file_location("sequence_benchmark", ROOT / "benchmarks" / "sequence_classification.py")
+    path = ROOT / "benchmarks" / "sequence_classification.py"
+    spec = importlib.util.spec_from_file_location("sequence_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["sequence_benchmark"] = module
     spec.loader.exec_module(module)
