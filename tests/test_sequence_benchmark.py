@@ -96,7 +96,7 @@ def tiny():
     return bench.load_split(max_train=12, max_test=10)
 
 
-@pytest.mark.parametrize("name", bench.KERNELS)
+@pytest.mark.parametrize("name", list(bench.NETWORKS))
 def test_kernel_regression_is_the_ensemble_mean_at_infinite_time(tiny, name):
     """The benchmark's solve on the precomputed kernels equals TrainedEnsemble's t = ∞ mean."""
     kernel = bench.ntk(name, tiny.length)
@@ -122,6 +122,9 @@ def test_networks_are_the_documented_ones():
     attention, cnn = bench.attention_net(), bench.cnn_net()
     assert any(isinstance(layer, gpntk.layers.GlobalSelfAttention) for layer in attention.layers)
     assert isinstance(cnn.layers[-2], gpntk.layers.GlobalAvgPool)
+    assert isinstance(bench.cnn_net(pool=False).layers[-2], gpntk.layers.Flatten)
+    assert isinstance(bench.attention_net(pool=False).layers[-2], gpntk.layers.Flatten)
+    assert set(bench.KERNELS) | set(bench.DIAGNOSTIC_KERNELS) == set(bench.NETWORKS)
     assert bench.ntk("mlp", 24).input_shape is None and bench.ntk("cntk", 24).input_shape == (1, 24)
 
 
