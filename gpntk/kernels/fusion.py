@@ -51,7 +51,7 @@ class FusionPolicy:
         #: whether an evaluation of this owner has run compiled
         self.compiled = False
         self._large_calls: dict[tuple[torch.dtype, torch.device, bool], int] = {}
-        self._compiled_fn: BlockFunction | None = None
+        self._compiled: tuple[BlockFunction, BlockFunction] | None = None  # (function, its compiled form)
 
     def use_fusion(
         self,
@@ -84,10 +84,10 @@ class FusionPolicy:
         """``fn(*args)``, compiled when ``fused``; a compiler failure warns once and falls back to eager."""
         if not fused or self.failed:
             return fn(*args)
-        if self._compiled_fn is None:
-            self._compiled_fn = torch.compile(fn, dynamic=True, backend=self.backend)
+        if self._compiled is None or self._compiled[0] is not fn:
+            self._compiled = (fn, torch.compile(fn, dynamic=True, backend=self.backend))
         try:
-            out = self._compiled_fn(*args)
+            out = self._compiled[1](*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to eager, once
             self.failed = True
             warnings.warn(

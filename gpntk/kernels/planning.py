@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .._transforms import is_transformed
 from ..core.layer import Layer
 from .engine import input_layout, same_inputs
 
@@ -89,8 +90,16 @@ def kernel_blocks(
     """``(blocks, numbers in the whole kernel, same points)`` of the kernel between ``x1`` and ``x2``.
 
     ``blocks`` as in :func:`block_plan`, for the budget ``block_elements`` (default
-    :func:`default_block_elements`); "same points": ``x1`` and ``x2`` hold equal values.
+    :func:`default_block_elements`); "same points": ``x1`` and ``x2`` hold equal values. Blocks are
+    mirrored only where that keeps gradients right: a mirrored block stands for rows of ``x2`` and
+    columns of ``x1``, so for two different tensors that autograd (or a ``torch.func`` transform)
+    follows, every block is computed.
     """
+    if x1 is not x2 and (
+        (torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad))
+        or is_transformed(x1) or is_transformed(x2)
+    ):
+        mirror = False
     budget = default_block_elements(x1.device) if block_elements is None else block_elements
     per_pair = numbers_per_pair(net, x1, x2, hyper, input_shape)
     n1, n2 = x1.shape[-2], x2.shape[-2]

@@ -205,7 +205,7 @@ class TrainedEnsemble:
 
     @learning_rate.setter
     def learning_rate(self, value: float) -> None:
-        self._solver.problem = self._solver.problem.with_learning_rate(value)
+        self._solver.problem = self._solver.problem.with_learning_rate(positive_number("learning_rate", value))
 
     @property
     def diag_reg(self) -> float:

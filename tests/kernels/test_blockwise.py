@@ -238,3 +238,20 @@ def test_to_dense_does_not_multiply_by_identity():
     lazy = gpntk.NTKKernel(net, backend="blockwise", block_elements=BLOCK)(x).evaluate_kernel()
     eye = torch.eye(120, dtype=DT)
     assert _relative(lazy.to_dense(), lazy @ eye) < 1e-12
+
+
+def test_blocked_dense_gradients_for_equal_values_in_two_tensors():
+    """K(x, x') with x' equal in value to x but another tensor: blocks are not mirrored when autograd
+    follows x', so the gradient equals that of the one-block evaluation (and of slightly shifted inputs)."""
+    net = L.mlp(2, "erf", 2.0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    weights = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    hyper = Hyperparameters.collect(net, like=x1)
+    grads = {}
+    for name, block_elements, shift in (("one block", None, 0.0), ("blocks", 16, 0.0), ("shifted", 16, 1e-12)):
+        x2 = (x1 + shift).requires_grad_()
+        _, ntk = dense.evaluate(net, x1, x2, hyper, block_elements=block_elements)
+        (grads[name],) = torch.autograd.grad((ntk * weights).sum(), x2)
+    torch.testing.assert_close(grads["blocks"], grads["one block"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads["blocks"], grads["shifted"], rtol=1e-6, atol=1e-6)

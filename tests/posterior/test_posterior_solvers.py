@@ -45,3 +45,13 @@ def test_a_learning_rate_set_later_equals_a_new_ensemble(solver):
     for ours, theirs in zip(post.moments(test_x, 2.0), fresh.moments(test_x, 2.0)):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(post.train_loss(3.0), fresh.train_loss(3.0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, float("nan"), float("inf")])
+def test_a_learning_rate_set_later_is_checked_as_at_construction(value):
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    post = TrainedEnsemble(L.mlp(1), x, y, learning_rate=0.5)
+    with pytest.raises(ValueError, match="learning_rate"):
+        post.learning_rate = value
+    assert post.learning_rate == 0.5
