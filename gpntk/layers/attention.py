@@ -116,6 +116,7 @@ class GlobalSelfAttention(Affine):
         constraints: Mapping[str, Interval] | None = None,
     ):
         Layer.__init__(self)  # not Affine's: this layer has no weight_variance
+        self._parameterization, self._in_width = "ntk", None  # what Affine's readers report
         self.n_heads = integer_argument("n_heads", n_heads, minimum=1, error=ArchitectureError)
         try:
             self.mechanism = choice_argument("attention_mechanism", attention_mechanism, MECHANISMS)

@@ -36,8 +36,10 @@ class LayerNorm(Layer):
 
     The derivative of the normaliser adds nothing to :math:`\Theta'` at infinite width (its
     contribution is an average over the channels of terms of order :math:`1/\sqrt n`). Neural
-    Tangents' kernel leaves :math:`\epsilon` out; with the default :math:`\epsilon = 10^{-12}` the
-    two differ by about :math:`10^{-12}` relative to the variances, below the reference tolerance.
+    Tangents' kernel leaves :math:`\epsilon` out: the two differ by the relative amount
+    :math:`\epsilon / \Sigma(x, x)_{p,p}`, about :math:`10^{-12}` with the default
+    :math:`\epsilon = 10^{-12}` and variances of order one, but large for inputs of tiny norm
+    (variances near :math:`\epsilon`), where gpntk follows the finite network.
 
     It needs Gaussian pre-activations (after ``Dense`` or ``Conv``): after a nonlinearity the
     channel mean does not vanish and the normalised features are no longer described by these

@@ -298,3 +298,14 @@ def test_after_a_convolution(kind):
     torch.testing.assert_close(diag, full.diagonal(), rtol=1e-12, atol=0)
     torch.testing.assert_close(blockwise, full, rtol=1e-12, atol=0)
     assert net.finite(4, input_shape=SHAPE)(x).shape == (4, 1)
+
+
+def test_nngp_regime_posterior_and_parameterization_of_an_attention_network():
+    """Checks that read every Affine layer's parameterization (the regime check) accept attention layers."""
+    net = L.serial(L.Dense(1.5, 0.1), attention(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0, 0.1))
+    layer = net.layers[1]
+    assert layer.parameterization == "ntk" and layer.in_width is None
+    x, y = inputs(6), torch.randn(6, 1, generator=torch.Generator().manual_seed(4))
+    post = gpntk.TrainedEnsemble(net, x, y, diag_reg=1e-6, input_shape=SHAPE)
+    mean, _ = post.moments(x, t=float("inf"), regime="nngp")
+    torch.testing.assert_close(mean, y, rtol=0, atol=1e-3)
