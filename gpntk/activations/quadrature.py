@@ -122,8 +122,8 @@ class Elementwise(Activation):
 
     :param fn: a torch function applied elementwise (e.g. ``torch.tanh``).
     :param derivative: :math:`\phi'` for the quadrature; if omitted it is computed by forward-mode autograd.
-    :param degree: the number of Gauss–Hermite points per dimension (cost grows as degree²; see
-        the module notes on accuracy).
+    :param degree: the number of Gauss–Hermite points per dimension (default 64; cost grows as
+        degree²; see the module notes on accuracy). Refused with ``nngp_fn``, where no quadrature runs.
     :param name: a name for ``repr``.
     :param nngp_fn: the closed-form dual (keyword only); then no quadrature is done and
         ``derivative`` must not be given.
@@ -134,7 +134,7 @@ class Elementwise(Activation):
         self,
         fn: Callable[[Tensor], Tensor],
         derivative: Callable[[Tensor], Tensor] | None = None,
-        degree: int = _DEFAULT_DEGREE,
+        degree: int | None = None,
         name: str | None = None,
         *,
         nngp_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
@@ -146,7 +146,12 @@ class Elementwise(Activation):
         if derivative is not None and not callable(derivative):
             raise ArchitectureError(f"derivative must be callable, got {derivative!r}")
         _check_closed_form(derivative, nngp_fn, d_nngp_fn)
-        degree = integer_argument("degree", degree, minimum=2, error=ArchitectureError)
+        if degree is not None and nngp_fn is not None:
+            raise ArchitectureError(
+                "Elementwise degree is the quadrature's; with nngp_fn the dual is exact and no quadrature runs"
+            )
+        degree = integer_argument("degree", _DEFAULT_DEGREE if degree is None else degree, minimum=2,
+                                  error=ArchitectureError)
         self._fn = fn
         self._derivative = derivative if derivative is not None else _AutogradDerivative(fn)
         self.degree = degree

@@ -2,6 +2,7 @@ r"""Layers that pool over positions: ``AvgPool``, ``GlobalAvgPool``, ``Flatten``
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -53,7 +54,7 @@ class AvgPool(Layer):
         spatial = (
             None if signature.spatial is None else output_spatial(self.windows(signature.spatial), signature.spatial)
         )
-        return signature.after(self, spatial=spatial)
+        return signature.after(self, spatial=spatial, features=signature.features)  # channels unchanged
 
     def needs_full(self, after: bool) -> bool:
         return True
@@ -91,7 +92,7 @@ class GlobalAvgPool(Layer):
 
     def check(self, signature: Signature) -> Signature:
         spatial_input(self.name, signature)
-        return signature.after(self, spatial=())
+        return signature.after(self, spatial=(), features=signature.features)  # one number per channel
 
     def needs_full(self, after: bool) -> bool:
         return True
@@ -134,7 +135,10 @@ class Flatten(Layer):
     def check(self, signature: Signature) -> Signature:
         if signature.spatial == ():
             return signature
-        return signature.after(self, spatial=(), gaussian=False if signature.spatial else None)
+        features = None  # C·H·W features, where both are known
+        if signature.features is not None and signature.spatial is not None:
+            features = signature.features * math.prod(signature.spatial)
+        return signature.after(self, spatial=(), gaussian=False if signature.spatial else None, features=features)
 
     def needs_full(self, after: bool) -> bool:
         return False

@@ -242,6 +242,7 @@ def test_elementwise_closed_form_second_derivatives():
         ({"nngp_fn": _erf_nngp, "d_nngp_fn": "x"}, "d_nngp_fn must be callable"),
         ({"d_nngp_fn": _erf_d_nngp}, "d_nngp_fn needs nngp_fn"),
         ({"nngp_fn": _erf_nngp, "derivative": torch.cos}, "derivative is for the quadrature"),
+        ({"nngp_fn": _erf_nngp, "degree": 200}, "degree is the quadrature's"),
     ],
 )
 def test_elementwise_closed_form_arguments(kwargs, message):

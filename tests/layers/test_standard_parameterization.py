@@ -322,3 +322,24 @@ def test_parameterization_and_in_width_are_fixed():
     assert (L.Dense().parameterization, L.Dense().in_width) == ("ntk", None)
     with pytest.raises(AttributeError):
         layer.in_width = 5
+
+
+@pytest.mark.parametrize("reducer,right", [
+    (lambda: L.Flatten(), 2 * 2 * 2),
+    (lambda: L.GlobalAvgPool(), 2),
+    (lambda: L.GlobalSumPool(), 2),
+    (lambda: L.serial(L.AvgPool(2), L.Flatten()), 2 * 1 * 1),
+])
+def test_in_width_after_flatten_and_pooling_is_checked_against_the_inputs(reducer, right):
+    """Layers without weights hand on the number of features, so a wrong in_width of a standard layer
+    after them is refused instead of scaling the NTK; the right one is accepted."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def net(width):
+        return L.serial(reducer(), L.Dense(2.0, 0.1, parameterization="standard", in_width=width), L.ReLU(),
+                        L.Dense(1.0))
+
+    assert torch.isfinite(gpntk.NTKKernel(net(right), input_shape=(2, 2, 2))(x).to_dense()).all()
+    for wrong in (right + 1, max(right - 1, 1) if right > 1 else right + 2):
+        with pytest.raises(ArchitectureError, match=f"in_width is {wrong}"):
+            gpntk.NTKKernel(net(wrong), input_shape=(2, 2, 2))(x).to_dense()
