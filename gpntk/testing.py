@@ -16,9 +16,11 @@ values under the same keys, so a comparison is one loop::
 
 The case format (``kind`` ``"kernel"`` or ``"posterior"``; keys, conventions and the tolerances a
 correct float64 implementation meets) is described in the reference set's README
-(``tests/reference/README.md`` in gpntk's repository). Graph and node cases (kinds
-``"graph_kernel"``, ``"node_kernel"``) and cases using a layer or an option gpntk does not have
-raise :class:`NotImplementedError` naming it.
+(``tests/reference/README.md`` in gpntk's repository), with the graph cases (kinds
+``"graph_kernel"``: ``nodes1``, ``adj1``, ... padded graphs, read through
+:class:`~gpntk.GraphInputs`; ``"node_kernel"``: ``nodes``, ``adj`` of one graph, through
+:class:`~gpntk.NodeGraph`). Cases using a layer or an option gpntk does not have raise
+:class:`NotImplementedError` naming it.
 
 This module imports the whole library (kernels, posteriors); ``import gpntk`` does not import it
 until ``gpntk.testing`` is first used.
@@ -36,13 +38,14 @@ import numpy as np
 import torch
 
 from . import layers as L
+from .core.graph_inputs import GraphInputs, NodeGraph
 from .kernels import NNGPKernel, NTKKernel
 from .posterior import TrainedEnsemble
 
 __all__ = ["reference_kernels", "build_network", "load_spec", "default_dtype"]
 
-#: case kinds this module evaluates; graph kinds await graph inputs in gpntk
-SUPPORTED_KINDS = ("kernel", "posterior")
+#: case kinds this module evaluates
+SUPPORTED_KINDS = ("kernel", "posterior", "graph_kernel", "node_kernel")
 
 
 def load_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -131,6 +134,32 @@ def _kernel_case(net: L.Serial, spec: dict[str, Any], data: Any) -> dict[str, np
     return out
 
 
+def _graph_case(net: L.Serial, spec: dict[str, Any], data: Any) -> dict[str, np.ndarray]:
+    """A graph-level case: each graph padded to N nodes, every one of them real (the README's convention)."""
+    nodes1 = torch.as_tensor(data["nodes1"], dtype=torch.float64)
+    fmt = GraphInputs(nodes=nodes1.shape[-2], channels=nodes1.shape[-1])
+    x1 = fmt.pack(nodes1, data["adj1"])
+    x2 = fmt.pack(data["nodes2"], data["adj2"])
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for kind, kernel_class in (("nngp", NNGPKernel), ("ntk", NTKKernel)):
+            kernel = kernel_class(net, input_shape=fmt)
+            out[f"{kind}_12"] = kernel(x1, x2).to_dense().numpy()
+            out[f"{kind}_11"] = kernel(x1).to_dense().numpy()
+    return out
+
+
+def _node_case(net: L.Serial, spec: dict[str, Any], data: Any) -> dict[str, np.ndarray]:
+    """A node-level case: the kernel between all nodes of one graph."""
+    graph = NodeGraph(torch.as_tensor(data["nodes"], dtype=torch.float64), data["adj"])
+    nodes = torch.arange(graph.nodes, dtype=torch.float64).unsqueeze(-1)
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for kind, kernel_class in (("nngp", NNGPKernel), ("ntk", NTKKernel)):
+            out[kind] = kernel_class(net, input_shape=graph)(nodes).to_dense().numpy()
+    return out
+
+
 def _posterior_case(net: L.Serial, spec: dict[str, Any], data: Any) -> dict[str, np.ndarray]:
     x_train, y_train, x_test = (torch.as_tensor(data[k], dtype=torch.float64) for k in ("x_train", "y_train", "x_test"))
     targets = y_train if y_train.shape[1] > 1 else y_train[:, 0]
@@ -159,22 +188,27 @@ def reference_kernels(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     ``{regime}_trainmean_{i}``, ``{regime}_traincov_{i}``, from :class:`~gpntk.TrainedEnsemble`
     with the case's learning rate, ``diag_reg`` and times (``"inf"`` for t = ∞).
 
-    Raises :class:`NotImplementedError` for case kinds gpntk cannot evaluate yet (graph and node
-    cases) and for cases using a layer gpntk does not have, or options of a layer it does not
-    support (the message names them), and :class:`ValueError` for a file that is not a case.
+    Graph cases: ``nngp_12``, ``ntk_12``, ``nngp_11``, ``ntk_11`` between the padded graphs
+    (every padding node counted as a real, isolated node, as the reference defines them); node
+    cases: ``nngp``, ``ntk`` between all nodes of the graph.
+
+    Raises :class:`NotImplementedError` for case kinds gpntk does not know and for cases using a
+    layer gpntk does not have, or options of a layer it does not support (the message names
+    them), and :class:`ValueError` for a file that is not a case.
     """
     spec = load_spec(path)
     kind = spec.get("kind")
     if kind not in SUPPORTED_KINDS:
         raise NotImplementedError(
             f"{os.fspath(path)}: case kind {kind!r} is not supported by gpntk yet (supported: "
-            f"{', '.join(SUPPORTED_KINDS)}); graph inputs are not part of gpntk's layer language"
+            f"{', '.join(SUPPORTED_KINDS)})"
         )
     try:
         net = build_network(spec["layers"])
     except NotImplementedError as error:
         raise NotImplementedError(f"{os.fspath(path)}: {error}") from error
     with np.load(path, allow_pickle=False) as data:
-        if kind == "kernel":
-            return _kernel_case(net, spec, data)
-        return _posterior_case(net, spec, data)
+        evaluate = {
+            "kernel": _kernel_case, "posterior": _posterior_case, "graph_kernel": _graph_case, "node_kernel": _node_case
+        }[kind]
+        return evaluate(net, spec, data)

@@ -230,12 +230,28 @@ class AvgPooling(nn.Module):
 
 
 class GlobalAvgPooling(nn.Module):
-    """Mean over all spatial positions: ``(n, C, *spatial)`` to ``(n, C)``."""
+    """Mean over all spatial positions: ``(n, C, *spatial)`` to ``(n, C)``.
+
+    In a graph network (:mod:`gpntk.core.finite_graph`) the mean over the real nodes of each graph
+    ``(n, C, N)``: its ``graph_binding`` holds the node mask of the forward pass under way.
+    """
 
     gpntk_rowwise = True
+    #: set by a graph network: the mask of its padded graphs' real nodes
+    graph_binding = None
+    #: whether positions are averaged (``False``: summed)
+    average = True
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+        if x.dim() <= 2:
+            return x
+        binding = self.graph_binding
+        mask = None if binding is None else binding.mask
+        if mask is not None:  # (n, N): only real nodes count
+            total = (x * mask.to(x).unsqueeze(-2)).sum(-1)
+            return total / mask.to(x).sum(-1, keepdim=True).clamp_min(1) if self.average else total
+        dims = tuple(range(2, x.dim()))
+        return x.mean(dim=dims) if self.average else x.sum(dim=dims)
 
 
 class FlattenRows(nn.Module):
@@ -316,10 +332,7 @@ class SumPooling(AvgPooling):
         return _patches(x, self.windows).sum(dim=tuple(range(-len(self.windows), 0)))
 
 
-class GlobalSumPooling(nn.Module):
-    """Sum over all spatial positions: ``(n, C, *spatial)`` to ``(n, C)``."""
+class GlobalSumPooling(GlobalAvgPooling):
+    """Sum over all spatial positions: ``(n, C, *spatial)`` to ``(n, C)`` (over the real nodes of graphs)."""
 
-    gpntk_rowwise = True
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.sum(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+    average = False

@@ -28,12 +28,14 @@ from torch import Tensor, nn
 from .._validation import integer_argument
 from ..errors import ArchitectureError
 from .finite import RowsToTensors
+from .finite_graph import NodeGraphNetwork, PaddedGraphNetwork
+from .graph_inputs import GraphInputs, NodeGraph
 from .state import KernelState
 
 if TYPE_CHECKING:
     from .hyperparameters import Hyperparameters
 
-__all__ = ["Layer", "Signature", "Shape", "Signatures", "States", "Shapes", "UNKNOWN", "check_network"]
+__all__ = ["Layer", "Signature", "Shape", "Signatures", "States", "Shapes", "UNKNOWN", "check_network", "InputShape"]
 
 #: finite-width shapes of one input: ``(features,)`` / ``(C, *spatial)``, or None (vector, unknown)
 Shape = Union[tuple[int, ...], None]
@@ -67,6 +69,10 @@ class Signature:
     the outputs have, where known: the network's own inputs' (``d``, or ``C`` for spatial inputs,
     when the kernel or network knows it), so that a first layer in standard parameterization
     can check its ``in_width``; ``None`` (unknown) after any layer that does not pass it on.
+
+    ``graph``: whether the positions are the nodes of graphs (:mod:`gpntk.core.graph_inputs`),
+    which have no order: ``Aggregate`` needs them, layers of ordered positions (convolutions,
+    windowed pooling, ``Flatten``, attention) refuse them. ``None``: unknown.
     """
 
     gaussian: bool | None = False
@@ -76,6 +82,7 @@ class Signature:
     independent: bool | None = False
     outer_independent: tuple[bool, ...] = ()
     features: int | None = None
+    graph: bool | None = False
 
     def after(self, layer: "Layer", **changes: Any) -> "Signature":
         """This signature handed on by ``layer``, with ``changes`` (``features`` unknown unless given)."""
@@ -91,21 +98,38 @@ States = Union[KernelState, tuple[KernelState, ...]]
 #: finite-width shapes handed between branch-aware layers: one shape, or one per branch of a FanOut
 Shapes = Union[Shape, list[Shape]]
 
-UNKNOWN = Signature(gaussian=None, last="the start of this block", spatial=None, channels=None, independent=None)
+UNKNOWN = Signature(
+    gaussian=None, last="the start of this block", spatial=None, channels=None, independent=None, graph=None
+)
+
+#: what ``input_shape`` may be: a spatial shape ``(C, *spatial)``, a graph format, or None (vectors)
+InputShape = Union[Sequence[int], GraphInputs, NodeGraph, None]
 
 
-def check_network(
-    net: "Layer", input_shape: Sequence[int] | None = None, in_features: int | None = None
-) -> Signature:
+def check_network(net: "Layer", input_shape: InputShape = None, in_features: int | None = None) -> Signature:
     """Check ``net`` from its input: with ``input_shape`` ``(C, *spatial)`` for spatial inputs.
 
     ``in_features``: the number of features of vector inputs, where known (``input_shape``
     gives ``C`` for spatial ones). The network must end with one non-spatial output (flattened
-    or pooled), so that its kernel is one number per pair of inputs.
+    or pooled), so that its kernel is one number per pair of inputs; on a
+    :class:`~gpntk.core.graph_inputs.GraphInputs` format, pooled over the nodes; on a
+    :class:`~gpntk.core.graph_inputs.NodeGraph`, one output per node (not pooled).
     """
-    spatial = tuple(input_shape[1:]) if input_shape is not None else ()
-    features = input_shape[0] if input_shape is not None else in_features
-    signature = net.check(Signature(spatial=spatial, features=features))
+    if isinstance(input_shape, (GraphInputs, NodeGraph)):
+        start = Signature(spatial=input_shape.spatial, features=input_shape.channels, graph=True)
+        signature = net.check(start)
+        if isinstance(input_shape, NodeGraph) and not isinstance(signature, tuple):
+            if signature.spatial != input_shape.spatial:
+                raise ArchitectureError(
+                    f"a node-level kernel (NodeGraph) has one output per node, but the outputs of "
+                    f"{signature.last} are {'pooled over the nodes' if signature.spatial == () else 'not per node'}; "
+                    "remove the pooling (use GraphInputs for graph-level kernels)"
+                )
+            return signature
+    else:
+        spatial = tuple(input_shape[1:]) if input_shape is not None else ()
+        features = input_shape[0] if input_shape is not None else in_features
+        signature = net.check(Signature(spatial=spatial, features=features))
     if isinstance(signature, tuple):
         raise ArchitectureError(
             f"the network ends with {len(signature)} parallel branches; combine them with FanInSum(), "
@@ -114,7 +138,10 @@ def check_network(
     if signature.spatial:
         raise ArchitectureError(
             f"the network's outputs still have spatial shape {signature.spatial} (after "
-            f"{signature.last}); end it with Flatten() or GlobalAvgPool() and a Dense readout"
+            f"{signature.last}); end it with "
+            + ("GlobalSumPool() or GlobalAvgPool() over the nodes" if signature.graph
+               else "Flatten() or GlobalAvgPool()")
+            + " and a Dense readout"
         )
     return signature
 
@@ -236,7 +263,7 @@ class Layer(gpytorch.Module):
         width: int,
         *,
         in_features: int | None = None,
-        input_shape: Sequence[int] | None = None,
+        input_shape: InputShape = None,
         out_features: int = 1,
         generator: torch.Generator | None = None,
     ) -> nn.Module:
@@ -256,10 +283,18 @@ class Layer(gpytorch.Module):
         The module maps rows ``(n, d)`` to ``(n, out_features)``, like the kernels: with an
         ``input_shape`` ``(C, *spatial)`` each row holds a channels-first tensor of ``d =
         C·H·W`` features. ``in_features`` may be left out for vector inputs: it is then inferred
-        from the first batch.
+        from the first batch. With a graph format (:class:`~gpntk.GraphInputs`: rows of padded
+        graphs; :class:`~gpntk.NodeGraph`: rows of node indices) the module reads its inputs as
+        the graph kernels do (:mod:`gpntk.core.finite_graph`).
         """
         width = integer_argument("width", width, minimum=1)
         out_features = integer_argument("out_features", out_features, minimum=1)
+        if isinstance(input_shape, (GraphInputs, NodeGraph)):
+            check_network(self, input_shape)
+            body, _ = self.build_finite((input_shape.channels, input_shape.nodes), width, out_features, True, generator)
+            if isinstance(input_shape, GraphInputs):
+                return PaddedGraphNetwork(input_shape, body)
+            return NodeGraphNetwork(input_shape, body)
         if in_features is not None:
             in_features = integer_argument("in_features", in_features, minimum=1)
         shape: Shape = None if in_features is None else (in_features,)

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from .coincident import Coincidence, exact_values
+from .graph_inputs import GraphInputs, NodeGraph
+from .graph_state import GraphContext, PaddedGraphs, SparseGraph
 from .spatial import Layout
 
 __all__ = ["KernelState"]
@@ -56,6 +58,10 @@ class KernelState:
     point's covariance between its own positions, ``(..., n1, 1, *S)`` / ``(..., 1, n2, *S)``.
     ``keep_full`` tells a layer that a later one needs the full position-by-position covariance
     (pooling), so it must not be reduced to its diagonal yet.
+
+    Graph inputs (:mod:`gpntk.core.graph_inputs`) have nodes as positions, always in the full
+    layout, and ``graph`` carries the graphs the state belongs to (:mod:`gpntk.core.graph_state`),
+    for message passing and pooling over nodes.
     """
 
     cov12: Tensor
@@ -68,6 +74,7 @@ class KernelState:
     layout: Layout = VECTOR
     keep_full: bool = False
     coincident: Coincidence | None = None
+    graph: GraphContext | None = None
 
     @staticmethod
     def from_inputs(
@@ -77,7 +84,7 @@ class KernelState:
         diag: bool,
         same_inputs: bool,
         track_ntk: bool,
-        input_shape: Sequence[int] | None = None,
+        input_shape: Sequence[int] | GraphInputs | NodeGraph | None = None,
         full: bool = False,
         coincident: Coincidence | None = None,
     ) -> "KernelState":
@@ -99,6 +106,10 @@ class KernelState:
         """
         if not diag and coincident is None and same_inputs:
             coincident = _diagonal(x1.shape[-2], x1.device)
+        if isinstance(input_shape, GraphInputs):
+            return _graph_inputs(x1, x2, diag, same_inputs, track_ntk, input_shape, coincident)
+        if isinstance(input_shape, NodeGraph):
+            raise TypeError("a node-level state is the whole graph's (KernelState.of_node_graph), not rows of inputs")
         if input_shape is not None and len(input_shape) >= 2:
             return _spatial_inputs(x1, x2, diag, same_inputs, track_ntk, tuple(input_shape), full, coincident)
         d = x1.shape[-1]
@@ -115,6 +126,22 @@ class KernelState:
         return KernelState(
             cov12, var1, var2, None, diag=False, same_inputs=same_inputs, track_ntk=track_ntk, layout=VECTOR,
             coincident=coincident,
+        )
+
+    @staticmethod
+    def of_node_graph(graph: NodeGraph, like: Tensor, track_ntk: bool) -> "KernelState":
+        r"""The state of a node-level kernel: the graph with itself, :math:`\Sigma_0 = X X^\top / C` ``(1, 1, N, N)``.
+
+        A per-point state of the one graph (``diag``), in the full layout over its nodes, kept
+        full to the end (``keep_full``): its covariance between nodes is the node kernel. In
+        ``like``'s dtype and device.
+        """
+        x = graph.features.to(like)
+        n = graph.nodes
+        var = (x @ x.transpose(-1, -2) / graph.channels).reshape(1, 1, n, n)
+        return KernelState(
+            var, var, var, None, diag=True, same_inputs=True, track_ntk=track_ntk, layout=Layout((n,), full=True),
+            keep_full=True, graph=SparseGraph(graph.adjacency),
         )
 
     def replace(self, **changes: Any) -> "KernelState":
@@ -194,6 +221,31 @@ def _spatial_inputs(
         cov12, var1, var2, None, diag=False, same_inputs=same_inputs, track_ntk=track_ntk, layout=layout,
         coincident=coincident,
     )
+
+
+def _graph_inputs(
+    x1: Tensor,
+    x2: Tensor,
+    diag: bool,
+    same_inputs: bool,
+    track_ntk: bool,
+    fmt: GraphInputs,
+    coincident: Coincidence | None,
+) -> KernelState:
+    """The input state of padded graphs: node features as the positions of a full layout, and the graphs."""
+    g1 = fmt.unpack(x1)
+    g2 = g1 if x2 is x1 else fmt.unpack(x2)
+
+    def channels_first(features: Tensor) -> Tensor:  # (..., n, N, C) -> rows (..., n, C·N)
+        return features.transpose(-1, -2).flatten(-2)
+
+    f1 = channels_first(g1.features)
+    f2 = f1 if x2 is x1 else channels_first(g2.features)
+    state = _spatial_inputs(f1, f2, diag, same_inputs, track_ntk, (fmt.channels, fmt.nodes), True, coincident)
+    if diag:  # per point: the graph of the midpoint row, as for its features
+        g = g1 if x2 is x1 else fmt.unpack(midpoint(x1, x2))
+        return state.replace(graph=PaddedGraphs(g.adjacency, g.adjacency, g.mask, g.mask))
+    return state.replace(graph=PaddedGraphs(g1.adjacency, g2.adjacency, g1.mask, g2.mask))
 
 
 def midpoint(x1: Tensor, x2: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ identity matrix.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Sequence, cast
+from typing import TYPE_CHECKING, cast
 
 import gpytorch
 from linear_operator.operators import KernelLinearOperator, LinearOperator
@@ -29,7 +29,8 @@ from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from .. import settings
-from ..core.layer import Layer
+from ..core.graph_inputs import NodeGraph
+from ..core.layer import InputShape, Layer
 from ..errors import ApproximationWarning
 from .blockwise import BlockwiseKernelOperator
 from .dense import evaluate
@@ -52,7 +53,7 @@ def keops_available() -> bool:
     return True
 
 
-def keops_unsupported_reason(net: Layer, input_shape: Sequence[int] | None) -> str | None:
+def keops_unsupported_reason(net: Layer, input_shape: InputShape) -> str | None:
     """``None`` when the KeOps backend can evaluate ``net``, else why not."""
     if not keops_available():
         return "pykeops is not installed (pip install 'gpntk[keops]')"
@@ -66,7 +67,7 @@ def choose_backend(
     x1: Tensor,
     x2: Tensor,
     hyper: dict[str, Tensor],
-    input_shape: Sequence[int] | None,
+    input_shape: InputShape,
     backend: settings.Backend | None = None,
 ) -> str:
     """``"dense"``, ``"blockwise"`` or ``"keops"`` for the kernel between ``x1`` and ``x2``.
@@ -76,6 +77,11 @@ def choose_backend(
     """
     mode = settings.kernel_backend.current() if backend is None else backend
     n1, n2 = x1.shape[-2], x2.shape[-2]
+    if isinstance(input_shape, NodeGraph):
+        if mode == "keops":
+            reason = keops_unsupported_reason(net, input_shape)
+            raise ValueError(f"the KeOps backend cannot evaluate this kernel: {reason}")
+        return "dense"  # the whole graph's kernel is computed at once (node_level.py); never matrix-free
     if mode == "dense" or min(n1, n2) <= 1:
         return "dense"
     if mode == "keops":
@@ -98,7 +104,7 @@ def covariance_function(
     *,
     net: Layer,
     output: Output,
-    input_shape: Sequence[int] | None = None,
+    input_shape: InputShape = None,
     block_elements: int | None = None,
     backend: settings.Backend | None = None,
     fusion: FusionPolicy | None = None,

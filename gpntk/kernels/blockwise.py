@@ -29,10 +29,12 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from ..core.layer import Layer
+from ..core.graph_inputs import NodeGraph
+from ..core.layer import InputShape, Layer
 from .dense import evaluate
 from .engine import Output, check_finite_kernel, run_block
 from .fusion import FusionPolicy
+from .node_level import node_kernels
 from .planning import batch_shape_of, kernel_blocks
 
 __all__ = ["kernel_matmul", "BlockwiseKernelOperator"]
@@ -48,7 +50,7 @@ def kernel_matmul(
     rhs: Tensor,
     *,
     kinds: Sequence[Output] = ("ntk",),
-    input_shape: Sequence[int] | None = None,
+    input_shape: InputShape = None,
     block_elements: int | None = None,
     fusion: FusionPolicy | None = None,
 ) -> tuple[Tensor, ...]:
@@ -72,6 +74,10 @@ def kernel_matmul(
     if rhs.shape[-2] != x2.shape[-2]:
         raise ValueError(f"rhs has {rhs.shape[-2]} rows but x2 has {x2.shape[-2]} points")
     track_ntk = "ntk" in kinds
+    if isinstance(input_shape, NodeGraph):  # every entry needs the whole graph's kernel: computed once
+        with torch.no_grad():
+            cov, ntk = node_kernels(net, x1, x2, hyper, input_shape, track_ntk)
+        return tuple(cast(Tensor, ntk if kind == "ntk" else cov) @ rhs for kind in kinds)
     blocks, elements, _ = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
     batch = torch.broadcast_shapes(batch_shape_of(x1, x2, hyper), rhs.shape[:-2])
     outputs = [rhs.new_zeros(*batch, x1.shape[-2], rhs.shape[-1]) for _ in kinds]
@@ -112,7 +118,7 @@ class BlockwiseKernelOperator(LinearOperator):
         net: Layer,
         output: Output,
         hyper_names: tuple[str, ...],
-        input_shape: Sequence[int] | None = None,
+        input_shape: InputShape = None,
         block_elements: int | None = None,
         fusion: FusionPolicy | None = None,
     ):

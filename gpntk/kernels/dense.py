@@ -9,16 +9,18 @@ the diagonal; :func:`nngp_and_ntk` is the functional entry point for both kernel
 
 from __future__ import annotations
 
-from typing import Sequence, cast
+from typing import cast
 
 import torch
 from torch import Tensor
 
 from ..core.coincident import RowIds
+from ..core.graph_inputs import NodeGraph
 from ..core.hyperparameters import Hyperparameters
-from ..core.layer import Layer
+from ..core.layer import InputShape, Layer
 from .engine import Output, check_finite_kernel, input_layout, run_block, same_inputs
 from .fusion import FusionPolicy
+from .node_level import node_kernel_diagonal, node_kernels
 from .planning import batch_shape_of, block_ranges, default_block_elements, kernel_blocks
 
 __all__ = ["Output", "evaluate", "kernel_diagonal", "nngp_and_ntk", "input_layout", "check_finite_kernel"]
@@ -30,7 +32,7 @@ def evaluate(
     x2: Tensor,
     hyper: dict[str, Tensor],
     *,
-    input_shape: Sequence[int] | None = None,
+    input_shape: InputShape = None,
     track_ntk: bool = True,
     block_elements: int | None = None,
     fusion: FusionPolicy | None = None,
@@ -40,6 +42,8 @@ def evaluate(
     ``fusion``: the compile policy of the caller (a kernel's or an ensemble's, which counts its
     repeated evaluations); ``None`` for a one-off evaluation (a fresh policy).
     """
+    if isinstance(input_shape, NodeGraph):  # one graph: computed whole, then its entries
+        return node_kernels(net, x1, x2, hyper, input_shape, track_ntk)
     fusion = FusionPolicy() if fusion is None else fusion
     blocks, elements, symmetric = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
     fused = fusion.use_fusion(x1, x2, hyper, input_shape, track_ntk, elements)
@@ -80,7 +84,7 @@ def kernel_diagonal(
     net: Layer,
     output: Output,
     hyper: dict[str, Tensor],
-    input_shape: Sequence[int] | None = None,
+    input_shape: InputShape = None,
     block_elements: int | None = None,
 ) -> Tensor:
     r"""The diagonal :math:`k(x_{1,i}, x_{2,i})`, shape ``(..., n)``, without forming a matrix.
@@ -91,6 +95,8 @@ def kernel_diagonal(
     formula in each argument. Points are taken in chunks so that a
     spatial covariance of at most ``block_elements`` numbers is held at once.
     """
+    if isinstance(input_shape, NodeGraph):
+        return node_kernel_diagonal(net, x1, x2, hyper, input_shape, output == "ntk")
     batch = batch_shape_of(x1, x2, hyper)
     budget = default_block_elements(x1.device) if block_elements is None else block_elements
     per_point = input_layout(net, input_shape).elements_per_pair
@@ -125,7 +131,7 @@ def nngp_and_ntk(
     x1: Tensor,
     x2: Tensor | None = None,
     *,
-    input_shape: Sequence[int] | None = None,
+    input_shape: InputShape = None,
     detach_hyperparameters: bool = False,
     track_ntk: bool = True,
     block_elements: int | None = None,

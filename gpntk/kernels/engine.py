@@ -12,15 +12,16 @@ error. The dense and blockwise backends (:mod:`gpntk.kernels.dense`,
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from .._transforms import is_batched, is_transformed
 from ..core.coincident import Coincidence, RowIds
+from ..core.graph_inputs import GraphInputs, NodeGraph
 from ..core.hyperparameters import Hyperparameters
-from ..core.layer import Layer
+from ..core.layer import InputShape, Layer
 from ..core.spatial import Layout
 from ..core.state import KernelState
 from .fusion import FusionPolicy
@@ -43,8 +44,13 @@ def same_inputs(x1: Tensor, x2: Tensor) -> bool:
     return bool(torch.equal(x1, x2))
 
 
-def input_layout(net: Layer, input_shape: Sequence[int] | None) -> Layout:
-    """The layout of the input kernel: spatial when ``input_shape`` has spatial dims, full if pooling follows."""
+def input_layout(net: Layer, input_shape: InputShape) -> Layout:
+    """The layout of the input kernel: spatial when ``input_shape`` has spatial dims, full if pooling follows.
+
+    Graphs: their nodes, always in the full layout (aggregation and pooling mix nodes).
+    """
+    if isinstance(input_shape, (GraphInputs, NodeGraph)):
+        return Layout(input_shape.spatial, full=True)
     if input_shape is None or len(input_shape) < 2:
         return Layout()
     return Layout(tuple(input_shape[1:]), full=net.needs_full(False))
@@ -55,7 +61,7 @@ def block_kernels(
     x1: Tensor,
     x2: Tensor,
     hyper: dict[str, Tensor],
-    input_shape: Sequence[int] | None,
+    input_shape: InputShape,
     track_ntk: bool,
     same: bool,
     diag: bool,

@@ -58,17 +58,18 @@ class FusionPolicy:
         x1: Tensor,
         x2: Tensor,
         hyper: dict[str, Tensor],
-        input_shape: Sequence[int] | None,
+        input_shape: object,
         track_ntk: bool,
         elements: int,
     ) -> bool:
         """Whether an evaluation of ``elements`` numbers runs compiled; counts it if it is large.
 
-        Spatial architectures always run eagerly: their recursion (window sums, layouts) takes
-        minutes to trace and compile, and its cost is dominated by the spatial maps rather than by
-        chains of elementwise passes.
+        Spatial and graph architectures always run eagerly: their recursion (window sums,
+        layouts, aggregations) takes minutes to trace and compile, and its cost is dominated by
+        the spatial maps rather than by chains of elementwise passes.
         """
-        if self.failed or (input_shape is not None and len(input_shape) >= 2):
+        spatial = input_shape is not None and (not isinstance(input_shape, Sequence) or len(input_shape) >= 2)
+        if self.failed or spatial:
             return False
         needs_grad = torch.is_grad_enabled() and (
             x1.requires_grad or x2.requires_grad or any(h.requires_grad for h in hyper.values())

@@ -11,9 +11,10 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from .. import settings
-from .._validation import check_input_shape, check_kernel_inputs, expanded_batch_shape, integer_argument, real_argument
+from .._validation import expanded_batch_shape, integer_argument, real_argument
+from ..core.graph_inputs import NodeGraph, check_rows_of, checked_input_shape
 from ..core.hyperparameters import Hyperparameters, parameterized_layers
-from ..core.layer import Layer, check_network
+from ..core.layer import InputShape, Layer, check_network
 from .backends import InfiniteWidthKernelOperator, choose_backend, covariance_function
 from .dense import evaluate, kernel_diagonal
 from .engine import Output
@@ -34,8 +35,11 @@ class InfiniteWidthKernel(Kernel):
         object (use ``copy.deepcopy(net)`` for independent ones). ``kernel.net`` is the network the
         kernel evaluates: ``net`` itself, except for a batched kernel (below).
     :param input_shape: for spatial architectures, the shape ``(C, W)`` or ``(C, H, W)`` of one
-        input; rows of ``x`` then hold ``C*H*W`` features in channels-first order. ``None``
-        (default) treats rows as feature vectors.
+        input; rows of ``x`` then hold ``C*H*W`` features in channels-first order. For graph
+        networks (``Aggregate``), a graph format: :class:`~gpntk.GraphInputs` (each row one padded
+        graph, a graph-level kernel) or :class:`~gpntk.NodeGraph` (each row a node index of one
+        graph, a node-level kernel; always the dense backend, see :mod:`gpntk.kernels.node_level`).
+        ``None`` (default) treats rows as feature vectors.
     :param block_elements: the most numbers one intermediate tensor may hold: kernels are
         computed in blocks of input pairs of that size, so memory does not grow as
         :math:`n^2 P^2` for spatial architectures (default ``2**18`` on CPU, where small blocks
@@ -73,7 +77,7 @@ class InfiniteWidthKernel(Kernel):
     def __init__(
         self,
         net: Layer,
-        input_shape: Sequence[int] | None = None,
+        input_shape: InputShape = None,
         batch_shape: torch.Size = torch.Size([]),
         active_dims: Sequence[int] | None = None,
         block_elements: int | None = None,
@@ -86,7 +90,7 @@ class InfiniteWidthKernel(Kernel):
             )
         _reject_unsupported_kwargs(type(self).__name__, kwargs)
         super().__init__(batch_shape=torch.Size(batch_shape), active_dims=active_dims)
-        self.input_shape = check_input_shape(input_shape)
+        self.input_shape = checked_input_shape(input_shape)
         check_network(net, self.input_shape)
         net = _net_with_batch_shape(net, self.batch_shape)
         track_network_priors(net, type(self).__name__)
@@ -104,6 +108,11 @@ class InfiniteWidthKernel(Kernel):
                 reason = keops_unsupported_reason(net, self.input_shape)
                 if reason is not None:
                     raise ValueError(f"backend='keops' cannot evaluate this kernel: {reason}")
+            if backend == "blockwise" and isinstance(self.input_shape, NodeGraph):
+                raise ValueError(
+                    "backend='blockwise' cannot evaluate a node-level kernel matrix-free: every entry needs the "
+                    "whole graph's kernel, which the dense backend computes once per evaluation"
+                )
         self.backend = backend
         for layer in parameterized_layers(self.net):
             layer.expand_hyperparameters(self.batch_shape)
@@ -136,7 +145,7 @@ class InfiniteWidthKernel(Kernel):
         """The network's hyperparameters (in ``x1``'s dtype and device), after checking the call's arguments."""
         if last_dim_is_batch:
             raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
-        check_kernel_inputs(x1, x2, diag=diag, input_shape=self.input_shape)
+        check_rows_of(self.input_shape, x1, x2, diag=diag)
         if self.input_shape is None:  # the features of vector inputs are known now (standard layers' in_width)
             check_network(self.net, in_features=x1.shape[-1])
         hyper = Hyperparameters.collect(self.net, like=x1)

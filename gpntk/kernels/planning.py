@@ -13,13 +13,12 @@ inputs that are the same points only the blocks on and above the diagonal are co
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .._transforms import is_transformed
-from ..core.layer import Layer
+from ..core.layer import InputShape, Layer
 from .engine import input_layout, same_inputs
 
 __all__ = [
@@ -72,7 +71,7 @@ def batch_shape_of(x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> torch.Si
 
 
 def numbers_per_pair(
-    net: Layer, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor], input_shape: Sequence[int] | None
+    net: Layer, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor], input_shape: InputShape
 ) -> int:
     """Numbers one pair of inputs takes in the recursion: spatial entries times the batch size."""
     return input_layout(net, input_shape).elements_per_pair * math.prod(batch_shape_of(x1, x2, hyper))
@@ -83,7 +82,7 @@ def kernel_blocks(
     x1: Tensor,
     x2: Tensor,
     hyper: dict[str, Tensor],
-    input_shape: Sequence[int] | None,
+    input_shape: InputShape,
     block_elements: int | None,
     mirror: bool = True,
 ) -> tuple[list[Block], int, bool]:

@@ -41,6 +41,7 @@ from .conv import Conv
 from .conv_variants import ConvLocal, ConvTranspose
 from .dense import Dense
 from .dropout import Dropout
+from .graph import Aggregate
 from .mlp import mlp
 from .normalization import LayerNorm
 from .pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
@@ -55,5 +56,6 @@ __all__ = [
     "ConvTranspose", "ConvLocal",
     "SumPool", "GlobalSumPool", "Dropout",
     "GlobalSelfAttention",
+    "Aggregate",
     "ExpNormalized", "Hermite", "Gabor", "SigmoidLike",
 ]

@@ -84,8 +84,17 @@ def output_spatial(windows: tuple[Window, ...], spatial: tuple[int, ...]) -> tup
     return tuple(w.output_size(length) for w, length in zip(windows, spatial))
 
 
-def spatial_input(layer: str, signature: Signature) -> None:
-    """Raise unless ``signature`` describes (possibly unknown) spatial inputs."""
+def spatial_input(layer: str, signature: Signature, ordered: bool = True) -> None:
+    """Raise unless ``signature`` describes (possibly unknown) spatial inputs.
+
+    ``ordered``: the layer needs positions in an order (windows, flattening, attention over a
+    sequence), which the nodes of graphs do not have.
+    """
+    if ordered and signature.graph:
+        raise ArchitectureError(
+            f"{layer} needs ordered positions (a sequence or a grid), but the inputs are graphs, whose nodes have "
+            "no order; on graphs use Aggregate(), Dense, activations and GlobalSumPool() / GlobalAvgPool()"
+        )
     if signature.spatial == ():
         where = (
             "the network's inputs are vectors "

@@ -85,13 +85,17 @@ class GlobalAvgPool(Layer):
     r"""Mean over all positions: :math:`\Sigma' = \frac{1}{P^2}\sum_{p,p'} \Sigma_{p,p'}` (same for :math:`\Theta`).
 
     The outputs are vectors; the layers before it keep the full position-by-position covariance.
+    On graphs (:class:`~gpntk.GraphInputs`) the mean over the real nodes of both graphs,
+    :math:`\frac{1}{|G||G'|}\sum_{u \in G, u' \in G'} \Sigma_{u,u'}` (padding nodes skipped).
     """
 
     #: the finite module
     finite_module: type[nn.Module] = GlobalAvgPooling
+    #: whether positions are averaged (``False``: summed, :class:`GlobalSumPool`)
+    average = True
 
     def check(self, signature: Signature) -> Signature:
-        spatial_input(self.name, signature)
+        spatial_input(self.name, signature, ordered=False)
         return signature.after(self, spatial=(), features=signature.features)  # one number per channel
 
     def needs_full(self, after: bool) -> bool:
@@ -101,6 +105,8 @@ class GlobalAvgPool(Layer):
         layout = state.layout
         if not layout.full:
             raise RuntimeError(f"{self.name} was given only the diagonal of the spatial covariance")
+        if state.graph is not None:
+            return state.graph.pool(state, average=self.average)
         return state.map_linear(self.reduce(layout), Layout())
 
     def reduce(self, layout: Layout) -> Callable[[Tensor], Tensor]:
@@ -135,6 +141,7 @@ class Flatten(Layer):
     def check(self, signature: Signature) -> Signature:
         if signature.spatial == ():
             return signature
+        spatial_input(self.name, signature)  # graphs: the nodes have no order to flatten in
         features = None  # C·H·W features, where both are known
         if signature.features is not None and signature.spatial is not None:
             features = signature.features * math.prod(signature.spatial)
@@ -192,10 +199,12 @@ class GlobalSumPool(GlobalAvgPool):
     r"""Sum over all positions: :math:`\Sigma' = \sum_{p,p'} \Sigma_{p,p'}` (same for :math:`\Theta`).
 
     :class:`GlobalAvgPool` times :math:`P^2` for :math:`P` positions: the outputs' variance grows
-    with the input size (Neural Tangents' ``GlobalSumPool``). The outputs are vectors.
+    with the input size (Neural Tangents' ``GlobalSumPool``). The outputs are vectors. On graphs,
+    the sum over the real nodes (the readout of Du et al. 2019's graph NTK).
     """
 
     finite_module = GlobalSumPooling
+    average = False
 
     def reduce(self, layout: Layout) -> Callable[[Tensor], Tensor]:
         """The sum over all position pairs."""

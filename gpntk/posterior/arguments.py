@@ -6,25 +6,30 @@ General checks (numbers, times, input tensors) are in :mod:`gpntk._validation`.
 from __future__ import annotations
 
 import math
-from typing import Sequence, cast
+from typing import cast
 
 import torch
 from torch import Tensor
 
-from .._validation import check_input_shape, check_inputs, number_in_unit_interval, positive_integer
-from ..core.layer import Layer, check_network
+from .._validation import check_inputs, number_in_unit_interval, positive_integer
+from ..core.graph_inputs import GraphFormat, GraphInputs, NodeGraph, checked_input_shape
+from ..core.layer import InputShape, Layer, check_network
 from ..layers.affine import Affine
 from .solver import REGIMES, SOLVERS, Regime
 
 __all__ = ["check_architecture", "check_targets", "check_regime", "check_test_inputs", "check_solver_options"]
 
 
-def check_architecture(net: object, train_x: Tensor, input_shape: Sequence[int] | None) -> tuple[int, ...] | None:
+def check_architecture(net: object, train_x: Tensor, input_shape: InputShape) -> tuple[int, ...] | GraphFormat | None:
     """``net`` a gpntk architecture for ``input_shape`` and ``train_x`` ``(n, d)`` its inputs; the checked shape."""
     if not isinstance(net, Layer):
         raise TypeError(f"TrainedEnsemble needs an architecture built from gpntk.layers, got {type(net).__name__}")
-    shape = check_input_shape(input_shape)
+    shape = checked_input_shape(input_shape)
     check_inputs("train_x", train_x, batched=False)
+    if isinstance(shape, (GraphInputs, NodeGraph)):
+        check_network(net, shape)
+        shape.check_rows("train_x", train_x)
+        return shape
     check_network(net, shape, in_features=train_x.shape[-1])
     if shape is not None and train_x.shape[-1] != math.prod(shape):
         raise ValueError(
@@ -88,8 +93,10 @@ def check_regime(regime: str, net: Layer | None = None) -> Regime:
     return cast(Regime, regime)
 
 
-def check_test_inputs(test_x: Tensor, num_features: int) -> None:
-    """``test_x``: a finite float tensor ``(m, d)`` with the training inputs' ``d``."""
+def check_test_inputs(test_x: Tensor, num_features: int, input_shape: object = None) -> None:
+    """``test_x``: a finite float tensor ``(m, d)`` with the training inputs' ``d`` (and graph format, if any)."""
     check_inputs("test_x", test_x, batched=False)
     if test_x.shape[-1] != num_features:
         raise ValueError(f"test_x has {test_x.shape[-1]} features but train_x has {num_features}")
+    if isinstance(input_shape, (GraphInputs, NodeGraph)):
+        input_shape.check_rows("test_x", test_x)

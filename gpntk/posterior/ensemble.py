@@ -64,7 +64,8 @@ from linear_operator.operators import DenseLinearOperator, IdentityLinearOperato
 from torch import Tensor
 
 from .._validation import non_negative_number, positive_integer, positive_number, training_times
-from ..core.layer import Layer
+from ..core.graph_inputs import GraphFormat
+from ..core.layer import InputShape, Layer
 from .arguments import check_architecture, check_regime, check_solver_options, check_targets, check_test_inputs
 from .eigh import EighSolver
 from .kernel_cache import KernelCache, TestKernelCache
@@ -103,7 +104,9 @@ class TrainedEnsemble:
     :param learning_rate: :math:`\eta` of the gradient descent the time is counted in.
     :param diag_reg: absolute ridge added to the training kernel (0 for ridgeless).
     :param input_shape: ``(C, W)`` or ``(C, H, W)`` for spatial architectures (rows of the inputs
-        hold channels-first tensors), as for :class:`~gpntk.NTKKernel`.
+        hold channels-first tensors), or a graph format (:class:`~gpntk.GraphInputs`: rows are
+        padded graphs; :class:`~gpntk.NodeGraph`: rows are node indices of one graph, a
+        transductive node-level posterior), as for :class:`~gpntk.NTKKernel`.
     :param solver: ``"eigh"`` (an eigendecomposition of the :math:`n \times n` training kernel),
         ``"lanczos"`` (matrix functions applied to vectors, the kernel never formed; see
         :mod:`~gpntk.posterior.krylov`) or ``"auto"``: eigh up to :data:`EIGH_MAX_TRAIN` training
@@ -148,7 +151,7 @@ class TrainedEnsemble:
         train_y: Tensor,
         learning_rate: float = 1.0,
         diag_reg: float = 0.0,
-        input_shape: tuple[int, ...] | None = None,
+        input_shape: InputShape = None,
         solver: Solver = "auto",
         tolerance: float = 1e-8,
         max_iterations: int = 1000,
@@ -195,7 +198,7 @@ class TrainedEnsemble:
         return self._snapshot.train_y
 
     @property
-    def input_shape(self) -> tuple[int, ...] | None:
+    def input_shape(self) -> tuple[int, ...] | GraphFormat | None:
         return self._snapshot.input_shape
 
     @property
@@ -288,7 +291,7 @@ class TrainedEnsemble:
         """Checks, then the solver's ``(mean (T, m, k), cov)``, shaped as the arguments ask."""
         regime = check_regime(regime, self._snapshot.net)
         times, batched = training_times(t)
-        check_test_inputs(test_x, self.train_x.shape[-1])
+        check_test_inputs(test_x, self.train_x.shape[-1], self.input_shape)
         test_x = test_x.to(self.train_x)
         cross, test = self._test_kernels.kernels(test_x)
         mean, cov = self._solver.moments(test_x, cross, test, times, regime, covariance)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from ..core.graph_inputs import GraphFormat
 from ..core.hyperparameters import Hyperparameters, parameterized_layers
 from ..core.layer import Layer
 from ..kernels.fusion import FusionPolicy
@@ -57,13 +58,13 @@ class EnsembleSnapshot:
     train_x: Tensor  # (n, d)
     train_y: Tensor  # (n, k)
     multi_output: bool  # whether the targets were (n, k) rather than (n,)
-    input_shape: tuple[int, ...] | None
+    input_shape: tuple[int, ...] | GraphFormat | None
     #: the ensemble's compile policy: its repeated large evaluations compile (gpntk.settings.fusion)
     fusion: FusionPolicy = field(default_factory=FusionPolicy, compare=False)
 
     @classmethod
     def take(
-        cls, net: Layer, train_x: Tensor, train_y: Tensor, input_shape: tuple[int, ...] | None
+        cls, net: Layer, train_x: Tensor, train_y: Tensor, input_shape: tuple[int, ...] | GraphFormat | None
     ) -> EnsembleSnapshot:
         """Copy ``net`` (frozen), its hyperparameter values and the data (checked beforehand)."""
         frozen, hyper = freeze_network(net, like=train_x)

@@ -33,7 +33,7 @@ def _flatten(net: Layer) -> list[Layer]:
     return [net]
 
 
-def keops_supported(net: Layer, input_shape: Sequence[int] | None = None) -> str | None:
+def keops_supported(net: Layer, input_shape: object = None) -> str | None:
     """``None`` if the KeOps backend can evaluate ``net``, else a sentence saying why not (naming the layer).
 
     Supported: vector inputs (``input_shape`` ``None`` or ``(d,)``) and serial chains of ``Dense``
@@ -42,6 +42,11 @@ def keops_supported(net: Layer, input_shape: Sequence[int] | None = None) -> str
     activations evaluated by quadrature or without a closed form here) has no KeOps formula; the
     dense and blockwise backends evaluate those.
     """
+    if input_shape is not None and not isinstance(input_shape, Sequence):
+        return (
+            f"the KeOps backend evaluates fully-connected networks on vector inputs only, got graph inputs "
+            f"{input_shape!r} (message passing mixes the nodes of each graph); use the dense or blockwise backend"
+        )
     if input_shape is not None and len(input_shape) >= 2:
         return (
             f"the KeOps backend evaluates fully-connected networks on vector inputs only, got input_shape "

@@ -1,0 +1,360 @@
+r"""How graphs reach a kernel: the two input formats of graph kernels, and adjacency normalisation.
+
+Kernels and networks read inputs as rows of a tensor ``x`` of shape ``(..., n, d)``. Graphs come
+in two formats, passed where a spatial network takes ``input_shape``:
+
+* :class:`GraphInputs` (**graph-level** kernels, one kernel value per pair of graphs): each row is
+  one graph padded to ``nodes`` nodes: its node features, its adjacency and a mask of its real
+  nodes, flattened (:meth:`GraphInputs.pack`, :meth:`GraphInputs.from_graphs`). Graphs of
+  different sizes share one format; padding nodes never change a kernel value.
+* :class:`NodeGraph` (**node-level** kernels on one fixed graph, one value per pair of its
+  nodes): the graph (features and a sparse adjacency) lives in the format, and each row of ``x``
+  is the index of a node, ``(..., n, 1)``, so that a GPyTorch ``ExactGP`` fits on node indices.
+
+Adjacency convention (as ``gpntk.layers.Aggregate``): message passing is
+:math:`h'_i = \sum_j A_{ij} h_j`, so row :math:`i` of :math:`A` lists what node :math:`i`
+receives; weighted and directed adjacencies are allowed. :func:`normalized_adjacency` gives the
+usual normalisations of a GCN (Kipf & Welling 2017): row :math:`D^{-1}A`, symmetric
+:math:`D^{-1/2} A D^{-1/2}` and column :math:`A D^{-1}`, with or without self-loops
+:math:`A + I`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._validation import check_input_shape, check_kernel_inputs, integer_argument
+
+__all__ = [
+    "GraphInputs", "NodeGraph", "GraphFormat", "GraphTensors", "normalized_adjacency", "Normalization",
+    "checked_input_shape", "check_rows_of",
+]
+
+Normalization = Literal["row", "symmetric", "column"]
+NORMALIZATIONS = ("row", "symmetric", "column")
+
+
+class GraphTensors(NamedTuple):
+    """Padded graphs: ``features`` ``(..., n, N, C)``, ``adjacency`` ``(..., n, N, N)``, ``mask`` ``(..., n, N)``."""
+
+    features: Tensor
+    adjacency: Tensor
+    mask: Tensor
+
+
+@dataclass(frozen=True)
+class GraphInputs:
+    r"""The format of graph-level inputs: each row of ``x`` is one graph padded to ``nodes`` nodes.
+
+    A row holds, flattened in this order, the node features ``(nodes, channels)`` (node-major,
+    channels last), the adjacency ``(nodes, nodes)`` (row :math:`i` is what node :math:`i`
+    receives) and the mask ``(nodes,)`` (1 for a real node, 0 for padding): ``row_features =
+    nodes·channels + nodes² + nodes`` numbers. Padding nodes have zero features and no edges;
+    pooling skips them (``GlobalAvgPool`` averages over the real nodes), so a graph's kernel values
+    do not depend on how far it is padded.
+
+    The input kernel of two nodes is :math:`h \cdot h' / C` (Neural Tangents' convention, as for
+    vectors); node features are the "positions" of a spatial input, and a ``Dense`` layer acts on
+    each node with the same weights.
+
+    Build rows with :meth:`from_graphs` (a list of graphs of any sizes) or :meth:`pack` (already
+    padded arrays); pass the format as ``input_shape`` to :class:`~gpntk.NTKKernel`,
+    :class:`~gpntk.NNGPKernel`, :class:`~gpntk.TrainedEnsemble` or ``net.finite(width, ...)``.
+    """
+
+    nodes: int
+    channels: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nodes", integer_argument("GraphInputs nodes", self.nodes, minimum=1))
+        object.__setattr__(self, "channels", integer_argument("GraphInputs channels", self.channels, minimum=1))
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        """The "positions" of one input: its (padded) nodes."""
+        return (self.nodes,)
+
+    @property
+    def row_features(self) -> int:
+        """Numbers per row of ``x``: features, adjacency and mask."""
+        n = self.nodes
+        return n * self.channels + n * n + n
+
+    def pack(self, features: Any, adjacency: Any, mask: Any | None = None) -> Tensor:
+        """Rows ``(..., n, row_features)`` of padded ``features`` ``(..., n, N, C)``, ``adjacency`` ``(..., n, N, N)``.
+
+        ``mask`` ``(..., n, N)`` marks the real nodes (default: all ``N`` are real, i.e. padding
+        nodes count as isolated nodes of the graph). The result has the features' floating dtype
+        (float64 for integer or NumPy inputs) and is checked like any kernel input.
+        """
+        f = _as_float_tensor("features", features)
+        a = _as_float_tensor("adjacency", adjacency).to(f)
+        n, c = self.nodes, self.channels
+        if f.dim() < 3 or f.shape[-2:] != (n, c):
+            raise ValueError(
+                f"GraphInputs({n}, {c}).pack needs features of shape (..., n, {n}, {c}), got {tuple(f.shape)}"
+            )
+        if a.shape != (*f.shape[:-2], n, n):
+            raise ValueError(
+                f"GraphInputs({n}, {c}).pack needs an adjacency of shape {(*f.shape[:-2], n, n)}, got {tuple(a.shape)}"
+            )
+        m = torch.ones(f.shape[:-1], dtype=f.dtype) if mask is None else _as_float_tensor("mask", mask).to(f)
+        if m.shape != f.shape[:-1]:
+            raise ValueError(f"GraphInputs.pack needs a mask of shape {tuple(f.shape[:-1])}, got {tuple(m.shape)}")
+        x = torch.cat([f.flatten(-2), a.flatten(-2), m], dim=-1)
+        self.check_rows("the packed graphs", x)
+        return x
+
+    def unpack(self, x: Tensor) -> GraphTensors:
+        """The padded graphs of rows ``x`` ``(..., n, row_features)`` (views, no copies)."""
+        n, c = self.nodes, self.channels
+        features = x[..., : n * c].unflatten(-1, (n, c))
+        adjacency = x[..., n * c : n * c + n * n].unflatten(-1, (n, n))
+        return GraphTensors(features, adjacency, x[..., n * c + n * n :])
+
+    @classmethod
+    def from_graphs(
+        cls, graphs: Sequence[tuple[Any, Any]], nodes: int | None = None, dtype: torch.dtype = torch.float64
+    ) -> tuple["GraphInputs", Tensor]:
+        """The format and the rows ``(len(graphs), row_features)`` of a list of ``(features, adjacency)`` graphs.
+
+        Graph ``g`` has features ``(n_g, C)`` and adjacency ``(n_g, n_g)`` (dense or a torch
+        sparse tensor; NumPy arrays are accepted); all are padded to ``nodes`` nodes (default: the
+        largest graph's).
+        """
+        if len(graphs) == 0:
+            raise ValueError("GraphInputs.from_graphs needs at least one graph")
+        parts = [(_as_float_tensor("features", f, dtype), _as_float_tensor("adjacency", a, dtype)) for f, a in graphs]
+        channels = {f.shape[-1] if f.dim() == 2 else -1 for f, _ in parts}
+        if len(channels) != 1 or -1 in channels:
+            raise ValueError(
+                f"every graph needs features of shape (n_g, C) with one C, got channels {sorted(channels)}"
+            )
+        largest = max(f.shape[0] for f, _ in parts)
+        size = largest if nodes is None else integer_argument("nodes", nodes, minimum=1)
+        if size < largest:
+            raise ValueError(f"nodes={size} is smaller than the largest graph ({largest} nodes)")
+        fmt = cls(size, channels.pop())
+        features = torch.zeros(len(parts), size, fmt.channels, dtype=dtype)
+        adjacency = torch.zeros(len(parts), size, size, dtype=dtype)
+        mask = torch.zeros(len(parts), size, dtype=dtype)
+        for g, (f, a) in enumerate(parts):
+            k = f.shape[0]
+            if a.shape != (k, k):
+                raise ValueError(f"graph {g} has {k} nodes but an adjacency of shape {tuple(a.shape)}")
+            features[g, :k], adjacency[g, :k, :k], mask[g, :k] = f, a, 1
+        return fmt, fmt.pack(features, adjacency, mask)
+
+    def check_rows(self, name: str, x: Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` holds graphs of this format (padding without features or edges)."""
+        if x.shape[-1] != self.row_features:
+            raise ValueError(
+                f"{name}: {self!r} needs {self.row_features} numbers per row ({self.nodes}·{self.channels} "
+                f"features, {self.nodes}² adjacency, {self.nodes} mask), got {x.shape[-1]}"
+            )
+        if x.requires_grad or x.numel() == 0:  # values checked on plain data only (not a traced row)
+            return
+        g = self.unpack(x)
+        if not bool(((g.mask == 0) | (g.mask == 1)).all()):
+            raise ValueError(f"{name}: the node mask must hold 0 (padding) or 1 (a real node)")
+        padding = g.mask == 0
+        if bool((g.features.abs().sum(-1) * padding).any()):
+            raise ValueError(f"{name}: padding nodes (mask 0) must have zero features")
+        edges = g.adjacency.abs()
+        if bool(((edges.sum(-1) + edges.sum(-2)) * padding).any()):
+            raise ValueError(f"{name}: padding nodes (mask 0) must have no edges (zero adjacency rows and columns)")
+
+    def __repr__(self) -> str:
+        return f"GraphInputs(nodes={self.nodes}, channels={self.channels})"
+
+
+class NodeGraph:
+    r"""One fixed graph whose nodes are the inputs of a node-level kernel (GCN-NTK / GCN-NNGP).
+
+    :param features: node features ``(N, C)``; the input kernel of two nodes is :math:`h \cdot h' / C`.
+    :param adjacency: ``(N, N)``, row :math:`i` what node :math:`i` receives: a torch sparse
+        tensor (kept sparse, so large graphs never form a dense :math:`N \times N` adjacency), or a
+        dense tensor / NumPy array (made sparse). Use :meth:`from_edges` for an edge list with a
+        normalisation.
+
+    A kernel built with ``input_shape=graph`` takes node indices: rows ``(..., n, 1)`` of integer
+    values in ``[0, N)`` (any float or integer dtype), e.g. ``torch.arange(N)[:, None].double()``.
+    The kernel of the whole graph is computed once per evaluation (every node's value depends on
+    its neighbourhood) and the requested entries are read from it.
+    """
+
+    def __init__(self, features: Any, adjacency: Any):
+        x = _as_float_tensor("NodeGraph features", features)
+        if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"NodeGraph features must be (N, C) with N, C >= 1, got shape {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("NodeGraph features contain NaN or infinite values")
+        n = x.shape[0]
+        a = adjacency if torch.is_tensor(adjacency) else torch.as_tensor(np.asarray(adjacency))
+        if a.shape != (n, n):
+            raise ValueError(f"NodeGraph adjacency must be ({n}, {n}) for {n} nodes, got {tuple(a.shape)}")
+        a = (a.to_sparse_coo() if a.layout != torch.sparse_coo else a).coalesce().to(x.dtype)
+        if not bool(torch.isfinite(a.values()).all()):
+            raise ValueError("NodeGraph adjacency contains NaN or infinite values")
+        self.features = x
+        self.adjacency = a
+
+    @classmethod
+    def from_edges(
+        cls,
+        features: Any,
+        edges: Any,
+        *,
+        weights: Any | None = None,
+        normalization: Normalization | None = None,
+        self_loops: bool = False,
+    ) -> "NodeGraph":
+        """The graph of an edge list ``edges`` ``(2, E)``: edge ``k`` goes from ``edges[0, k]`` to ``edges[1, k]``.
+
+        Both directions of an undirected edge must be listed (as in PyTorch Geometric's
+        ``edge_index``). ``weights`` ``(E,)`` (default 1); repeated edges add up. Then
+        :func:`normalized_adjacency` with ``normalization`` and ``self_loops``.
+        """
+        x = _as_float_tensor("NodeGraph features", features)
+        e = torch.as_tensor(np.asarray(edges) if not torch.is_tensor(edges) else edges)
+        if e.dim() != 2 or e.shape[0] != 2 or e.is_floating_point():
+            raise ValueError(f"edges must be an integer tensor of shape (2, E), got {tuple(e.shape)} {e.dtype}")
+        n = x.shape[0]
+        if e.numel() and (int(e.min()) < 0 or int(e.max()) >= n):
+            raise ValueError(f"edges name nodes outside [0, {n})")
+        w = torch.ones(e.shape[1], dtype=x.dtype) if weights is None else _as_float_tensor("weights", weights).to(x)
+        if w.shape != (e.shape[1],):
+            raise ValueError(f"weights must have shape ({e.shape[1]},), got {tuple(w.shape)}")
+        receivers, senders = e[1].long(), e[0].long()
+        adjacency = torch.sparse_coo_tensor(torch.stack([receivers, senders]), w, (n, n)).coalesce()
+        return cls(x, normalized_adjacency(adjacency, normalization, self_loops=self_loops))
+
+    @property
+    def nodes(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        """The "positions" of the graph: its nodes."""
+        return (self.nodes,)
+
+    @property
+    def row_features(self) -> int:
+        """Numbers per row of ``x``: one node index."""
+        return 1
+
+    def indices(self, x: Tensor) -> Tensor:
+        """The node indices of rows ``x`` ``(..., n, 1)`` as a long tensor ``(..., n)`` (checked)."""
+        self.check_rows("x", x)
+        return x[..., 0].long()
+
+    def check_rows(self, name: str, x: Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` ``(..., n, 1)`` holds integer node indices in ``[0, N)``."""
+        if x.shape[-1] != 1:
+            raise ValueError(
+                f"{name}: a node-level kernel takes node indices, rows of shape (..., n, 1), got {tuple(x.shape)}"
+            )
+        if x.numel() == 0:
+            return
+        values = x.detach()
+        if values.is_floating_point() and not bool((values == values.round()).all()):
+            raise ValueError(f"{name}: node indices must be whole numbers")
+        if int(values.min()) < 0 or int(values.max()) >= self.nodes:
+            raise ValueError(f"{name}: node indices must lie in [0, {self.nodes}) for this {self.nodes}-node graph")
+
+    def __repr__(self) -> str:
+        return f"NodeGraph(nodes={self.nodes}, channels={self.channels}, edges={self.adjacency._nnz()})"
+
+
+#: the input formats of graph kernels
+GraphFormat = Union[GraphInputs, NodeGraph]
+
+
+def normalized_adjacency(adjacency: Tensor, normalization: Normalization | None, *, self_loops: bool = False) -> Tensor:
+    r"""The GCN propagation matrix of ``adjacency`` ``(N, N)`` (dense or sparse COO, kept as given).
+
+    With ``self_loops`` first :math:`A \leftarrow A + I`. Then, with degrees
+    :math:`d_i = \sum_j A_{ij}` (what node :math:`i` receives) and column sums
+    :math:`c_j = \sum_i A_{ij}`: ``"row"`` :math:`D^{-1} A` (the mean of the neighbours),
+    ``"symmetric"`` :math:`D^{-1/2} A D^{-1/2}` (Kipf & Welling 2017), ``"column"``
+    :math:`A\, C^{-1}`; ``None`` leaves :math:`A`. A node without edges has degree 0 and keeps a
+    zero row (it receives nothing), as in Sabanayagam et al. (2023).
+    """
+    if normalization is not None and normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS} or None, got {normalization!r}")
+    n = adjacency.shape[-1]
+    if adjacency.dim() != 2 or adjacency.shape[0] != n:
+        raise ValueError(f"normalized_adjacency needs a square (N, N) adjacency, got {tuple(adjacency.shape)}")
+    sparse = adjacency.layout == torch.sparse_coo
+    if sparse:
+        a = adjacency.coalesce()
+        index, values = a.indices(), a.values()
+        if self_loops:
+            loops = torch.arange(n, device=values.device)
+            index = torch.cat([index, torch.stack([loops, loops])], dim=1)
+            values = torch.cat([values, values.new_ones(n)])
+            a = torch.sparse_coo_tensor(index, values, (n, n)).coalesce()
+            index, values = a.indices(), a.values()
+        if normalization is None:
+            return a
+        rows = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index[0], values)
+        cols = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index[1], values)
+        left, right = _scales(normalization, rows, cols)
+        return torch.sparse_coo_tensor(index, values * left[index[0]] * right[index[1]], (n, n)).coalesce()
+    a = adjacency + torch.eye(n, dtype=adjacency.dtype, device=adjacency.device) if self_loops else adjacency
+    if normalization is None:
+        return a
+    left, right = _scales(normalization, a.sum(-1), a.sum(-2))
+    return left[:, None] * a * right[None, :]
+
+
+def _scales(normalization: Normalization, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """The row and column factors of a normalisation, given row and column sums (0 for empty ones)."""
+
+    def inverse(d: Tensor, power: float) -> Tensor:
+        return torch.where(d > 0, d.clamp_min(torch.finfo(d.dtype).tiny) ** -power, torch.zeros_like(d))
+
+    ones = torch.ones_like(rows)
+    if normalization == "row":
+        return inverse(rows, 1.0), ones
+    if normalization == "column":
+        return ones, inverse(cols, 1.0)
+    return inverse(rows, 0.5), inverse(rows, 0.5)
+
+
+def _as_float_tensor(name: str, value: Any, dtype: torch.dtype | None = None) -> Tensor:
+    """``value`` (tensor, array or nested lists) as a floating tensor (float64 unless already floating)."""
+    if torch.is_tensor(value):
+        t = value.to_dense() if value.layout != torch.strided else value
+    else:
+        t = torch.as_tensor(np.asarray(value))
+    if dtype is not None:
+        return t.to(dtype)
+    return t if t.is_floating_point() else t.to(torch.float64)
+
+
+def checked_input_shape(input_shape: Any) -> tuple[int, ...] | GraphFormat | None:
+    """``input_shape`` checked: a graph format as it is, else a tuple of positive ints ``(C, *spatial)`` or ``None``."""
+    if isinstance(input_shape, (GraphInputs, NodeGraph)):
+        return input_shape
+    return check_input_shape(input_shape)
+
+
+def check_rows_of(input_shape: Any, x1: Tensor, x2: Tensor, *, diag: bool) -> None:
+    """The inputs of a kernel call (``_validation.check_kernel_inputs``), read through a graph format if any."""
+    if isinstance(input_shape, (GraphInputs, NodeGraph)):
+        check_kernel_inputs(x1, x2, diag=diag)
+        input_shape.check_rows("x1", x1)
+        if x2 is not x1:
+            input_shape.check_rows("x2", x2)
+    else:
+        check_kernel_inputs(x1, x2, diag=diag, input_shape=input_shape)
