@@ -29,6 +29,7 @@ __all__ = [
     "ArchitectureError", "GPNTKWarning", "NumericalWarning", "ApproximationWarning",
     "CompositionWarning", "__version__",
     "NeuralKernelSum", "testing",
+    "GraphInputs", "NodeGraph", "normalized_adjacency", "graph_kernel_matrices",
 ]
 
 #: public name -> (module, attribute or None for the module itself)
@@ -49,6 +50,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "ApproximationWarning": (".errors", "ApproximationWarning"),
     "CompositionWarning": (".errors", "CompositionWarning"),
     "testing": (".testing", None),
+    "GraphInputs": (".core.graph_inputs", "GraphInputs"),
+    "NodeGraph": (".core.graph_inputs", "NodeGraph"),
+    "normalized_adjacency": (".core.graph_inputs", "normalized_adjacency"),
+    "graph_kernel_matrices": (".kernels.graph_gram", "graph_kernel_matrices"),
 }
 
 
@@ -79,7 +84,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from . import layers, settings, testing
+    from .core.graph_inputs import GraphInputs, NodeGraph, normalized_adjacency
     from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
     from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning
     from .kernels import EmpiricalNTKKernel, NeuralKernelSum, NNGPKernel, NTKKernel
+    from .kernels.graph_gram import graph_kernel_matrices
     from .posterior import TrainedEnsemble

@@ -32,7 +32,7 @@ from .._validation import check_input_shape, check_kernel_inputs, integer_argume
 
 __all__ = [
     "GraphInputs", "NodeGraph", "GraphFormat", "GraphTensors", "normalized_adjacency", "Normalization",
-    "checked_input_shape", "check_rows_of",
+    "checked_input_shape", "check_rows_of", "as_float_tensor",
 ]
 
 Normalization = Literal["row", "symmetric", "column"]
@@ -92,8 +92,8 @@ class GraphInputs:
         nodes count as isolated nodes of the graph). The result has the features' floating dtype
         (float64 for integer or NumPy inputs) and is checked like any kernel input.
         """
-        f = _as_float_tensor("features", features)
-        a = _as_float_tensor("adjacency", adjacency).to(f)
+        f = as_float_tensor("features", features)
+        a = as_float_tensor("adjacency", adjacency).to(f)
         n, c = self.nodes, self.channels
         if f.dim() < 3 or f.shape[-2:] != (n, c):
             raise ValueError(
@@ -103,7 +103,7 @@ class GraphInputs:
             raise ValueError(
                 f"GraphInputs({n}, {c}).pack needs an adjacency of shape {(*f.shape[:-2], n, n)}, got {tuple(a.shape)}"
             )
-        m = torch.ones(f.shape[:-1], dtype=f.dtype) if mask is None else _as_float_tensor("mask", mask).to(f)
+        m = torch.ones(f.shape[:-1], dtype=f.dtype) if mask is None else as_float_tensor("mask", mask).to(f)
         if m.shape != f.shape[:-1]:
             raise ValueError(f"GraphInputs.pack needs a mask of shape {tuple(f.shape[:-1])}, got {tuple(m.shape)}")
         x = torch.cat([f.flatten(-2), a.flatten(-2), m], dim=-1)
@@ -129,7 +129,7 @@ class GraphInputs:
         """
         if len(graphs) == 0:
             raise ValueError("GraphInputs.from_graphs needs at least one graph")
-        parts = [(_as_float_tensor("features", f, dtype), _as_float_tensor("adjacency", a, dtype)) for f, a in graphs]
+        parts = [(as_float_tensor("features", f, dtype), as_float_tensor("adjacency", a, dtype)) for f, a in graphs]
         channels = {f.shape[-1] if f.dim() == 2 else -1 for f, _ in parts}
         if len(channels) != 1 or -1 in channels:
             raise ValueError(
@@ -189,7 +189,7 @@ class NodeGraph:
     """
 
     def __init__(self, features: Any, adjacency: Any):
-        x = _as_float_tensor("NodeGraph features", features)
+        x = as_float_tensor("NodeGraph features", features)
         if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"NodeGraph features must be (N, C) with N, C >= 1, got shape {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
@@ -220,14 +220,14 @@ class NodeGraph:
         ``edge_index``). ``weights`` ``(E,)`` (default 1); repeated edges add up. Then
         :func:`normalized_adjacency` with ``normalization`` and ``self_loops``.
         """
-        x = _as_float_tensor("NodeGraph features", features)
+        x = as_float_tensor("NodeGraph features", features)
         e = torch.as_tensor(np.asarray(edges) if not torch.is_tensor(edges) else edges)
         if e.dim() != 2 or e.shape[0] != 2 or e.is_floating_point():
             raise ValueError(f"edges must be an integer tensor of shape (2, E), got {tuple(e.shape)} {e.dtype}")
         n = x.shape[0]
         if e.numel() and (int(e.min()) < 0 or int(e.max()) >= n):
             raise ValueError(f"edges name nodes outside [0, {n})")
-        w = torch.ones(e.shape[1], dtype=x.dtype) if weights is None else _as_float_tensor("weights", weights).to(x)
+        w = torch.ones(e.shape[1], dtype=x.dtype) if weights is None else as_float_tensor("weights", weights).to(x)
         if w.shape != (e.shape[1],):
             raise ValueError(f"weights must have shape ({e.shape[1]},), got {tuple(w.shape)}")
         receivers, senders = e[1].long(), e[0].long()
@@ -331,7 +331,7 @@ def _scales(normalization: Normalization, rows: Tensor, cols: Tensor) -> tuple[T
     return inverse(rows, 0.5), inverse(rows, 0.5)
 
 
-def _as_float_tensor(name: str, value: Any, dtype: torch.dtype | None = None) -> Tensor:
+def as_float_tensor(name: str, value: Any, dtype: torch.dtype | None = None) -> Tensor:
     """``value`` (tensor, array or nested lists) as a floating tensor (float64 unless already floating)."""
     if torch.is_tensor(value):
         t = value.to_dense() if value.layout != torch.strided else value

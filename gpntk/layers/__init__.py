@@ -41,6 +41,7 @@ from .conv import Conv
 from .conv_variants import ConvLocal, ConvTranspose
 from .dense import Dense
 from .dropout import Dropout
+from .gntk import gntk
 from .graph import Aggregate
 from .mlp import mlp
 from .normalization import LayerNorm
@@ -56,6 +57,6 @@ __all__ = [
     "ConvTranspose", "ConvLocal",
     "SumPool", "GlobalSumPool", "Dropout",
     "GlobalSelfAttention",
-    "Aggregate",
+    "Aggregate", "gntk",
     "ExpNormalized", "Hermite", "Gabor", "SigmoidLike",
 ]
