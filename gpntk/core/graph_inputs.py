@@ -201,8 +201,48 @@ class NodeGraph:
         a = (a.to_sparse_coo() if a.layout != torch.sparse_coo else a).coalesce().to(x.dtype)
         if not bool(torch.isfinite(a.values()).all()):
             raise ValueError("NodeGraph adjacency contains NaN or infinite values")
-        self.features = x
-        self.adjacency = a
+        self.features = x.clone()  # the graph's own copies: later changes to the caller's tensors do not reach it
+        self.adjacency = a.clone()
+        self._versions = self._current_versions()
+        self._input_kernels: dict[tuple[torch.dtype, torch.device], tuple[Tensor, int]] = {}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "NodeGraph":
+        """The graph itself: it is data that never changes (a batched kernel's deep copy shares it)."""
+        return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled: fresh tensors, so the in-place guard starts from their versions."""
+        self.__dict__.update(state)
+        self._versions = self._current_versions()
+        self._input_kernels = {}
+
+    def _current_versions(self) -> tuple[int, int, int]:
+        a = self.adjacency
+        return (self.features._version, a.values()._version, a.indices()._version)
+
+    def check_unchanged(self) -> None:
+        """Raise ``RuntimeError`` if the graph's tensors were modified in place after it was built.
+
+        Kernels read the graph at every evaluation and cache its input kernel, so an in-place
+        change would make earlier and later values disagree silently; build a new ``NodeGraph``
+        instead.
+        """
+        if self._current_versions() != self._versions:
+            raise RuntimeError(
+                "this NodeGraph's features or adjacency were modified in place after it was built; kernels "
+                "and ensembles built on it would mix old and new values. Build a new NodeGraph instead."
+            )
+
+    def input_kernel(self, like: Tensor) -> Tensor:
+        r"""The input kernel :math:`\Sigma_0 = X X^\top / C` ``(N, N)`` in ``like``'s dtype and device (cached)."""
+        self.check_unchanged()
+        key = (like.dtype, like.device)
+        cached = self._input_kernels.get(key)
+        if cached is None or cached[1] != cached[0]._version:  # (re)computed if anything wrote into it
+            x = self.features.to(like)
+            kernel = x @ x.transpose(-1, -2) / self.channels
+            cached = self._input_kernels[key] = (kernel, kernel._version)
+        return cached[0]
 
     @classmethod
     def from_edges(
@@ -231,7 +271,8 @@ class NodeGraph:
         if w.shape != (e.shape[1],):
             raise ValueError(f"weights must have shape ({e.shape[1]},), got {tuple(w.shape)}")
         receivers, senders = e[1].long(), e[0].long()
-        adjacency = torch.sparse_coo_tensor(torch.stack([receivers, senders]), w, (n, n)).coalesce()
+        index = torch.stack([receivers, senders])
+        adjacency = torch.sparse_coo_tensor(index, w, (n, n), check_invariants=True).coalesce()
         return cls(x, normalized_adjacency(adjacency, normalization, self_loops=self_loops))
 
     @property
@@ -254,6 +295,7 @@ class NodeGraph:
 
     def indices(self, x: Tensor) -> Tensor:
         """The node indices of rows ``x`` ``(..., n, 1)`` as a long tensor ``(..., n)`` (checked)."""
+        self.check_unchanged()
         self.check_rows("x", x)
         return x[..., 0].long()
 
@@ -302,14 +344,15 @@ def normalized_adjacency(adjacency: Tensor, normalization: Normalization | None,
             loops = torch.arange(n, device=values.device)
             index = torch.cat([index, torch.stack([loops, loops])], dim=1)
             values = torch.cat([values, values.new_ones(n)])
-            a = torch.sparse_coo_tensor(index, values, (n, n)).coalesce()
+            a = torch.sparse_coo_tensor(index, values, (n, n), check_invariants=True).coalesce()
             index, values = a.indices(), a.values()
         if normalization is None:
             return a
         rows = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index[0], values)
         cols = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index[1], values)
         left, right = _scales(normalization, rows, cols)
-        return torch.sparse_coo_tensor(index, values * left[index[0]] * right[index[1]], (n, n)).coalesce()
+        scaled = values * left[index[0]] * right[index[1]]
+        return torch.sparse_coo_tensor(index, scaled, (n, n), check_invariants=True).coalesce()
     a = adjacency + torch.eye(n, dtype=adjacency.dtype, device=adjacency.device) if self_loops else adjacency
     if normalization is None:
         return a

@@ -22,6 +22,7 @@ without parameters. Pooling sums (or averages) over the real nodes of each graph
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -135,7 +136,9 @@ def _sparse_sandwich(a: Tensor, t: Tensor) -> Tensor:
     batch = t.shape[:-2]
     flat = t.reshape(-1, n, n)
     b = flat.shape[0]
-    csr = a.to_sparse_csr()
+    with warnings.catch_warnings():  # torch calls its CSR layout beta; the product used here is stable
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        csr = a.to_sparse_csr()
 
     def left_multiply(m: Tensor) -> Tensor:  # A @ m[k] for every k, m (b, N, N)
         stacked = m.permute(1, 0, 2).reshape(n, b * n).contiguous()

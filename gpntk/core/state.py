@@ -136,9 +136,8 @@ class KernelState:
         full to the end (``keep_full``): its covariance between nodes is the node kernel. In
         ``like``'s dtype and device.
         """
-        x = graph.features.to(like)
         n = graph.nodes
-        var = (x @ x.transpose(-1, -2) / graph.channels).reshape(1, 1, n, n)
+        var = graph.input_kernel(like).reshape(1, 1, n, n)
         return KernelState(
             var, var, var, None, diag=True, same_inputs=True, track_ntk=track_ntk, layout=Layout((n,), full=True),
             keep_full=True, graph=SparseGraph(graph.adjacency),
