@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._transforms import is_transformed
 from .._validation import check_input_shape, check_kernel_inputs, integer_argument
 
 __all__ = [
@@ -157,9 +158,9 @@ class GraphInputs:
                 f"{name}: {self!r} needs {self.row_features} numbers per row ({self.nodes}·{self.channels} "
                 f"features, {self.nodes}² adjacency, {self.nodes} mask), got {x.shape[-1]}"
             )
-        if x.requires_grad or x.numel() == 0:  # values checked on plain data only (not a traced row)
+        if x.numel() == 0 or is_transformed(x):  # inside vmap/grad transforms values cannot be read
             return
-        g = self.unpack(x)
+        g = self.unpack(x.detach())
         if not bool(((g.mask == 0) | (g.mask == 1)).all()):
             raise ValueError(f"{name}: the node mask must hold 0 (padding) or 1 (a real node)")
         padding = g.mask == 0
@@ -305,7 +306,7 @@ class NodeGraph:
             raise ValueError(
                 f"{name}: a node-level kernel takes node indices, rows of shape (..., n, 1), got {tuple(x.shape)}"
             )
-        if x.numel() == 0:
+        if x.numel() == 0 or is_transformed(x):
             return
         values = x.detach()
         if values.is_floating_point() and not bool((values == values.round()).all()):
