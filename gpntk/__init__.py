@@ -29,7 +29,7 @@ __all__ = [
     "ArchitectureError", "GPNTKWarning", "NumericalWarning", "ApproximationWarning",
     "CompositionWarning", "__version__",
     "NeuralKernelSum", "testing",
-    "GraphInputs", "NodeGraph", "normalized_adjacency", "graph_kernel_matrices",
+    "GraphInputs", "NodeGraph", "GraphDataset", "normalized_adjacency", "graph_kernel_matrices",
 ]
 
 #: public name -> (module, attribute or None for the module itself)
@@ -52,6 +52,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "testing": (".testing", None),
     "GraphInputs": (".core.graph_inputs", "GraphInputs"),
     "NodeGraph": (".core.graph_inputs", "NodeGraph"),
+    "GraphDataset": (".core.graph_inputs", "GraphDataset"),
     "normalized_adjacency": (".core.graph_inputs", "normalized_adjacency"),
     "graph_kernel_matrices": (".kernels.graph_gram", "graph_kernel_matrices"),
 }
@@ -84,7 +85,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from . import layers, settings, testing
-    from .core.graph_inputs import GraphInputs, NodeGraph, normalized_adjacency
+    from .core.graph_inputs import GraphDataset, GraphInputs, NodeGraph, normalized_adjacency
     from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
     from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning
     from .kernels import EmpiricalNTKKernel, NeuralKernelSum, NNGPKernel, NTKKernel

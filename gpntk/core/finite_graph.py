@@ -14,9 +14,11 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .graph_inputs import GraphInputs, NodeGraph
+from .graph_inputs import GraphDataset, GraphInputs, NodeGraph
 
-__all__ = ["GraphBinding", "AggregateNodes", "PaddedGraphNetwork", "NodeGraphNetwork", "bind_graph"]
+__all__ = [
+    "GraphBinding", "AggregateNodes", "PaddedGraphNetwork", "NodeGraphNetwork", "GraphDatasetNetwork", "bind_graph",
+]
 
 
 class GraphBinding:
@@ -72,7 +74,11 @@ class PaddedGraphNetwork(nn.Module):
         bind_graph(body, self.binding)
 
     def forward(self, x: Tensor) -> Tensor:
-        graphs = self.format.unpack(x)
+        return self.run(self.format, x)
+
+    def run(self, fmt: GraphInputs, x: Tensor) -> Tensor:
+        """The network on rows ``x`` of padded graphs of format ``fmt``."""
+        graphs = fmt.unpack(x)
         self.binding.adjacency, self.binding.mask = graphs.adjacency, graphs.mask
         try:
             return self.body(graphs.features.transpose(-1, -2))  # (n, C, N)
@@ -109,3 +115,24 @@ class NodeGraphNetwork(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.graph)
+
+
+class GraphDatasetNetwork(PaddedGraphNetwork):
+    """A graph network on a :class:`GraphDataset`: graph indices ``(n, 1)`` to those graphs' outputs.
+
+    The requested graphs are padded to the largest of them (padding changes no output) and run as
+    rows of padded graphs.
+    """
+
+    def __init__(self, dataset: GraphDataset, body: nn.Module):
+        super().__init__(GraphInputs(dataset.nodes, dataset.channels), body)
+        self.dataset = dataset
+
+    def forward(self, x: Tensor) -> Tensor:
+        index = self.dataset.indices(x)
+        nodes = int(self.dataset.sizes[index.cpu()].max())
+        fmt, rows = self.dataset.rows(index, nodes, x if x.is_floating_point() else self.dataset.graphs[0][0])
+        return self.run(fmt, rows)
+
+    def extra_repr(self) -> str:
+        return repr(self.dataset)

@@ -32,8 +32,8 @@ from .._transforms import is_transformed
 from .._validation import check_input_shape, check_kernel_inputs, integer_argument
 
 __all__ = [
-    "GraphInputs", "NodeGraph", "GraphFormat", "GraphTensors", "normalized_adjacency", "Normalization",
-    "checked_input_shape", "check_rows_of", "as_float_tensor",
+    "GraphInputs", "NodeGraph", "GraphDataset", "GraphFormat", "GraphTensors", "normalized_adjacency", "Normalization",
+    "checked_input_shape", "check_rows_of", "as_float_tensor", "size_buckets",
 ]
 
 Normalization = Literal["row", "symmetric", "column"]
@@ -306,20 +306,162 @@ class NodeGraph:
             raise ValueError(
                 f"{name}: a node-level kernel takes node indices, rows of shape (..., n, 1), got {tuple(x.shape)}"
             )
-        if x.numel() == 0 or is_transformed(x):
-            return
-        values = x.detach()
-        if values.is_floating_point() and not bool((values == values.round()).all()):
-            raise ValueError(f"{name}: node indices must be whole numbers")
-        if int(values.min()) < 0 or int(values.max()) >= self.nodes:
-            raise ValueError(f"{name}: node indices must lie in [0, {self.nodes}) for this {self.nodes}-node graph")
+        _check_whole_indices(name, x, self.nodes, "node")
 
     def __repr__(self) -> str:
         return f"NodeGraph(nodes={self.nodes}, channels={self.channels}, edges={self.adjacency._nnz()})"
 
 
+class GraphDataset:
+    r"""A registered list of graphs of any sizes, whose indices are the inputs of a graph-level kernel.
+
+    :param graphs: ``(features (n_g, C), adjacency (n_g, n_g))`` pairs (tensors or NumPy arrays;
+        dense or torch sparse adjacencies, row :math:`u` what node :math:`u` receives).
+
+    A kernel built with ``input_shape=dataset`` takes graph indices: rows ``(n, 1)`` of whole
+    numbers in ``[0, len(dataset))``, so an ``ExactGP`` fits on them. Unlike rows of
+    :class:`GraphInputs`, which hold every graph padded to one size (for PROTEINS, 620² numbers a
+    graph), each evaluation groups the requested graphs into buckets of similar sizes and pads
+    each pair of buckets only to the larger of the two (:mod:`gpntk.kernels.graph_dataset`); the
+    values are those of :class:`GraphInputs` (padding never changes a kernel value). Rows have no
+    batch dimensions (the kernel's hyperparameters may).
+
+    The graphs are copied when the dataset is built; changing them in place afterwards raises an
+    error at the next evaluation.
+    """
+
+    def __init__(self, graphs: Sequence[tuple[Any, Any]], growth: float = 1.25):
+        if len(graphs) == 0:
+            raise ValueError("GraphDataset needs at least one graph")
+        parts = []
+        for g, (f, a) in enumerate(graphs):
+            features = as_float_tensor("features", f, torch.float64).clone()
+            adjacency = as_float_tensor("adjacency", a, torch.float64).clone()
+            if features.dim() != 2 or adjacency.shape != (features.shape[0], features.shape[0]):
+                raise ValueError(
+                    f"graph {g}: features must be (n_g, C) and adjacency (n_g, n_g), got {tuple(features.shape)} "
+                    f"and {tuple(adjacency.shape)}"
+                )
+            if not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(adjacency).all())):
+                raise ValueError(f"graph {g} contains NaN or infinite values")
+            parts.append((features, adjacency))
+        channels = {f.shape[1] for f, _ in parts}
+        if len(channels) != 1:
+            raise ValueError(f"every graph needs the same number of feature channels, got {sorted(channels)}")
+        self.graphs: tuple[tuple[Tensor, Tensor], ...] = tuple(parts)
+        self.sizes = torch.tensor([f.shape[0] for f, _ in parts])
+        self.growth = float(growth)
+        self._channels = channels.pop()
+        self._versions = self._current_versions()
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "GraphDataset":
+        """The dataset itself: it is data that never changes (a batched kernel's deep copy shares it)."""
+        return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._versions = self._current_versions()
+
+    def _current_versions(self) -> tuple[int, ...]:
+        return tuple(t._version for graph in self.graphs for t in graph)
+
+    def check_unchanged(self) -> None:
+        """Raise ``RuntimeError`` if a graph's tensors were modified in place after the dataset was built."""
+        if self._current_versions() != self._versions:
+            raise RuntimeError(
+                "a graph of this GraphDataset was modified in place after it was built; kernels built on it would "
+                "mix old and new values. Build a new GraphDataset instead."
+            )
+
+    @property
+    def channels(self) -> int:
+        return self._channels
+
+    @property
+    def nodes(self) -> int:
+        """The largest graph's number of nodes."""
+        return int(self.sizes.max())
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return (self.nodes,)
+
+    @property
+    def row_features(self) -> int:
+        """Numbers per row of ``x``: one graph index."""
+        return 1
+
+    def check_rows(self, name: str, x: Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` ``(n, 1)`` holds whole graph indices in ``[0, len(self))``."""
+        if x.shape[-1] != 1 or x.dim() != 2:
+            raise ValueError(
+                f"{name}: a GraphDataset kernel takes graph indices, rows of shape (n, 1) without batch dimensions, "
+                f"got {tuple(x.shape)}"
+            )
+        _check_whole_indices(name, x, len(self), "graph")
+
+    def indices(self, x: Tensor) -> Tensor:
+        """The graph indices of rows ``x`` ``(n, 1)`` as a long tensor ``(n,)`` (checked)."""
+        self.check_unchanged()
+        self.check_rows("x", x)
+        return x[..., 0].long()
+
+    def buckets(self, index: Tensor) -> list[Tensor]:
+        """Positions into ``index`` grouped by the sizes of those graphs (:func:`size_buckets`)."""
+        return [p.to(index.device) for p in size_buckets(self.sizes[index.cpu()], self.growth)]
+
+    def rows(self, index: Tensor, nodes: int, like: Tensor) -> tuple[GraphInputs, Tensor]:
+        """The graphs ``index`` as rows of :class:`GraphInputs` padded to ``nodes`` nodes (``like``'s dtype, device)."""
+        fmt = GraphInputs(nodes, self.channels)
+        picked = [self.graphs[i] for i in index.tolist()]
+        features = torch.zeros(len(picked), nodes, self.channels, dtype=like.dtype)
+        adjacency = torch.zeros(len(picked), nodes, nodes, dtype=like.dtype)
+        mask = torch.zeros(len(picked), nodes, dtype=like.dtype)
+        for g, (f, a) in enumerate(picked):
+            k = f.shape[0]
+            features[g, :k], adjacency[g, :k, :k], mask[g, :k] = f, a, 1
+        rows = torch.cat([features.flatten(-2), adjacency.flatten(-2), mask], dim=-1)
+        return fmt, rows.to(like.device)
+
+    def __repr__(self) -> str:
+        return f"GraphDataset({len(self)} graphs, up to {self.nodes} nodes, channels={self.channels})"
+
+
+def size_buckets(sizes: Tensor, growth: float) -> list[Tensor]:
+    """Positions into ``sizes`` ``(n,)`` grouped by size: sorted, a new group past ``growth`` × the group's smallest.
+
+    Graphs of one group are padded to the group's largest, which is then at most ``growth`` times
+    any of its graphs' size.
+    """
+    order = torch.argsort(sizes, stable=True).tolist()
+    groups: list[list[int]] = []
+    first = 0.0
+    for position in order:
+        size = float(sizes[position])
+        if groups and size <= growth * first:
+            groups[-1].append(position)
+        else:
+            groups.append([position])
+            first = size
+    return [torch.tensor(g, dtype=torch.long) for g in groups]
+
+
+def _check_whole_indices(name: str, x: Tensor, count: int, what: str) -> None:
+    """Raise ``ValueError`` unless ``x`` holds whole numbers in ``[0, count)`` (skipped inside transforms)."""
+    if x.numel() == 0 or is_transformed(x):
+        return
+    values = x.detach()
+    if values.is_floating_point() and not bool((values == values.round()).all()):
+        raise ValueError(f"{name}: {what} indices must be whole numbers")
+    if int(values.min()) < 0 or int(values.max()) >= count:
+        raise ValueError(f"{name}: {what} indices must lie in [0, {count}) for these {count} {what}s")
+
+
 #: the input formats of graph kernels
-GraphFormat = Union[GraphInputs, NodeGraph]
+GraphFormat = Union[GraphInputs, NodeGraph, GraphDataset]
 
 
 def normalized_adjacency(adjacency: Tensor, normalization: Normalization | None, *, self_loops: bool = False) -> Tensor:
@@ -388,14 +530,14 @@ def as_float_tensor(name: str, value: Any, dtype: torch.dtype | None = None) -> 
 
 def checked_input_shape(input_shape: Any) -> tuple[int, ...] | GraphFormat | None:
     """``input_shape`` checked: a graph format as it is, else a tuple of positive ints ``(C, *spatial)`` or ``None``."""
-    if isinstance(input_shape, (GraphInputs, NodeGraph)):
+    if isinstance(input_shape, (GraphInputs, NodeGraph, GraphDataset)):
         return input_shape
     return check_input_shape(input_shape)
 
 
 def check_rows_of(input_shape: Any, x1: Tensor, x2: Tensor, *, diag: bool) -> None:
     """The inputs of a kernel call (``_validation.check_kernel_inputs``), read through a graph format if any."""
-    if isinstance(input_shape, (GraphInputs, NodeGraph)):
+    if isinstance(input_shape, (GraphInputs, NodeGraph, GraphDataset)):
         check_kernel_inputs(x1, x2, diag=diag)
         input_shape.check_rows("x1", x1)
         if x2 is not x1:

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from .._validation import integer_argument
 from ..errors import ArchitectureError
 from .finite import RowsToTensors
-from .finite_graph import NodeGraphNetwork, PaddedGraphNetwork
-from .graph_inputs import GraphInputs, NodeGraph
+from .finite_graph import GraphDatasetNetwork, NodeGraphNetwork, PaddedGraphNetwork
+from .graph_inputs import GraphDataset, GraphInputs, NodeGraph
 from .state import KernelState
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ UNKNOWN = Signature(
 )
 
 #: what ``input_shape`` may be: a spatial shape ``(C, *spatial)``, a graph format, or None (vectors)
-InputShape = Union[Sequence[int], GraphInputs, NodeGraph, None]
+InputShape = Union[Sequence[int], GraphInputs, NodeGraph, GraphDataset, None]
 
 
 def check_network(net: "Layer", input_shape: InputShape = None, in_features: int | None = None) -> Signature:
@@ -115,7 +115,7 @@ def check_network(net: "Layer", input_shape: InputShape = None, in_features: int
     :class:`~gpntk.core.graph_inputs.GraphInputs` format, pooled over the nodes; on a
     :class:`~gpntk.core.graph_inputs.NodeGraph`, one output per node (not pooled).
     """
-    if isinstance(input_shape, (GraphInputs, NodeGraph)):
+    if isinstance(input_shape, (GraphInputs, NodeGraph, GraphDataset)):
         start = Signature(spatial=input_shape.spatial, features=input_shape.channels, graph=True)
         signature = net.check(start)
         if isinstance(input_shape, NodeGraph) and not isinstance(signature, tuple):
@@ -289,11 +289,13 @@ class Layer(gpytorch.Module):
         """
         width = integer_argument("width", width, minimum=1)
         out_features = integer_argument("out_features", out_features, minimum=1)
-        if isinstance(input_shape, (GraphInputs, NodeGraph)):
+        if isinstance(input_shape, (GraphInputs, NodeGraph, GraphDataset)):
             check_network(self, input_shape)
             body, _ = self.build_finite((input_shape.channels, input_shape.nodes), width, out_features, True, generator)
             if isinstance(input_shape, GraphInputs):
                 return PaddedGraphNetwork(input_shape, body)
+            if isinstance(input_shape, GraphDataset):
+                return GraphDatasetNetwork(input_shape, body)
             return NodeGraphNetwork(input_shape, body)
         if in_features is not None:
             in_features = integer_argument("in_features", in_features, minimum=1)

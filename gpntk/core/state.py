@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .coincident import Coincidence, exact_values
-from .graph_inputs import GraphInputs, NodeGraph
+from .graph_inputs import GraphDataset, GraphInputs, NodeGraph
 from .graph_state import GraphContext, PaddedGraphs, SparseGraph
 from .spatial import Layout
 
@@ -84,7 +84,7 @@ class KernelState:
         diag: bool,
         same_inputs: bool,
         track_ntk: bool,
-        input_shape: Sequence[int] | GraphInputs | NodeGraph | None = None,
+        input_shape: Sequence[int] | GraphInputs | NodeGraph | GraphDataset | None = None,
         full: bool = False,
         coincident: Coincidence | None = None,
     ) -> "KernelState":
@@ -108,8 +108,8 @@ class KernelState:
             coincident = _diagonal(x1.shape[-2], x1.device)
         if isinstance(input_shape, GraphInputs):
             return _graph_inputs(x1, x2, diag, same_inputs, track_ntk, input_shape, coincident)
-        if isinstance(input_shape, NodeGraph):
-            raise TypeError("a node-level state is the whole graph's (KernelState.of_node_graph), not rows of inputs")
+        if isinstance(input_shape, (NodeGraph, GraphDataset)):
+            raise TypeError(f"rows of {type(input_shape).__name__} indices are evaluated by the kernels' graph paths")
         if input_shape is not None and len(input_shape) >= 2:
             return _spatial_inputs(x1, x2, diag, same_inputs, track_ntk, tuple(input_shape), full, coincident)
         d = x1.shape[-1]

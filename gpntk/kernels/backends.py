@@ -29,7 +29,7 @@ from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from .. import settings
-from ..core.graph_inputs import NodeGraph
+from ..core.graph_inputs import GraphDataset, NodeGraph
 from ..core.layer import InputShape, Layer
 from ..errors import ApproximationWarning
 from .blockwise import BlockwiseKernelOperator
@@ -77,11 +77,11 @@ def choose_backend(
     """
     mode = settings.kernel_backend.current() if backend is None else backend
     n1, n2 = x1.shape[-2], x2.shape[-2]
-    if isinstance(input_shape, NodeGraph):
+    if isinstance(input_shape, (NodeGraph, GraphDataset)):
         if mode == "keops":
             reason = keops_unsupported_reason(net, input_shape)
             raise ValueError(f"the KeOps backend cannot evaluate this kernel: {reason}")
-        return "dense"  # the whole graph's kernel is computed at once (node_level.py); never matrix-free
+        return "dense"  # computed whole (node_level.py) or bucket by bucket (graph_dataset.py); never matrix-free
     if mode == "dense" or min(n1, n2) <= 1:
         return "dense"
     if mode == "keops":

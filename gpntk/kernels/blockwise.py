@@ -29,11 +29,12 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from ..core.graph_inputs import NodeGraph
+from ..core.graph_inputs import GraphDataset, NodeGraph
 from ..core.layer import InputShape, Layer
 from .dense import evaluate
 from .engine import Output, check_finite_kernel, run_block
 from .fusion import FusionPolicy
+from .graph_dataset import dataset_kernel_matmul
 from .node_level import node_kernels
 from .planning import batch_shape_of, kernel_blocks
 
@@ -78,6 +79,13 @@ def kernel_matmul(
         with torch.no_grad():
             cov, ntk = node_kernels(net, x1, x2, hyper, input_shape, track_ntk)
         return tuple(cast(Tensor, ntk if kind == "ntk" else cov) @ rhs for kind in kinds)
+    if isinstance(input_shape, GraphDataset):  # graph indices: one pair of buckets at a time
+        with torch.no_grad():
+            return dataset_kernel_matmul(
+                x1, x2, rhs, hyper, input_shape, tuple(kinds),
+                lambda fmt, a, b: evaluate(net, a, b, hyper, input_shape=fmt, track_ntk=track_ntk,
+                                           block_elements=block_elements),
+            )
     blocks, elements, _ = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
     batch = torch.broadcast_shapes(batch_shape_of(x1, x2, hyper), rhs.shape[:-2])
     outputs = [rhs.new_zeros(*batch, x1.shape[-2], rhs.shape[-1]) for _ in kinds]

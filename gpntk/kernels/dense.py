@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 from ..core.coincident import RowIds
-from ..core.graph_inputs import NodeGraph
+from ..core.graph_inputs import GraphDataset, NodeGraph
 from ..core.hyperparameters import Hyperparameters
 from ..core.layer import InputShape, Layer
 from .engine import Output, check_finite_kernel, input_layout, run_block, same_inputs
 from .fusion import FusionPolicy
+from .graph_dataset import dataset_kernel_diagonal, dataset_kernels
 from .node_level import node_kernel_diagonal, node_kernels
 from .planning import batch_shape_of, block_ranges, default_block_elements, kernel_blocks
 
@@ -44,6 +45,13 @@ def evaluate(
     """
     if isinstance(input_shape, NodeGraph):  # one graph: computed whole, then its entries
         return node_kernels(net, x1, x2, hyper, input_shape, track_ntk)
+    if isinstance(input_shape, GraphDataset):  # graph indices: bucket by bucket of padded graphs
+        return dataset_kernels(
+            x1, x2, hyper, input_shape,
+            lambda fmt, a, b: evaluate(
+                net, a, b, hyper, input_shape=fmt, track_ntk=track_ntk, block_elements=block_elements, fusion=fusion
+            ),
+        )
     fusion = FusionPolicy() if fusion is None else fusion
     blocks, elements, symmetric = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
     fused = fusion.use_fusion(x1, x2, hyper, input_shape, track_ntk, elements)
@@ -97,6 +105,13 @@ def kernel_diagonal(
     """
     if isinstance(input_shape, NodeGraph):
         return node_kernel_diagonal(net, x1, x2, hyper, input_shape, output == "ntk")
+    if isinstance(input_shape, GraphDataset):
+        return dataset_kernel_diagonal(
+            x1, x2, hyper, input_shape,
+            lambda fmt, a, b: kernel_diagonal(
+                a, b, net=net, output=output, hyper=hyper, input_shape=fmt, block_elements=block_elements
+            ),
+        )
     batch = batch_shape_of(x1, x2, hyper)
     budget = default_block_elements(x1.device) if block_elements is None else block_elements
     per_point = input_layout(net, input_shape).elements_per_pair

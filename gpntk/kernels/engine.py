@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._transforms import is_batched, is_transformed
 from ..core.coincident import Coincidence, RowIds
-from ..core.graph_inputs import GraphInputs, NodeGraph
+from ..core.graph_inputs import GraphDataset, GraphInputs, NodeGraph
 from ..core.hyperparameters import Hyperparameters
 from ..core.layer import InputShape, Layer
 from ..core.spatial import Layout
@@ -49,7 +49,7 @@ def input_layout(net: Layer, input_shape: InputShape) -> Layout:
 
     Graphs: their nodes, always in the full layout (aggregation and pooling mix nodes).
     """
-    if isinstance(input_shape, (GraphInputs, NodeGraph)):
+    if isinstance(input_shape, (GraphInputs, NodeGraph, GraphDataset)):
         return Layout(input_shape.spatial, full=True)
     if input_shape is None or len(input_shape) < 2:
         return Layout()

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 
 from .._validation import integer_argument, real_argument
-from ..core.graph_inputs import GraphInputs, as_float_tensor
+from ..core.graph_inputs import GraphDataset
 from ..core.layer import Layer, check_network
 from .dense import nngp_and_ntk
+from .graph_dataset import bucket_pairs
 
 __all__ = ["graph_kernel_matrices"]
 
@@ -50,7 +51,7 @@ def graph_kernel_matrices(
     :param others: a second list (``None``: ``graphs`` itself; the result is then symmetric and
         only its upper triangle of buckets is evaluated).
     :param bucket_growth: graphs whose node counts differ by at most this factor share a bucket
-        (padded to the bucket's largest).
+        (padded to the bucket's largest; see :class:`~gpntk.GraphDataset`).
     :param pairs_per_call: how many pairs of graphs one evaluation takes at most (memory: about
         ``pairs_per_call · N²`` numbers per intermediate tensor).
     :param progress: ``True`` (stderr) or a text stream: a progress line with pairs done, elapsed
@@ -59,87 +60,32 @@ def graph_kernel_matrices(
     """
     growth = real_argument("bucket_growth", bucket_growth, minimum=1.0)
     pairs_per_call = integer_argument("pairs_per_call", pairs_per_call, minimum=1)
-    left = _as_tensors(graphs, dtype, device)
-    right = left if others is None else _as_tensors(others, dtype, device)
-    channels = {f.shape[-1] for f, _ in left} | {f.shape[-1] for f, _ in right}
-    if len(channels) != 1:
-        raise ValueError(f"all graphs need the same number of feature channels, got {sorted(channels)}")
-    check_network(net, GraphInputs(max(f.shape[0] for f, _ in [*left, *right]), channels.pop()))
-    buckets1 = _buckets([f.shape[0] for f, _ in left], growth)
-    buckets2 = buckets1 if others is None else _buckets([f.shape[0] for f, _ in right], growth)
-    jobs = [
-        (i, j) for i in range(len(buckets1)) for j in range(len(buckets2)) if others is not None or j >= i
-    ]
-    total_pairs = sum(len(buckets1[i]) * len(buckets2[j]) for i, j in jobs)
-    reporter = _Progress(progress, total_pairs)
-    cov = torch.empty(len(left), len(right), dtype=dtype, device=device)
+    dataset = GraphDataset([*graphs, *(others or [])], growth=growth)
+    check_network(net, dataset)
+    like = torch.empty(0, dtype=dtype, device=device)
+    index1 = torch.arange(len(graphs), device=like.device)
+    index2 = index1 if others is None else torch.arange(len(graphs), len(dataset), device=like.device)
+    pairs = list(bucket_pairs(dataset, index1, index2, others is None, like))
+    reporter = _Progress(progress, sum(len(p.positions1) * len(p.positions2) for p in pairs))
+    cov = torch.empty(len(index1), len(index2), dtype=dtype, device=like.device)
     ntk = torch.empty_like(cov) if track_ntk else None
     with torch.no_grad():
-        for i, j in jobs:
-            symmetric = others is None
-            _bucket_pair(net, left, right, buckets1[i], buckets2[j], symmetric and i == j, (cov, ntk),
-                         mirror=symmetric and i != j, pairs_per_call=pairs_per_call, dtype=dtype, device=device,
-                         reporter=reporter)
+        for pair in pairs:
+            chunk = max(1, pairs_per_call // len(pair.positions2))
+            for start in range(0, len(pair.positions1), chunk):
+                part = slice(start, start + chunk)
+                a = pair.rows1[part]
+                b = a if (pair.rows2 is pair.rows1 and len(pair.positions1) <= chunk) else pair.rows2
+                kernels = nngp_and_ntk(net, a, b, input_shape=pair.format, track_ntk=track_ntk)
+                rows, cols = pair.positions1[part], pair.positions2
+                for target, block in zip((cov, ntk), kernels):
+                    if target is not None and block is not None:
+                        target[rows.unsqueeze(-1), cols] = block
+                        if pair.mirrored:
+                            target[cols.unsqueeze(-1), rows] = block.transpose(0, 1)
+                reporter.advance(len(rows) * len(cols))
     reporter.finish()
     return cov, ntk
-
-
-def _bucket_pair(
-    net: Layer,
-    left: list[tuple[Tensor, Tensor]],
-    right: list[tuple[Tensor, Tensor]],
-    rows: list[int],
-    cols: list[int],
-    same: bool,
-    targets: tuple[Tensor, Tensor | None],
-    *,
-    mirror: bool,
-    pairs_per_call: int,
-    dtype: torch.dtype,
-    device: Any,
-    reporter: "_Progress",
-) -> None:
-    """The kernels between the graphs ``rows`` of ``left`` and ``cols`` of ``right``, padded alike, into ``targets``."""
-    nodes = max(max(left[g][0].shape[0] for g in rows), max(right[g][0].shape[0] for g in cols))
-    fmt, x1 = GraphInputs.from_graphs([left[g] for g in rows], nodes=nodes, dtype=dtype)
-    x2 = x1 if same else GraphInputs.from_graphs([right[g] for g in cols], nodes=nodes, dtype=dtype)[1]
-    x1, x2 = x1.to(device), x2.to(device)
-    chunk = max(1, pairs_per_call // len(cols))
-    c = torch.as_tensor(cols, device=targets[0].device)
-    for start in range(0, len(rows), chunk):
-        part = slice(start, start + chunk)
-        a = x1[part]
-        b = a if (same and len(rows) <= chunk) else x2
-        kernels = nngp_and_ntk(net, a, b, input_shape=fmt, track_ntk=targets[1] is not None)
-        r = torch.as_tensor(rows[part], device=c.device)
-        for target, block in zip(targets, kernels):
-            if target is not None and block is not None:
-                _place(target, block, r, c, mirror)
-        reporter.advance(len(r) * len(c))
-
-
-def _as_tensors(graphs: Sequence[Graph], dtype: torch.dtype, device: Any) -> list[tuple[Tensor, Tensor]]:
-    if len(graphs) == 0:
-        raise ValueError("graph_kernel_matrices needs at least one graph")
-    return [(as_float_tensor("features", f, dtype), as_float_tensor("adjacency", a, dtype)) for f, a in graphs]
-
-
-def _buckets(sizes: list[int], growth: float) -> list[list[int]]:
-    """Indices of graphs grouped by size: sorted, a new bucket whenever the size exceeds ``growth`` × the first's."""
-    order = sorted(range(len(sizes)), key=lambda g: sizes[g])
-    buckets: list[list[int]] = []
-    for g in order:
-        if buckets and sizes[g] <= growth * sizes[buckets[-1][0]]:
-            buckets[-1].append(g)
-        else:
-            buckets.append([g])
-    return buckets
-
-
-def _place(target: Tensor, block: Tensor, rows: Tensor, cols: Tensor, mirror: bool) -> None:
-    target[rows.unsqueeze(-1), cols.unsqueeze(0)] = block
-    if mirror:
-        target[cols.unsqueeze(-1), rows.unsqueeze(0)] = block.transpose(0, 1)
 
 
 class _Progress:

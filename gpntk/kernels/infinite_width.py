@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import settings
 from .._validation import expanded_batch_shape, integer_argument, real_argument
-from ..core.graph_inputs import NodeGraph, check_rows_of, checked_input_shape
+from ..core.graph_inputs import GraphDataset, NodeGraph, check_rows_of, checked_input_shape
 from ..core.hyperparameters import Hyperparameters, parameterized_layers
 from ..core.layer import InputShape, Layer, check_network
 from .backends import InfiniteWidthKernelOperator, choose_backend, covariance_function
@@ -37,8 +37,10 @@ class InfiniteWidthKernel(Kernel):
     :param input_shape: for spatial architectures, the shape ``(C, W)`` or ``(C, H, W)`` of one
         input; rows of ``x`` then hold ``C*H*W`` features in channels-first order. For graph
         networks (``Aggregate``), a graph format: :class:`~gpntk.GraphInputs` (each row one padded
-        graph, a graph-level kernel) or :class:`~gpntk.NodeGraph` (each row a node index of one
-        graph, a node-level kernel; always the dense backend, see :mod:`gpntk.kernels.node_level`).
+        graph, a graph-level kernel), :class:`~gpntk.GraphDataset` (each row the index of a
+        registered graph, evaluated by buckets of similar sizes) or :class:`~gpntk.NodeGraph` (each
+        row a node index of one graph, a node-level kernel); the index formats always use the dense
+        backend (see :mod:`gpntk.kernels.graph_dataset`, :mod:`gpntk.kernels.node_level`).
         ``None`` (default) treats rows as feature vectors.
     :param block_elements: the most numbers one intermediate tensor may hold: kernels are
         computed in blocks of input pairs of that size, so memory does not grow as
@@ -108,10 +110,11 @@ class InfiniteWidthKernel(Kernel):
                 reason = keops_unsupported_reason(net, self.input_shape)
                 if reason is not None:
                     raise ValueError(f"backend='keops' cannot evaluate this kernel: {reason}")
-            if backend == "blockwise" and isinstance(self.input_shape, NodeGraph):
+            if backend == "blockwise" and isinstance(self.input_shape, (NodeGraph, GraphDataset)):
                 raise ValueError(
-                    "backend='blockwise' cannot evaluate a node-level kernel matrix-free: every entry needs the "
-                    "whole graph's kernel, which the dense backend computes once per evaluation"
+                    f"backend='blockwise' cannot evaluate a kernel on {type(self.input_shape).__name__} indices "
+                    "matrix-free: the dense backend computes it (a node kernel needs the whole graph's; graph "
+                    "indices go bucket by bucket); use GraphInputs rows for matrix-free graph-level kernels"
                 )
         self.backend = backend
         for layer in parameterized_layers(self.net):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_inputs, number_in_unit_interval, positive_integer
-from ..core.graph_inputs import GraphFormat, GraphInputs, NodeGraph, checked_input_shape
+from ..core.graph_inputs import GraphDataset, GraphFormat, GraphInputs, NodeGraph, checked_input_shape
 from ..core.layer import InputShape, Layer, check_network
 from ..layers.affine import Affine
 from .solver import REGIMES, SOLVERS, Regime
@@ -26,7 +26,7 @@ def check_architecture(net: object, train_x: Tensor, input_shape: InputShape) ->
         raise TypeError(f"TrainedEnsemble needs an architecture built from gpntk.layers, got {type(net).__name__}")
     shape = checked_input_shape(input_shape)
     check_inputs("train_x", train_x, batched=False)
-    if isinstance(shape, (GraphInputs, NodeGraph)):
+    if isinstance(shape, (GraphInputs, NodeGraph, GraphDataset)):
         check_network(net, shape)
         shape.check_rows("train_x", train_x)
         return shape
@@ -98,5 +98,5 @@ def check_test_inputs(test_x: Tensor, num_features: int, input_shape: object = N
     check_inputs("test_x", test_x, batched=False)
     if test_x.shape[-1] != num_features:
         raise ValueError(f"test_x has {test_x.shape[-1]} features but train_x has {num_features}")
-    if isinstance(input_shape, (GraphInputs, NodeGraph)):
+    if isinstance(input_shape, (GraphInputs, NodeGraph, GraphDataset)):
         input_shape.check_rows("test_x", test_x)

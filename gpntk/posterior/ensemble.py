@@ -105,8 +105,9 @@ class TrainedEnsemble:
     :param diag_reg: absolute ridge added to the training kernel (0 for ridgeless).
     :param input_shape: ``(C, W)`` or ``(C, H, W)`` for spatial architectures (rows of the inputs
         hold channels-first tensors), or a graph format (:class:`~gpntk.GraphInputs`: rows are
-        padded graphs; :class:`~gpntk.NodeGraph`: rows are node indices of one graph, a
-        transductive node-level posterior), as for :class:`~gpntk.NTKKernel`.
+        padded graphs; :class:`~gpntk.GraphDataset`: rows are indices of registered graphs;
+        :class:`~gpntk.NodeGraph`: rows are node indices of one graph, a transductive node-level
+        posterior), as for :class:`~gpntk.NTKKernel`.
     :param solver: ``"eigh"`` (an eigendecomposition of the :math:`n \times n` training kernel),
         ``"lanczos"`` (matrix functions applied to vectors, the kernel never formed; see
         :mod:`~gpntk.posterior.krylov`) or ``"auto"``: eigh up to :data:`EIGH_MAX_TRAIN` training
