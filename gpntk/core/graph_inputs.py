@@ -183,8 +183,9 @@ class NodeGraph:
         dense tensor / NumPy array (made sparse). Use :meth:`from_edges` for an edge list with a
         normalisation.
 
-    A kernel built with ``input_shape=graph`` takes node indices: rows ``(..., n, 1)`` of integer
-    values in ``[0, N)`` (any float or integer dtype), e.g. ``torch.arange(N)[:, None].double()``.
+    A kernel built with ``input_shape=graph`` takes node indices: rows ``(..., n, 1)`` of whole
+    numbers in ``[0, N)`` in a floating dtype (GPyTorch's inputs; the kernel's dtype follows it),
+    e.g. ``torch.arange(N, dtype=torch.float64)[:, None]``.
     The kernel of the whole graph is computed once per evaluation (every node's value depends on
     its neighbourhood) and the requested entries are read from it.
     """

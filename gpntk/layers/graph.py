@@ -43,13 +43,14 @@ class Aggregate(Layer):
             raise ArchitectureError(
                 "Aggregate passes messages along the edges of graphs, but the inputs are "
                 + ("vectors" if signature.spatial == () else "not graphs")
-                + " (after " + signature.last + "); pass input_shape=gpntk.GraphInputs(...) for graph-level "
-                "kernels or input_shape=gpntk.NodeGraph(...) for node-level kernels"
+                + " (after " + signature.last + "); pass input_shape=gpntk.GraphInputs(...) or GraphDataset(...) "
+                "for graph-level kernels or input_shape=gpntk.NodeGraph(...) for node-level kernels"
             )
         if signature.spatial == ():
             raise ArchitectureError(
-                f"Aggregate needs the nodes of the graphs, but the outputs of {signature.last} are pooled over them; "
-                "put Aggregate before GlobalSumPool / GlobalAvgPool"
+                f"Aggregate needs the node features of graphs, but the outputs of {signature.last} are vectors "
+                "(pooled or flattened); put Aggregate before GlobalSumPool / GlobalAvgPool, on graph inputs "
+                "(input_shape=gpntk.GraphInputs(...), GraphDataset(...) or NodeGraph(...))"
             )
         # a linear map of the nodes: Gaussian outputs stay Gaussian (other variances per node), a fresh
         # function stays fresh and independent of sibling branches
