@@ -15,8 +15,8 @@ import torch
 
 import gpntk
 from gpntk import layers as L
-from gpntk.kernels.blockwise import kernel_matmul
 from gpntk.core.hyperparameters import Hyperparameters
+from gpntk.kernels.blockwise import kernel_matmul
 
 TOL = 1e-12
 SIZES = (3, 9, 4, 12, 5, 3, 10, 6)  # several buckets at growth 1.25
@@ -75,7 +75,8 @@ def test_gradients_equal_padded_rows(setting):
     weights = torch.randn(len(graphs), len(graphs), dtype=torch.float64)
     x = _indices(range(len(graphs)))
     grads = []
-    for kernel, inputs in ((gpntk.NTKKernel(net, input_shape=fmt), rows), (gpntk.NTKKernel(net, input_shape=dataset), x)):
+    cases = ((gpntk.NTKKernel(net, input_shape=fmt), rows), (gpntk.NTKKernel(net, input_shape=dataset), x))
+    for kernel, inputs in cases:
         net.zero_grad()
         (kernel(inputs).to_dense() * weights).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
@@ -156,7 +157,7 @@ def test_bad_inputs_are_refused(setting):
         gpntk.GraphDataset([(torch.ones(2, 3), torch.eye(2)), (torch.ones(2, 4), torch.eye(2))])
     with pytest.raises(ValueError, match="NaN or infinite"):
         gpntk.GraphDataset([(torch.full((2, 3), math.nan), torch.eye(2))])
-    with pytest.raises(gpntk.ArchitectureError, match=r"end it with GlobalSumPool\(\) or GlobalAvgPool\(\) over the nodes"):
+    with pytest.raises(gpntk.ArchitectureError, match=r"GlobalSumPool\(\) or GlobalAvgPool\(\) over the nodes"):
         gpntk.NTKKernel(L.serial(L.Aggregate(), L.Dense(1.0, 0.0)), input_shape=dataset)
 
 

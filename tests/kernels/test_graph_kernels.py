@@ -410,7 +410,7 @@ def test_blockwise_backend_equals_dense_for_graph_level(kind):
 def test_node_level_refuses_blockwise_at_construction_and_stays_dense_under_the_setting():
     graph, _, _ = node_graph()
     net = build(node_ops("relu", True))
-    with pytest.raises(ValueError, match="backend='blockwise' cannot evaluate a node-level kernel"):
+    with pytest.raises(ValueError, match="backend='blockwise' cannot evaluate a kernel on NodeGraph indices"):
         gpntk.NTKKernel(net, input_shape=graph, backend="blockwise")
     kernel = gpntk.NTKKernel(net, input_shape=graph)
     with torch.no_grad():

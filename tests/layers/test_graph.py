@@ -50,7 +50,10 @@ def assert_relative(actual, expected, rtol=RTOL):
 # --------------------------------------------------------------------------------------------
 # Architecture checks
 # --------------------------------------------------------------------------------------------
-FIX = r"pass input_shape=gpntk\.GraphInputs\(\.\.\.\) for graph-level kernels or input_shape=gpntk\.NodeGraph"
+FIX = (
+    r"pass input_shape=gpntk\.GraphInputs\(\.\.\.\) or GraphDataset\(\.\.\.\) for graph-level kernels or "
+    r"input_shape=gpntk\.NodeGraph"
+)
 
 
 def test_aggregate_refused_on_vectors():
@@ -76,7 +79,8 @@ def test_aggregate_refused_after_pooling():
     fmt = gpntk.GraphInputs(nodes=4, channels=2)
     fix = "put Aggregate before GlobalSumPool / GlobalAvgPool"
     for pool in (L.GlobalSumPool, L.GlobalAvgPool):
-        with pytest.raises(ArchitectureError, match=f"outputs of {pool.__name__} are pooled.*{fix}"):
+        message = rf"outputs of {pool.__name__} are vectors \(pooled or flattened\).*{fix}"
+        with pytest.raises(ArchitectureError, match=message):
             L.serial(L.Dense(1.0), pool(), L.Aggregate(), L.Dense(1.0))  # refused as soon as it is built
     block = L.serial(L.Aggregate(), L.Dense(1.0))  # fine on its own: it does not know its inputs
     with pytest.raises(ArchitectureError, match=fix):
