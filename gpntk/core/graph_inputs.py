@@ -174,7 +174,63 @@ class GraphInputs:
         return f"GraphInputs(nodes={self.nodes}, channels={self.channels})"
 
 
-class NodeGraph:
+class _RegisteredGraphs:
+    """What the index formats share: data copied at construction, never changed, shared by deep copies.
+
+    Subclasses list their tensors in :meth:`_tensors`; rows of ``x`` are indices (one number a
+    row), and the "positions" of a state are nodes (``spatial``, from ``nodes``).
+    """
+
+    @property
+    def nodes(self) -> int:
+        """The largest number of nodes a state holds."""
+        raise NotImplementedError
+
+    def _tensors(self) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def _freeze(self) -> None:
+        """Record the tensors' versions, for :meth:`check_unchanged`."""
+        self._versions = tuple(t._version for t in self._tensors())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """The object itself: it is data that never changes (a batched kernel's deep copy shares it)."""
+        return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled: fresh tensors, so the in-place guard starts from their versions."""
+        self.__dict__.update(state)
+        self._after_unpickling()
+        self._freeze()
+
+    def _after_unpickling(self) -> None:
+        """Reset caches of derived values (none by default)."""
+
+    def check_unchanged(self) -> None:
+        """Raise ``RuntimeError`` if the tensors were modified in place after construction.
+
+        Kernels read them at every evaluation (and may cache values derived from them), so an
+        in-place change would make earlier and later values disagree silently.
+        """
+        if tuple(t._version for t in self._tensors()) != self._versions:
+            name = type(self).__name__
+            raise RuntimeError(
+                f"this {name}'s tensors were modified in place after it was built; kernels and ensembles built on "
+                f"it would mix old and new values. Build a new {name} instead."
+            )
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        """The "positions" of a state: nodes."""
+        return (self.nodes,)
+
+    @property
+    def row_features(self) -> int:
+        """Numbers per row of ``x``: one index."""
+        return 1
+
+
+class NodeGraph(_RegisteredGraphs):
     r"""One fixed graph whose nodes are the inputs of a node-level kernel (GCN-NTK / GCN-NNGP).
 
     :param features: node features ``(N, C)``; the input kernel of two nodes is :math:`h \cdot h' / C`.
@@ -205,35 +261,14 @@ class NodeGraph:
             raise ValueError("NodeGraph adjacency contains NaN or infinite values")
         self.features = x.clone()  # the graph's own copies: later changes to the caller's tensors do not reach it
         self.adjacency = a.clone()
-        self._versions = self._current_versions()
         self._input_kernels: dict[tuple[torch.dtype, torch.device], tuple[Tensor, int]] = {}
+        self._freeze()
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "NodeGraph":
-        """The graph itself: it is data that never changes (a batched kernel's deep copy shares it)."""
-        return self
+    def _tensors(self) -> tuple[Tensor, ...]:
+        return (self.features, self.adjacency.values(), self.adjacency.indices())
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickled: fresh tensors, so the in-place guard starts from their versions."""
-        self.__dict__.update(state)
-        self._versions = self._current_versions()
+    def _after_unpickling(self) -> None:
         self._input_kernels = {}
-
-    def _current_versions(self) -> tuple[int, int, int]:
-        a = self.adjacency
-        return (self.features._version, a.values()._version, a.indices()._version)
-
-    def check_unchanged(self) -> None:
-        """Raise ``RuntimeError`` if the graph's tensors were modified in place after it was built.
-
-        Kernels read the graph at every evaluation and cache its input kernel, so an in-place
-        change would make earlier and later values disagree silently; build a new ``NodeGraph``
-        instead.
-        """
-        if self._current_versions() != self._versions:
-            raise RuntimeError(
-                "this NodeGraph's features or adjacency were modified in place after it was built; kernels "
-                "and ensembles built on it would mix old and new values. Build a new NodeGraph instead."
-            )
 
     def input_kernel(self, like: Tensor) -> Tensor:
         r"""The input kernel :math:`\Sigma_0 = X X^\top / C` ``(N, N)`` in ``like``'s dtype and device (cached)."""
@@ -285,16 +320,6 @@ class NodeGraph:
     def channels(self) -> int:
         return int(self.features.shape[1])
 
-    @property
-    def spatial(self) -> tuple[int, ...]:
-        """The "positions" of the graph: its nodes."""
-        return (self.nodes,)
-
-    @property
-    def row_features(self) -> int:
-        """Numbers per row of ``x``: one node index."""
-        return 1
-
     def indices(self, x: Tensor) -> Tensor:
         """The node indices of rows ``x`` ``(..., n, 1)`` as a long tensor ``(..., n)`` (checked)."""
         self.check_unchanged()
@@ -313,7 +338,7 @@ class NodeGraph:
         return f"NodeGraph(nodes={self.nodes}, channels={self.channels}, edges={self.adjacency._nnz()})"
 
 
-class GraphDataset:
+class GraphDataset(_RegisteredGraphs):
     r"""A registered list of graphs of any sizes, whose indices are the inputs of a graph-level kernel.
 
     :param graphs: ``(features (n_g, C), adjacency (n_g, n_g))`` pairs (tensors or NumPy arrays;
@@ -353,29 +378,13 @@ class GraphDataset:
         self.sizes = torch.tensor([f.shape[0] for f, _ in parts])
         self.growth = float(growth)
         self._channels = channels.pop()
-        self._versions = self._current_versions()
+        self._freeze()
 
     def __len__(self) -> int:
         return len(self.graphs)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "GraphDataset":
-        """The dataset itself: it is data that never changes (a batched kernel's deep copy shares it)."""
-        return self
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._versions = self._current_versions()
-
-    def _current_versions(self) -> tuple[int, ...]:
-        return tuple(t._version for graph in self.graphs for t in graph)
-
-    def check_unchanged(self) -> None:
-        """Raise ``RuntimeError`` if a graph's tensors were modified in place after the dataset was built."""
-        if self._current_versions() != self._versions:
-            raise RuntimeError(
-                "a graph of this GraphDataset was modified in place after it was built; kernels built on it would "
-                "mix old and new values. Build a new GraphDataset instead."
-            )
+    def _tensors(self) -> tuple[Tensor, ...]:
+        return tuple(t for graph in self.graphs for t in graph)
 
     @property
     def channels(self) -> int:
@@ -385,15 +394,6 @@ class GraphDataset:
     def nodes(self) -> int:
         """The largest graph's number of nodes."""
         return int(self.sizes.max())
-
-    @property
-    def spatial(self) -> tuple[int, ...]:
-        return (self.nodes,)
-
-    @property
-    def row_features(self) -> int:
-        """Numbers per row of ``x``: one graph index."""
-        return 1
 
     def check_rows(self, name: str, x: Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` ``(n, 1)`` holds whole graph indices in ``[0, len(self))``."""
