@@ -9,7 +9,7 @@ which is how the analytic kernels are checked against real networks.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from .nngp import empirical_nngp
 from .ntk import empirical_ntk
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..core.layer import Layer
+    from ..core.layer import InputShape, Layer
 
 __all__ = ["monte_carlo_kernel"]
 
@@ -35,7 +35,7 @@ def monte_carlo_kernel(
     kind: Literal["ntk", "nngp"] = "ntk",
     out_features: int = 1,
     seed: int = 0,
-    input_shape: Sequence[int] | None = None,
+    input_shape: InputShape = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Monte Carlo estimate of the kernel of ``net.finite(width)`` over random initialisations.
 
@@ -50,6 +50,8 @@ def monte_carlo_kernel(
     ``input_shape`` ``(C, W)`` / ``(C, H, W)``: for spatial architectures (convolutions,
     pooling), the channels-first shape of one input, passed to ``net.finite`` as for
     ``NTKKernel(net, input_shape=...)``; each row of ``x1``, ``x2`` then holds ``C·H·W`` features.
+    For graph networks a graph format (``GraphInputs``, ``GraphDataset``, ``NodeGraph``), whose
+    rows are read as by the kernels (padded graphs, graph or node indices).
     """
     n_samples = integer_argument("n_samples (at least 2, for a standard error)", n_samples, minimum=2)
     width = integer_argument("width", width, minimum=1)
