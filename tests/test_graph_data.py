@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _benchmarks import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPHS = ROOT.parent / "shared" / "data" / "graphs"  # benchmark data next to the repository, not shipped
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("graph_data", ROOT / "benchmarks" / "graph_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["graph_data"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-graph_data = _load_module()
+graph_data = load_benchmark("graph_data.py", "graph_data")
 
 #: graph counts and classes of the README; node-count maxima and feature widths as read (see the module docstring)
 TU_SIZES = {"MUTAG": (188, 2, 28, 9), "PTC": (344, 2, 109, 19), "PROTEINS": (1113, 2, 620, 3),

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _benchmarks import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "uci"
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("uci_benchmark", ROOT / "benchmarks" / "uci.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["uci_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-uci = _load_benchmark()
+uci = load_benchmark("uci.py", "uci_benchmark")
 
 
 def arora_kernels(x: np.ndarray, max_depth: int) -> dict[tuple[int, int], np.ndarray]:
