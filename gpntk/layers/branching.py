@@ -258,7 +258,7 @@ class FanInSum(_FanIn):
         return Signature(
             gaussian=all(g is True for g in gaussian) or (None if None in gaussian else False),
             last=self.name, spatial=spatial, channels=channels,
-            independent=independent, outer_independent=outer,
+            independent=independent, outer_independent=outer, graph=merged_graph(signatures),
         )
 
     def combine(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -284,7 +284,7 @@ class FanInProd(_FanIn):
         outer = (False,) * (min(len(s.outer_independent) for s in signatures) - 1)
         return Signature(
             gaussian=False, last=self.name, spatial=spatial, channels=channels, independent=False,
-            outer_independent=outer,
+            outer_independent=outer, graph=merged_graph(signatures),
         )
 
     def combine(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -322,7 +322,7 @@ class FanInConcat(_FanIn):
         independent, outer = merged_independence(signatures)
         return Signature(
             gaussian=False, last=self.name, spatial=spatial, channels=channels,
-            independent=independent, outer_independent=outer,
+            independent=independent, outer_independent=outer, graph=merged_graph(signatures),
         )
 
     def combine(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -330,6 +330,14 @@ class FanInConcat(_FanIn):
         for t in tensors[1:]:
             out = out + t
         return out / len(tensors)
+
+
+def merged_graph(signatures: Sequence[Signature]) -> bool | None:
+    """Whether the merged branches' positions are graph nodes: as the branches say (``None`` if unknown)."""
+    graphs = {s.graph for s in signatures}
+    if True in graphs:
+        return True
+    return None if None in graphs else False
 
 
 def merged_independence(signatures: Sequence[Signature]) -> tuple[bool, tuple[bool, ...]]:

@@ -305,3 +305,35 @@ def test_finite_node_level_mean_equals_graph_level_mean_pool():
     with torch.no_grad():
         nodes = node_model(torch.arange(7, dtype=DTYPE)[:, None])
         torch.testing.assert_close(nodes.mean(0, keepdim=True), graph_model(x), rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("level", ["graph", "node"])
+def test_branches_keep_graph_inputs(level):
+    """Merged branches are still node features of graphs, so Aggregate may follow a FanIn.
+
+    Two independent Dense branches summed are one Dense with the summed variances (Σ and Θ alike),
+    which pins the merged kernel exactly.
+    """
+    g = torch.Generator().manual_seed(5)
+    if level == "graph":
+        fmt, x = gpntk.GraphInputs.from_graphs(
+            [(torch.randn(n, 3, generator=g, dtype=torch.float64), (torch.rand(n, n, generator=g) < 0.5).double())
+             for n in (3, 5, 4)]
+        )
+        tail = [L.GlobalSumPool(), L.Dense(1.0, 0.0)]
+    else:
+        fmt = gpntk.NodeGraph(torch.randn(6, 3, generator=g, dtype=torch.float64), torch.rand(6, 6, generator=g))
+        x = torch.arange(6, dtype=torch.float64)[:, None]
+        tail = [L.Dense(1.0, 0.0)]
+    head = [L.Aggregate(), L.Dense(1.0, 0.1), L.ReLU()]
+    branched = L.serial(*head, L.FanOut(2), L.parallel(L.Dense(1.0, 0.1), L.Dense(0.5, 0.2)), L.FanInSum(),
+                        L.Aggregate(), L.ReLU(), *tail)
+    merged = L.serial(*head, L.Dense(1.5, 0.3), L.Aggregate(), L.ReLU(), *tail)
+    for kernel_class in (gpntk.NNGPKernel, gpntk.NTKKernel):
+        with torch.no_grad():
+            actual = kernel_class(branched, input_shape=fmt)(x).to_dense()
+            expected = kernel_class(merged, input_shape=fmt)(x).to_dense()
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
+    concat = L.serial(*head, L.FanOut(2), L.parallel(L.Dense(1.0, 0.1), L.Identity()), L.FanInConcat(),
+                      L.Aggregate(), L.Dense(1.0, 0.0), L.ReLU(), *tail)
+    assert torch.isfinite(gpntk.NTKKernel(concat, input_shape=fmt)(x).to_dense()).all()
