@@ -6,30 +6,20 @@ Tangent Kernel", Section 4, one pair of graphs at a time; it shares no code with
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _benchmarks import load_benchmark
 
 import gpntk
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_benchmark():
-    path = ROOT / "benchmarks" / "graph_classification.py"
-    spec = importlib.util.spec_from_file_location("graph_classification", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["graph_classification"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("graph_classification.py", "graph_classification")
 
 
 def _require_data() -> None:

@@ -56,7 +56,10 @@ def graph_kernel_matrices(
         ``pairs_per_call · N²`` numbers per intermediate tensor).
     :param progress: ``True`` (stderr) or a text stream: a progress line with pairs done, elapsed
         time and an estimate of the time left.
-    :return: ``(Σ, Θ)``, each ``(len(graphs), len(others))`` (``Θ`` is ``None`` without ``track_ntk``).
+    :return: ``(Σ, Θ)``, each ``(len(graphs), len(others))`` (``Θ`` is ``None`` without ``track_ntk``);
+        without ``others``, exactly symmetric (the mean of the matrix and its transpose, which
+        differ by rounding: up to about 1e-10 relative in the NTK, where two nodes of different
+        graphs have correlation one; see ``docs/graphs.md``).
     """
     growth = real_argument("bucket_growth", bucket_growth, minimum=1.0)
     pairs_per_call = integer_argument("pairs_per_call", pairs_per_call, minimum=1)
@@ -85,6 +88,9 @@ def graph_kernel_matrices(
                             target[cols.unsqueeze(-1), rows] = block.transpose(0, 1)
                 reporter.advance(len(rows) * len(cols))
     reporter.finish()
+    if others is None:  # K(G, G') and K(G', G) may differ in the last digits (summation order): symmetric
+        cov = (cov + cov.transpose(0, 1)) / 2
+        ntk = None if ntk is None else (ntk + ntk.transpose(0, 1)) / 2
     return cov, ntk
 
 
