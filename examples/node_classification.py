@@ -171,30 +171,37 @@ def save_figure(results: Path, quick: dict[int, float], path: str) -> None:
         return
     report = json.loads(Path(results).read_text())
     names = list(report["datasets"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.9), squeeze=False)
+    readings = {"test": f"ridge {report['ridge']:g}·max K", "val_ridge_test": "ridge chosen on the validation nodes"}
+    fig, axes = plt.subplots(len(readings), len(names), figsize=(5.2 * len(names), 3.3 * len(readings)),
+                             squeeze=False, sharex=True)
     colors = {"row": "tab:blue", "symmetric": "tab:orange", "column": "tab:green"}
     styles = {"none": "-", "jk": "--", "skip-pc": ":"}
-    for ax, name in zip(axes[0], names):
-        for normalization, color in colors.items():
-            for skip, style in styles.items():
-                rows = [r for r in report["sweep"] if (r["dataset"], r["normalization"], r["skip"])
-                        == (name, normalization, skip) and "error" not in r]
-                if not rows:
-                    continue
-                marker = "s" if len(rows) == 1 else "o"
-                ax.plot([r["depth"] for r in rows], [100 * r["ntk"]["test"] for r in rows], style, marker=marker,
-                        ms=4, color=color, label=f"{normalization}, {skip}")
-        for gp in report.get("gp", []):
-            if gp["dataset"] == name:
-                ax.plot([gp["depth"]], [100 * gp["test"]], "k*", ms=10, label=f"ExactGP ({gp['kernel'].upper()})")
-        published = report["reference"]["gcn_trained"].get(name)
-        if published is not None:
-            ax.axhline(published, color="gray", ls=":", label=f"trained GCN ({published} %)")
-        ax.set(xlabel="depth d (hidden layers)", ylabel="test accuracy (%)",
-               title=f"{name}: NTK kernel regression" + (" (quick)" if report.get("quick") else ""))
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, ncol=2, loc="lower left")
-    fig.tight_layout()
+    for row_axes, (reading, label) in zip(axes, readings.items()):
+        for ax, name in zip(row_axes, names):
+            for normalization, color in colors.items():
+                for skip, style in styles.items():
+                    rows = [r for r in report["sweep"] if (r["dataset"], r["normalization"], r["skip"])
+                            == (name, normalization, skip) and "error" not in r]
+                    if rows:
+                        ax.plot([r["depth"] for r in rows], [100 * r["ntk"][reading] for r in rows], style,
+                                marker="s" if len(rows) == 1 else "o", ms=4, color=color,
+                                label=f"S {normalization}, {'no skip' if skip == 'none' else skip}")
+            for gp in report.get("gp", []):
+                if gp["dataset"] == name:
+                    ax.plot([gp["depth"]], [100 * gp["test"]], "k*", ms=10,
+                            label=f"ExactGP, learned hyperparameters ({gp['kernel'].upper()})")
+            published = report["reference"]["gcn_trained"].get(name)
+            if published is not None:
+                ax.axhline(published, color="gray", ls=":", label="trained 2-layer GCN (Kipf & Welling)")
+            ax.set(ylabel="test accuracy (%)", title=f"{name}, NTK kernel regression, {label}"
+                   + (" (quick)" if report.get("quick") else ""))
+            ax.title.set_fontsize(9)
+            ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("depth d (hidden layers)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
