@@ -25,9 +25,9 @@ biases, ReLU with c_σ = 2 (He scaling), NTK parameterization. Depth d has d hid
   again. At infinite width the two summands are uncorrelated, so ``S(√2 φ(g) + H_0) W`` has the
   NNGP and NTK of ``S √2 φ(g) W + S H_0 W'`` with an independent ``W'``. gpntk refuses the first
   form (:func:`skip_pc_tied`: a ``FanInSum`` of two branches without an affine layer at their
-  end), so :func:`skip_pc` builds the second; beyond depth 1 gpntk refuses that one too (an
-  ``Aggregate`` after a ``FanInSum`` is rejected as "not graphs": the merged signature drops the
-  graph flag), and the sweep records the error instead of a result.
+  end), so :func:`skip_pc` builds the second. (Until gpntk's ``FanInSum`` kept the "graph nodes"
+  flag of its branches, an ``Aggregate`` after it was refused and Skip-PC ran only at depth 1; the
+  sweep still records any ``ArchitectureError`` instead of a result.)
 
 Both the NTK Θ and the NNGP Σ of the whole graph (N × N) come from one pass of
 :func:`gpntk.kernels.dense.nngp_and_ntk` with the node indices of all nodes.
@@ -199,8 +199,7 @@ def jumping_knowledge(depth: int) -> L.Layer:
 
     Jumping knowledge (Xu et al. 2018) with a sum of independent readouts (as in Du et al.'s
     GNTK): the NNGP and the NTK are the sums of those of the plain GCNs of depths 1..depth (whose
-    hidden layers it shares). Every readout has σw² = c_σ = 2. Branches are merged only at the
-    end, so no ``Aggregate`` follows a ``FanInSum`` (which gpntk refuses, see :func:`skip_pc`).
+    hidden layers it shares). Every readout has σw² = c_σ = 2.
     """
     def readout() -> L.Layer:
         return L.serial(L.Aggregate(), L.Dense(C_SIGMA))
