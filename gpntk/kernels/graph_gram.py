@@ -23,7 +23,7 @@ from .._validation import integer_argument, real_argument
 from ..core.graph_inputs import GraphDataset
 from ..core.layer import Layer, check_network
 from .dense import nngp_and_ntk
-from .graph_dataset import bucket_pairs
+from .graph_dataset import BucketPair, bucket_pairs
 
 __all__ = ["graph_kernel_matrices"]
 
@@ -74,24 +74,31 @@ def graph_kernel_matrices(
     ntk = torch.empty_like(cov) if track_ntk else None
     with torch.no_grad():
         for pair in pairs:
-            chunk = max(1, pairs_per_call // len(pair.positions2))
-            for start in range(0, len(pair.positions1), chunk):
-                part = slice(start, start + chunk)
-                a = pair.rows1[part]
-                b = a if (pair.rows2 is pair.rows1 and len(pair.positions1) <= chunk) else pair.rows2
-                kernels = nngp_and_ntk(net, a, b, input_shape=pair.format, track_ntk=track_ntk)
-                rows, cols = pair.positions1[part], pair.positions2
-                for target, block in zip((cov, ntk), kernels):
-                    if target is not None and block is not None:
-                        target[rows.unsqueeze(-1), cols] = block
-                        if pair.mirrored:
-                            target[cols.unsqueeze(-1), rows] = block.transpose(0, 1)
-                reporter.advance(len(rows) * len(cols))
+            _fill(net, pair, (cov, ntk), pairs_per_call, reporter)
     reporter.finish()
     if others is None:  # K(G, G') and K(G', G) may differ in the last digits (summation order): symmetric
         cov = (cov + cov.transpose(0, 1)) / 2
         ntk = None if ntk is None else (ntk + ntk.transpose(0, 1)) / 2
     return cov, ntk
+
+
+def _fill(
+    net: Layer, pair: BucketPair, targets: tuple[Tensor, Tensor | None], pairs_per_call: int, reporter: "_Progress"
+) -> None:
+    """The kernels of one pair of buckets into ``targets``, ``pairs_per_call`` pairs of graphs at a time."""
+    chunk = max(1, pairs_per_call // len(pair.positions2))
+    for start in range(0, len(pair.positions1), chunk):
+        part = slice(start, start + chunk)
+        a = pair.rows1[part]
+        b = a if (pair.rows2 is pair.rows1 and len(pair.positions1) <= chunk) else pair.rows2
+        kernels = nngp_and_ntk(net, a, b, input_shape=pair.format, track_ntk=targets[1] is not None)
+        rows, cols = pair.positions1[part], pair.positions2
+        for target, block in zip(targets, kernels):
+            if target is not None and block is not None:
+                target[rows.unsqueeze(-1), cols] = block
+                if pair.mirrored:
+                    target[cols.unsqueeze(-1), rows] = block.transpose(0, 1)
+        reporter.advance(len(rows) * len(cols))
 
 
 class _Progress:
