@@ -114,10 +114,12 @@ class SparseGraph:
         _check_full(state, "Aggregate")
         if not state.diag:
             raise RuntimeError("a node-level kernel state holds the single graph with itself (per-point mode)")
-        a = self.adjacency.to(state.cov12)
+        with warnings.catch_warnings():  # torch calls its CSR layout beta; the product used here is stable
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            csr = self.adjacency.to(state.cov12).to_sparse_csr()  # once for Σ and Θ
 
         def both_sides(t: Tensor, left: Tensor, right: Tensor) -> Tensor:
-            return _sparse_sandwich(a, t)
+            return _sparse_sandwich(csr, t)
 
         placeholder = torch.empty(0)
         return _map_sides(state, placeholder, placeholder, 0, both_sides)
@@ -126,8 +128,8 @@ class SparseGraph:
         raise RuntimeError("a node-level kernel does not pool over its nodes (its outputs are per node)")
 
 
-def _sparse_sandwich(a: Tensor, t: Tensor) -> Tensor:
-    r""":math:`A\, t\, A^\top` for sparse ``a`` ``(N, N)`` and dense ``t`` ``(..., N, N)``: two sparse products.
+def _sparse_sandwich(csr: Tensor, t: Tensor) -> Tensor:
+    r""":math:`A\, t\, A^\top` for ``csr`` (A, sparse CSR ``(N, N)``), dense ``t`` ``(..., N, N)``: two products.
 
     Each product multiplies a contiguous ``(N, b·N)`` stack of the batch's matrices (a strided
     view makes the sparse product several times slower).
@@ -136,10 +138,6 @@ def _sparse_sandwich(a: Tensor, t: Tensor) -> Tensor:
     batch = t.shape[:-2]
     flat = t.reshape(-1, n, n)
     b = flat.shape[0]
-    with warnings.catch_warnings():  # torch calls its CSR layout beta; the product used here is stable
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        csr = a.to_sparse_csr()
-
     def left_multiply(m: Tensor) -> Tensor:  # A @ m[k] for every k, m (b, N, N)
         stacked = m.permute(1, 0, 2).reshape(n, b * n).contiguous()
         return (csr @ stacked).reshape(n, b, n).permute(1, 0, 2)
