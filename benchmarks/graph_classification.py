@@ -279,9 +279,26 @@ def nested_fold(grams: Sequence[np.ndarray], labels: np.ndarray, train: np.ndarr
     return fits.accuracy(matrices[k, norm], labels, train, test, c), choice
 
 
+def cached_gram(setting: KernelSetting, graphs: Sequence[tuple[np.ndarray, np.ndarray]], progress: bool,
+                cache: Path | None, key: str) -> tuple[np.ndarray, float, bool]:
+    """:func:`ntk_gram`, read from ``cache/key-label.npz`` when an earlier run saved it there (with the
+    seconds it took then), else computed and saved. Returns (Gram, seconds, whether it came from the cache)."""
+    if cache is None:
+        return (*ntk_gram(setting, graphs, progress), False)
+    path = cache / f"{key} {setting.label}.npz".replace(" ", "_").replace("=", "")
+    if path.is_file():
+        stored = np.load(path)
+        if stored["gram"].shape == (len(graphs), len(graphs)):
+            return stored["gram"], float(stored["seconds"]), True
+    gram, seconds = ntk_gram(setting, graphs, progress)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, gram=gram, seconds=seconds)
+    return gram, seconds, False
+
+
 def evaluate_dataset(name: str, grid: str, c_grid: Sequence[float], max_graphs: int | None, data_root: Path,
                      inner_folds: int, nested: bool, progress: bool = True,
-                     max_iter: int = graph_data.SVM_MAX_ITER) -> dict[str, Any]:
+                     max_iter: int = graph_data.SVM_MAX_ITER, gram_cache: Path | None = None) -> dict[str, Any]:
     """Every Gram of the grid for dataset ``name``, the SVM protocol on them, and the result record."""
     data = graph_data.load_tu(name, data_root)
     subset = stratified_subset(data.labels, max_graphs) if max_graphs else np.arange(len(data))
@@ -300,10 +317,11 @@ def evaluate_dataset(name: str, grid: str, c_grid: Sequence[float], max_graphs: 
     grams, gram_records = [], []
     for setting in settings:
         load = os.getloadavg()[0]
-        gram, seconds = ntk_gram(setting, graphs, progress)
+        gram, seconds, reused = cached_gram(setting, graphs, progress, gram_cache, f"{name} {n}")
         pairs = n * (n + 1) // 2
         gram_records.append({**asdict(setting), "label": setting.label, "seconds": seconds, "pairs": pairs,
-                             "pairs_per_second": pairs / seconds, "load_average_before": load})
+                             "pairs_per_second": pairs / seconds, "load_average_before": load,
+                             "from_cache": reused})
         grams.append(gram)
         print(f"  {setting.label:<20s} Gram {seconds:8.1f} s ({pairs / seconds:9.0f} pairs/s)", flush=True)
 
@@ -461,6 +479,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "are counted in the JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the folder of the TU datasets")
+    parser.add_argument("--gram-cache", type=Path, default=None,
+                        help="save each Gram matrix here (.npz with its time) and reuse it in later runs")
     parser.add_argument("--no-progress", action="store_true", help="no progress line while a Gram is computed")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here (after each set)")
     parser.add_argument("--append", action="store_true",
@@ -511,7 +531,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["parts"] = parts + [this_part]
     for name in datasets:
         record = evaluate_dataset(name, args.grid, c_grid, max_graphs.get(name), args.data, args.inner_folds,
-                                  args.nested, progress=not args.no_progress, max_iter=args.max_iter)
+                                  args.nested, progress=not args.no_progress, max_iter=args.max_iter,
+                                  gram_cache=args.gram_cache)
         report["results"].append(record)
         this_part["wall_seconds"] = time.perf_counter() - start
         report["wall_seconds"] = sum(p.get("wall_seconds") or 0.0 for p in report["parts"])
