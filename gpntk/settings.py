@@ -28,7 +28,9 @@ from __future__ import annotations
 import os
 from typing import Generic, Literal, TypeVar, cast
 
-__all__ = ["fusion", "kernel_backend", "FUSION_MIN_ELEMENTS", "FUSION_AFTER_CALLS", "DENSE_MAX_ELEMENTS"]
+__all__ = [
+    "fusion", "kernel_backend", "recompute_backward", "FUSION_MIN_ELEMENTS", "FUSION_AFTER_CALLS", "DENSE_MAX_ELEMENTS",
+]
 
 FUSION_MIN_ELEMENTS = 2**23
 """Under ``fusion("auto")``, evaluations of at least this many numbers (pairs x per-pair entries) compile."""
@@ -140,6 +142,31 @@ class kernel_backend(_Setting[Backend]):
     @classmethod
     def _valid(cls, mode: object) -> bool:
         return isinstance(mode, str) and mode in ("auto", "dense", "blockwise", "keops")
+
+
+class recompute_backward(_Setting[bool]):
+    r"""``recompute_backward(on)``: how gradients of kernel matrices are computed (default ``True``).
+
+    ``True``: the kernel matrix is filled without recording the recursion, and the backward pass
+    recomputes it block by block (:mod:`gpntk.kernels.blocked`, blockwise gradient checkpointing):
+    memory is the kernel matrix and its gradient, not every intermediate of the recursion, and the
+    backward of an :math:`n \times n` kernel does :math:`O(n^2)` work. ``False``: plain autograd
+    through every block (kept for comparisons; it stores every intermediate). Values and
+    gradients agree to rounding either way. ``torch.func`` transforms and forward-mode AD always
+    use plain autograd. The environment variable ``GPNTK_RECOMPUTE_BACKWARD=0`` sets the initial
+    mode to ``False``.
+    """
+
+    _name, _choices = "recompute_backward", "True or False"
+    _mode: bool = os.environ.get("GPNTK_RECOMPUTE_BACKWARD", "1") != "0"
+
+    @classmethod
+    def _valid(cls, mode: object) -> bool:
+        return isinstance(mode, bool)
+
+    @classmethod
+    def on(cls) -> bool:
+        return cls._mode
 
 
 kernel_backend._check(kernel_backend._mode)  # a bad GPNTK_KERNEL_BACKEND fails at import, naming the choices

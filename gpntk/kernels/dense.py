@@ -14,15 +14,15 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from ..core.coincident import RowIds
 from ..core.graph_inputs import GraphDataset, NodeGraph
 from ..core.hyperparameters import Hyperparameters
 from ..core.layer import InputShape, Layer
+from .blocked import fill_blocks, recomputed_kernels, wants_recomputed_backward
 from .engine import Output, check_finite_kernel, input_layout, run_block, same_inputs
 from .fusion import FusionPolicy
 from .graph_dataset import dataset_kernel_diagonal, dataset_kernels
 from .node_level import node_kernel_diagonal, node_kernels
-from .planning import batch_shape_of, block_ranges, default_block_elements, kernel_blocks
+from .planning import batch_shape_of, block_ranges, default_block_elements
 
 __all__ = ["Output", "evaluate", "kernel_diagonal", "nngp_and_ntk", "input_layout", "check_finite_kernel"]
 
@@ -53,36 +53,9 @@ def evaluate(
             ),
         )
     fusion = FusionPolicy() if fusion is None else fusion
-    blocks, elements, symmetric = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
-    fused = fusion.use_fusion(x1, x2, hyper, input_shape, track_ntk, elements)
-    ids = RowIds(x1, x2)
-    if len(blocks) == 1:
-        cov, ntk = run_block(
-            net, x1, x2, hyper, input_shape, track_ntk, symmetric, False, fusion=fusion, fused=fused,
-            coincident=ids.block(),
-        )
-        check_finite_kernel(cov, ntk)
-        return cov, ntk
-    n1, n2 = x1.shape[-2], x2.shape[-2]
-    outputs: list[Tensor | None] = [None, None]  # Σ and Θ, allocated at the first block
-    for r, c, same, mirrored in blocks:
-        a = x1[..., r, :]
-        b = a if (same and x2 is x1) else x2[..., c, :]
-        kernels = run_block(
-            net, a, b, hyper, input_shape, track_ntk, same, False, fusion=fusion, fused=fused,
-            coincident=ids.block(r, c),
-        )
-        for which, block in enumerate(kernels):
-            if block is None:
-                continue
-            target = outputs[which]
-            if target is None:
-                target = outputs[which] = block.new_empty(*block.shape[:-2], n1, n2)
-            target[..., r, c] = block
-            if mirrored:
-                target[..., c, r] = block.transpose(-1, -2)
-    check_finite_kernel(*outputs)
-    return cast(Tensor, outputs[0]), outputs[1]  # Σ is always computed
+    if wants_recomputed_backward(x1, x2, hyper):
+        return recomputed_kernels(net, x1, x2, hyper, input_shape, track_ntk, block_elements, fusion)
+    return fill_blocks(net, x1, x2, hyper, input_shape, track_ntk, block_elements, fusion)
 
 
 def kernel_diagonal(

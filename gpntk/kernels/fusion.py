@@ -64,16 +64,20 @@ class FusionPolicy:
     ) -> bool:
         """Whether an evaluation of ``elements`` numbers runs compiled; counts it if it is large.
 
-        Spatial and graph architectures always run eagerly: their recursion (window sums,
+        Under ``"auto"``, evaluations whose inputs or hyperparameters belong to an autograd graph
+        never compile, even where they run without gradients (the conjugate-gradient products of
+        a matrix-free kernel in a marginal-likelihood step): a fit compiles up front
+        (``fusion(True)``) or not at all, never with a pause in the middle. Spatial and graph
+        architectures always run eagerly: their recursion (window sums,
         layouts, aggregations) takes minutes to trace and compile, and its cost is dominated by
         the spatial maps rather than by chains of elementwise passes.
         """
         spatial = input_shape is not None and (not isinstance(input_shape, Sequence) or len(input_shape) >= 2)
         if self.failed or spatial:
             return False
-        needs_grad = torch.is_grad_enabled() and (
-            x1.requires_grad or x2.requires_grad or any(h.requires_grad for h in hyper.values())
-        )
+        # part of an autograd graph, even where this evaluation itself runs without gradients (the
+        # conjugate-gradient products of a matrix-free kernel inside a marginal-likelihood step)
+        needs_grad = x1.requires_grad or x2.requires_grad or any(h.requires_grad for h in hyper.values())
         previous = 0
         if elements >= settings.FUSION_MIN_ELEMENTS:
             key = (x1.dtype, x1.device, track_ntk)

@@ -205,3 +205,30 @@ def test_a_trained_ensemble_compiles_its_own_repeated_large_evaluations(traced_o
         reference = gpntk.TrainedEnsemble(net, x, y, learning_rate=0.5).moments(tests[-1], t=10.0, regime="nngp")
     for a, b in zip(fused, reference):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_marginal_likelihood_fit_never_compiles_under_auto(traced_only, monkeypatch):
+    """The conjugate-gradient products of a matrix-free kernel run without gradients inside a fit: not a reason to
+    compile in the middle of it (its hyperparameters belong to the step's autograd graph)."""
+    import gpytorch
+
+    monkeypatch.setattr(settings, "FUSION_MIN_ELEMENTS", 100)
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(60, 3, generator=g)
+    y = torch.sin(3 * x[:, 0])
+    kernel = gpntk.NTKKernel(L.mlp(2, "relu"), backend="blockwise")
+
+    class GP(gpytorch.models.ExactGP):
+        def forward(self, z):
+            return gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), kernel(z))
+
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood())
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    with settings.fusion("auto"), gpytorch.settings.max_cholesky_size(10):
+        for _ in range(settings.FUSION_AFTER_CALLS + 2):
+            (-mll(model(x), y)).backward()
+        assert not kernel.fusion.compiled
+        with torch.no_grad():  # repeated evaluations outside any graph still compile
+            for _ in range(settings.FUSION_AFTER_CALLS + 1):
+                kernel(x).to_dense()
+        assert kernel.fusion.compiled

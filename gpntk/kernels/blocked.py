@@ -1,0 +1,264 @@
+r"""A kernel matrix filled block by block, and a backward that recomputes each block.
+
+:func:`fill_blocks` evaluates the kernel matrices :math:`(\Sigma, \Theta)` of ``x1`` and ``x2``
+block by block (:mod:`gpntk.kernels.planning`) into two preallocated matrices.
+
+Differentiating that fill with plain autograd is slow and memory hungry: autograd stores every
+intermediate of every block (dozens of :math:`n \times n` numbers per layer) and each block's
+slice assignment copies the whole :math:`n \times n` gradient again in the backward pass
+(:math:`O(n^2)` work per block, so :math:`O(n^4 / B)` in all). :class:`RecomputedKernels` is
+therefore a custom autograd Function, the blockwise form of gradient checkpointing (Chen et al.,
+"Training Deep Nets with Sublinear Memory Cost", 2016): its forward fills the matrices without
+recording anything; its backward takes the incoming gradient
+:math:`\bar K = \partial L / \partial K` block by block, recomputes that block's recursion with
+gradients and pulls :math:`\bar K_{rc}` back to the block's rows of ``x1``, columns of ``x2`` and
+the hyperparameters,
+
+.. math::
+    \bar x_{1,r} \mathrel{+}= \bar K_{rc} \cdot \partial K_{rc} / \partial x_{1,r}, \qquad
+    \bar\theta \mathrel{+}= \textstyle\sum_{ij} (\bar K_{rc})_{ij} \, \partial (K_{rc})_{ij} / \partial \theta.
+
+Each block's intermediates live only while that block is processed and stay in cache on CPUs,
+so the backward costs about two forward passes plus one block-sized autograd pass, and the peak
+memory is the output and its gradient. A second derivative (``create_graph=True``) recomputes the
+whole recursion differentiably from the saved inputs, so double backward stays exact.
+``torch.func`` transforms and forward-mode dual tensors take the plain autograd path
+(:func:`wants_recomputed_backward`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.autograd.forward_ad import unpack_dual
+
+from .. import settings
+from .._transforms import is_transformed
+from ..core.coincident import RowIds
+from ..core.layer import InputShape, Layer
+from .engine import check_finite_kernel, run_block
+from .fusion import FusionPolicy
+from .planning import kernel_blocks
+
+__all__ = ["fill_blocks", "RecomputedKernels", "wants_recomputed_backward", "recomputed_kernels"]
+
+
+def fill_blocks(
+    net: Layer,
+    x1: Tensor,
+    x2: Tensor,
+    hyper: dict[str, Tensor],
+    input_shape: InputShape,
+    track_ntk: bool,
+    block_elements: int | None,
+    fusion: FusionPolicy,
+    fused: bool | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    r"""``(Σ(x1, x2), Θ(x1, x2) or None)``, ``(..., n1, n2)`` each, computed block by block.
+
+    ``fused``: whether the blocks run compiled (``None``: the policy's decision,
+    :meth:`FusionPolicy.use_fusion`). Differentiable by plain autograd (every block recorded).
+    """
+    blocks, elements, symmetric = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
+    if fused is None:
+        fused = fusion.use_fusion(x1, x2, hyper, input_shape, track_ntk, elements)
+    ids = RowIds(x1, x2)
+    if len(blocks) == 1:
+        cov, ntk = run_block(
+            net, x1, x2, hyper, input_shape, track_ntk, symmetric, False, fusion=fusion, fused=fused,
+            coincident=ids.block(),
+        )
+        check_finite_kernel(cov, ntk)
+        return cov, ntk
+    n1, n2 = x1.shape[-2], x2.shape[-2]
+    outputs: list[Tensor | None] = [None, None]  # Σ and Θ, allocated at the first block
+    for r, c, same, mirrored in blocks:
+        a = x1[..., r, :]
+        b = a if (same and x2 is x1) else x2[..., c, :]
+        kernels = run_block(
+            net, a, b, hyper, input_shape, track_ntk, same, False, fusion=fusion, fused=fused,
+            coincident=ids.block(r, c),
+        )
+        for which, block in enumerate(kernels):
+            if block is None:
+                continue
+            target = outputs[which]
+            if target is None:
+                target = outputs[which] = block.new_empty(*block.shape[:-2], n1, n2)
+            target[..., r, c] = block
+            if mirrored:
+                target[..., c, r] = block.transpose(-1, -2)
+    check_finite_kernel(*outputs)
+    return cast(Tensor, outputs[0]), outputs[1]  # Σ is always computed
+
+
+def _has_tangent(x: Tensor) -> bool:
+    return unpack_dual(x).tangent is not None
+
+
+def wants_recomputed_backward(x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> bool:
+    """Whether an evaluation records gradients that :class:`RecomputedKernels` can provide.
+
+    True when autograd is on and an input or hyperparameter requires a gradient, none of them
+    is wrapped by a ``torch.func`` transform or carries a forward-mode tangent, and
+    :class:`gpntk.settings.recompute_backward` is on.
+    """
+    if not (torch.is_grad_enabled() and settings.recompute_backward.on()):
+        return False
+    tensors = (x1, x2, *hyper.values())
+    if not any(t.requires_grad for t in tensors):
+        return False
+    return not any(is_transformed(t) or _has_tangent(t) for t in tensors)
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    """What one evaluation needs besides its tensors: the network, the options, the hyperparameter names."""
+
+    net: Layer
+    input_shape: InputShape
+    track_ntk: bool
+    block_elements: int | None
+    fusion: FusionPolicy
+    fused: bool
+    names: tuple[str, ...]
+    same_object: bool  # x1 is x2
+
+    def hyper(self, values: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        return dict(zip(self.names, values))
+
+
+class RecomputedKernels(torch.autograd.Function):
+    """``(Σ, Θ)`` (or ``(Σ,)`` without the NTK) of ``x1, x2, *hyperparameters``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, how: _Evaluation, x1: Tensor, x2: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
+        b = x1 if how.same_object else x2
+        cov, ntk = fill_blocks(how.net, x1, b, how.hyper(values), how.input_shape, how.track_ntk,
+                               how.block_elements, how.fusion, how.fused)
+        ctx.how = how
+        ctx.save_for_backward(x1, x2, *values)
+        return (cov, ntk) if ntk is not None else (cov,)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        how: _Evaluation = ctx.how
+        x1, x2, *values = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:]
+        if torch.is_grad_enabled():  # create_graph: differentiate the whole recursion again, differentiably
+            return (None, *_differentiable_backward(how, x1, x2, tuple(values), grads, needs))
+        return (None, *_blockwise_backward(how, x1, x2, tuple(values), grads, needs))
+
+
+def _gradient_slots(how: _Evaluation, tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> list[int]:
+    """Positions of the Function's tensor inputs that get a gradient (one tensor on both sides: the first)."""
+    same = how.same_object
+    return [
+        i for i, need in enumerate(needs)
+        if (need and not (same and i == 1)) or (same and i == 0 and needs[1])
+    ]
+
+
+def _differentiable_backward(
+    how: _Evaluation, x1: Tensor, x2: Tensor, values: tuple[Tensor, ...], grads: tuple[Tensor | None, ...],
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """The vector-Jacobian product with a graph of its own (for second derivatives)."""
+    b = x1 if how.same_object else x2
+    outs = fill_blocks(how.net, x1, b, how.hyper(values), how.input_shape, how.track_ntk, how.block_elements,
+                       how.fusion, fused=False)
+    pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
+    tensors = (x1, x2, *values)
+    slots = _gradient_slots(how, tensors, needs)
+    out: list[Tensor | None] = [None] * len(tensors)
+    if pairs and slots:
+        found = torch.autograd.grad([o for o, _ in pairs], [tensors[i] for i in slots], [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True)
+        for i, g in zip(slots, found):
+            out[i] = g
+    return tuple(out)
+
+
+def _block_cotangent(grad: Tensor | None, r: slice, c: slice, mirrored: bool) -> Tensor | None:
+    """The gradient of one block; a mirrored block also stands for its transpose below the diagonal."""
+    if grad is None:
+        return None
+    g = grad[..., r, c]
+    return g + grad[..., c, r].transpose(-1, -2) if mirrored else g
+
+
+def _blockwise_backward(  # long: one loop over blocks with its leaves, cotangents and accumulators
+    how: _Evaluation, x1: Tensor, x2: Tensor, values: tuple[Tensor, ...], grads: tuple[Tensor | None, ...],
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """The vector-Jacobian product, block by block (see the module docstring)."""
+    need1, need2, *need_hyper = needs
+    same_object = how.same_object
+    need1 = need1 or (same_object and need2)
+    gx1 = torch.zeros_like(x1) if need1 else None
+    gx2 = torch.zeros_like(x2) if (need2 and not same_object) else None
+    hyper_leaves = tuple(v.detach().requires_grad_(n) for v, n in zip(values, need_hyper))
+    ghyper: list[Tensor | None] = [None] * len(values)
+    hyper = how.hyper(hyper_leaves)
+    b_full = x1 if same_object else x2
+    with torch.enable_grad():
+        # the plan autograd would follow: blocks mirrored only for one tensor on both sides
+        probe1 = x1.detach().requires_grad_(need1)
+        probe2 = probe1 if same_object else x2.detach().requires_grad_(need2)
+        blocks, _, _ = kernel_blocks(how.net, probe1, probe2, hyper, how.input_shape, how.block_elements)
+    ids = RowIds(x1.detach(), x1.detach() if same_object else x2.detach())
+    for r, c, same, mirrored in blocks:
+        cotangents = [_block_cotangent(g, r, c, mirrored) for g in grads]
+        if all(g is None for g in cotangents):
+            continue
+        a = x1[..., r, :].detach().requires_grad_(need1)
+        diagonal_leaf = same and same_object
+        b = a if diagonal_leaf else b_full[..., c, :].detach().requires_grad_(need1 if same_object else need2)
+        with torch.enable_grad():
+            outs = run_block(how.net, a, b, hyper, how.input_shape, how.track_ntk, same, False,
+                             fusion=None, fused=False, coincident=ids.block(r, c))
+            pairs = [(o, g) for o, g in zip(outs, cotangents) if o is not None and g is not None]
+            inputs: list[Tensor] = [t for t in (a, *(() if diagonal_leaf else (b,)), *hyper_leaves) if t.requires_grad]
+            if not inputs:
+                continue
+            found = dict(zip(map(id, inputs), torch.autograd.grad(
+                [o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)))
+        ga, gb = found.get(id(a)), None if diagonal_leaf else found.get(id(b))
+        if ga is not None and gx1 is not None:
+            gx1[..., r, :] += ga
+        if gb is not None:
+            target = gx1 if same_object else gx2
+            if target is not None:
+                target[..., c, :] += gb
+        for i, leaf in enumerate(hyper_leaves):
+            g = found.get(id(leaf))
+            if g is not None:
+                ghyper[i] = g if ghyper[i] is None else ghyper[i] + g
+    return (gx1 if needs[0] or same_object else None, gx2, *ghyper)
+
+
+def recomputed_kernels(
+    net: Layer,
+    x1: Tensor,
+    x2: Tensor,
+    hyper: dict[str, Tensor],
+    input_shape: InputShape,
+    track_ntk: bool,
+    block_elements: int | None,
+    fusion: FusionPolicy,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`fill_blocks` through :class:`RecomputedKernels` (inputs that need gradients).
+
+    A kernel of one block is left to plain autograd: there is no assembly to undo, its
+    intermediates are one block's, and recomputing would double its cost.
+    """
+    blocks, elements, _ = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
+    if len(blocks) == 1:
+        return fill_blocks(net, x1, x2, hyper, input_shape, track_ntk, block_elements, fusion)
+    fused = fusion.use_fusion(x1, x2, hyper, input_shape, track_ntk, elements)
+    how = _Evaluation(net, input_shape, track_ntk, block_elements, fusion, fused, tuple(hyper), x2 is x1)
+    outs = RecomputedKernels.apply(how, x1, x2, *hyper.values())
+    return outs[0], (outs[1] if track_ntk else None)
