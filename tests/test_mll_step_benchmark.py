@@ -42,8 +42,9 @@ def test_smoke_every_kind_on_both_paths(tmp_path):
 
 
 def test_counter_counts_blockwise_products():
-    import gpntk
     import torch
+
+    import gpntk
     from gpntk import layers as L
 
     x = torch.rand(50, 3, dtype=torch.float64)
