@@ -129,8 +129,11 @@ class kernel_backend(_Setting[Backend]):
     * ``"auto"``: dense while the matrix holds at most :data:`DENSE_MAX_ELEMENTS` numbers or
       GPyTorch would factorize it anyway (at most ``gpytorch.settings.max_cholesky_size`` rows
       and columns) — a stored matrix makes each conjugate-gradient iteration a cheap matmul
-      instead of a whole kernel evaluation; beyond that matrix-free, blockwise. KeOps is used only
-      when asked for: it has not been measured on a GPU yet, and on CPU it is slower than blockwise.
+      instead of a whole kernel evaluation; beyond that matrix-free, with the backend measured to
+      win on the inputs' device class (``gpntk.kernels.measured_backends.MEASURED_BACKENDS``, each
+      entry citing its benchmark): blockwise on CPU (KeOps measured 6x slower there) and on CUDA
+      (KeOps not measured there yet; ``benchmarks/gpu.py`` measures it), and on any device class
+      without a measurement. ``"auto"`` never picks KeOps without a measurement showing it faster.
 
     Matrices with a single row or column are always dense. ``NTKKernel(net, backend=...)`` sets
     the backend of one kernel; the environment variable ``GPNTK_KERNEL_BACKEND`` the initial mode.

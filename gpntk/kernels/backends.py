@@ -24,6 +24,7 @@ import warnings
 from typing import TYPE_CHECKING, cast
 
 import gpytorch
+import torch
 from linear_operator.operators import KernelLinearOperator, LinearOperator
 from linear_operator.utils.memoize import cached
 from torch import Tensor
@@ -36,6 +37,7 @@ from .blockwise import BlockwiseKernelOperator
 from .dense import evaluate
 from .engine import Output, check_finite_kernel
 from .fusion import FusionPolicy
+from .measured_backends import matrix_free_backend
 from .planning import batch_shape_of, numbers_per_pair
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,11 +71,15 @@ def choose_backend(
     hyper: dict[str, Tensor],
     input_shape: InputShape,
     backend: settings.Backend | None = None,
+    device: torch.device | str | None = None,
 ) -> str:
     """``"dense"``, ``"blockwise"`` or ``"keops"`` for the kernel between ``x1`` and ``x2``.
 
     ``backend``: the kernel's own choice (``None``: :class:`gpntk.settings.kernel_backend`).
-    See :class:`gpntk.settings.kernel_backend` for the ``"auto"`` rule.
+    See :class:`gpntk.settings.kernel_backend` for the ``"auto"`` rule: dense while the matrix
+    fits, then the matrix-free backend measured for the device class of ``device`` (``None``: that
+    of ``x1``) in :data:`~gpntk.kernels.measured_backends.MEASURED_BACKENDS`, blockwise unless a
+    measurement showed KeOps faster there.
     """
     mode = settings.kernel_backend.current() if backend is None else backend
     n1, n2 = x1.shape[-2], x2.shape[-2]
@@ -94,8 +100,9 @@ def choose_backend(
     elements = n1 * n2 * numbers_per_pair(net, x1, x2, hyper, input_shape)
     if elements <= settings.DENSE_MAX_ELEMENTS or max(n1, n2) <= gpytorch.settings.max_cholesky_size.value():
         return "dense"
-    # KeOps only on request: it has not been measured on a GPU yet (on CPU it is 6x slower than blockwise)
-    return "blockwise"
+    return matrix_free_backend(
+        x1.device if device is None else device, max(n1, n2), lambda: keops_unsupported_reason(net, input_shape)
+    )
 
 
 def covariance_function(
