@@ -9,8 +9,9 @@ by default (``"auto"``) it is used only where it pays for itself: for evaluation
 :data:`FUSION_MIN_ELEMENTS` numbers that need no gradient, once the same network has already been
 evaluated :data:`FUSION_AFTER_CALLS` times at that size, dtype and device (repeated posteriors,
 predictions over many test sets, benchmarks); a one-off evaluation never compiles.
-``fusion(True)`` compiles every evaluation, gradients included (long hyperparameter fits of large
-kernels). Fusion applies to fully-connected architectures
+In a fit (a kernel in ``train()`` mode), large evaluations that need gradients compile from the
+first one, so the fit pays the compile up front and never pauses in its middle; outside a fit
+they never compile. ``fusion(True)`` compiles every evaluation, gradients included. Fusion applies to fully-connected architectures
 (vector inputs); spatial ones always run eagerly.
 
 ``kernel_backend``: whether kernel matrices are stored (dense) or matrix-free (blockwise, KeOps),
@@ -103,18 +104,24 @@ class fusion(_Setting[Mode]):
         return isinstance(mode, bool) or (isinstance(mode, str) and mode == "auto")
 
     @classmethod
-    def enabled_for(cls, elements: int, needs_grad: bool, previous_calls: int = FUSION_AFTER_CALLS) -> bool:
+    def enabled_for(
+        cls, elements: int, needs_grad: bool, previous_calls: int = FUSION_AFTER_CALLS, training: bool = False
+    ) -> bool:
         """Whether an evaluation of ``elements`` numbers runs compiled.
 
-        ``previous_calls``: how many large evaluations of the same configuration ran before it.
+        ``needs_grad``: the evaluation belongs to an autograd graph; ``previous_calls``: how many
+        large evaluations of the same configuration ran before it; ``training``: its owner is
+        being fitted (a kernel in ``train()`` mode). Under ``"auto"``, large evaluations compile
+        when they need no gradient and repeat (``previous_calls >= FUSION_AFTER_CALLS``), or when
+        they need gradients in a fit, from the first (up front: a fit never pauses to compile in
+        its middle).
         """
         mode = cls._mode
         if mode is True:
             return True
-        return (
-            mode == "auto" and elements >= FUSION_MIN_ELEMENTS and not needs_grad
-            and previous_calls >= FUSION_AFTER_CALLS
-        )
+        if mode is False or elements < FUSION_MIN_ELEMENTS:
+            return False
+        return training if needs_grad else previous_calls >= FUSION_AFTER_CALLS
 
 
 class kernel_backend(_Setting[Backend]):

@@ -100,8 +100,12 @@ def _arccos_j_derivative(rho: Tensor, p: int) -> Tensor:
     return torch.where(inside, torch.rsqrt(gap), torch.zeros_like(rho))
 
 
-class _ArcCosJ(torch.autograd.Function):
-    """:math:`J_p(\\rho)` with derivative :func:`_arccos_j_derivative`; works under ``torch.func`` transforms."""
+class _ArcCosJCompiled(torch.autograd.Function):
+    """:math:`J_p(\\rho)` with derivative :func:`_arccos_j_derivative`, reverse mode only.
+
+    The form :func:`torch.compile` traces (TorchDynamo cannot trace a Function with a ``jvp``);
+    :class:`_ArcCosJ` adds the forward-mode derivative for eager code and ``torch.func``.
+    """
 
     generate_vmap_rule = True
 
@@ -121,6 +125,10 @@ class _ArcCosJ(torch.autograd.Function):
         (rho,) = ctx.saved_tensors
         return grad * _arccos_j_derivative(rho, ctx.p), None
 
+
+class _ArcCosJ(_ArcCosJCompiled):
+    """:math:`J_p(\\rho)` with derivative :func:`_arccos_j_derivative`; works under ``torch.func`` transforms."""
+
     @staticmethod
     def jvp(ctx: Any, rho_tangent: Tensor, _p: None) -> Tensor:
         (rho,) = ctx.saved_tensors
@@ -134,7 +142,8 @@ def arccos_j(rho: Tensor, p: int) -> Tensor:
     ``hessian``, ``vmap``); at :math:`|\rho| = 1` the derivative of :math:`J_0` is taken as 0 (see
     :func:`_arccos_j_derivative`).
     """
-    return cast(Tensor, _ArcCosJ.apply(rho, p))  # type: ignore[no-untyped-call]  # Function.apply is untyped
+    function = _ArcCosJCompiled if torch.compiler.is_compiling() else _ArcCosJ
+    return cast(Tensor, function.apply(rho, p))  # type: ignore[no-untyped-call]  # Function.apply is untyped
 
 
 def _j1_j0_value(rho: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,8 +152,11 @@ def _j1_j0_value(rho: Tensor) -> tuple[Tensor, Tensor]:
     return j1, j0
 
 
-class _ArcCosJ1J0(torch.autograd.Function):
-    r"""``(J_1, J_0)`` from one arccos, with :math:`J_1' = J_0` and :math:`J_0'` from :func:`_arccos_j_derivative`."""
+class _ArcCosJ1J0Compiled(torch.autograd.Function):
+    r"""``(J_1, J_0)`` from one arccos, with :math:`J_1' = J_0` and :math:`J_0'` from :func:`_arccos_j_derivative`.
+
+    Reverse mode only, the form :func:`torch.compile` traces; :class:`_ArcCosJ1J0` adds ``jvp``.
+    """
 
     generate_vmap_rule = True
 
@@ -169,6 +181,10 @@ class _ArcCosJ1J0(torch.autograd.Function):
             grad = term if grad is None else grad + term
         return grad
 
+
+class _ArcCosJ1J0(_ArcCosJ1J0Compiled):
+    r"""``(J_1, J_0)`` with reverse- and forward-mode derivatives (eager code and ``torch.func``)."""
+
     @staticmethod
     def jvp(ctx: Any, rho_tangent: Tensor) -> tuple[Tensor, Tensor]:
         (rho,) = ctx.saved_tensors
@@ -177,4 +193,5 @@ class _ArcCosJ1J0(torch.autograd.Function):
 
 def arccos_j1_j0(rho: Tensor) -> tuple[Tensor, Tensor]:
     r""":math:`(J_1(\rho), J_0(\rho))` together, sharing one :math:`\arccos` (the ReLU family's NNGP and NTK)."""
-    return cast("tuple[Tensor, Tensor]", _ArcCosJ1J0.apply(rho))  # type: ignore[no-untyped-call]  # untyped apply
+    function = _ArcCosJ1J0Compiled if torch.compiler.is_compiling() else _ArcCosJ1J0
+    return cast("tuple[Tensor, Tensor]", function.apply(rho))  # type: ignore[no-untyped-call]  # untyped apply

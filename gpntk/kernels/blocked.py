@@ -219,7 +219,7 @@ def _blockwise_backward(  # long: one loop over blocks with its leaves, cotangen
         b = a if diagonal_leaf else b_full[..., c, :].detach().requires_grad_(need1 if same_object else need2)
         with torch.enable_grad():
             outs = run_block(how.net, a, b, hyper, how.input_shape, how.track_ntk, same, False,
-                             fusion=None, fused=False, coincident=ids.block(r, c))
+                             fusion=how.fusion, fused=how.fused, coincident=ids.block(r, c))
             pairs = [(o, g) for o, g in zip(outs, cotangents) if o is not None and g is not None]
             inputs: list[Tensor] = [t for t in (a, *(() if diagonal_leaf else (b,)), *hyper_leaves) if t.requires_grad]
             if not inputs:

@@ -32,6 +32,9 @@ __all__ = ["FusionPolicy", "COMPILE_BACKEND"]
 COMPILE_BACKEND = "inductor"
 """The :func:`torch.compile` backend new policies use (tests use ``"aot_eager"``: tracing without C++ code)."""
 
+RECOMPILE_LIMIT = 128
+"""How many compiled variants of the recursion TorchDynamo keeps (its default, 8, is reached by a few kernels)."""
+
 BlockFunction = Callable[..., tuple[Tensor, Tensor | None]]
 
 
@@ -50,6 +53,8 @@ class FusionPolicy:
         self.failed = False
         #: whether an evaluation of this owner has run compiled
         self.compiled = False
+        #: whether the owner is being fitted (a GPyTorch kernel in ``train()`` mode, set by the kernel)
+        self.training = False
         self._large_calls: dict[tuple[torch.dtype, torch.device, bool], int] = {}
         self._compiled: tuple[BlockFunction, BlockFunction] | None = None  # (function, its compiled form)
 
@@ -65,9 +70,10 @@ class FusionPolicy:
         """Whether an evaluation of ``elements`` numbers runs compiled; counts it if it is large.
 
         Under ``"auto"``, evaluations whose inputs or hyperparameters belong to an autograd graph
-        never compile, even where they run without gradients (the conjugate-gradient products of
-        a matrix-free kernel in a marginal-likelihood step): a fit compiles up front
-        (``fusion(True)``) or not at all, never with a pause in the middle. Spatial and graph
+        (even where they run without gradients, as the conjugate-gradient products of a
+        matrix-free kernel in a marginal-likelihood step) compile from the first large one when the
+        owner is in training mode (a fit: compiled up front, never with a pause in the middle),
+        and never otherwise. Spatial and graph
         architectures always run eagerly: their recursion (window sums,
         layouts, aggregations) takes minutes to trace and compile, and its cost is dominated by
         the spatial maps rather than by chains of elementwise passes.
@@ -83,7 +89,7 @@ class FusionPolicy:
             key = (x1.dtype, x1.device, track_ntk)
             previous = self._large_calls.get(key, 0)
             self._large_calls[key] = previous + 1
-        return settings.fusion.enabled_for(elements, needs_grad, previous)
+        return settings.fusion.enabled_for(elements, needs_grad, previous, training=self.training)
 
     def run(self, fn: BlockFunction, args: tuple[Any, ...], fused: bool) -> tuple[Tensor, Tensor | None]:
         """``fn(*args)``, compiled when ``fused``; a compiler failure warns once and falls back to eager."""
@@ -92,7 +98,11 @@ class FusionPolicy:
         if self._compiled is None or self._compiled[0] is not fn:
             self._compiled = (fn, torch.compile(fn, dynamic=True, backend=self.backend))
         try:
-            out = self._compiled[1](*args)
+            # one compiled variant per network, dtype, NNGP/NTK, with or without gradients, diagonal
+            # blocks or not: far more than Dynamo's default of 8 per function, past which it would
+            # silently run eagerly
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                out = self._compiled[1](*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to eager, once
             self.failed = True
             warnings.warn(

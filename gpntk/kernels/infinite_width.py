@@ -133,6 +133,7 @@ class InfiniteWidthKernel(Kernel):
         )
         if diag:
             return kernel_diagonal(x1, x2, hyper=hyper, **options)
+        self.fusion.training = self.training
         options["fusion"] = self.fusion
         if choose_backend(self.net, x1, x2, hyper, self.input_shape, self.backend) == "dense":
             # a tensor: GPyTorch multiplies, adds and factorizes it exactly (as it does RBF's)
@@ -326,6 +327,7 @@ class NeuralKernelSum(InfiniteWidthKernel):
             return a * kernel_diagonal(x1, x2, hyper=hyper, output="ntk", **options) + b * kernel_diagonal(
                 x1, x2, hyper=hyper, output="nngp", **options
             )
+        self.fusion.training = self.training
         if choose_backend(self.net, x1, x2, hyper, self.input_shape, self.backend) == "dense":
             cov, ntk = evaluate(
                 self.net, x1, x2, hyper, track_ntk=True, input_shape=self.input_shape,

@@ -207,28 +207,63 @@ def test_a_trained_ensemble_compiles_its_own_repeated_large_evaluations(traced_o
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_a_marginal_likelihood_fit_never_compiles_under_auto(traced_only, monkeypatch):
-    """The conjugate-gradient products of a matrix-free kernel run without gradients inside a fit: not a reason to
-    compile in the middle of it (its hyperparameters belong to the step's autograd graph)."""
+def test_a_fit_compiles_up_front_and_nothing_else_with_gradients_does(traced_only, monkeypatch):
+    """Under auto, a marginal-likelihood fit compiles in its first step (also the conjugate-gradient products of a
+    matrix-free kernel, which run without gradients but belong to the step's graph), never in the middle; a kernel
+    in eval mode never compiles its gradient evaluations (a one-off gradient, an acquisition function)."""
     import gpytorch
 
     monkeypatch.setattr(settings, "FUSION_MIN_ELEMENTS", 100)
     g = torch.Generator().manual_seed(7)
     x = torch.rand(60, 3, generator=g)
     y = torch.sin(3 * x[:, 0])
-    kernel = gpntk.NTKKernel(L.mlp(2, "relu"), backend="blockwise")
+    for backend in ("blockwise", "dense"):
+        kernel = gpntk.NTKKernel(L.mlp(2, "relu"), backend=backend)
 
-    class GP(gpytorch.models.ExactGP):
-        def forward(self, z):
-            return gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), kernel(z))
+        class GP(gpytorch.models.ExactGP):
+            def forward(self, z):
+                return gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), kernel(z))
 
-    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood())
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    with settings.fusion("auto"), gpytorch.settings.max_cholesky_size(10):
+        model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood())
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+        compiled_after_step = []
+        with settings.fusion("auto"), gpytorch.settings.max_cholesky_size(10):
+            for _ in range(settings.FUSION_AFTER_CALLS + 2):
+                (-mll(model(x), y)).backward()
+                compiled_after_step.append(kernel.fusion.compiled)
+        assert compiled_after_step == [True] * len(compiled_after_step), backend
+
+    kernel = gpntk.NTKKernel(L.mlp(2, "relu")).eval()
+    z = x.clone().requires_grad_()
+    with settings.fusion("auto"):
         for _ in range(settings.FUSION_AFTER_CALLS + 2):
-            (-mll(model(x), y)).backward()
-        assert not kernel.fusion.compiled
-        with torch.no_grad():  # repeated evaluations outside any graph still compile
-            for _ in range(settings.FUSION_AFTER_CALLS + 1):
-                kernel(x).to_dense()
-        assert kernel.fusion.compiled
+            torch.autograd.grad(kernel(z, x).to_dense().sum(), z)
+    assert not kernel.fusion.compiled
+
+
+def test_compiled_recomputing_backward_equals_eager(traced_only):
+    """A kernel of many blocks with gradients: compiled forward fill and compiled per-block backward (without a graph
+    break: the arc-cosine Functions have a traceable form) give eager's values and gradients."""
+    import torch._dynamo
+
+    net = L.mlp(2, "relu", 2.0, 0.1)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(50, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(50, 50, generator=g, dtype=torch.float64)
+    kernel = gpntk.NTKKernel(net, block_elements=300).double()
+    results = []
+    for mode in (False, True):
+        with settings.fusion(mode):
+            value = (kernel(x).to_dense() * weights).sum()
+            results.append((value.detach(), torch.autograd.grad(value, (x, *kernel.parameters()))))
+    assert kernel.fusion.compiled
+    (v0, g0), (v1, g1) = results
+    torch.testing.assert_close(v1, v0, rtol=1e-12, atol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    from gpntk.core.hyperparameters import Hyperparameters
+    from gpntk.kernels.engine import block_kernels
+
+    hyper = Hyperparameters.collect(net, like=x)
+    explained = torch._dynamo.explain(block_kernels)(net, x[:7], x[7:13], hyper, None, True, False, False, None)
+    assert explained.graph_break_count == 0
