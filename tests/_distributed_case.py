@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import socket
 import subprocess
-import os
 import sys
 from pathlib import Path
 

@@ -62,7 +62,7 @@ def parameters_replaced(module: torch.nn.Module, names: Sequence[str], values: S
             path, _, attr = name.rpartition(".")
             owner = module.get_submodule(path)
             saved.append((owner, attr, owner._parameters[attr]))
-            owner._parameters[attr] = value
+            owner._parameters[attr] = value  # type: ignore[assignment]  # a tensor standing in for the parameter
         yield
     finally:
         for owner, attr, original in reversed(saved):
@@ -144,7 +144,7 @@ class ShardedKernelOperator(LinearOperator):
         squeeze = rhs.dim() == 1
         rhs = rhs.unsqueeze(-1) if squeeze else rhs
         if self._records_graph() or (torch.is_grad_enabled() and rhs.requires_grad):
-            out = _ShardedMatmul.apply(self, rhs, *self.representation())
+            out = _ShardedMatmul.apply(self, rhs, *self.representation())  # type: ignore[no-untyped-call]
         else:
             out = self.tiles.matmul(rhs)
         return out.squeeze(-1) if squeeze else out
@@ -159,7 +159,8 @@ class ShardedKernelOperator(LinearOperator):
     @cached  # type: ignore[untyped-decorator]  # linear_operator has no type hints
     def to_dense(self) -> Tensor:
         if self._records_graph():
-            return cast(Tensor, _ShardedDense.apply(self, *self.representation()))
+            dense = _ShardedDense.apply(self, *self.representation())  # type: ignore[no-untyped-call]
+            return cast(Tensor, dense)
         return self.tiles.dense()
 
     # --- entries each rank computes alone ---------------------------------------------------------
@@ -264,7 +265,7 @@ class _ShardedMatmul(torch.autograd.Function):
 
 
 class _ShardedDense(torch.autograd.Function):
-    """The dense kernel matrix, with gradients :math:`\\sum_{rc} \\langle G_{rc}, \\partial K_{rc}\\rangle` (tile by tile)."""
+    """The dense kernel matrix; gradients :math:`\\sum_{rc} \\langle G_{rc}, \\partial K_{rc}\\rangle`, tile by tile."""
 
     @staticmethod
     def forward(ctx: Any, op: ShardedKernelOperator, *args: Tensor) -> Tensor:

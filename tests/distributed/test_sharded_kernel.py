@@ -6,12 +6,12 @@ sum taken by the test; tests/distributed/test_two_ranks.py runs real gloo proces
 
 from __future__ import annotations
 
+import _distributed_case as case
 import gpytorch
 import pytest
 import torch
 from linear_operator.operators import DenseLinearOperator
 
-import _distributed_case as case
 import gpntk
 from gpntk.distributed import ShardedKernel, ShardedTrainProduct
 from gpntk.distributed.group import Communicator, fingerprint
@@ -86,7 +86,7 @@ def test_sum_of_ranks_is_the_dense_kernel(float64_default, world):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sum_of_ranks_gradients_are_the_dense_gradients(float64_default, world):
-    """Bilinear derivatives (the MLL's backward) and the dense matrix's backward, against autograd of the dense kernel."""
+    """Bilinear derivatives (the MLL's backward) and the dense matrix's backward, against autograd of the dense one."""
     x, _, _ = case.data(200)
     x = x.clone().requires_grad_(world == 2)  # input gradients too, on one of the cases
     kernel = case.base_kernel()
@@ -123,7 +123,8 @@ def test_preconditioner_rows_and_diagonal_match_the_dense_kernel(float64_default
         dense, op = kernel(x).to_dense(), ShardedKernel(kernel)(x).evaluate_kernel()
         torch.testing.assert_close(op.diagonal(), dense.diagonal(), rtol=1e-14, atol=1e-14)
         rows = torch.tensor([[5], [17]])
-        torch.testing.assert_close(op[..., rows, torch.arange(300)], dense[rows, torch.arange(300)], rtol=1e-13, atol=1e-13)
+        columns = torch.arange(300)
+        torch.testing.assert_close(op[..., rows, columns], dense[rows, columns], rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(
             op.pivoted_cholesky(rank=8), DenseLinearOperator(dense).pivoted_cholesky(rank=8), rtol=1e-10, atol=1e-10
         )

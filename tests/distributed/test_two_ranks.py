@@ -1,11 +1,10 @@
-"""Two gloo processes on CPU against one process: products, an ExactGP on GPyTorch's CG path, TrainedEnsemble, misuse."""
+"""Two gloo processes on CPU against one process: products, an ExactGP on the CG path, TrainedEnsemble, misuse."""
 
 from __future__ import annotations
 
+import _distributed_case as case
 import pytest
 import torch
-
-import _distributed_case as case
 
 pytestmark = pytest.mark.slow  # subprocesses
 
