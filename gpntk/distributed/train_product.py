@@ -46,7 +46,9 @@ class ShardedTrainProduct:
     :param train_x: the training inputs ``(n, d)``, the same on every rank (copied).
     :param input_shape: as for :class:`~gpntk.NTKKernel` (spatial shapes; graph formats are not
         supported).
-    :param group, store, check_replicated: as for :class:`~gpntk.distributed.ShardedKernel`.
+    :param group: as for :class:`~gpntk.distributed.ShardedKernel`.
+    :param store: as for :class:`~gpntk.distributed.ShardedKernel`.
+    :param check_replicated: as for :class:`~gpntk.distributed.ShardedKernel`.
 
     Calling it with ``(V, kinds)`` returns one ``(n, c)`` product per kind, the same on every rank.
     """
