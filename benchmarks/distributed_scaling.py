@@ -110,7 +110,8 @@ def main() -> None:
     if args.worker:
         worker(args.n, args.repeats)
         return
-    result: dict = {"n": args.n, "repeats": args.repeats, "load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
+    result: dict = {"n": args.n, "repeats": args.repeats, "cpus": os.cpu_count()}
+    result["load_average_before"] = os.getloadavg()
     for world in (1, 2):
         print(f"{world} process(es), n = {args.n}", flush=True)
         times = run(world, args.n, args.repeats)
