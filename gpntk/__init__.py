@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 """The version of gpntk."""
 
 __all__ = [
-    "layers", "settings", "NTKKernel", "NNGPKernel", "EmpiricalNTKKernel", "TrainedEnsemble",
+    "layers", "settings", "distributed", "NTKKernel", "NNGPKernel", "EmpiricalNTKKernel", "TrainedEnsemble",
     "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
     "ArchitectureError", "GPNTKWarning", "NumericalWarning", "ApproximationWarning",
     "CompositionWarning", "__version__",
@@ -36,6 +36,7 @@ __all__ = [
 _LAZY: dict[str, tuple[str, str | None]] = {
     "layers": (".layers", None),
     "settings": (".settings", None),
+    "distributed": (".distributed", None),
     "NTKKernel": (".kernels", "NTKKernel"),
     "NNGPKernel": (".kernels", "NNGPKernel"),
     "NeuralKernelSum": (".kernels", "NeuralKernelSum"),
@@ -84,7 +85,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
-    from . import layers, settings, testing
+    from . import distributed, layers, settings, testing
     from .core.graph_inputs import GraphDataset, GraphInputs, NodeGraph, normalized_adjacency
     from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
     from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning

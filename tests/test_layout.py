@@ -23,7 +23,7 @@ LEVELS = {
     "activations": 2,
     "layers": 3,
     "kernels": 4, "empirical": 4, "contrib": 4,
-    "posterior": 5,
+    "posterior": 5, "distributed": 5,
     "cli": 6,
     "__main__": 7, "testing": 7,
 }
