@@ -11,8 +11,8 @@ evaluated :data:`FUSION_AFTER_CALLS` times at that size, dtype and device (repea
 predictions over many test sets, benchmarks); a one-off evaluation never compiles.
 In a fit (a kernel in ``train()`` mode), large evaluations that need gradients compile from the
 first one, so the fit pays the compile up front and never pauses in its middle; outside a fit
-they never compile. ``fusion(True)`` compiles every evaluation, gradients included. Fusion applies to fully-connected architectures
-(vector inputs); spatial ones always run eagerly.
+they never compile. ``fusion(True)`` compiles every evaluation, gradients included. Fusion
+applies to fully-connected architectures (vector inputs); spatial ones always run eagerly.
 
 ``kernel_backend``: whether kernel matrices are stored (dense) or matrix-free (blockwise, KeOps),
 for conjugate-gradient GPs and large-n posteriors.

@@ -236,7 +236,8 @@ def _blockwise_backward(  # long: one loop over blocks with its leaves, cotangen
         for i, leaf in enumerate(hyper_leaves):
             g = found.get(id(leaf))
             if g is not None:
-                ghyper[i] = g if ghyper[i] is None else ghyper[i] + g
+                total = ghyper[i]
+                ghyper[i] = g if total is None else total + g
     return (gx1 if needs[0] or same_object else None, gx2, *ghyper)
 
 
@@ -260,5 +261,5 @@ def recomputed_kernels(
         return fill_blocks(net, x1, x2, hyper, input_shape, track_ntk, block_elements, fusion)
     fused = fusion.use_fusion(x1, x2, hyper, input_shape, track_ntk, elements)
     how = _Evaluation(net, input_shape, track_ntk, block_elements, fusion, fused, tuple(hyper), x2 is x1)
-    outs = RecomputedKernels.apply(how, x1, x2, *hyper.values())
+    outs = RecomputedKernels.apply(how, x1, x2, *hyper.values())  # type: ignore[no-untyped-call]  # untyped apply
     return outs[0], (outs[1] if track_ntk else None)
