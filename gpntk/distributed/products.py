@@ -79,7 +79,8 @@ class ShardedRows:
             part = torch.cat(mine, dim=-2)
         else:  # a rank with no rows (more ranks than blocks)
             part = like.new_zeros(*like.shape[:-2], 0, like.shape[-1])
-        return self.comm.concat(part.movedim(-2, 0), self.counts, replicated, what).movedim(0, -2)
+        gathered = self.comm.concat(part.movedim(-2, 0), self.counts, replicated, what).movedim(0, -2)
+        return gathered.contiguous()  # the layout of one process's result, so later operations take the same paths
 
     def matmul(self, rhs: Tensor) -> Tensor:
         """:math:`K V` for ``rhs`` :math:`V` ``(..., n2, c)``, the same on every rank; ``rhs`` must be replicated."""
