@@ -4,13 +4,14 @@
 
 For each process count the script starts that many gloo processes (one thread each) on this
 machine; each builds the same data (n points in [0, 1]^16, y = sin(6 x_0) + noise), a
-``ShardedKernel(ScaleKernel(NTKKernel(mlp(depth=3))))`` ExactGP, and times, after one warm-up:
+``ShardedKernel(ScaleKernel(NTKKernel(mlp(depth=3))), store=True)`` ExactGP (each rank keeps its
+rows, ``n^2 / p`` numbers, whatever the process count), and times, after one warm-up:
 
 * ``mll_step``: one marginal-likelihood step (forward + backward) on GPyTorch's CG path
   (``max_cholesky_size`` 1000, GPyTorch's default tolerances, pivoted-Cholesky preconditioner),
-  which evaluates the kernel tiles once without and once with autograd;
+  which evaluates this rank's rows of the kernel once without and once with autograd;
 * ``product``: one product ``K @ V`` with 10 columns through linear_operator's public ``@``, which
-  rebuilds the operator from its tensors and so evaluates this rank's tiles again (a kernel
+  rebuilds the operator from its tensors and so evaluates this rank's rows again (a kernel
   evaluation without autograd, plus the product).
 
 Medians over the repeats; the speed-up is the 1-process median over the 2-process median. Each
@@ -54,7 +55,7 @@ def worker(n: int, repeats: int) -> None:
             super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
             self.mean_module = gpytorch.means.ConstantMean()
             net = gpntk.layers.mlp(depth=3, activation="relu", weight_variance=2.0, bias_variance=0.1)
-            self.covar_module = ShardedKernel(gpytorch.kernels.ScaleKernel(gpntk.NTKKernel(net)))
+            self.covar_module = ShardedKernel(gpytorch.kernels.ScaleKernel(gpntk.NTKKernel(net)), store=True)
 
         def forward(self, z):  # type: ignore[no-untyped-def]
             return gpytorch.distributions.MultivariateNormal(self.mean_module(z), self.covar_module(z))

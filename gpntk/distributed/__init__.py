@@ -7,9 +7,10 @@
 * :func:`initialize` joins the group ``torchrun`` describes (gloo on CPU, NCCL on GPUs) and is a
   no-op in a plain ``python script.py`` run.
 
-Each rank computes and holds only its tiles of a kernel matrix; products are summed over ranks, so
-every rank runs the same solver iterations on the same vectors (Wang et al. 2019, "Exact Gaussian
-Processes on a Million Data Points", NeurIPS), and gradients are summed over ranks.
+Each rank computes and holds only its rows of a kernel matrix; products are its rows of the result,
+concatenated over ranks, so every rank runs the same solver iterations on the same vectors (Wang
+et al. 2019, "Exact Gaussian Processes on a Million Data Points", NeurIPS), bitwise the
+iterations of one process, and gradients are gathered over ranks.
 """
 
 from .group import ReplicationError, initialize

@@ -3,15 +3,16 @@ r"""The process group a sharded kernel works in: ranks, the one collective it us
 Every rank of a sharded computation holds the same inputs and runs the same iterations (CG,
 Lanczos) on the same replicated vectors; only the kernel's entries are divided among ranks (Wang
 et al. 2019, "Exact Gaussian Processes on a Million Data Points", NeurIPS). Each product is a
-partial result per rank, summed with one ``all_reduce``. Where torch.distributed is not
-initialized, or the group has one process, :class:`Communicator` is a group of one: the same code
-runs and the sums are no-ops.
+rank's rows of the result, concatenated with one ``all_gather`` (no sums across ranks, so the
+result does not depend on the number of ranks). Where torch.distributed is not initialized, or
+the group has one process, :class:`Communicator` is a group of one: the same code runs and the
+gathers are no-ops.
 
 A rank whose vectors differ from the others' (probe vectors drawn from differently seeded
 generators, different training data) would silently mix rows of different problems, or hang when
-its CG stops at another iteration. :class:`Communicator` therefore checks, on every sum, that the
+its CG stops at another iteration. :class:`Communicator` therefore checks, on every gather, that the
 tensors every rank believes to be replicated are bitwise equal: a 63-bit :func:`fingerprint` per
-rank rides along in the same ``all_reduce`` (in 21-bit pieces, exact in float32 and float64), and
+rank rides along in the same ``all_gather`` (in 21-bit pieces, exact in float32 and float64), and
 a mismatch raises :class:`ReplicationError` on every rank at once.
 """
 
@@ -88,11 +89,11 @@ def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
 
 
 class Communicator:
-    """A process group as a sharded kernel sees it: ``rank``, ``size`` and checked sums.
+    """A process group as a sharded kernel sees it: ``rank``, ``size`` and checked concatenations.
 
     :param group: a ``torch.distributed`` process group (``None``: the default group). Where
         torch.distributed is not initialized the communicator is a group of one process.
-    :param check_replicated: whether every sum also verifies that the tensors the caller names
+    :param check_replicated: whether every concatenation also verifies that the tensors the caller names
         as replicated are equal on all ranks (:func:`fingerprint`; default on: it costs one pass
         over those tensors and nothing in communication).
     """
@@ -108,30 +109,36 @@ class Communicator:
 
     @property
     def distributed(self) -> bool:
-        """Whether there is more than one process (so that sums communicate)."""
+        """Whether there is more than one process (so that concatenations communicate)."""
         return self.size > 1
 
-    def sum(self, partial: Tensor, replicated: Sequence[Tensor] = (), what: str = "vectors") -> Tensor:
-        """The sum over ranks of ``partial`` (every rank gets the same tensor), checking ``replicated``.
+    def concat(
+        self, part: Tensor, counts: Sequence[int], replicated: Sequence[Tensor] = (), what: str = "vectors"
+    ) -> Tensor:
+        """The ranks' ``part`` tensors concatenated along dimension 0, in rank order, on every rank.
 
-        ``replicated``: tensors that must be bitwise equal on all ranks (for example the right-hand
-        side of a product); they are checked in the same ``all_reduce``. ``what`` names them in the
-        error.
+        ``part`` has ``counts[rank]`` entries along dimension 0 (every rank knows every count: they
+        come from the row plan, :mod:`gpntk.distributed.rows`) and the same other dimensions on all
+        ranks. One ``all_gather`` (of parts padded to the largest count): no arithmetic, so the
+        result holds each rank's numbers bit for bit. ``replicated``: tensors that must be bitwise
+        equal on all ranks (for example the right-hand side of a product), checked in the same
+        ``all_gather``; ``what`` names them in the error.
         """
+        if part.shape[0] != counts[self.rank]:
+            raise ValueError(f"rank {self.rank} holds {part.shape[0]} entries, its plan says {counts[self.rank]}")
         if not self.distributed:
-            return partial
+            return part
+        rest = part.shape[1:]
+        width = max(counts) * rest.numel()
         check = self.check_replicated and len(replicated) > 0
-        flat = partial.reshape(-1)
+        flat = part.new_zeros(width + (_PIECES if check else 0))
+        flat[: part.numel()] = part.reshape(-1)
         if check:
-            slots = flat.new_zeros(self.size, _PIECES)
-            slots[self.rank] = fingerprint(replicated).to(flat.dtype)
-            flat = torch.cat([flat, slots.reshape(-1)])
-        else:
-            flat = flat.clone()
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            flat[width:] = fingerprint(replicated).to(flat.dtype)
+        gathered = [torch.empty_like(flat) for _ in range(self.size)]
+        dist.all_gather(gathered, flat, group=self.group)
         if check:
-            slots = flat[partial.numel():].view(self.size, _PIECES)
-            differ = [rank for rank in range(self.size) if not torch.equal(slots[rank], slots[0])]
+            differ = [rank for rank in range(self.size) if not torch.equal(gathered[rank][width:], gathered[0][width:])]
             if differ:
                 raise ReplicationError(
                     f"the {what} differ between ranks (rank 0 and ranks {differ}); every rank of a sharded "
@@ -139,7 +146,8 @@ class Communicator:
                     "generator identically before drawing random probe vectors (torch.manual_seed(seed) "
                     "on every rank), and pass every rank the same data."
                 )
-        return flat[: partial.numel()].view(partial.shape)
+        pieces = [g[: count * rest.numel()].view(count, *rest) for g, count in zip(gathered, counts)]
+        return torch.cat(pieces)
 
     def check_same(self, tensors: dict[str, Tensor], device: torch.device, values: bool = True) -> None:
         """Raise on every rank when the named tensors' shapes (and, with ``values``, values) differ between ranks.

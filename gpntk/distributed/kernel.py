@@ -7,12 +7,16 @@ r"""``ShardedKernel``: any GPyTorch kernel, its kernel matrices divided among th
     model = ExactGP(train_x, train_y, likelihood, covar)   # every rank: the same data, the same seed
     # train and predict as usual, on every rank; every rank gets the same numbers
 
-Each rank evaluates and holds only its tiles of each kernel matrix (about :math:`n^2 / (2p)`
-entries of :math:`K(X, X)` for :math:`p` ranks) and products are summed over ranks, so the
-iterative solvers of GPyTorch (CG for the marginal likelihood and predictive means, Lanczos for
-log-determinants and variances) run identical iterations on every rank (Wang et al. 2019, "Exact
-Gaussian Processes on a Million Data Points", NeurIPS). Hyperparameter gradients are summed over
-ranks inside the backward pass, so every rank's optimizer takes the same step. See
+Each rank evaluates and holds only its blocks of rows of each kernel matrix, over all columns
+(:math:`n^2 / p` entries of :math:`K(X, X)` for :math:`p` ranks: the symmetry of :math:`K(X, X)`
+is not used, so the ranks together do twice the work of one process that mirrors), and products
+are each rank's rows, concatenated with one ``all_gather``. The row blocks do not depend on the
+number of ranks and no number is summed across ranks, so products are bitwise those of one
+process, and the iterative solvers of GPyTorch (CG for the marginal likelihood and predictive
+means, Lanczos for log-determinants and variances) run the same iterations on every rank and for
+every number of ranks (Wang et al. 2019, "Exact Gaussian Processes on a Million Data Points",
+NeurIPS). Hyperparameter gradients are gathered per block and added in block order inside the
+backward pass, so every rank's optimizer takes the same step, the single-process one. See
 :mod:`gpntk.distributed.operator`.
 """
 
@@ -38,8 +42,8 @@ class ShardedKernel(Kernel):
         sums and products of kernels); its parameters stay its own (``ShardedKernel`` adds none).
     :param group: the process group (default: the default group). Single-process (torch.distributed
         not initialized, or a group of one) the same code runs with no communication.
-    :param store: keep each rank's tiles of a kernel matrix after its first product (``True``), or
-        recompute them in every product (``False``: matrix-free, the memory of one tile); ``None``
+    :param store: keep each rank's rows of a kernel matrix after its first product (``True``), or
+        recompute them in every product (``False``: matrix-free, the memory of one row block); ``None``
         (default): keep them while they hold at most :data:`gpntk.settings.DENSE_MAX_ELEMENTS` numbers.
     :param check_replicated: verify on every product that the right-hand sides (and on every call
         that the inputs and hyperparameters) are bitwise equal on all ranks, and raise

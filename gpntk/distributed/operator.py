@@ -1,24 +1,28 @@
-r"""The kernel matrix of any GPyTorch kernel as a ``LinearOperator`` whose tiles are divided among ranks.
+r"""The kernel matrix of any GPyTorch kernel as a ``LinearOperator`` whose rows are divided among ranks.
 
 :class:`ShardedKernelOperator` represents :math:`K(x_1, x_2)` by the inputs and the kernel's
 parameter tensors (:func:`parameters_replaced` puts them in the kernel module while it is evaluated, so the
 covariance function never closes over parameters and gradients reach whatever tensors represent the
-operator). Each rank evaluates only its tiles (:mod:`gpntk.distributed.tiles`); a product is this
-rank's partial product summed over ranks (:class:`~gpntk.distributed.products.ShardedTiles`), so
-every rank holds the same result and GPyTorch's CG and Lanczos run the same iterations on every
-rank (Wang et al. 2019, "Exact Gaussian Processes on a Million Data Points", NeurIPS).
+operator). Each rank evaluates only its blocks of rows, over all columns
+(:mod:`gpntk.distributed.rows`); a product is each rank's rows of :math:`K V`, concatenated over
+ranks (:class:`~gpntk.distributed.products.ShardedRows`), so every rank holds the same result,
+bitwise the one of a single process, and GPyTorch's CG and Lanczos run the same iterations on
+every rank and for every number of ranks (Wang et al. 2019, "Exact Gaussian Processes on a
+Million Data Points", NeurIPS).
 
 Derivatives of bilinear forms (what GPyTorch's marginal likelihood backpropagates through),
 
 .. math::
     \frac{\partial}{\partial\theta} \sum_i u_i^\top K v_i
-    = \sum_p \sum_{(r, c) \in \mathcal T_p} \frac{\partial}{\partial\theta} \sum_i u_{i,r}^\top K_{rc} v_{i,c},
+    = \sum_{b} \frac{\partial}{\partial\theta} \sum_i u_{i,b}^\top K_{b,:}\, v_i
+    \quad (b \text{ the row blocks, in row order}),
 
-are computed tile by tile on each rank (autograd through one tile at a time) and summed over ranks
-with one ``all_reduce``, so every rank holds the same gradients, as data-parallel training does.
-The dense matrix (:meth:`~ShardedKernelOperator.to_dense`, for GPyTorch's Cholesky path and its
-test-train covariances) is assembled the same way, with the same gradient rule for a matrix
-:math:`G` of output gradients: :math:`\sum_{rc} \langle G_{rc}, \partial K_{rc}/\partial\theta\rangle`.
+are computed block by block on each rank (autograd through one block at a time); the per-block
+gradients are concatenated over ranks and every rank adds them up in block order, as one process
+does, so the gradients too are bitwise those of one process, and every rank's optimizer takes the
+same step. The dense matrix (:meth:`~ShardedKernelOperator.to_dense`, for GPyTorch's Cholesky
+path and its test-train covariances) is assembled the same way, with the same gradient rule for a
+matrix :math:`G` of output gradients: :math:`\sum_b \langle G_{b,:}, \partial K_{b,:}/\partial\theta\rangle`.
 
 Diagonals and single entries (the pivoted-Cholesky preconditioner asks for rows) are computed by
 every rank alone: they cost :math:`O(n)` and need no communication.
@@ -37,15 +41,14 @@ from linear_operator.operators import LinearOperator
 from linear_operator.utils.memoize import cached
 from torch import Tensor
 
-from ..kernels.engine import same_inputs
 from .group import Communicator
-from .products import ShardedTiles, should_store
-from .tiles import Tile, plan_tiles
+from .products import ShardedRows, should_store
+from .rows import plan_rows
 
 __all__ = ["ShardedKernelOperator", "evaluate_kernel", "parameters_replaced"]
 
-#: ``contract(block, tile)``: the scalar whose tile-wise gradients are summed
-Contraction = Callable[[Tensor, Tile], Tensor]
+#: ``contract(block, rows)``: the scalar whose block-wise gradients are summed
+Contraction = Callable[[Tensor, slice], Tensor]
 
 
 @contextmanager
@@ -78,10 +81,10 @@ def evaluate_kernel(
 
 
 class ShardedKernelOperator(LinearOperator):
-    """The kernel matrix ``kernel(x1, x2)`` (``(..., n1, n2)``), its tiles divided among the ranks of ``comm``.
+    """The kernel matrix ``kernel(x1, x2)`` (``(..., n1, n2)``), its rows divided among the ranks of ``comm``.
 
     Built by :class:`gpntk.distributed.ShardedKernel`. ``params`` are the kernel's parameters (in
-    the order of ``names``, from ``kernel.named_parameters()``); ``store``: keep this rank's tiles
+    the order of ``names``, from ``kernel.named_parameters()``); ``store``: keep this rank's rows
     after the first product (``None``: while they fit :data:`gpntk.settings.DENSE_MAX_ELEMENTS`).
     """
 
@@ -92,8 +95,7 @@ class ShardedKernelOperator(LinearOperator):
         super().__init__(x1, x2, *params, kernel=kernel, names=names, comm=comm, store=store)
         self.x1, self.x2, self.params = x1, x2, params
         self.kernel, self.names, self.comm, self.store = kernel, names, comm, store
-        self._symmetric: bool | None = None
-        self._tiles: ShardedTiles | None = None
+        self._rows: ShardedRows | None = None
 
     def _options(self) -> dict[str, Any]:
         return dict(kernel=self.kernel, names=self.names, comm=self.comm, store=self.store)
@@ -105,36 +107,27 @@ class ShardedKernelOperator(LinearOperator):
         batch = torch.broadcast_shapes(self.x1.shape[:-2], self.x2.shape[:-2], self.kernel.batch_shape)
         return torch.Size((*batch, self.x1.shape[-2], self.x2.shape[-2]))
 
-    @property
-    def symmetric(self) -> bool:
-        """Whether ``x1`` and ``x2`` hold the same points (then tiles below the diagonal are mirrors)."""
-        if self._symmetric is None:
-            self._symmetric = same_inputs(self.x1, self.x2)
-        return self._symmetric
-
-    def my_tiles(self, mirror: bool = True) -> list[Tile]:
-        """This rank's tiles; ``mirror=False`` when gradients with respect to the inputs are wanted."""
+    def plan(self) -> list[list[slice]]:
+        """Every rank's row blocks (:func:`~gpntk.distributed.rows.plan_rows`); independent of the world size."""
         n1, n2 = self.x1.shape[-2], self.x2.shape[-2]
-        return plan_tiles(n1, n2, self.symmetric, mirror, self.comm.size)[self.comm.rank]
+        return plan_rows(n1, n2, self.comm.size, self.batch_shape.numel())
 
-    def _tile(self, tile: Tile, x1: Tensor, x2: Tensor, params: Sequence[Tensor], share: bool) -> Tensor:
-        rows, cols, diagonal, _ = tile
-        a = x1[..., rows, :]
-        b = a if (diagonal and share) else x2[..., cols, :]
-        return evaluate_kernel(self.kernel, self.names, params, a, b)
+    def _block(self, rows: slice, x1: Tensor, x2: Tensor, params: Sequence[Tensor]) -> Tensor:
+        """Rows ``rows`` of the kernel matrix, over all columns: ``kernel(x1[rows], x2)``."""
+        return evaluate_kernel(self.kernel, self.names, params, x1[..., rows, :], x2)
 
     @property
-    def tiles(self) -> ShardedTiles:
-        """This rank's tiles as a :class:`~gpntk.distributed.products.ShardedTiles` (no autograd graph)."""
-        if self._tiles is None:
+    def rows(self) -> ShardedRows:
+        """This rank's rows as a :class:`~gpntk.distributed.products.ShardedRows` (no autograd graph)."""
+        if self._rows is None:
             x1, x2 = self.x1.detach(), self.x2.detach()
             params = [p.detach() for p in self.params]
-            tiles = self.my_tiles()
-            self._tiles = ShardedTiles(
-                lambda tile: self._tile(tile, x1, x2, params, True), tiles, self.shape, x1, self.comm,
-                should_store(tiles, self.batch_shape.numel(), self.store),
+            plan = self.plan()
+            store = should_store(plan[self.comm.rank], x2.shape[-2], self.batch_shape.numel(), self.store)
+            self._rows = ShardedRows(
+                lambda rows: self._block(rows, x1, x2, params), plan, self.shape, x1, self.comm, store
             )
-        return self._tiles
+        return self._rows
 
     def _records_graph(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.representation())
@@ -146,7 +139,7 @@ class ShardedKernelOperator(LinearOperator):
         if self._records_graph() or (torch.is_grad_enabled() and rhs.requires_grad):
             out = _ShardedMatmul.apply(self, rhs, *self.representation())  # type: ignore[no-untyped-call]
         else:
-            out = self.tiles.matmul(rhs)
+            out = self.rows.matmul(rhs)
         return out.squeeze(-1) if squeeze else out
 
     def _t_matmul(self, rhs: Tensor) -> Tensor:
@@ -161,7 +154,7 @@ class ShardedKernelOperator(LinearOperator):
         if self._records_graph():
             dense = _ShardedDense.apply(self, *self.representation())  # type: ignore[no-untyped-call]
             return cast(Tensor, dense)
-        return self.tiles.dense()
+        return self.rows.dense()
 
     # --- entries each rank computes alone ---------------------------------------------------------
     def _diagonal(self) -> Tensor:
@@ -207,12 +200,8 @@ class ShardedKernelOperator(LinearOperator):
         if left_vecs.dim() == 1:
             left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
 
-        def contract(block: Tensor, tile: Tile) -> Tensor:
-            rows, cols, _, mirrored = tile
-            value = (left_vecs[..., rows, :] * (block @ right_vecs[..., cols, :])).sum()
-            if mirrored:  # the tile below the diagonal, K_cr = K_rc^T
-                value = value + (right_vecs[..., rows, :] * (block @ left_vecs[..., cols, :])).sum()
-            return value
+        def contract(block: Tensor, rows: slice) -> Tensor:
+            return (left_vecs[..., rows, :] * (block @ right_vecs)).sum()
 
         wanted = [t.requires_grad for t in self.representation()]
         return self.gradients(contract, wanted, [left_vecs, right_vecs])
@@ -220,39 +209,47 @@ class ShardedKernelOperator(LinearOperator):
     def gradients(
         self, contract: Contraction, wanted: Sequence[bool], replicated: Sequence[Tensor]
     ) -> tuple[Tensor | None, ...]:
-        """The gradients of :math:`\\sum_{\\text{tiles}}` ``contract(tile)`` for the representation tensors ``wanted``.
+        """The gradients of :math:`\\sum_b` ``contract(block b, rows of b)`` for the representation tensors ``wanted``.
 
-        Summed over the tiles of every rank (one ``all_reduce``); ``replicated`` are checked to be
-        equal on all ranks. ``None`` for tensors not wanted.
+        Each rank differentiates its row blocks one at a time; the per-block gradients of all ranks
+        are concatenated (one ``all_gather``) and added up in block order on every rank, so the
+        result is bitwise the single-process one. ``replicated`` are checked to be equal on all
+        ranks. ``None`` for tensors not wanted. (Gradients with respect to the inputs gather
+        :math:`B (n_1 + n_2) d` numbers for :math:`B` blocks.)
         """
         args = [t.detach().requires_grad_(want) for t, want in zip(self.representation(), wanted)]
         if not any(wanted):
             return (None,) * len(args)
         x1, x2, params = args[0], args[1], args[2:]
-        inputs_wanted = wanted[0] or wanted[1]
         targets = [t for t in args if t.requires_grad]
-        totals = [torch.zeros_like(t, dtype=torch.float64) for t in targets]
-        for tile in self.my_tiles(mirror=not inputs_wanted):
+        plan = self.plan()
+        per_block = []
+        for rows in plan[self.comm.rank]:
             with torch.enable_grad():
-                block = self._tile(tile, x1, x2, params, share=not inputs_wanted)
-                grads = torch.autograd.grad(contract(block, tile), targets, allow_unused=True)
-            for total, grad in zip(totals, grads):
-                if grad is not None:
-                    total += grad
-        flat = self.comm.sum(torch.cat([t.reshape(-1) for t in totals]), replicated, "gradient vectors")
-        sizes = [t.numel() for t in totals]
-        summed = iter(part.view_as(t).to(t.dtype) for part, t in zip(flat.split(sizes), targets))
+                block = self._block(rows, x1, x2, params)
+                grads = torch.autograd.grad(contract(block, rows), targets, allow_unused=True)
+            per_block.append(torch.cat([
+                (torch.zeros_like(t) if g is None else g).reshape(-1).to(torch.float64) for t, g in zip(targets, grads)
+            ]))
+        width = sum(t.numel() for t in targets)
+        mine = torch.stack(per_block) if per_block else x1.new_zeros(0, width, dtype=torch.float64)
+        every = self.comm.concat(mine, [len(blocks) for blocks in plan], replicated, "gradient vectors")
+        total = every.new_zeros(width)
+        for gradient in every:  # in block order, as one process adds them
+            total += gradient
+        parts = total.split([t.numel() for t in targets])
+        summed = iter(part.view_as(t).to(t.dtype) for part, t in zip(parts, targets))
         return tuple(next(summed) if want else None for want in wanted)
 
 
 class _ShardedMatmul(torch.autograd.Function):
-    """:math:`K V` with gradients for :math:`V` (:math:`K^\\top G`) and the representation (tile by tile)."""
+    """:math:`K V` with gradients for :math:`V` (:math:`K^\\top G`) and the representation (block by block)."""
 
     @staticmethod
     def forward(ctx: Any, op: ShardedKernelOperator, rhs: Tensor, *args: Tensor) -> Tensor:
         ctx.op = op  # ``args`` are its representation, passed so that autograd follows them
         ctx.save_for_backward(rhs)
-        return op.tiles.matmul(rhs)
+        return op.rows.matmul(rhs)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -265,22 +262,18 @@ class _ShardedMatmul(torch.autograd.Function):
 
 
 class _ShardedDense(torch.autograd.Function):
-    """The dense kernel matrix; gradients :math:`\\sum_{rc} \\langle G_{rc}, \\partial K_{rc}\\rangle`, tile by tile."""
+    """The dense kernel matrix; gradients :math:`\\sum_b \\langle G_{b,:}, \\partial K_{b,:}\\rangle`, by blocks."""
 
     @staticmethod
     def forward(ctx: Any, op: ShardedKernelOperator, *args: Tensor) -> Tensor:
         ctx.op = op  # ``args`` are its representation, passed so that autograd follows them
-        return op.tiles.dense()
+        return op.rows.dense()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         op = ctx.op
 
-        def contract(block: Tensor, tile: Tile) -> Tensor:
-            rows, cols, _, mirrored = tile
-            value = (grad[..., rows, cols] * block).sum()
-            if mirrored:
-                value = value + (grad[..., cols, rows].mT * block).sum()
-            return value
+        def contract(block: Tensor, rows: slice) -> Tensor:
+            return (grad[..., rows, :] * block).sum()
 
         return (None, *op.gradients(contract, ctx.needs_input_grad[1:], [grad]))

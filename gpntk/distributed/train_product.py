@@ -3,17 +3,17 @@ r"""``ShardedTrainProduct``: the training-kernel products of a ``TrainedEnsemble
 :class:`~gpntk.TrainedEnsemble` with ``solver="lanczos"`` touches the training kernels only
 through products :math:`K(X, X)\, V` (its ``train_product`` argument,
 :data:`gpntk.posterior.solver.TrainProduct`). :class:`ShardedTrainProduct` computes them with the
-tiles of each rank (:mod:`gpntk.distributed.tiles`), evaluated by gpntk's own recursion
-(:func:`gpntk.kernels.dense.evaluate`), and sums them over ranks, so every rank runs the same
-Lanczos iterations and gets the same posterior:
+row blocks of each rank (:mod:`gpntk.distributed.rows`), evaluated by gpntk's own recursion
+(:func:`gpntk.kernels.dense.evaluate`), and concatenates the ranks' rows, so every rank runs the
+same Lanczos iterations and gets the same posterior, bitwise that of one process:
 
 .. code-block:: python
 
     product = gpntk.distributed.ShardedTrainProduct(net, train_x)
     post = gpntk.TrainedEnsemble(net, train_x, train_y, solver="lanczos", train_product=product)
 
-Lanczos replays its products (two-pass Lanczos) and checks that they repeat exactly: the tiles,
-their order and the sums are the same in every product, so they do.
+Lanczos replays its products (two-pass Lanczos) and checks that they repeat exactly: the blocks
+and their order are the same in every product, so they do.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from ..kernels.dense import Output, evaluate
 from ..kernels.fusion import FusionPolicy
 from ..posterior.snapshot import freeze_network
 from .group import Communicator
-from .products import ShardedTiles, should_store
-from .tiles import Tile, plan_tiles
+from .products import ShardedRows, should_store
+from .rows import plan_rows
 
 __all__ = ["ShardedTrainProduct"]
 
@@ -73,25 +73,23 @@ class ShardedTrainProduct:
         self.comm = Communicator(group, check_replicated)
         self.comm.check_same({"train_x": self.x, **self.hyper}, self.x.device, values=check_replicated)
         n = self.x.shape[0]
-        self.tiles: list[Tile] = plan_tiles(n, n, True, True, self.comm.size)[self.comm.rank]
-        self.store = should_store(self.tiles, 1, store)
+        self.plan = plan_rows(n, n, self.comm.size)
+        self.store = should_store(self.plan[self.comm.rank], n, 1, store)
         self.fusion = FusionPolicy()
-        self._kernels: dict[str, ShardedTiles] = {}
+        self._kernels: dict[str, ShardedRows] = {}
 
-    def _evaluate(self, tile: Tile, kind: Output) -> Tensor:
-        rows, cols, diagonal, _ = tile
-        a = self.x[rows]
-        b = a if diagonal else self.x[cols]
+    def _evaluate(self, rows: slice, kind: Output) -> Tensor:
         cov, ntk = evaluate(
-            self.net, a, b, self.hyper, input_shape=self.input_shape, track_ntk=kind == "ntk", fusion=self.fusion
+            self.net, self.x[rows], self.x, self.hyper,
+            input_shape=self.input_shape, track_ntk=kind == "ntk", fusion=self.fusion,
         )
         return cast(Tensor, ntk if kind == "ntk" else cov)
 
-    def _kernel(self, kind: Output) -> ShardedTiles:
+    def _kernel(self, kind: Output) -> ShardedRows:
         if kind not in self._kernels:
             n = self.x.shape[0]
-            self._kernels[kind] = ShardedTiles(
-                lambda tile: self._evaluate(tile, kind), self.tiles, torch.Size((n, n)), self.x, self.comm, self.store
+            self._kernels[kind] = ShardedRows(
+                lambda rows: self._evaluate(rows, kind), self.plan, torch.Size((n, n)), self.x, self.comm, self.store
             )
         return self._kernels[kind]
 

@@ -30,11 +30,22 @@ def test_products_equal_the_dense_kernel(tmp_path):
         torch.testing.assert_close(results[0][key], value, rtol=1e-13, atol=1e-12)
 
 
-def test_exact_gp_marginal_likelihood_equals_one_process(tmp_path):
+@pytest.mark.parametrize("reference", ["one sharded process", "plain kernel"])
+def test_exact_gp_equals_one_process(tmp_path, reference):
+    """The MLL, its hyperparameter gradients and the predictive mean and variance (CG path, fixed probe seeds).
+
+    The reference runs in this process: the same script with one process (``ShardedKernel`` without
+    torch.distributed), and the plain kernel (GPyTorch's own path, no gpntk.distributed code).
+    """
     results = _ranks("gp", tmp_path)
     _assert_same_on_both_ranks(results)
-    reference = case.gp_results(sharded=False)
-    torch.testing.assert_close(results[0]["mll"], reference["mll"], rtol=1e-10, atol=1e-10)
+    expected = case.gp_results(sharded=reference == "one sharded process")
+    assert results[0].keys() == expected.keys()
+    assert any(key.startswith("grad:covar_module.base_kernel.net") for key in expected)
+    for key in ("mll", "mean", "variance", *(key for key in expected if key.startswith("grad:"))):
+        torch.testing.assert_close(
+            results[0][key], expected[key], rtol=1e-10, atol=1e-15, msg=lambda message, key=key: f"{key}: {message}"
+        )
 
 
 def test_trained_ensemble_equals_one_process(tmp_path):
