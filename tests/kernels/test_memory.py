@@ -13,7 +13,10 @@ inputs twice and sorted them (``2 n 15 d`` numbers; 290 MiB live and 4.8 s at n 
 
 from __future__ import annotations
 
+import traceback
+
 import gpytorch
+import linear_operator
 import pytest
 import torch
 from _models import ExactGP
@@ -42,7 +45,8 @@ class LargestAllocation(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # views are not new
                 numbers = t.untyped_storage().nbytes() // t.element_size()
                 if numbers > self.largest:
-                    self.largest, self.where = numbers, f"{func} -> {tuple(t.shape)}"
+                    stack = "".join(traceback.format_stack(limit=16)[:-1])
+                    self.largest, self.where = numbers, f"{func} -> {tuple(t.shape)}, at\n{stack}"
         return out
 
 
@@ -60,6 +64,8 @@ def _fit_step_and_predict(backend: str) -> LargestAllocation:
     counter = LargestAllocation()
     with (
         gpytorch.settings.max_cholesky_size(0),
+        linear_operator.settings.max_cholesky_size(0),  # also where BoTorch's import raised it
+        gpytorch.settings.fast_computations(True, True, True),  # CG and Lanczos, whatever an earlier test set
         gpytorch.settings.min_preconditioning_size(0),  # the pivoted-Cholesky preconditioner, as at large n
         gpntk.settings.fusion(False),
         counter,
