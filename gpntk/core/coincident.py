@@ -85,8 +85,12 @@ class RowIds:
 
     def __init__(self, x1: Tensor, x2: Tensor):
         self.identical = x2 is x1
-        self.batched = is_batched(x1) or (not self.identical and is_batched(x2))
         self.x1, self.x2 = x1, x2
+        #: pairs found by comparing rows directly (no ids): under ``vmap``, and for a batch of
+        #: kernels with at most ``n1 + n2`` pairs each (``1 x n`` rows, the ``1 x 1`` kernels GPyTorch
+        #: builds for diagonals and entries, e.g. ``(n, 15)`` of them in a pivoted-Cholesky backward),
+        #: where ids would cost a copy of every row plus a sort, against one boolean per pair and feature
+        self.batched = is_batched(x1) or (not self.identical and is_batched(x2)) or self._few_pairs(x1, x2)
         if self.batched:
             return
         a = x1.detach()
@@ -117,13 +121,22 @@ class RowIds:
         self.id1 = inverse[:n1].reshape(a.shape[:-1])
         self.id2 = self.id1 if self.identical else inverse[n1:].reshape(b.shape[:-1])
 
+    @staticmethod
+    def _few_pairs(x1: Tensor, x2: Tensor) -> bool:
+        """Batched inputs whose kernels have at most ``n1 + n2`` pairs: compared directly, without ids."""
+        n1, n2 = x1.shape[-2], x2.shape[-2]
+        return max(x1.dim(), x2.dim()) > 2 and n1 * n2 <= n1 + n2
+
     def block(self, rows: slice | None = None, cols: slice | None = None) -> Coincidence | None:
         """The coincident pairs of the block ``x1[..., rows, :]`` by ``x2[..., cols, :]`` (``None``: none)."""
         rows = slice(None) if rows is None else rows
         cols = slice(None) if cols is None else cols
         if self.batched:
             a, b = self.x1[..., rows, :], self.x2[..., cols, :]
-            return Coincidence(mask=(a.unsqueeze(-2) == b.unsqueeze(-3)).all(-1))
+            mask = (a.unsqueeze(-2) == b.unsqueeze(-3)).all(-1)
+            if is_batched(mask) or bool(mask.any()):  # under vmap no data-dependent branch
+                return Coincidence(mask=mask)
+            return None
         if self.id1 is None:
             return None
         assert self.id2 is not None  # set together with id1
