@@ -56,6 +56,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "GraphDataset": (".core.graph_inputs", "GraphDataset"),
     "normalized_adjacency": (".core.graph_inputs", "normalized_adjacency"),
     "graph_kernel_matrices": (".kernels.graph_gram", "graph_kernel_matrices"),
+    # an optional extra (pip install "gpntk[botorch]"): reachable as gpntk.botorch, never in __all__
+    # (``from gpntk import *`` must not need BoTorch)
+    "botorch": (".botorch", None),
 }
 
 

@@ -24,7 +24,7 @@ LEVELS = {
     "layers": 3,
     "kernels": 4, "empirical": 4, "contrib": 4,
     "posterior": 5, "distributed": 5,
-    "cli": 6,
+    "cli": 6, "botorch": 6,
     "__main__": 7, "testing": 7,
 }
 #: the lazy façade (PEP 562) re-exports from every level
