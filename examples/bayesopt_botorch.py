@@ -17,8 +17,8 @@ cube, outcomes ``Standardize``-d, hyperparameters by ``fit_gpytorch_mll``) with
 The NTK is not translation invariant: it depends on the norms of the inputs and the angles between
 them.  On the unit cube every input lies in the positive orthant, the angles are small and the
 kernel varies little across the domain, so the NTK sees the *centred* inputs ``2x - 1`` in
-``[-1, 1]^d`` (``Centered`` below).  The centring is inside the kernel rather than a second input
-transform because BoTorch checks that transformed training inputs lie in the unit cube and warns
+``[-1, 1]^d`` (the kernel wrapper ``gpntk.kernels.Centered``).  The centring is inside the kernel
+rather than a second input transform because BoTorch checks that transformed training inputs lie in the unit cube and warns
 otherwise.  ``--no-center`` turns it off for comparison.
 
 Prints, per iteration, the best value found (mean ± standard error over seeds) and the log10 regret
@@ -54,6 +54,7 @@ from linear_operator.utils.warnings import NumericalWarning
 
 import gpntk
 from gpntk import layers as L
+from gpntk.kernels import Centered
 
 DTYPE = torch.float64
 
@@ -62,17 +63,6 @@ FUNCTIONS = {
     "hartmann6": lambda: Hartmann(dim=6, negate=True, dtype=DTYPE),
     "ackley4": lambda: Ackley(dim=4, negate=True, dtype=DTYPE),
 }
-
-
-class Centered(Kernel):
-    """``base`` evaluated on ``2x - 1``: maps the unit cube of normalized inputs onto ``[-1, 1]^d``."""
-
-    def __init__(self, base: Kernel):
-        super().__init__(batch_shape=base.batch_shape)
-        self.base = base
-
-    def forward(self, x1, x2, diag=False, last_dim_is_batch=False, **params):
-        return self.base.forward(2 * x1 - 1, 2 * x2 - 1, diag=diag, **params)
 
 
 def ntk_covariance(center: bool = True, batch_shape: torch.Size = torch.Size([])) -> Kernel:

@@ -103,13 +103,15 @@ def fit_network(  # long: transforms, the GP, the fit and the result, one sequen
 ) -> FittedNetwork:
     r"""Fit the hyperparameters of ``net`` by the marginal likelihood of the zero-mean GP with its ``kernel``.
 
-    :param train_X: ``(n, d)`` before ``input_transform``; :param train_Y: ``(n, m)``.
+    :param train_X: ``(n, d)``, before ``input_transform``.
+    :param train_Y: ``(n, m)``, before ``outcome_transform``.
     :param net: the architecture; it is not modified (a fitted copy is returned).
     :param kernel: ``"ntk"`` (the prior of the ``"ntkgp"`` regime, and the kernel whose regression
         is the ``"ntk"`` regime's mean) or ``"nngp"`` (the prior of the ``"nngp"`` regime).
-    :param input_transform, outcome_transform: copies are fitted on the data and applied, so that
-        the GP sees the data exactly as :class:`~gpntk.botorch.TrainedEnsembleModel` with the same
-        transforms does; the transforms passed in are not modified.
+    :param input_transform: a copy is fitted on ``train_X`` and applied, so that the GP sees the
+        inputs exactly as :class:`~gpntk.botorch.TrainedEnsembleModel` with the same transform does
+        (the transform passed in is not modified).
+    :param outcome_transform: likewise for ``train_Y``.
     :param min_noise: lower bound of the noise variance.
     :param fit_kwargs: passed to ``botorch.fit.fit_gpytorch_mll``.
 

@@ -30,8 +30,9 @@ class Center(AffineInputTransform):
 
     :param d: the input dimension.
     :param indices: the input columns to centre (default: all ``d``).
-    :param transform_on_train, transform_on_eval, transform_on_fantasize: as for BoTorch's input
-        transforms (default: always applied).
+    :param transform_on_train: apply in train mode (BoTorch's convention; default True).
+    :param transform_on_eval: apply in eval mode (default True).
+    :param transform_on_fantasize: apply within ``fantasize`` (default True).
 
     ``SingleTaskGP`` checks that its *transformed* training inputs lie in the unit cube and warns
     (``InputDataWarning``) otherwise; with ``SingleTaskGP`` centre inside the kernel with
