@@ -17,7 +17,9 @@ iteration on all the data so far:
   posterior without noise;
 * ``InfiniteWidthBNNKernel``: BoTorch's ``SingleTaskGP`` with its own infinite-width kernel (NNGP
   of a depth-3 ReLU network, fitted weight/bias variances and noise);
-* ``Matern-5/2``: ``SingleTaskGP`` with ``ScaleKernel(MaternKernel(nu=2.5, ard_num_dims=6))``.
+* ``Matern-5/2``: ``SingleTaskGP`` with ``ScaleKernel(MaternKernel(nu=2.5, ard_num_dims=6))``;
+* (``--methods ntk_gp``) ``SingleTaskGP`` with ``ScaleKernel(Centered(NTKKernel(mlp(2, "relu"))))``,
+  σw², σb², output scale and noise fitted; the last fitted values are printed.
 
 The ensembles see ``Normalize`` followed by ``gpntk.botorch.Center`` (inputs in ``[-1, 1]^6``) and
 ``Standardize``-d outcomes; their network hyperparameters are fixed (σw² = 2, σb² = 0.1: He
@@ -47,8 +49,10 @@ from botorch.utils.sampling import draw_sobol_samples
 from gpytorch.kernels import MaternKernel, ScaleKernel
 from gpytorch.mlls import ExactMarginalLogLikelihood
 
+import gpntk
 from gpntk import layers as L
 from gpntk.botorch import Center, TrainedEnsembleModel, fit_network
+from gpntk.kernels import Centered
 
 DTYPE = torch.float64
 PROBLEM = Hartmann(dim=6, negate=True, dtype=DTYPE)
@@ -63,7 +67,10 @@ METHODS = {
     "nngp_inf": "NNGP ensemble, t = inf",
     "bnn": "InfiniteWidthBNNKernel GP",
     "matern": "Matern-5/2 GP",
+    "ntk_gp": "ScaleKernel(NTK) GP",
 }
+#: run without --methods (the NTK GP is compared in examples/bayesopt_botorch.py; --methods ntk_gp adds it)
+DEFAULT_METHODS = ("ntk_inf", "ntk_t", "nngp_inf", "bnn", "matern")
 
 
 def network():
@@ -92,6 +99,18 @@ def gp(X, Y, covar):
     return model
 
 
+def ntk_gp(X, Y, fitted_values: list):
+    """SingleTaskGP with ScaleKernel(Centered(NTKKernel)): σw², σb², output scale and noise fitted."""
+    covar = ScaleKernel(Centered(gpntk.NTKKernel(network())))
+    model = gp(X, Y, covar)
+    dense = next(m for m in covar.modules() if isinstance(m, L.Dense))  # mlp(shared=True): one Dense
+    fitted_values.append({
+        "weight_variance": dense.weight_variance.item(), "bias_variance": dense.bias_variance.item(),
+        "outputscale": covar.outputscale.item(), "noise": model.likelihood.noise.item(),
+    })
+    return model
+
+
 def build(method: str, X, Y, fit: bool, fitted_values: list):
     if method == "ntk_inf":
         return ensemble(X, Y, math.inf, "ntk", fit, fitted_values)
@@ -99,6 +118,8 @@ def build(method: str, X, Y, fit: bool, fitted_values: list):
         return ensemble(X, Y, FINITE_T, "ntk", fit, fitted_values)
     if method == "nngp_inf":
         return ensemble(X, Y, math.inf, "nngp", fit, fitted_values)
+    if method == "ntk_gp":
+        return ntk_gp(X, Y, fitted_values)
     if method == "bnn":
         return gp(X, Y, InfiniteWidthBNNKernel(depth=3))
     return gp(X, Y, ScaleKernel(MaternKernel(nu=2.5, ard_num_dims=D)))
@@ -155,7 +176,7 @@ def main(argv=None) -> None:
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--init", type=int, default=10, help="Sobol initial points")
     parser.add_argument("--fit", action="store_true", help="fit the ensembles' σw², σb² by the matching GP")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated, of " + ",".join(METHODS))
     parser.add_argument("--figure", default="bayesopt-hartmann.png")
     args, _ = parser.parse_known_args(argv)  # tolerate a test runner's argv
 
@@ -192,7 +213,7 @@ def main(argv=None) -> None:
         print(row)
     if fitted_values:
         last = fitted_values[-1]
-        print("\nlast fitted network hyperparameters: " + ", ".join(f"{k} = {v:.4g}" for k, v in last.items()))
+        print("\nlast fitted hyperparameters: " + ", ".join(f"{k} = {v:.4g}" for k, v in last.items()))
     save_figure(results, args.init, args.figure)
     print(f"\nsaved {args.figure}; total {time.perf_counter() - start:.1f} s")
     kinds: dict[str, int] = {}
