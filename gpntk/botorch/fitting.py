@@ -17,12 +17,15 @@ and the marginal likelihoods of the outputs are summed.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
+from warnings import WarningMessage
 
 import gpytorch
 import torch
-from botorch.fit import fit_gpytorch_mll
+from botorch.exceptions.warnings import OptimizationWarning
+from botorch.fit import DEFAULT_WARNING_HANDLER, fit_gpytorch_mll
 from botorch.models.transforms.input import InputTransform
 from botorch.models.transforms.outcome import OutcomeTransform
 from gpytorch.constraints import GreaterThan
@@ -33,10 +36,11 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 from torch import Tensor
 
 from ..core.layer import Layer
+from ..errors import NumericalWarning
 from ..kernels import NNGPKernel, NTKKernel
 from .model import _check_training_data
 
-__all__ = ["FittedNetwork", "fit_network", "MatchingGP"]
+__all__ = ["FittedNetwork", "fit_network", "MatchingGP", "accepting_abnormal_stops"]
 
 #: the smallest noise variance the fit may reach (outcome-transformed space)
 MIN_NOISE = 1e-6
@@ -62,6 +66,25 @@ class MatchingGP(gpytorch.models.ExactGP):
 
     def forward(self, x: Tensor) -> MultivariateNormal:
         return MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def accepting_abnormal_stops(accepted: list[str]) -> Callable[[WarningMessage], bool]:
+    """A ``fit_gpytorch_mll`` warning handler that accepts L-BFGS-B's ABNORMAL stops (recording them) and
+    otherwise decides as BoTorch's default handler.
+
+    L-BFGS-B stops ABNORMAL when its line search finds no decrease, typically where the marginal
+    likelihood is flat along a direction (σb² or the noise at their lower bounds, σw² against the
+    noise on tiny designs). BoTorch's default retries from values sampled from the priors, but a
+    network without priors restarts from the same values and fails the same way every attempt.
+    """
+
+    def handler(w: WarningMessage) -> bool:
+        if issubclass(w.category, OptimizationWarning) and "ABNORMAL" in str(w.message):
+            accepted.append(str(w.message))
+            return True
+        return bool(DEFAULT_WARNING_HANDLER(w))
+
+    return handler
 
 
 @dataclass(frozen=True)
@@ -113,7 +136,9 @@ def fit_network(  # long: transforms, the GP, the fit and the result, one sequen
         (the transform passed in is not modified).
     :param outcome_transform: likewise for ``train_Y``.
     :param min_noise: lower bound of the noise variance.
-    :param fit_kwargs: passed to ``botorch.fit.fit_gpytorch_mll``.
+    :param fit_kwargs: passed to ``botorch.fit.fit_gpytorch_mll``. Unless a ``warning_handler`` is
+        given, an L-BFGS-B stop with status ABNORMAL (no decrease found by the line search) is
+        accepted with a :class:`~gpntk.NumericalWarning` (see :func:`accepting_abnormal_stops`).
 
     Use the result as ``TrainedEnsembleModel(train_X, train_Y, fitted.net, ...)``.
     """
@@ -139,6 +164,16 @@ def fit_network(  # long: transforms, the GP, the fit and the result, one sequen
     likelihood = GaussianLikelihood(batch_shape=torch.Size([m]), noise_constraint=GreaterThan(min_noise)).to(train_X)
     inputs = X.detach().unsqueeze(0).expand(m, *X.shape)
     gp = MatchingGP(inputs, Y.detach().mT.contiguous(), covariance, likelihood).to(train_X)
+    accepted: list[str] = []
+    fit_kwargs.setdefault("warning_handler", accepting_abnormal_stops(accepted))
     fit_gpytorch_mll(ExactMarginalLogLikelihood(likelihood, gp), **fit_kwargs)
+    if accepted:
+        warnings.warn(
+            "fit_network: L-BFGS-B stopped ABNORMAL (its line search found no decrease) and the values reached are "
+            "kept; they may not be a stationary point of the marginal likelihood (a flat direction, e.g. a "
+            f"variance at its lower bound). Check FittedNetwork.hyperparameters and .noise. ({accepted[0][:200]})",
+            NumericalWarning,
+            stacklevel=2,
+        )
     gp.eval()
     return FittedNetwork(fitted_net, likelihood.noise.detach().reshape(m).clone(), gp)
