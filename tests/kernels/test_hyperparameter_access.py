@@ -1,4 +1,4 @@
-"""``kernel.weight_variance`` / ``bias_variance`` / ``layer_variances``: GPyTorch-style access to a network's variances."""
+"""``kernel.weight_variance`` / ``bias_variance`` / ``layer_variances``: GPyTorch-style access to variances."""
 
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def test_several_pairs_raise_naming_the_per_layer_paths():
     kernel = gpytorch.kernels.ScaleKernel(gpntk.NTKKernel(L.mlp(2, "relu", shared=False)))
     base = kernel.base_kernel
     for name in ("weight_variance", "bias_variance"):
-        with pytest.raises(gpntk.AmbiguousHyperparameterError, match=rf"net\.layers\.0\.{name}, net\.layers\.2\.{name}, "
-                           rf"net\.layers\.4\.{name}"):
+        paths = ", ".join(rf"net\.layers\.{i}\.{name}" for i in (0, 2, 4))
+        with pytest.raises(gpntk.AmbiguousHyperparameterError, match=paths):
             getattr(base, name)
         with pytest.raises(AttributeError, match="layer_variances"):
             setattr(base, name, 1.0)

@@ -76,8 +76,10 @@ def test_attention_and_gntk_take_priors_and_constraints():
     attention = L.GlobalSelfAttention(1, bias_variance=0.1, priors={"key_variance": prior},
                                       constraints={"bias_variance": Interval(0.01, 1.0)})
     assert _priors(attention) == {"key_variance_prior": prior}
-    net = L.gntk(2, 1, jumping_knowledge=False, weight_variance_prior=prior, readout_variance_prior=GammaPrior(2.0, 2.0),
-                 weight_variance_constraint=Interval(0.5, 5.0))
+    net = L.gntk(
+        2, 1, jumping_knowledge=False, weight_variance_prior=prior, readout_variance_prior=GammaPrior(2.0, 2.0),
+        weight_variance_constraint=Interval(0.5, 5.0),
+    )
     priors = _priors(net)
     dense = [m for m in net.modules() if isinstance(m, L.Dense)]
     assert len(dense) == 3 and len(priors) == 3  # two hidden Dense and the readout, each with its own prior
@@ -104,7 +106,8 @@ def test_dense_and_mlp_agree_on_the_default_bias():
 
 
 def test_default_priors_centre_log_normal_priors_on_the_current_values():
-    net = L.serial(L.Dense(2.0, 0.1), L.ReLU(), L.Dense(1.5, 0.0), L.Erf(), L.Dense(1.0, 0.3, bias_variance_prior=GammaPrior(1.0, 1.0)))
+    readout = L.Dense(1.0, 0.3, bias_variance_prior=GammaPrior(1.0, 1.0))
+    net = L.serial(L.Dense(2.0, 0.1), L.ReLU(), L.Dense(1.5, 0.0), L.Erf(), readout)
     assert L.default_priors(net, weight_scale=0.4, bias_scale=2.0) is net
     priors = _priors(net)
     assert sorted(priors) == [
@@ -116,7 +119,8 @@ def test_default_priors_centre_log_normal_priors_on_the_current_values():
     for key, v0, s in (("layers.0.weight_variance_prior", 2.0, 0.4), ("layers.0.bias_variance_prior", 0.1, 2.0),
                        ("layers.2.weight_variance_prior", 1.5, 0.4)):
         v = torch.tensor(0.7)
-        expected = -torch.log(v) - math.log(s * math.sqrt(2 * math.pi)) - (torch.log(v) - math.log(v0)) ** 2 / (2 * s**2)
+        log_v = torch.log(v)
+        expected = -log_v - math.log(s * math.sqrt(2 * math.pi)) - (log_v - math.log(v0)) ** 2 / (2 * s**2)
         torch.testing.assert_close(priors[key].log_prob(v).squeeze(), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="weight_scale must be positive"):
         L.default_priors(L.mlp(1), weight_scale=0.0)
