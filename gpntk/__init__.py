@@ -89,7 +89,14 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from . import distributed, layers, settings, testing
     from .core.graph_inputs import GraphDataset, GraphInputs, NodeGraph, normalized_adjacency
     from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
-    from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning
+    from .errors import (
+        AmbiguousHyperparameterError,
+        ApproximationWarning,
+        ArchitectureError,
+        CompositionWarning,
+        GPNTKWarning,
+        NumericalWarning,
+    )
     from .kernels import EmpiricalNTKKernel, NeuralKernelSum, NNGPKernel, NTKKernel
     from .kernels.graph_gram import graph_kernel_matrices
     from .posterior import TrainedEnsemble

@@ -65,23 +65,11 @@ def gntk(
     def block() -> Serial:
         layers = [Aggregate()]
         for _ in range(mlp_layers):
-            layers += [
-                Dense(
-                    weight_variance, 0.0, weight_variance_prior=copy.deepcopy(weight_variance_prior),
-                    weight_variance_constraint=copy.deepcopy(weight_variance_constraint),
-                ),
-                ReLU(),
-            ]
+            layers += [_bias_free(weight_variance, weight_variance_prior, weight_variance_constraint), ReLU()]
         return serial(*layers)
 
     def read_out() -> Serial:
-        return serial(
-            pool(),
-            Dense(
-                readout_variance, 0.0, weight_variance_prior=copy.deepcopy(readout_variance_prior),
-                weight_variance_constraint=copy.deepcopy(readout_variance_constraint),
-            ),
-        )
+        return serial(pool(), _bias_free(readout_variance, readout_variance_prior, readout_variance_constraint))
 
     if not jumping_knowledge:
         return serial(*(block() for _ in range(blocks)), read_out())
@@ -91,3 +79,9 @@ def gntk(
     for _ in range(blocks - 1):
         net = serial(block(), FanOut(2), parallel(read_out(), net), FanInSum())
     return serial(FanOut(2), parallel(read_out(), net), FanInSum())
+
+
+def _bias_free(weight_variance: float, prior: Prior | None, constraint: Interval | None) -> Dense:
+    """``Dense(weight_variance, 0)`` with its own copies of ``prior`` and ``constraint``."""
+    prior, constraint = copy.deepcopy(prior), copy.deepcopy(constraint)
+    return Dense(weight_variance, 0.0, weight_variance_prior=prior, weight_variance_constraint=constraint)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, TypeVar
+from typing import Any
 
 from gpytorch.constraints import Interval
 from gpytorch.priors import Prior
@@ -23,8 +23,6 @@ _MLP_ARGUMENTS = (
     "depth", "activation", "weight_variance", "bias_variance", "shared", "weight_variance_prior",
     "bias_variance_prior", "weight_variance_constraint", "bias_variance_constraint",
 )
-
-_T = TypeVar("_T")
 
 
 def mlp(
@@ -74,26 +72,24 @@ def mlp(
     if isinstance(activation, Activation) and activation_kwargs:
         raise ArchitectureError("activation keyword arguments are only accepted with an activation name")
     if activation_kwargs and isinstance(activation, str):
-        parameters = inspect.signature(activation_class(activation)).parameters.values()
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-            own = tuple(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL)
-            check_keywords("mlp", activation_kwargs, _MLP_ARGUMENTS + own)
+        _check_activation_keywords(activation, activation_kwargs)
     act = activation_from_name(activation, **activation_kwargs)
+    options: dict[str, Any] = dict(
+        weight_variance=weight_variance, bias_variance=bias_variance, weight_variance_prior=weight_variance_prior,
+        bias_variance_prior=bias_variance_prior, weight_variance_constraint=weight_variance_constraint,
+        bias_variance_constraint=bias_variance_constraint,
+    )
+    if shared:
+        dense = Dense(**options)
+        return serial(*[dense, act] * depth, dense)
+    # each layer its own copy of the priors and constraints (modules registered on one layer each)
+    return serial(*[layer for _ in range(depth) for layer in (Dense(**copy.deepcopy(options)), act)],
+                  Dense(**copy.deepcopy(options)))
 
-    def dense(copies: bool) -> Dense:
-        def own(value: _T) -> _T:
-            return copy.deepcopy(value) if copies else value
 
-        return Dense(
-            weight_variance=weight_variance, bias_variance=bias_variance,
-            weight_variance_prior=own(weight_variance_prior), bias_variance_prior=own(bias_variance_prior),
-            weight_variance_constraint=own(weight_variance_constraint),
-            bias_variance_constraint=own(bias_variance_constraint),
-        )
-
-    shared_dense = dense(copies=False) if shared else None
-    layers = []
-    for _ in range(depth):
-        layers += [shared_dense or dense(copies=True), act]
-    layers.append(shared_dense or dense(copies=True))
-    return serial(*layers)
+def _check_activation_keywords(activation: str, kwargs: dict[str, Any]) -> None:
+    """``TypeError`` naming mlp for a keyword argument that is neither mlp's nor the activation's."""
+    parameters = inspect.signature(activation_class(activation)).parameters.values()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        own = tuple(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+        check_keywords("mlp", kwargs, _MLP_ARGUMENTS + own)
