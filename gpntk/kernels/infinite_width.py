@@ -15,6 +15,8 @@ from .._validation import expanded_batch_shape, integer_argument, real_argument
 from ..core.graph_inputs import GraphDataset, NodeGraph, check_rows_of, checked_input_shape
 from ..core.hyperparameters import Hyperparameters, parameterized_layers
 from ..core.layer import InputShape, Layer, check_network
+from ..errors import AmbiguousHyperparameterError
+from ..layers.affine import Affine
 from .backends import InfiniteWidthKernelOperator, choose_backend, covariance_function
 from .dense import evaluate, kernel_diagonal
 from .engine import Output
@@ -62,7 +64,18 @@ class InfiniteWidthKernel(Kernel):
     Other GPyTorch ``Kernel`` arguments (``ard_num_dims``, ``lengthscale_prior``,
     ``lengthscale_constraint``, ``eps``) have no meaning here (the kernel has no length scale)
     and raise ``TypeError``; priors and constraints go on the layers
-    (``Dense(weight_variance_prior=...)``).
+    (``Dense(weight_variance_prior=...)``, ``mlp(..., weight_variance_prior=...)``, or
+    :func:`gpntk.layers.default_priors` for all of them).
+
+    **Hyperparameters.** As ``RBFKernel.lengthscale``: ``kernel.weight_variance`` and
+    ``kernel.bias_variance`` read (constrained values, shape ``(*batch_shape, 1, 1)``) and set
+    (through the layer's constraint) :math:`\sigma_w^2, \sigma_b^2` when the network has one such
+    pair (``mlp(..., shared=True)``, or any network whose affine layers are one layer object; a
+    layer without bias reads 0). With several independent ones they raise
+    :class:`~gpntk.AmbiguousHyperparameterError` (an ``AttributeError``) naming the per-layer
+    paths. :attr:`layer_variances` maps every path, e.g. ``"net.layers.0.weight_variance"``, to
+    its value; set one with ``kernel.initialize(**{"net.layers.0.weight_variance": 2.0})`` (the
+    path is GPyTorch's ``initialize`` path) or ``kernel.net.layers[0].weight_variance = 2.0``.
 
     Calling the kernel returns GPyTorch's lazy kernel tensor of shape ``(..., n1, n2)``; when
     evaluated, :meth:`forward` gives a dense tensor wherever the dense backend is chosen (so
@@ -123,6 +136,73 @@ class InfiniteWidthKernel(Kernel):
     @property
     def is_stationary(self) -> bool:
         return False
+
+    # --- the network's variances, reachable as GPyTorch users expect ----------------------------------
+    @property
+    def layer_variances(self) -> dict[str, Tensor]:
+        """Every learnable variance of the network, by its path from the kernel, in network order.
+
+        E.g. ``{"net.layers.0.weight_variance": tensor([[2.]]), "net.layers.0.bias_variance":
+        tensor([[0.1]])}`` for ``mlp(..., shared=True)`` (one layer object, listed once, at its
+        first place). Values are the constrained ones (shape ``(*batch_shape, 1, 1)``), as
+        ``RBFKernel.lengthscale``; each path works with ``kernel.initialize(**{path: value})``.
+        Layers without bias list no ``bias_variance`` (theirs is fixed at 0).
+        """
+        return {
+            f"{path}.{name}": getattr(layer, name)
+            for path, layer in self._variance_layers() for name in layer.hyperparameter_names
+        }
+
+    @property
+    def weight_variance(self) -> Tensor:
+        r""":math:`\sigma_w^2` of the network's one weight-variance owner (``mlp(shared=True)``); see the class docs."""
+        return getattr(self._single_owner("weight_variance"), "weight_variance")
+
+    @weight_variance.setter
+    def weight_variance(self, value: float | Tensor) -> None:
+        setattr(self._single_owner("weight_variance"), "weight_variance", value)
+
+    @property
+    def bias_variance(self) -> Tensor:
+        r""":math:`\sigma_b^2` of the network's one affine layer (0 without bias); see the class docs."""
+        return getattr(self._single_owner("bias_variance"), "bias_variance")
+
+    @bias_variance.setter
+    def bias_variance(self, value: float | Tensor) -> None:
+        setattr(self._single_owner("bias_variance"), "bias_variance", value)
+
+    def __getattr__(self, name: str) -> Any:
+        # A property that raises AttributeError falls back to __getattr__, whose torch message
+        # ("object has no attribute") would hide ours: raise ours again.
+        if name in _SHARED_VARIANCES:
+            return getattr(self._single_owner(name), name)
+        return super().__getattr__(name)
+
+    def _variance_layers(self) -> list[tuple[str, Layer]]:
+        """The network's distinct parameterized layers with their first path from the kernel."""
+        paths: dict[int, str] = {}
+        for path, module in self.named_modules():
+            paths.setdefault(id(module), path)
+        return [(paths[id(layer)], layer) for layer in parameterized_layers(self.net)]
+
+    def _single_owner(self, name: str) -> Layer:
+        """The one layer owning ``name`` (``weight_variance`` or ``bias_variance``); else a clear error."""
+        if name == "weight_variance":
+            owners = [(p, layer) for p, layer in self._variance_layers() if name in layer.hyperparameter_names]
+        else:  # every affine layer has a bias variance, 0 without bias
+            owners = [(p, layer) for p, layer in self._variance_layers() if isinstance(layer, Affine)]
+        kernel = type(self).__name__
+        if not owners:
+            raise AttributeError(f"{kernel}'s network {self.net!r} has no layer with a {name}")
+        if len(owners) == 1:
+            return owners[0][1]
+        paths = [f"{path}.{name}" for path, _ in owners]
+        shown = ", ".join(paths[:6]) + (f", and {len(paths) - 6} more" if len(paths) > 6 else "")
+        raise AmbiguousHyperparameterError(
+            f"{kernel}.{name} exists when the network has one {name} (one layer object, as in "
+            f"mlp(..., shared=True)), but this network has {len(owners)} independent ones: {shown}. Read them "
+            f"with kernel.layer_variances; set one with kernel.initialize(**{{{paths[0]!r}: value}})"
+        )
 
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
@@ -257,6 +337,9 @@ class NNGPKernel(InfiniteWidthKernel):
 
     _output = "nngp"
 
+
+#: the attributes a kernel forwards to its network's single owner of them
+_SHARED_VARIANCES = ("weight_variance", "bias_variance")
 
 #: GPyTorch ``Kernel`` arguments that gpntk kernels do not take, and why
 _UNSUPPORTED_KWARGS = {
