@@ -84,6 +84,14 @@ class InfiniteWidthKernel(Kernel):
     ``(..., n)`` from the per-point recursion.
     Inputs are ``(..., n, d)`` float tensors; the hyperparameters are cast to their dtype and
     device, and the input kernel is :math:`x \cdot x' / d` (Novak et al. 2020 convention).
+    As for every GPyTorch kernel, a 1-D input ``(n,)`` is ``n`` one-feature points ``(n, 1)``.
+
+    ``last_dim_is_batch=True`` (GPyTorch's convention, deprecated there and to be removed in
+    GPyTorch 2.0, which warns) makes each of the ``d`` features a batch of one-feature inputs:
+    the result is :math:`K[..., i, a, b] = k(x_{1,a,i}, x_{2,b,i})`, shape ``(..., d, n1, n2)``
+    (``(..., d, n)`` with ``diag=True``), every feature with the same hyperparameters (a batched
+    kernel's ``(*batch_shape, d, n1, n2)``); it is what ``AdditiveStructureKernel`` sums. It needs
+    vector inputs: with an ``input_shape`` (images, sequences, graphs) the call raises ``ValueError``.
     """
 
     has_lengthscale = False
@@ -207,7 +215,7 @@ class InfiniteWidthKernel(Kernel):
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
     ) -> Tensor | LinearOperator:
-        hyper = self._checked_hyperparameters(x1, x2, diag, last_dim_is_batch)
+        x1, x2, hyper = self._checked_arguments(x1, x2, diag, last_dim_is_batch)
         options: dict[str, Any] = dict(
             net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements
         )
@@ -223,18 +231,42 @@ class InfiniteWidthKernel(Kernel):
             x1, x2, covar_func=covariance_function, backend=self.backend, **options, **hyper
         )
 
-    def _checked_hyperparameters(
-        self, x1: Tensor, x2: Tensor, diag: bool, last_dim_is_batch: bool
-    ) -> dict[str, Tensor]:
-        """The network's hyperparameters (in ``x1``'s dtype and device), after checking the call's arguments."""
+    def __call__(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False,
+                 **params: Any) -> Any:
+        """GPyTorch's ``Kernel.__call__``; ``last_dim_is_batch`` with an ``input_shape`` is refused here, not later."""
         if last_dim_is_batch:
-            raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
+            self._check_last_dim_is_batch()
+        return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
+
+    def _check_last_dim_is_batch(self) -> None:
+        if self.input_shape is not None:
+            raise ValueError(
+                f"{type(self).__name__} with input_shape={self.input_shape!r} cannot take last_dim_is_batch=True: "
+                "each row is one structured input (an image, a sequence, a graph), whose features are not "
+                "separate one-dimensional inputs; last_dim_is_batch works for vector inputs (input_shape=None)"
+            )
+
+    def _checked_arguments(
+        self, x1: Tensor, x2: Tensor, diag: bool, last_dim_is_batch: bool
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The inputs and the network's hyperparameters (in ``x1``'s dtype and device), after checking the call.
+
+        With ``last_dim_is_batch`` the inputs ``(..., n, d)`` become ``d`` batches of one-feature
+        inputs, ``(..., d, n, 1)``, and the hyperparameters get a batch dimension of size 1 for them.
+        """
+        if last_dim_is_batch:
+            self._check_last_dim_is_batch()
+            same = x2 is x1
+            x1 = x1.mT.unsqueeze(-1)
+            x2 = x1 if same else x2.mT.unsqueeze(-1)
         check_rows_of(self.input_shape, x1, x2, diag=diag)
         if self.input_shape is None:  # the features of vector inputs are known now (standard layers' in_width)
             check_network(self.net, in_features=x1.shape[-1])
         hyper = Hyperparameters.collect(self.net, like=x1)
+        if last_dim_is_batch:  # (*batch_shape, 1, 1) -> (*batch_shape, 1, 1, 1): one set for every feature
+            hyper = {name: value.unsqueeze(-3) for name, value in hyper.items()}
         self._check_batch_shapes(x1, x2, hyper)
-        return hyper
+        return x1, x2, hyper
 
     def _check_batch_shapes(self, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> None:
         try:
@@ -317,7 +349,8 @@ class NTKKernel(InfiniteWidthKernel):
 
     :math:`\Theta(x, x') = \lim \nabla_\theta f(x) \cdot \nabla_\theta f(x')` at initialization
     (Jacot et al. 2018), per output channel, computed by the layer recursion of
-    :mod:`gpntk.layers`. See :class:`InfiniteWidthKernel` for the arguments.
+    :mod:`gpntk.layers`. See :class:`InfiniteWidthKernel` for the arguments, the shapes, 1-D
+    inputs and ``last_dim_is_batch`` (one kernel per feature, ``(..., d, n1, n2)``).
 
     Example::
 
@@ -332,7 +365,8 @@ class NNGPKernel(InfiniteWidthKernel):
     r"""The NNGP kernel :math:`\Sigma(x, x')` of the infinitely wide network ``net``.
 
     The covariance of the network's outputs at random initialization (Neal 1996; Lee et al.
-    2018), per output channel. See :class:`InfiniteWidthKernel` for the arguments.
+    2018), per output channel. See :class:`InfiniteWidthKernel` for the arguments, the shapes,
+    1-D inputs and ``last_dim_is_batch`` (one kernel per feature, ``(..., d, n1, n2)``).
     """
 
     _output = "nngp"
@@ -403,7 +437,7 @@ class NeuralKernelSum(InfiniteWidthKernel):
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
     ) -> Tensor | LinearOperator:
-        hyper = self._checked_hyperparameters(x1, x2, diag, last_dim_is_batch)
+        x1, x2, hyper = self._checked_arguments(x1, x2, diag, last_dim_is_batch)
         options: dict[str, Any] = dict(net=self.net, input_shape=self.input_shape, block_elements=self.block_elements)
         a, b = self.ntk_weight, self.nngp_weight
         if diag:

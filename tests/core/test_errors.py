@@ -129,12 +129,15 @@ def test_incompatible_batch_shapes():
         evaluate(gpntk.NTKKernel(L.mlp(1)), torch.randn(2, 3, 2), torch.randn(3, 3, 2))
 
 
-def test_last_dim_is_batch_is_refused(kernel):
-    x = torch.randn(4, 3)
-    with pytest.raises(RuntimeError, match=r"(NTK|NNGP)Kernel does not support last_dim_is_batch"):
-        evaluate(kernel, x, x, last_dim_is_batch=True)
-    with pytest.raises(RuntimeError, match="does not support last_dim_is_batch"):
-        kernel.forward(x, x, last_dim_is_batch=True)
+def test_last_dim_is_batch_with_structured_inputs_is_refused_at_call_time():
+    """Rows of images, sequences or graphs have no separate features: refused when called, not when evaluated."""
+    net = L.serial(L.Conv(1, 3, padding="same"), L.Erf(), L.GlobalAvgPool(), L.Dense())
+    kernel = gpntk.NTKKernel(net, input_shape=(1, 5))
+    x = torch.randn(4, 5)
+    for call in (lambda: kernel(x, x, last_dim_is_batch=True), lambda: kernel(x, diag=True, last_dim_is_batch=True),
+                 lambda: kernel.forward(x, x, last_dim_is_batch=True)):
+        with pytest.raises(ValueError, match=r"input_shape=\(1, 5\) cannot take last_dim_is_batch=True"):
+            call()
 
 
 # --------------------------------------------------------------------------------------------
