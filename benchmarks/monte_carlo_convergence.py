@@ -35,6 +35,7 @@ import torch
 
 import gpntk
 from gpntk import layers as L
+from gpntk._progress import track  # a bar on stderr when it is a terminal (gpntk.settings.progress)
 
 WEIGHT_VARIANCE = {"relu": 2.0, "erf": 1.5, "gelu": 1.7}
 
@@ -92,7 +93,7 @@ def convergence(
     with torch.no_grad():
         exact = kernel(x, x).to_dense()
     errors, spreads = [], []
-    for width in widths:
+    for width in track(widths, f"Monte Carlo {kind}", unit="width"):
         out_features = 1 if kind == "ntk" else args.nngp_channels_per_width * width
         mean, se = gpntk.monte_carlo_kernel(
             net, xn, width=width, n_samples=samples, kind=kind,

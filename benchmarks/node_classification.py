@@ -188,10 +188,10 @@ def gcn(depth: int) -> L.Layer:
     The first Dense (on the features) has σw² = 1, every later one σw² = c_σ = 2. Without biases the
     kernels are homogeneous in every σw², so these values only scale them.
     """
-    layers: list[L.Layer] = [L.Aggregate(), L.Dense(1.0), L.ReLU()]
+    layers: list[L.Layer] = [L.Aggregate(), L.Dense(1.0, 0.0), L.ReLU()]
     for _ in range(depth - 1):
-        layers += [L.Aggregate(), L.Dense(C_SIGMA), L.ReLU()]
-    return L.serial(*layers, L.Aggregate(), L.Dense(C_SIGMA))
+        layers += [L.Aggregate(), L.Dense(C_SIGMA, 0.0), L.ReLU()]
+    return L.serial(*layers, L.Aggregate(), L.Dense(C_SIGMA, 0.0))
 
 
 def jumping_knowledge(depth: int) -> L.Layer:
@@ -202,13 +202,13 @@ def jumping_knowledge(depth: int) -> L.Layer:
     hidden layers it shares). Every readout has σw² = c_σ = 2.
     """
     def readout() -> L.Layer:
-        return L.serial(L.Aggregate(), L.Dense(C_SIGMA))
+        return L.serial(L.Aggregate(), L.Dense(C_SIGMA, 0.0))
 
     rest = readout()
     for _ in range(depth - 1):
-        rest = L.serial(L.FanOut(2), L.parallel(readout(), L.serial(L.Aggregate(), L.Dense(C_SIGMA), L.ReLU(), rest)),
+        rest = L.serial(L.FanOut(2), L.parallel(readout(), L.serial(L.Aggregate(), L.Dense(C_SIGMA, 0.0), L.ReLU(), rest)),
                         L.FanInSum())
-    return L.serial(L.Aggregate(), L.Dense(1.0), L.ReLU(), rest)
+    return L.serial(L.Aggregate(), L.Dense(1.0, 0.0), L.ReLU(), rest)
 
 
 def skip_pc(depth: int) -> L.Layer:
@@ -221,14 +221,14 @@ def skip_pc(depth: int) -> L.Layer:
     Θ_l = Σ_l + 2 S (Ė_{l-1} ⊙ Θ_{l-1}) Sᵀ, with E, Ė the ReLU expectations under Σ_{l-1}.
     """
     def from_h0() -> L.Layer:  # S H_0 W' (its own weights: a fresh function, independent of the other branch)
-        return L.serial(L.Aggregate(), L.Dense(1.0))
+        return L.serial(L.Aggregate(), L.Dense(1.0, 0.0))
 
-    block: L.Layer = L.serial(L.Aggregate(), L.Dense(1.0), L.ReLU())
+    block: L.Layer = L.serial(L.Aggregate(), L.Dense(1.0, 0.0), L.ReLU())
     for _ in range(depth - 1):
-        block = L.serial(L.FanOut(2), L.parallel(L.serial(block, L.Aggregate(), L.Dense(C_SIGMA)), from_h0()),
+        block = L.serial(L.FanOut(2), L.parallel(L.serial(block, L.Aggregate(), L.Dense(C_SIGMA, 0.0)), from_h0()),
                          L.FanInSum(), L.ReLU())
-    return L.serial(L.Dense(1.0, trainable=False), L.FanOut(2),
-                    L.parallel(L.serial(block, L.Aggregate(), L.Dense(C_SIGMA)), from_h0()), L.FanInSum())
+    return L.serial(L.Dense(1.0, 0.0, trainable=False), L.FanOut(2),
+                    L.parallel(L.serial(block, L.Aggregate(), L.Dense(C_SIGMA, 0.0)), from_h0()), L.FanInSum())
 
 
 def skip_pc_tied(depth: int) -> L.Layer:
@@ -240,12 +240,12 @@ def skip_pc_tied(depth: int) -> L.Layer:
     def scaled_relu() -> L.Layer:  # √c_σ φ
         return L.ABReLU(0.0, C_SIGMA**0.5)
 
-    block: L.Layer = L.serial(L.Aggregate(), L.Dense(1.0), scaled_relu())
+    block: L.Layer = L.serial(L.Aggregate(), L.Dense(1.0, 0.0), scaled_relu())
     for _ in range(depth - 1):
-        block = L.serial(L.FanOut(2), L.parallel(block, L.Identity()), L.FanInSum(), L.Aggregate(), L.Dense(1.0),
+        block = L.serial(L.FanOut(2), L.parallel(block, L.Identity()), L.FanInSum(), L.Aggregate(), L.Dense(1.0, 0.0),
                          scaled_relu())
-    return L.serial(L.Dense(1.0, trainable=False), L.FanOut(2), L.parallel(block, L.Identity()), L.FanInSum(),
-                    L.Aggregate(), L.Dense(1.0))
+    return L.serial(L.Dense(1.0, 0.0, trainable=False), L.FanOut(2), L.parallel(block, L.Identity()), L.FanInSum(),
+                    L.Aggregate(), L.Dense(1.0, 0.0))
 
 
 NETWORKS: dict[str, Callable[[int], L.Layer]] = {"none": gcn, "jk": jumping_knowledge, "skip-pc": skip_pc}

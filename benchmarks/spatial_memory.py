@@ -23,13 +23,13 @@ from gpntk.kernels.dense import input_layout
 def networks():
     conv = lambda: L.Conv(3, weight_variance=2.0, bias_variance=0.05)  # noqa: E731
     return {
-        "1-D CNN + GlobalAvgPool, (1, 128)": ((1, 128), L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0))),
-        "CNN + GlobalAvgPool, digits (1, 8, 8)": ((1, 8, 8), L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0))),
-        "CNN + Flatten, MNIST (1, 28, 28)": ((1, 28, 28), L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.Flatten(), L.Dense(2.0))),
-        "CNN + GlobalAvgPool, MNIST (1, 28, 28)": ((1, 28, 28), L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0))),
-        "CNN + Flatten, CIFAR (3, 32, 32)": ((3, 32, 32), L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.Flatten(), L.Dense(2.0))),
-        "CNN + GlobalAvgPool, CIFAR (3, 32, 32)": ((3, 32, 32), L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0))),
-        "CNN + AvgPool(2) + GlobalAvgPool, CIFAR": ((3, 32, 32), L.serial(conv(), L.ReLU(), L.AvgPool(2), conv(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0))),
+        "1-D CNN + GlobalAvgPool, (1, 128)": ((1, 128), L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0, 0.0))),
+        "CNN + GlobalAvgPool, digits (1, 8, 8)": ((1, 8, 8), L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0, 0.0))),
+        "CNN + Flatten, MNIST (1, 28, 28)": ((1, 28, 28), L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.Flatten(), L.Dense(2.0, 0.0))),
+        "CNN + GlobalAvgPool, MNIST (1, 28, 28)": ((1, 28, 28), L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0, 0.0))),
+        "CNN + Flatten, CIFAR (3, 32, 32)": ((3, 32, 32), L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.Flatten(), L.Dense(2.0, 0.0))),
+        "CNN + GlobalAvgPool, CIFAR (3, 32, 32)": ((3, 32, 32), L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0, 0.0))),
+        "CNN + AvgPool(2) + GlobalAvgPool, CIFAR": ((3, 32, 32), L.serial(conv(), L.ReLU(), L.AvgPool(2), conv(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0, 0.0))),
     }
 
 
@@ -39,7 +39,7 @@ from gpntk import layers as L
 torch.set_num_threads(1)
 n, block = int(sys.argv[1]), (None if sys.argv[2] == 'default' else int(sys.argv[2]))
 conv = lambda: L.Conv(3, weight_variance=2.0, bias_variance=0.05)
-net = L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0))
+net = L.serial(conv(), L.ReLU(), conv(), L.ReLU(), L.GlobalAvgPool(), L.Dense(2.0, 0.0))
 x = torch.randn(n, 64, dtype=torch.float64)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()

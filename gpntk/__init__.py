@@ -27,7 +27,7 @@ __all__ = [
     "layers", "settings", "distributed", "NTKKernel", "NNGPKernel", "EmpiricalNTKKernel", "TrainedEnsemble",
     "empirical_ntk", "empirical_nngp", "monte_carlo_kernel",
     "ArchitectureError", "GPNTKWarning", "NumericalWarning", "ApproximationWarning",
-    "CompositionWarning", "__version__",
+    "CompositionWarning", "AmbiguousHyperparameterError", "__version__",
     "NeuralKernelSum", "testing",
     "GraphInputs", "NodeGraph", "GraphDataset", "normalized_adjacency", "graph_kernel_matrices",
 ]
@@ -50,6 +50,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "NumericalWarning": (".errors", "NumericalWarning"),
     "ApproximationWarning": (".errors", "ApproximationWarning"),
     "CompositionWarning": (".errors", "CompositionWarning"),
+    "AmbiguousHyperparameterError": (".errors", "AmbiguousHyperparameterError"),
     "testing": (".testing", None),
     "GraphInputs": (".core.graph_inputs", "GraphInputs"),
     "NodeGraph": (".core.graph_inputs", "NodeGraph"),
@@ -91,7 +92,14 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from . import distributed, layers, settings, testing
     from .core.graph_inputs import GraphDataset, GraphInputs, NodeGraph, normalized_adjacency
     from .empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
-    from .errors import ApproximationWarning, ArchitectureError, CompositionWarning, GPNTKWarning, NumericalWarning
+    from .errors import (
+        AmbiguousHyperparameterError,
+        ApproximationWarning,
+        ArchitectureError,
+        CompositionWarning,
+        GPNTKWarning,
+        NumericalWarning,
+    )
     from .kernels import EmpiricalNTKKernel, NeuralKernelSum, NNGPKernel, NTKKernel
     from .kernels.graph_gram import graph_kernel_matrices
     from .posterior import TrainedEnsemble

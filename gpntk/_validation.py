@@ -15,10 +15,11 @@ naming the dtype rather than returning NaN; convert with ``x.float()`` or ``x.do
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import operator
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -355,3 +356,21 @@ def bool_argument(name: str, value: Any, *, error: type[Exception] = ValueError)
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise error(f"{name} must be True or False, got {_describe(value)}")
+
+
+def check_keywords(builder: str, given: Mapping[str, Any] | Sequence[str], accepted: Sequence[str]) -> None:
+    """Raise ``TypeError`` naming ``builder`` and the first keyword of ``given`` not in ``accepted``.
+
+    The message suggests the closest accepted name (``difflib``) and lists them all, as Python's
+    own "got an unexpected keyword argument" would not name the builder when the keywords are
+    passed on through ``**kwargs``.
+    """
+    unknown = [name for name in given if name not in accepted]
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(name, accepted, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise TypeError(
+        f"{builder}() got an unexpected keyword argument {name!r}{hint}; it takes {', '.join(accepted)}"
+    )

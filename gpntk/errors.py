@@ -16,6 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArchitectureError", "GPNTKWarning", "NumericalWarning", "ApproximationWarning", "CompositionWarning",
+    "AmbiguousHyperparameterError",
 ]
 
 
@@ -24,6 +25,16 @@ class ArchitectureError(ValueError):
 
     Raised when a network is built, never later: two nonlinearities in a row, an activation that
     does not follow an affine layer, an unknown layer or activation name, invalid variances.
+    """
+
+
+class AmbiguousHyperparameterError(AttributeError):
+    """``kernel.weight_variance`` (or ``bias_variance``) of a network with several independent ones.
+
+    A kernel exposes ``weight_variance`` / ``bias_variance`` only when its network has one such
+    hyperparameter (``mlp(shared=True)``); otherwise the message names the per-layer paths (read
+    them with ``kernel.layer_variances``). An ``AttributeError``, so ``hasattr`` and
+    ``getattr(kernel, name, default)`` behave as for a missing attribute.
     """
 
 

@@ -17,10 +17,16 @@ applies to fully-connected architectures (vector inputs); spatial ones always ru
 ``kernel_backend``: whether kernel matrices are stored (dense) or matrix-free (blockwise, KeOps),
 for conjugate-gradient GPs and large-n posteriors.
 
+``progress``: whether long computations (blockwise kernel evaluations, graph Gram matrices,
+posterior solvers, ``gpntk fit``) draw progress bars on stderr when it is a terminal (needs the
+``progress`` extra, tqdm).
+
 >>> import gpntk
 >>> with gpntk.settings.fusion(False):   # never compile (e.g. in short scripts)
 ...     pass
 >>> with gpntk.settings.kernel_backend("blockwise"):   # never store an n x n kernel
+...     pass
+>>> with gpntk.settings.progress(False):   # no progress bars, even on a terminal
 ...     pass
 """
 
@@ -30,7 +36,8 @@ import os
 from typing import Generic, Literal, TypeVar, cast
 
 __all__ = [
-    "fusion", "kernel_backend", "recompute_backward", "FUSION_MIN_ELEMENTS", "FUSION_AFTER_CALLS", "DENSE_MAX_ELEMENTS",
+    "fusion", "kernel_backend", "recompute_backward", "progress", "FUSION_MIN_ELEMENTS", "FUSION_AFTER_CALLS",
+    "DENSE_MAX_ELEMENTS", "PROGRESS_DELAY",
 ]
 
 FUSION_MIN_ELEMENTS = 2**23
@@ -40,6 +47,8 @@ FUSION_AFTER_CALLS = 2
 (dtype, device, NNGP/NTK) have run eagerly."""
 DENSE_MAX_ELEMENTS = 2**26
 """Under ``kernel_backend("auto")``, kernel matrices of more numbers than this are not stored (512 MiB in float64)."""
+PROGRESS_DELAY = 1.0
+"""Seconds a computation runs before its progress bar appears (short ones never show one)."""
 
 Mode = Literal["auto"] | bool
 Backend = Literal["auto", "dense", "blockwise", "keops"]
@@ -169,6 +178,30 @@ class recompute_backward(_Setting[bool]):
 
     _name, _choices = "recompute_backward", "True or False"
     _mode: bool = os.environ.get("GPNTK_RECOMPUTE_BACKWARD", "1") != "0"
+
+    @classmethod
+    def _valid(cls, mode: object) -> bool:
+        return isinstance(mode, bool)
+
+    @classmethod
+    def on(cls) -> bool:
+        return cls._mode
+
+
+class progress(_Setting[bool]):
+    r"""``progress(on)``: whether long computations draw progress bars (default ``True``).
+
+    A bar is drawn only when this is on, stderr is a terminal and tqdm is installed (the
+    ``progress`` extra: ``pip install gpntk[progress]``), and only for work that runs longer than
+    :data:`PROGRESS_DELAY` seconds: blockwise kernel evaluations and their products and gradients
+    (over blocks), graph Gram matrices (over pairs of graphs), the trained ensemble's solvers
+    (Lanczos products, the eigendecomposition's steps), ``gpntk fit`` and the benchmarks. Bars
+    go to stderr and disappear when done; results never depend on this setting. The environment
+    variable ``GPNTK_PROGRESS=0`` sets the initial mode to ``False``.
+    """
+
+    _name, _choices = "progress", "True or False"
+    _mode: bool = os.environ.get("GPNTK_PROGRESS", "1") != "0"
 
     @classmethod
     def _valid(cls, mode: object) -> bool:

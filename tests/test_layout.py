@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gpntk"
 
 #: each top-level package or module of gpntk, and its level: imports may only go to the same level or below
 LEVELS = {
-    "errors": 0, "settings": 0, "_validation": 0, "_transforms": 0, "_quiet_import": 0,
+    "errors": 0, "settings": 0, "_validation": 0, "_transforms": 0, "_quiet_import": 0, "_progress": 0,
     "core": 1,
     "activations": 2,
     "layers": 3,

@@ -21,7 +21,7 @@ from .smooth import GELU, Cos, Erf, Exp, Gabor, Gaussian, Rbf, SigmoidLike, Sin
 __all__ = [
     "Activation", "ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf",
     "Exp", "Gaussian", "Monomial", "RectifiedMonomial", "Polynomial", "Elementwise", "Tanh", "Sigmoid",
-    "Softplus", "SiLU", "activation_from_name", "ACTIVATION_NAMES",
+    "Softplus", "SiLU", "activation_from_name", "activation_class", "ACTIVATION_NAMES",
     "ExpNormalized", "Hermite", "Gabor", "SigmoidLike",
 ]
 
@@ -38,16 +38,22 @@ _BY_NAME = {
 ACTIVATION_NAMES = tuple(sorted(_BY_NAME))
 
 
-def activation_from_name(name: str | Activation, **kwargs: Any) -> Activation:
-    """An activation layer from its (case-insensitive) name, e.g. ``"relu"`` or ``"erf"``."""
-    if isinstance(name, Activation):
-        return name
+def activation_class(name: str) -> type[Activation]:
+    """The activation class of a (case-insensitive) name, e.g. ``"relu"`` gives :class:`ReLU`."""
     if not isinstance(name, str):
         raise ArchitectureError(f"activation must be a name or an Activation layer, got {name!r}")
     key = name.lower().replace("-", "_")
     cls = _BY_NAME.get(key) or _BY_NAME.get(key.replace("_", ""))
     if cls is None:
         raise ArchitectureError(f"unknown activation {name!r}; known names: {', '.join(ACTIVATION_NAMES)}")
+    return cls
+
+
+def activation_from_name(name: str | Activation, **kwargs: Any) -> Activation:
+    """An activation layer from its (case-insensitive) name, e.g. ``"relu"`` or ``"erf"``."""
+    if isinstance(name, Activation):
+        return name
+    cls = activation_class(name)
     try:
         return cls(**kwargs)
     except TypeError as err:

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .. import layers as L
+from .._progress import progress_bar
 from .._quiet_import import stdout_to_stderr
 from .._validation import check_nonnegative
 from ..activations import ACTIVATION_NAMES
@@ -315,7 +316,8 @@ def predict(
         if a prediction is not finite.
     """
     try:
-        with stdout_to_stderr() if quiet else contextlib.nullcontext():
+        # three steps: the ensemble, its training kernel's spectrum (the largest stable rate), the predictions
+        with stdout_to_stderr() if quiet else contextlib.nullcontext(), progress_bar(3, "gpntk fit", "step") as bar:
             net = L.mlp(
                 options.depth, options.activation, weight_variance=options.weight_variance,
                 bias_variance=options.bias_variance,
@@ -323,7 +325,9 @@ def predict(
             post = TrainedEnsemble(
                 net, data.train_x, data.train_y, learning_rate=options.learning_rate or 1.0, diag_reg=options.diag_reg
             )
+            bar.update(1)
             limit = post.max_learning_rate(options.regime)
+            bar.update(1)
             if options.learning_rate is None:
                 # only the time scale depends on the learning rate; nothing cached needs recomputing
                 post.learning_rate = DEFAULT_LEARNING_RATE_FRACTION * limit
@@ -339,6 +343,7 @@ def predict(
             moments = post.moments(
                 data.test_x, t=torch.tensor(times, dtype=torch.float64), regime=options.regime, diag=True
             )
+            bar.update(1)
     except (ValueError, TypeError) as error:
         raise CSVFitError(str(error)) from None
     except torch.linalg.LinAlgError as error:  # type: ignore[attr-defined]  # exported at runtime, not in the stub

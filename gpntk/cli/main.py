@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from typing import Callable
 
 from .options import ACTIVATION_NAMES, DEFAULT_DIAG_REG, DEFAULT_TIMES, parse_time  # no torch: --help stays light
 
@@ -16,6 +19,33 @@ def _time(text: str) -> float:
         return parse_time(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error) if "times" in str(error) else f"not a time: {text!r}") from None
+
+
+def _non_negative_int(text: str) -> int:
+    """``type`` of ``--depth``: an integer ``>= 0`` (checked while parsing: no torch import for a bad value)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _real(name: str, strict: bool = False) -> Callable[[str], float]:
+    """The ``type`` of an option holding a finite number ``>= 0`` (``> 0`` if ``strict``), its name in the errors."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (strict and value == 0):
+            bound = "> 0" if strict else ">= 0"
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number {bound}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _add_fit_arguments(fit: argparse.ArgumentParser) -> None:
@@ -33,16 +63,16 @@ def _add_fit_arguments(fit: argparse.ArgumentParser) -> None:
     fit.add_argument("--output", "-o", default="predictions.csv",
                      help="output CSV, '-' for stdout (default: predictions.csv); columns: the features, then "
                      "mean_<target>_t<time> and std_<target>_t<time>")
-    fit.add_argument("--depth", type=int, default=3, help="hidden layers (default: 3)")
+    fit.add_argument("--depth", type=_non_negative_int, default=3, help="hidden layers (default: 3)")
     fit.add_argument("--activation", default="relu", type=str.lower, choices=ACTIVATION_NAMES, metavar="NAME",
                      help=f"activation (default: relu; one of {', '.join(ACTIVATION_NAMES)})")
-    fit.add_argument("--weight-variance", type=float, default=2.0, help="σw² (default: 2.0)")
-    fit.add_argument("--bias-variance", type=float, default=0.1, help="σb² (default: 0.1)")
+    fit.add_argument("--weight-variance", type=_real("σw²"), default=2.0, help="σw² (default: 2.0)")
+    fit.add_argument("--bias-variance", type=_real("σb²"), default=0.1, help="σb² (default: 0.1)")
     fit.add_argument("--regime", choices=("ntk", "nngp", "ntkgp"), default="ntk",
                      help="ntk: all layers trained; nngp: readout only; ntkgp: NTK-GP (default: ntk)")
-    fit.add_argument("--diag-reg", type=float, default=DEFAULT_DIAG_REG,
+    fit.add_argument("--diag-reg", type=_real("diag_reg"), default=DEFAULT_DIAG_REG,
                      help=f"absolute ridge added to the training kernel (default: {DEFAULT_DIAG_REG:g})")
-    fit.add_argument("--learning-rate", type=float, default=None,
+    fit.add_argument("--learning-rate", type=_real("learning rate", strict=True), default=None,
                      help="gradient-descent learning rate the times are counted in (default: half the largest "
                      "stable one, 0.5 * max_learning_rate(regime))")
     fit.add_argument("--no-standardize", dest="standardize", action="store_false",
@@ -85,20 +115,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_fit(fit: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``gpntk fit``: check the network options, then :func:`~gpntk.cli.csv_fit.fit_csv`.
+    """``gpntk fit``: check that the input files exist, then :func:`~gpntk.cli.csv_fit.fit_csv`.
 
-    Every error exits through ``fit.error`` (status 2, the message on stderr).
+    The options were checked while parsing and a missing file is reported here, all before torch
+    is imported. Every error exits through ``fit.error`` (status 2, the message on stderr).
     """
-    from .._validation import check_nonnegative
+    for path in (args.train, args.predict):
+        if path is not None and not os.path.exists(path):
+            fit.error(f"file not found: {path}")
     from .csv_fit import CSVFitError, fit_csv
 
-    if args.depth < 0:
-        fit.error(f"--depth must be >= 0, got {args.depth}")
-    for flag, value in (("--weight-variance", args.weight_variance), ("--bias-variance", args.bias_variance)):
-        try:
-            check_nonnegative(flag, value)
-        except ValueError as error:
-            fit.error(str(error))
     try:
         fit_csv(
             args.train, targets=args.target, features=args.features, predict_path=args.predict,

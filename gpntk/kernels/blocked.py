@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.autograd.forward_ad import unpack_dual
 
 from .. import settings
+from .._progress import track
 from .._transforms import is_transformed
 from ..core.coincident import RowIds
 from ..core.layer import InputShape, Layer
@@ -75,7 +76,7 @@ def fill_blocks(
         return cov, ntk
     n1, n2 = x1.shape[-2], x2.shape[-2]
     outputs: list[Tensor | None] = [None, None]  # Σ and Θ, allocated at the first block
-    for r, c, same, mirrored in blocks:
+    for r, c, same, mirrored in track(blocks, "kernel matrix", unit="block"):
         a = x1[..., r, :]
         b = a if (same and x2 is x1) else x2[..., c, :]
         kernels = run_block(
@@ -210,7 +211,7 @@ def _blockwise_backward(  # long: one loop over blocks with its leaves, cotangen
         probe2 = probe1 if same_object else x2.detach().requires_grad_(need2)
         blocks, _, _ = kernel_blocks(how.net, probe1, probe2, hyper, how.input_shape, how.block_elements)
     ids = RowIds(x1.detach(), x1.detach() if same_object else x2.detach())
-    for r, c, same, mirrored in blocks:
+    for r, c, same, mirrored in track(blocks, "kernel gradient", unit="block"):
         cotangents = [_block_cotangent(g, r, c, mirrored) for g in grads]
         if all(g is None for g in cotangents):
             continue

@@ -29,6 +29,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
+from .._progress import track
 from ..core.graph_inputs import GraphDataset, NodeGraph
 from ..core.layer import InputShape, Layer
 from .dense import evaluate
@@ -92,7 +93,7 @@ def kernel_matmul(
     fusion = FusionPolicy() if fusion is None else fusion
     with torch.no_grad():
         fused = fusion.use_fusion(x1, x2, hyper, input_shape, track_ntk, elements)
-        for r, c, same, mirrored in blocks:
+        for r, c, same, mirrored in track(blocks, "kernel product", unit="block"):
             a = x1[..., r, :]
             b = a if (same and x2 is x1) else x2[..., c, :]
             cov, ntk = run_block(net, a, b, hyper, input_shape, track_ntk, same, False, fusion=fusion, fused=fused)
@@ -216,7 +217,7 @@ class BlockwiseKernelOperator(LinearOperator):
         track_ntk = self.output == "ntk"
         with torch.enable_grad():
             fused = self.fusion.use_fusion(x1, x2, hyper, self.input_shape, track_ntk, elements)
-        for r, c, same, mirrored in blocks:
+        for r, c, same, mirrored in track(blocks, "kernel gradient", unit="block"):
             with torch.enable_grad():
                 a = x1[..., r, :].requires_grad_(wanted[0])
                 b = x2[..., c, :].requires_grad_(wanted[1])

@@ -19,6 +19,7 @@ from typing import Any, Sequence, TextIO
 import torch
 from torch import Tensor
 
+from .._progress import ProgressBar, progress_bar
 from .._validation import integer_argument, real_argument
 from ..core.graph_inputs import GraphDataset
 from ..core.layer import Layer, check_network
@@ -40,7 +41,7 @@ def graph_kernel_matrices(
     device: torch.device | str | None = None,
     bucket_growth: float = 1.25,
     pairs_per_call: int = 4096,
-    progress: bool | TextIO = False,
+    progress: bool | TextIO | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     r"""The NNGP and NTK Gram matrices ``(Σ, Θ or None)`` of a graph network on lists of graphs.
 
@@ -54,8 +55,10 @@ def graph_kernel_matrices(
         (padded to the bucket's largest; see :class:`~gpntk.GraphDataset`).
     :param pairs_per_call: how many pairs of graphs one evaluation takes at most (memory: about
         ``pairs_per_call · N²`` numbers per intermediate tensor).
-    :param progress: ``True`` (stderr) or a text stream: a progress line with pairs done, elapsed
-        time and an estimate of the time left.
+    :param progress: ``None`` (default): a progress bar on stderr when it is a terminal, for
+        computations longer than a second (:class:`gpntk.settings.progress`); ``True`` (stderr) or a
+        text stream: a progress line with pairs done, elapsed time and an estimate of the time
+        left, whatever the stream; ``False``: nothing.
     :return: ``(Σ, Θ)``, each ``(len(graphs), len(others))`` (``Θ`` is ``None`` without ``track_ntk``);
         without ``others``, exactly symmetric (the mean of the matrix and its transpose, which
         differ by rounding: up to about 1e-10 relative in the NTK, where two nodes of different
@@ -69,7 +72,12 @@ def graph_kernel_matrices(
     index1 = torch.arange(len(graphs), device=like.device)
     index2 = index1 if others is None else torch.arange(len(graphs), len(dataset), device=like.device)
     pairs = list(bucket_pairs(dataset, index1, index2, others is None, like))
-    reporter = _Progress(progress, sum(len(p.positions1) * len(p.positions2) for p in pairs))
+    total = sum(len(p.positions1) * len(p.positions2) for p in pairs)
+    reporter: _Progress | _Bar
+    if progress is None:
+        reporter = _Bar(progress_bar(total, "graph kernel", unit="pair"))
+    else:
+        reporter = _Progress(progress, total)
     cov = torch.empty(len(index1), len(index2), dtype=dtype, device=like.device)
     ntk = torch.empty_like(cov) if track_ntk else None
     with torch.no_grad():
@@ -83,7 +91,8 @@ def graph_kernel_matrices(
 
 
 def _fill(
-    net: Layer, pair: BucketPair, targets: tuple[Tensor, Tensor | None], pairs_per_call: int, reporter: "_Progress"
+    net: Layer, pair: BucketPair, targets: tuple[Tensor, Tensor | None], pairs_per_call: int,
+    reporter: "_Progress | _Bar",
 ) -> None:
     """The kernels of one pair of buckets into ``targets``, ``pairs_per_call`` pairs of graphs at a time."""
     chunk = max(1, pairs_per_call // len(pair.positions2))
@@ -99,6 +108,19 @@ def _fill(
                 if pair.mirrored:
                     target[cols.unsqueeze(-1), rows] = block.transpose(0, 1)
         reporter.advance(len(rows) * len(cols))
+
+
+class _Bar:
+    """A progress bar (:func:`gpntk._progress.progress_bar`) as a reporter of pairs done."""
+
+    def __init__(self, bar: ProgressBar):
+        self.bar = bar
+
+    def advance(self, pairs: int) -> None:
+        self.bar.update(pairs)
+
+    def finish(self) -> None:
+        self.bar.close()
 
 
 class _Progress:

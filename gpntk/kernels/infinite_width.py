@@ -15,6 +15,8 @@ from .._validation import expanded_batch_shape, integer_argument, real_argument
 from ..core.graph_inputs import GraphDataset, NodeGraph, check_rows_of, checked_input_shape
 from ..core.hyperparameters import Hyperparameters, parameterized_layers
 from ..core.layer import InputShape, Layer, check_network
+from ..errors import AmbiguousHyperparameterError
+from ..layers.affine import Affine
 from .backends import InfiniteWidthKernelOperator, choose_backend, covariance_function
 from .dense import evaluate, kernel_diagonal
 from .engine import Output
@@ -62,7 +64,18 @@ class InfiniteWidthKernel(Kernel):
     Other GPyTorch ``Kernel`` arguments (``ard_num_dims``, ``lengthscale_prior``,
     ``lengthscale_constraint``, ``eps``) have no meaning here (the kernel has no length scale)
     and raise ``TypeError``; priors and constraints go on the layers
-    (``Dense(weight_variance_prior=...)``).
+    (``Dense(weight_variance_prior=...)``, ``mlp(..., weight_variance_prior=...)``, or
+    :func:`gpntk.layers.default_priors` for all of them).
+
+    **Hyperparameters.** As ``RBFKernel.lengthscale``: ``kernel.weight_variance`` and
+    ``kernel.bias_variance`` read (constrained values, shape ``(*batch_shape, 1, 1)``) and set
+    (through the layer's constraint) :math:`\sigma_w^2, \sigma_b^2` when the network has one such
+    pair (``mlp(..., shared=True)``, or any network whose affine layers are one layer object; a
+    layer without bias reads 0). With several independent ones they raise
+    :class:`~gpntk.AmbiguousHyperparameterError` (an ``AttributeError``) naming the per-layer
+    paths. :attr:`layer_variances` maps every path, e.g. ``"net.layers.0.weight_variance"``, to
+    its value; set one with ``kernel.initialize(**{"net.layers.0.weight_variance": 2.0})`` (the
+    path is GPyTorch's ``initialize`` path) or ``kernel.net.layers[0].weight_variance = 2.0``.
 
     Calling the kernel returns GPyTorch's lazy kernel tensor of shape ``(..., n1, n2)``; when
     evaluated, :meth:`forward` gives a dense tensor wherever the dense backend is chosen (so
@@ -71,6 +84,14 @@ class InfiniteWidthKernel(Kernel):
     ``(..., n)`` from the per-point recursion.
     Inputs are ``(..., n, d)`` float tensors; the hyperparameters are cast to their dtype and
     device, and the input kernel is :math:`x \cdot x' / d` (Novak et al. 2020 convention).
+    As for every GPyTorch kernel, a 1-D input ``(n,)`` is ``n`` one-feature points ``(n, 1)``.
+
+    ``last_dim_is_batch=True`` (GPyTorch's convention, deprecated there and to be removed in
+    GPyTorch 2.0, which warns) makes each of the ``d`` features a batch of one-feature inputs:
+    the result is :math:`K[..., i, a, b] = k(x_{1,a,i}, x_{2,b,i})`, shape ``(..., d, n1, n2)``
+    (``(..., d, n)`` with ``diag=True``), every feature with the same hyperparameters (a batched
+    kernel's ``(*batch_shape, d, n1, n2)``); it is what ``AdditiveStructureKernel`` sums. It needs
+    vector inputs: with an ``input_shape`` (images, sequences, graphs) the call raises ``ValueError``.
     """
 
     has_lengthscale = False
@@ -124,10 +145,77 @@ class InfiniteWidthKernel(Kernel):
     def is_stationary(self) -> bool:
         return False
 
+    # --- the network's variances, reachable as GPyTorch users expect ----------------------------------
+    @property
+    def layer_variances(self) -> dict[str, Tensor]:
+        """Every learnable variance of the network, by its path from the kernel, in network order.
+
+        E.g. ``{"net.layers.0.weight_variance": tensor([[2.]]), "net.layers.0.bias_variance":
+        tensor([[0.1]])}`` for ``mlp(..., shared=True)`` (one layer object, listed once, at its
+        first place). Values are the constrained ones (shape ``(*batch_shape, 1, 1)``), as
+        ``RBFKernel.lengthscale``; each path works with ``kernel.initialize(**{path: value})``.
+        Layers without bias list no ``bias_variance`` (theirs is fixed at 0).
+        """
+        return {
+            f"{path}.{name}": getattr(layer, name)
+            for path, layer in self._variance_layers() for name in layer.hyperparameter_names
+        }
+
+    @property
+    def weight_variance(self) -> Tensor:
+        r""":math:`\sigma_w^2` of the network's one weight-variance owner (``mlp(shared=True)``); see the class docs."""
+        return getattr(self._single_owner("weight_variance"), "weight_variance")
+
+    @weight_variance.setter
+    def weight_variance(self, value: float | Tensor) -> None:
+        setattr(self._single_owner("weight_variance"), "weight_variance", value)
+
+    @property
+    def bias_variance(self) -> Tensor:
+        r""":math:`\sigma_b^2` of the network's one affine layer (0 without bias); see the class docs."""
+        return getattr(self._single_owner("bias_variance"), "bias_variance")
+
+    @bias_variance.setter
+    def bias_variance(self, value: float | Tensor) -> None:
+        setattr(self._single_owner("bias_variance"), "bias_variance", value)
+
+    def __getattr__(self, name: str) -> Any:
+        # A property that raises AttributeError falls back to __getattr__, whose torch message
+        # ("object has no attribute") would hide ours: raise ours again.
+        if name in _SHARED_VARIANCES:
+            return getattr(self._single_owner(name), name)
+        return super().__getattr__(name)
+
+    def _variance_layers(self) -> list[tuple[str, Layer]]:
+        """The network's distinct parameterized layers with their first path from the kernel."""
+        paths: dict[int, str] = {}
+        for path, module in self.named_modules():
+            paths.setdefault(id(module), path)
+        return [(paths[id(layer)], layer) for layer in parameterized_layers(self.net)]
+
+    def _single_owner(self, name: str) -> Layer:
+        """The one layer owning ``name`` (``weight_variance`` or ``bias_variance``); else a clear error."""
+        if name == "weight_variance":
+            owners = [(p, layer) for p, layer in self._variance_layers() if name in layer.hyperparameter_names]
+        else:  # every affine layer has a bias variance, 0 without bias
+            owners = [(p, layer) for p, layer in self._variance_layers() if isinstance(layer, Affine)]
+        kernel = type(self).__name__
+        if not owners:
+            raise AttributeError(f"{kernel}'s network {self.net!r} has no layer with a {name}")
+        if len(owners) == 1:
+            return owners[0][1]
+        paths = [f"{path}.{name}" for path, _ in owners]
+        shown = ", ".join(paths[:6]) + (f", and {len(paths) - 6} more" if len(paths) > 6 else "")
+        raise AmbiguousHyperparameterError(
+            f"{kernel}.{name} exists when the network has one {name} (one layer object, as in "
+            f"mlp(..., shared=True)), but this network has {len(owners)} independent ones: {shown}. Read them "
+            f"with kernel.layer_variances; set one with kernel.initialize(**{{{paths[0]!r}: value}})"
+        )
+
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
     ) -> Tensor | LinearOperator:
-        hyper = self._checked_hyperparameters(x1, x2, diag, last_dim_is_batch)
+        x1, x2, hyper = self._checked_arguments(x1, x2, diag, last_dim_is_batch)
         options: dict[str, Any] = dict(
             net=self.net, output=self._output, input_shape=self.input_shape, block_elements=self.block_elements
         )
@@ -143,18 +231,42 @@ class InfiniteWidthKernel(Kernel):
             x1, x2, covar_func=covariance_function, backend=self.backend, **options, **hyper
         )
 
-    def _checked_hyperparameters(
-        self, x1: Tensor, x2: Tensor, diag: bool, last_dim_is_batch: bool
-    ) -> dict[str, Tensor]:
-        """The network's hyperparameters (in ``x1``'s dtype and device), after checking the call's arguments."""
+    def __call__(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False,
+                 **params: Any) -> Any:
+        """GPyTorch's ``Kernel.__call__``; ``last_dim_is_batch`` with an ``input_shape`` is refused here, not later."""
         if last_dim_is_batch:
-            raise RuntimeError(f"{type(self).__name__} does not support last_dim_is_batch")
+            self._check_last_dim_is_batch()
+        return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
+
+    def _check_last_dim_is_batch(self) -> None:
+        if self.input_shape is not None:
+            raise ValueError(
+                f"{type(self).__name__} with input_shape={self.input_shape!r} cannot take last_dim_is_batch=True: "
+                "each row is one structured input (an image, a sequence, a graph), whose features are not "
+                "separate one-dimensional inputs; last_dim_is_batch works for vector inputs (input_shape=None)"
+            )
+
+    def _checked_arguments(
+        self, x1: Tensor, x2: Tensor, diag: bool, last_dim_is_batch: bool
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The inputs and the network's hyperparameters (in ``x1``'s dtype and device), after checking the call.
+
+        With ``last_dim_is_batch`` the inputs ``(..., n, d)`` become ``d`` batches of one-feature
+        inputs, ``(..., d, n, 1)``, and the hyperparameters get a batch dimension of size 1 for them.
+        """
+        if last_dim_is_batch:
+            self._check_last_dim_is_batch()
+            same = x2 is x1
+            x1 = x1.mT.unsqueeze(-1)
+            x2 = x1 if same else x2.mT.unsqueeze(-1)
         check_rows_of(self.input_shape, x1, x2, diag=diag)
         if self.input_shape is None:  # the features of vector inputs are known now (standard layers' in_width)
             check_network(self.net, in_features=x1.shape[-1])
         hyper = Hyperparameters.collect(self.net, like=x1)
+        if last_dim_is_batch:  # (*batch_shape, 1, 1) -> (*batch_shape, 1, 1, 1): one set for every feature
+            hyper = {name: value.unsqueeze(-3) for name, value in hyper.items()}
         self._check_batch_shapes(x1, x2, hyper)
-        return hyper
+        return x1, x2, hyper
 
     def _check_batch_shapes(self, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> None:
         try:
@@ -237,7 +349,8 @@ class NTKKernel(InfiniteWidthKernel):
 
     :math:`\Theta(x, x') = \lim \nabla_\theta f(x) \cdot \nabla_\theta f(x')` at initialization
     (Jacot et al. 2018), per output channel, computed by the layer recursion of
-    :mod:`gpntk.layers`. See :class:`InfiniteWidthKernel` for the arguments.
+    :mod:`gpntk.layers`. See :class:`InfiniteWidthKernel` for the arguments, the shapes, 1-D
+    inputs and ``last_dim_is_batch`` (one kernel per feature, ``(..., d, n1, n2)``).
 
     Example::
 
@@ -252,11 +365,15 @@ class NNGPKernel(InfiniteWidthKernel):
     r"""The NNGP kernel :math:`\Sigma(x, x')` of the infinitely wide network ``net``.
 
     The covariance of the network's outputs at random initialization (Neal 1996; Lee et al.
-    2018), per output channel. See :class:`InfiniteWidthKernel` for the arguments.
+    2018), per output channel. See :class:`InfiniteWidthKernel` for the arguments, the shapes,
+    1-D inputs and ``last_dim_is_batch`` (one kernel per feature, ``(..., d, n1, n2)``).
     """
 
     _output = "nngp"
 
+
+#: the attributes a kernel forwards to its network's single owner of them
+_SHARED_VARIANCES = ("weight_variance", "bias_variance")
 
 #: GPyTorch ``Kernel`` arguments that gpntk kernels do not take, and why
 _UNSUPPORTED_KWARGS = {
@@ -320,7 +437,7 @@ class NeuralKernelSum(InfiniteWidthKernel):
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
     ) -> Tensor | LinearOperator:
-        hyper = self._checked_hyperparameters(x1, x2, diag, last_dim_is_batch)
+        x1, x2, hyper = self._checked_arguments(x1, x2, diag, last_dim_is_batch)
         options: dict[str, Any] = dict(net=self.net, input_shape=self.input_shape, block_elements=self.block_elements)
         a, b = self.ntk_weight, self.nngp_weight
         if diag:

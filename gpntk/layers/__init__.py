@@ -46,6 +46,7 @@ from .graph import Aggregate
 from .mlp import mlp
 from .normalization import LayerNorm
 from .pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool
+from .priors import default_priors
 
 __all__ = [
     "Layer", "Serial", "Signature", "serial", "check_network", "Identity", "Affine", "Dense", "Conv",
@@ -59,4 +60,5 @@ __all__ = [
     "GlobalSelfAttention",
     "Aggregate", "gntk",
     "ExpNormalized", "Hermite", "Gabor", "SigmoidLike",
+    "default_priors",
 ]

@@ -36,7 +36,16 @@ from ..core.layer import Layer, Signature
 from ..core.state import KernelState
 from ..errors import ArchitectureError
 
-__all__ = ["Affine"]
+__all__ = ["Affine", "AFFINE_OPTIONS", "DEFAULT_BIAS_VARIANCE"]
+
+#: the keyword-only options of every affine layer (``Dense``, ``Conv``, ``ConvTranspose``, ``ConvLocal``)
+AFFINE_OPTIONS = (
+    "parameterization", "in_width", "weight_variance_prior", "bias_variance_prior", "weight_variance_constraint",
+    "bias_variance_constraint",
+)
+
+#: σb² of ``Dense()`` and ``mlp()`` when none is given: a bias exists (σb² > 0), see :class:`Dense`
+DEFAULT_BIAS_VARIANCE = 0.1
 
 
 def _check_variance(name: str, value: object, allow_zero: bool) -> float:
@@ -107,8 +116,14 @@ class Affine(Layer):
         self._register_variance("weight_variance", weight_variance, weight_variance_prior, weight_variance_constraint)
         if self.has_bias:
             self._register_variance("bias_variance", bias_variance, bias_variance_prior, bias_variance_constraint)
-        elif bias_variance_prior is not None:
-            raise ArchitectureError("bias_variance_prior was given but bias_variance is 0 (a layer without bias)")
+        else:
+            for option, given in (("prior", bias_variance_prior), ("constraint", bias_variance_constraint)):
+                if given is not None:
+                    raise ArchitectureError(
+                        f"bias_variance_{option} was given but bias_variance is 0, which builds a "
+                        f"{type(self).__name__} without bias; pass a positive bias_variance (its initial value) "
+                        "to learn a bias"
+                    )
 
     @property
     def parameterization(self) -> str:
@@ -122,15 +137,35 @@ class Affine(Layer):
 
     def _register_variance(self, name: str, value: float, prior: Prior | None, constraint: Interval | None) -> None:
         raw = f"raw_{name}"
+        if constraint is not None and not isinstance(constraint, Interval):
+            raise TypeError(
+                f"{name}_constraint must be a gpytorch.constraints.Interval (e.g. GreaterThan, Interval), "
+                f"got {type(constraint).__name__}"
+            )
         self.register_parameter(raw, torch.nn.Parameter(torch.zeros(1, 1)))
         self.register_constraint(raw, constraint if constraint is not None else Positive())
         if prior is not None:
-            if not isinstance(prior, Prior):
-                raise TypeError(f"{name}_prior must be a gpytorch.priors.Prior, got {type(prior).__name__}")
-            self.register_prior(
-                f"{name}_prior", prior, partial(_get_variance, name=name), partial(_set_variance, name=name)
-            )
+            self.set_prior(name, prior)
         self._set_variance(name, value)
+
+    def set_prior(self, name: str, prior: Prior) -> None:
+        """Put the GPyTorch prior ``prior`` on the (constrained) hyperparameter ``name``, as ``{name}_prior``.
+
+        What the ``*_prior`` arguments of the constructor do; :func:`gpntk.layers.default_priors`
+        uses it on built networks. Raises if ``name`` is not a hyperparameter of this layer or
+        already has a prior.
+        """
+        if name not in self.hyperparameter_names:
+            raise ValueError(
+                f"{name} is not a hyperparameter of this {self.name} layer "
+                f"(it has {', '.join(self.hyperparameter_names)})"
+            )
+        if not isinstance(prior, Prior):
+            raise TypeError(f"{name}_prior must be a gpytorch.priors.Prior, got {type(prior).__name__}")
+        if hasattr(self, f"{name}_prior"):
+            raise ValueError(f"{name} of this {self.name} layer already has a prior ({name}_prior)")
+        getter, setter = partial(_get_variance, name=name), partial(_set_variance, name=name)
+        self.register_prior(f"{name}_prior", prior, getter, setter)
 
     def _set_variance(self, name: str, value: float | Tensor) -> None:
         raw = getattr(self, f"raw_{name}")
@@ -200,7 +235,10 @@ class Affine(Layer):
     def bias_variance(self, value: float | Tensor) -> None:
         if not self.has_bias:
             raise ValueError(
-                f"this {self.name} layer was built without bias (bias_variance=0); its bias variance is fixed"
+                f"this {self.name} layer was built without bias (bias_variance=0): it has no bias parameter, so "
+                f"its bias variance stays 0. To learn a bias, build the layer with a positive initial value, "
+                f"e.g. {self.name}(..., bias_variance=0.1); a network's layers are fixed once built (parameters "
+                "added later would be missed by optimizers and models already holding them)"
             )
         self._set_variance("bias_variance", value)
 

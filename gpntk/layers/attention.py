@@ -168,7 +168,11 @@ class GlobalSelfAttention(Affine):
     @bias_variance.setter
     def bias_variance(self, value: float | Tensor) -> None:
         if not self.has_bias:
-            raise ValueError("this GlobalSelfAttention layer was built without bias (bias_variance=0); it stays 0")
+            raise ValueError(
+                "this GlobalSelfAttention layer was built without bias (bias_variance=0): it has no bias parameter, "
+                "so its bias variance stays 0; build it with a positive initial value, e.g. "
+                "GlobalSelfAttention(..., bias_variance=0.1), to learn one"
+            )
         self._set_variance("bias_variance", value)
 
     # --- build-time checks ---------------------------------------------------------------------

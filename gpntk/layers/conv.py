@@ -8,7 +8,7 @@ from typing import Any, Literal, cast, overload
 import torch
 from torch import nn
 
-from .._validation import integer_argument
+from .._validation import check_keywords, integer_argument
 from ..core.finite import NTKConv
 from ..core.hyperparameters import Hyperparameters
 from ..core.layer import Shape, Signature
@@ -16,7 +16,7 @@ from ..core.spatial import PADDINGS, Layout, Padding, Window, convolve, window_g
 from ..core.standard import StandardConv
 from ..core.state import KernelState
 from ..errors import ArchitectureError
-from .affine import Affine
+from .affine import AFFINE_OPTIONS, Affine
 
 __all__ = ["Conv"]
 
@@ -148,6 +148,7 @@ class Conv(Affine):
         trainable: bool = True,
         **kwargs: Any,
     ):
+        check_keywords(type(self).__name__, kwargs, AFFINE_OPTIONS)
         super().__init__(weight_variance, bias_variance, trainable, **kwargs)
         self.kernel_size = spatial_sizes("kernel_size", kernel_size)
         self.stride = spatial_sizes("stride", stride)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .._validation import choice_argument
+from .._validation import check_keywords, choice_argument
 from ..core.finite_conv import NTKConvLocal, NTKConvTranspose
 from ..core.hyperparameters import Hyperparameters
 from ..core.layer import Shape, Signature
@@ -27,7 +27,7 @@ from ..core.spatial import (
 )
 from ..core.state import KernelState
 from ..errors import ArchitectureError
-from .affine import Affine
+from .affine import AFFINE_OPTIONS, Affine
 from .conv import check_padding, output_spatial, per_axis, spatial_input, spatial_sizes, windows_for
 
 __all__ = ["ConvTranspose", "ConvLocal"]
@@ -46,6 +46,7 @@ class _WindowedAffine(Affine):
         trainable: bool = True,
         **kwargs: Any,
     ):
+        check_keywords(type(self).__name__, kwargs, AFFINE_OPTIONS)
         parameterization = kwargs.pop("parameterization", "ntk")
         if parameterization != "ntk":
             raise ArchitectureError(

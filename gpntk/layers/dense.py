@@ -3,6 +3,8 @@ r"""Fully-connected (``Dense``) layers in NTK or standard parameterization."""
 from __future__ import annotations
 
 import torch
+from gpytorch.constraints import Interval
+from gpytorch.priors import Prior
 from torch import nn
 
 from ..core.finite import ChannelsLast, NTKLinear
@@ -10,7 +12,7 @@ from ..core.hyperparameters import Hyperparameters
 from ..core.layer import Shape, Signature
 from ..core.standard import StandardLinear
 from ..core.state import KernelState
-from .affine import Affine
+from .affine import DEFAULT_BIAS_VARIANCE, Affine
 
 __all__ = ["Dense"]
 
@@ -29,8 +31,16 @@ class Dense(Affine):
     position (a 1×1 convolution), as in Neural Tangents.
 
     :param weight_variance: :math:`\sigma_w^2 > 0`.
-    :param bias_variance: :math:`\sigma_b^2 \ge 0`. Zero builds a layer without bias (the
-        variance is then fixed at zero, not learnable).
+    :param bias_variance: :math:`\sigma_b^2 \ge 0`, default 0.1 (as :func:`~gpntk.layers.mlp`). A
+        bias exists exactly when :math:`\sigma_b^2 > 0`, the convention of the reference
+        kernels; zero builds a layer without bias, whose variance stays zero (it has no
+        parameter: setting ``bias_variance`` later raises, build the layer with a positive value
+        to learn a bias). The default has a bias because a bias-free ReLU network's kernels
+        vanish at :math:`x = 0` and scale with :math:`\|x\|\,\|x'\|`
+        (:math:`k(cx, x') = c\, k(x, x')` for :math:`c > 0`), a poor prior for regression and for
+        Bayesian optimisation on centred inputs. Neural Tangents' ``stax.Dense`` has no bias by
+        default: pass ``bias_variance=0.0`` to reproduce it (``Conv``, ``ConvTranspose``,
+        ``ConvLocal`` keep no bias by default, the CNTK convention of Arora et al. 2019).
     :param trainable: whether the layer is trained (contributes to the NTK).
     :param parameterization: ``"ntk"`` (default) or ``"standard"``: :math:`h = W x + b` with
         :math:`W \sim \mathcal N(0, \sigma_w^2/n)`, whose NTK map is
@@ -54,6 +64,25 @@ class Dense(Affine):
     """
 
     standard_parameterization = True
+
+    def __init__(
+        self,
+        weight_variance: float = 1.0,
+        bias_variance: float = DEFAULT_BIAS_VARIANCE,
+        trainable: bool = True,
+        *,
+        parameterization: str = "ntk",
+        in_width: int | None = None,
+        weight_variance_prior: Prior | None = None,
+        bias_variance_prior: Prior | None = None,
+        weight_variance_constraint: Interval | None = None,
+        bias_variance_constraint: Interval | None = None,
+    ):
+        super().__init__(
+            weight_variance, bias_variance, trainable, parameterization=parameterization, in_width=in_width,
+            weight_variance_prior=weight_variance_prior, bias_variance_prior=bias_variance_prior,
+            weight_variance_constraint=weight_variance_constraint, bias_variance_constraint=bias_variance_constraint,
+        )
 
     def check(self, signature: Signature) -> Signature:
         self.check_in_width(signature)

@@ -2,6 +2,11 @@ r"""The graph neural tangent kernel's architecture (Du et al. 2019): ``gntk(bloc
 
 from __future__ import annotations
 
+import copy
+
+from gpytorch.constraints import Interval
+from gpytorch.priors import Prior
+
 from .._validation import integer_argument
 from ..activations import ReLU
 from ..errors import ArchitectureError
@@ -22,6 +27,10 @@ def gntk(
     readout: str = "sum",
     weight_variance: float = 2.0,
     readout_variance: float = 1.0,
+    weight_variance_prior: Prior | None = None,
+    weight_variance_constraint: Interval | None = None,
+    readout_variance_prior: Prior | None = None,
+    readout_variance_constraint: Interval | None = None,
 ) -> Serial:
     r"""The graph NTK's network of Du et al. (2019): ``blocks`` BLOCK operations and a pooled readout.
 
@@ -40,6 +49,12 @@ def gntk(
     "row", self_loops=True)``) for their degree scaling :math:`c_u = 1/(|\mathcal N(u)| + 1)`.
     Use with ``input_shape=gpntk.GraphInputs(...)``; :func:`gpntk.graph_kernel_matrices` computes
     the Gram matrix of a dataset of graphs.
+
+    Every ``Dense`` has its own :math:`\sigma_w^2` (a kernel on the network lists them in
+    ``kernel.layer_variances``). ``weight_variance_prior`` / ``weight_variance_constraint`` (a
+    GPyTorch prior on, and constraint of, the raw value) go to each hidden ``Dense``,
+    ``readout_variance_prior`` / ``readout_variance_constraint`` to each readout, each layer with
+    its own copy.
     """
     blocks = integer_argument("blocks", blocks, minimum=1, error=ArchitectureError)
     mlp_layers = integer_argument("mlp_layers", mlp_layers, minimum=1, error=ArchitectureError)
@@ -50,11 +65,11 @@ def gntk(
     def block() -> Serial:
         layers = [Aggregate()]
         for _ in range(mlp_layers):
-            layers += [Dense(weight_variance, 0.0), ReLU()]
+            layers += [_bias_free(weight_variance, weight_variance_prior, weight_variance_constraint), ReLU()]
         return serial(*layers)
 
     def read_out() -> Serial:
-        return serial(pool(), Dense(readout_variance, 0.0))
+        return serial(pool(), _bias_free(readout_variance, readout_variance_prior, readout_variance_constraint))
 
     if not jumping_knowledge:
         return serial(*(block() for _ in range(blocks)), read_out())
@@ -64,3 +79,9 @@ def gntk(
     for _ in range(blocks - 1):
         net = serial(block(), FanOut(2), parallel(read_out(), net), FanInSum())
     return serial(FanOut(2), parallel(read_out(), net), FanInSum())
+
+
+def _bias_free(weight_variance: float, prior: Prior | None, constraint: Interval | None) -> Dense:
+    """``Dense(weight_variance, 0)`` with its own copies of ``prior`` and ``constraint``."""
+    prior, constraint = copy.deepcopy(prior), copy.deepcopy(constraint)
+    return Dense(weight_variance, 0.0, weight_variance_prior=prior, weight_variance_constraint=constraint)

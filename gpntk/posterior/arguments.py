@@ -17,7 +17,19 @@ from ..core.layer import InputShape, Layer, check_network
 from ..layers.affine import Affine
 from .solver import REGIMES, SOLVERS, Regime
 
-__all__ = ["check_architecture", "check_targets", "check_regime", "check_test_inputs", "check_solver_options"]
+__all__ = [
+    "as_points", "check_architecture", "check_targets", "check_regime", "check_test_inputs", "check_solver_options",
+]
+
+
+def as_points(x: Tensor) -> Tensor:
+    """A 1-D tensor ``(n,)`` read as ``n`` one-feature points ``(n, 1)``, as GPyTorch kernels read it; else ``x``.
+
+    Anything else is returned as it is, for the checks that follow to name what is wrong.
+    """
+    if torch.is_tensor(x) and x.dim() == 1:
+        return x.unsqueeze(-1)
+    return x
 
 
 def check_architecture(net: object, train_x: Tensor, input_shape: InputShape) -> tuple[int, ...] | GraphFormat | None:

@@ -26,6 +26,7 @@ from typing import Literal, cast
 import torch
 from torch import Tensor
 
+from .._progress import progress_bar
 from ..errors import NumericalWarning
 from .kernel_cache import KernelCache
 from .solver import REGIME_KERNELS, Covariance, TrainingProblem
@@ -83,30 +84,37 @@ class EighSolver:
     def spectrum(self, regime: str) -> Spectrum:
         """The regime's :class:`Spectrum`, computed on first use (warns about negative eigenvalues beyond round-off)."""
         if regime not in self.spectra:
-            dynamics, prior = self.train_kernels(regime)
-            # regimes with the same dynamics ("ntk", "ntkgp") share one eigendecomposition
-            kind = REGIME_KERNELS[regime][0]
-            shared = next((s for r, s in self.spectra.items() if REGIME_KERNELS[r][0] == kind), None)
-            if shared is not None:
-                eigenvalues, eigenvectors = shared.unclipped, shared.eigenvectors
-            else:
-                eigenvalues, eigenvectors = torch.linalg.eigh(dynamics)
-            unclipped = eigenvalues
-            scale = eigenvalues[-1].clamp_min(torch.finfo(eigenvalues.dtype).tiny)
-            if eigenvalues[0] < -1e-6 * scale:
-                warnings.warn(
-                    f"the {regime} training kernel has a negative eigenvalue {eigenvalues[0].item():.3g} "
-                    f"(largest {scale.item():.3g}) beyond round-off; it is clipped to zero",
-                    NumericalWarning,
-                    stacklevel=3,
-                )
-            eigenvalues = eigenvalues.clamp_min(0)
-            prior_in_basis = None if prior is None else eigenvectors.mT @ prior @ eigenvectors
-            self.spectra[regime] = Spectrum(
-                eigenvalues, unclipped, eigenvectors, eigenvectors.mT @ self.problem.train_y, prior_in_basis,
-                rank_cutoff(eigenvalues, self.problem.num_train),
-            )
+            with progress_bar(2, f"posterior ({regime})", unit="step") as bar:  # the kernels, their eigenvectors
+                dynamics, prior = self.train_kernels(regime)
+                bar.update(1)
+                self._decompose(regime, dynamics, prior)
+                bar.update(1)
         return self.spectra[regime]
+
+    def _decompose(self, regime: str, dynamics: Tensor, prior: Tensor | None) -> None:
+        """Store the regime's :class:`Spectrum` from its regularized dynamics kernel and its prior kernel."""
+        # regimes with the same dynamics ("ntk", "ntkgp") share one eigendecomposition
+        kind = REGIME_KERNELS[regime][0]
+        shared = next((s for r, s in self.spectra.items() if REGIME_KERNELS[r][0] == kind), None)
+        if shared is not None:
+            eigenvalues, eigenvectors = shared.unclipped, shared.eigenvectors
+        else:
+            eigenvalues, eigenvectors = torch.linalg.eigh(dynamics)
+        unclipped = eigenvalues
+        scale = eigenvalues[-1].clamp_min(torch.finfo(eigenvalues.dtype).tiny)
+        if eigenvalues[0] < -1e-6 * scale:
+            warnings.warn(
+                f"the {regime} training kernel has a negative eigenvalue {eigenvalues[0].item():.3g} "
+                f"(largest {scale.item():.3g}) beyond round-off; it is clipped to zero",
+                NumericalWarning,
+                stacklevel=4,  # _decompose <- spectrum <- the solver <- the caller
+            )
+        eigenvalues = eigenvalues.clamp_min(0)
+        prior_in_basis = None if prior is None else eigenvectors.mT @ prior @ eigenvectors
+        self.spectra[regime] = Spectrum(
+            eigenvalues, unclipped, eigenvectors, eigenvectors.mT @ self.problem.train_y, prior_in_basis,
+            rank_cutoff(eigenvalues, self.problem.num_train),
+        )
 
     def with_diag_reg(self, problem: TrainingProblem) -> EighSolver:
         r""":math:`G + r' I = V (\Lambda + (r' - r) I) V^\top`: the decompositions so far, eigenvalues shifted."""

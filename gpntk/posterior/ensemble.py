@@ -66,7 +66,14 @@ from torch import Tensor
 from .._validation import non_negative_number, positive_integer, positive_number, training_times
 from ..core.graph_inputs import GraphFormat
 from ..core.layer import InputShape, Layer
-from .arguments import check_architecture, check_regime, check_solver_options, check_targets, check_test_inputs
+from .arguments import (
+    as_points,
+    check_architecture,
+    check_regime,
+    check_solver_options,
+    check_targets,
+    check_test_inputs,
+)
 from .eigh import EighSolver
 from .kernel_cache import KernelCache, TestKernelCache
 from .krylov import KrylovSolver
@@ -99,7 +106,8 @@ class TrainedEnsemble:
     r"""The posterior of an ensemble of infinitely wide networks trained by gradient descent for time t.
 
     :param net: the architecture; the ensemble keeps a snapshot of it (see below).
-    :param train_x: training inputs ``(n, d)`` (copied).
+    :param train_x: training inputs ``(n, d)`` (copied); a 1-D tensor ``(n,)`` holds ``n``
+        one-feature points, ``(n, 1)``, as for GPyTorch kernels (the same for every ``test_x``).
     :param train_y: real training targets ``(n,)`` or ``(n, k)`` (copied).
     :param learning_rate: :math:`\eta` of the gradient descent the time is counted in.
     :param diag_reg: absolute ridge added to the training kernel (0 for ridgeless).
@@ -158,6 +166,7 @@ class TrainedEnsemble:
         max_iterations: int = 1000,
         train_product: TrainProduct | None = None,
     ):
+        train_x = as_points(train_x)
         shape = check_architecture(net, train_x, input_shape)
         check_targets(train_y, train_x.shape[0])
         learning_rate = positive_number("learning_rate", learning_rate)
@@ -263,7 +272,7 @@ class TrainedEnsemble:
     def _prepare(self, test_x: Tensor, regime: str) -> None:
         """Compute (and cache) every kernel matrix ``moments(test_x, t, regime)`` needs (for timing)."""
         self._solver.prepare(regime)
-        cross, test = self._test_kernels.kernels(test_x.to(self.train_x))
+        cross, test = self._test_kernels.kernels(as_points(test_x).to(self.train_x))
         dynamics, prior = REGIME_KERNELS[regime]
         cross.get(dynamics), cross.get(prior), test.get(prior)
 
@@ -292,6 +301,7 @@ class TrainedEnsemble:
         """Checks, then the solver's ``(mean (T, m, k), cov)``, shaped as the arguments ask."""
         regime = check_regime(regime, self._snapshot.net)
         times, batched = training_times(t)
+        test_x = as_points(test_x)
         check_test_inputs(test_x, self.train_x.shape[-1], self.input_shape)
         test_x = test_x.to(self.train_x)
         cross, test = self._test_kernels.kernels(test_x)

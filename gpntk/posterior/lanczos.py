@@ -76,6 +76,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._progress import progress_bar, track
 from .._validation import integer_argument, real_argument
 from ..errors import NumericalWarning
 
@@ -242,7 +243,7 @@ class LanczosRun:
         total, stored = max(self.lengths, default=0), len(self.basis)
         state = _Recurrence(self.start, self.norms)
         deviation = 0.0
-        for step in range(total):
+        for step in track(range(total), "Lanczos pass 2", unit="step"):
             if step < stored:
                 state.q = self.basis[step]
             out += state.q * weights[:, step].unsqueeze(-2)
@@ -432,7 +433,7 @@ class _FirstPass:
         )
 
 
-def lanczos(
+def lanczos(  # long: the docstring documents twelve options; the body is 25 lines
     matmul: MatMul,
     start: Tensor,
     functions: MatrixFunction | Sequence[MatrixFunction],
@@ -478,9 +479,11 @@ def lanczos(
     norms = start.norm(dim=0)
     columns = _Columns.check(start, norms, functions, quadrature, reference, left, left_columns)
     run = _FirstPass(start, norms, columns, left, max_iterations, keep_bytes)
-    while any(run.active) and run.steps < max_iterations:
-        index, beta = run.step(matmul)
-        run.judge(index, beta, run.steps % check_every == 0 or run.steps == max_iterations, tolerance)
+    with progress_bar(None, "Lanczos", unit="product") as bar:  # the number of steps is known when converged
+        while any(run.active) and run.steps < max_iterations:
+            index, beta = run.step(matmul)
+            run.judge(index, beta, run.steps % check_every == 0 or run.steps == max_iterations, tolerance)
+            bar.update(1)
     outcome = run.outcome()
     unconverged = run.unconverged()
     if unconverged and warn:

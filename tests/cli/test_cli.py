@@ -2,8 +2,10 @@
 
 import csv
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -339,22 +341,63 @@ def test_import_gpntk_prints_nothing_on_stdout(statement):
     assert result.stdout == ""
 
 
-@pytest.mark.slow
+REPO = str(Path(__file__).resolve().parents[2])  # this checkout's gpntk, whatever the working directory
+#: what the command line's help and argument errors must not import (issue 19: ``--help`` in well under 1 s)
+HEAVY_MODULES = ("torch", "gpytorch", "linear_operator", "pykeops", "botorch", "numpy", "scipy")
+
+
+def _imported_modules(*args: str, cwd=None) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run ``python -X importtime -m gpntk *args``; its result and the top-level packages it imported."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "gpntk", *args], capture_output=True, text=True, timeout=120,
+        cwd=cwd, env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])},
+    )
+    # "import time: self [us] | cumulative | <indent>module.name", one line per imported module
+    imported = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in result.stderr.splitlines() if line.startswith("import time:") and line.count("|") == 2
+    }
+    return result, imported
+
+
 @pytest.mark.parametrize("args", [["--help"], ["fit", "--help"], ["demo", "--help"]])
 def test_help_does_not_import_torch(args):
-    """``import gpntk`` is lazy: the command line's help needs neither torch nor GPyTorch."""
-    code = (
-        "import runpy, sys\n"
-        f"sys.argv = ['gpntk', *{args!r}]\n"
-        "try:\n    runpy.run_module('gpntk', run_name='__main__')\n"
-        "except SystemExit as exit:\n    assert exit.code == 0\n"
-        "heavy = sorted(m for m in ('torch', 'gpytorch', 'numpy') if m in sys.modules)\n"
-        "print('HEAVY', heavy, file=sys.stderr)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    """``import gpntk`` is lazy: the command line's help needs neither torch nor GPyTorch nor numpy."""
+    result, imported = _imported_modules(*args)
     assert result.returncode == 0, result.stderr
     assert "usage: gpntk" in result.stdout
-    assert "HEAVY []" in result.stderr
+    assert "gpntk" in imported and "argparse" in imported  # the import log is read right
+    assert not imported & set(HEAVY_MODULES), sorted(imported & set(HEAVY_MODULES))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "required: command"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["fit"], "required: train"),
+        (["fit", "t.csv", "--depth", "two"], "--depth: not an integer: 'two'"),
+        (["fit", "t.csv", "--depth", "-1"], "--depth: must be >= 0, got -1"),
+        (["fit", "t.csv", "--weight-variance", "-1"], "σw² must be a finite number >= 0"),
+        (["fit", "t.csv", "--bias-variance", "nan"], "σb² must be a finite number >= 0"),
+        (["fit", "t.csv", "--diag-reg", "inf"], "diag_reg must be a finite number >= 0"),
+        (["fit", "t.csv", "--learning-rate", "0"], "learning rate must be a finite number > 0"),
+        (["fit", "t.csv", "--activation", "nope"], "invalid choice: 'nope'"),
+        (["fit", "t.csv", "--regime", "adam"], "invalid choice: 'adam'"),
+        (["fit", "t.csv", "--times", "-5"], "must be >= 0"),
+        (["fit", "t.csv", "--unknown"], "unrecognized arguments: --unknown"),
+        (["fit", "missing.csv"], "file not found: missing.csv"),
+        (["fit", "t.csv", "--predict", "missing.csv"], "file not found: missing.csv"),
+    ],
+)
+def test_argument_errors_do_not_import_torch(tmp_path, args, message):
+    """Argument errors (and a missing input file) exit with status 2 before torch, GPyTorch or numpy is imported."""
+    _write(tmp_path / "t.csv", ["x", "y"], [[0.0, 1.0], [1.0, 2.0]])
+    result, imported = _imported_modules(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "gpntk" in imported
+    assert not imported & set(HEAVY_MODULES), sorted(imported & set(HEAVY_MODULES))
 
 
 def test_cli_activation_names_are_the_activations():

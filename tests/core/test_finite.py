@@ -129,7 +129,7 @@ def test_hyperparameters_come_from_the_layers():
 
 
 def test_no_bias_layers_have_no_bias():
-    net = L.serial(L.Dense(1.0, 0.0), L.ReLU(), L.Dense(2.0, 0.5), L.ReLU(), L.Dense(1.0))
+    net = L.serial(L.Dense(1.0, 0.0), L.ReLU(), L.Dense(2.0, 0.5), L.ReLU(), L.Dense(1.0, 0.0))
     model = net.finite(4, in_features=3, generator=_gen())
     first, second, third = _linears(model)
     assert first.bias is None and third.bias is None

@@ -287,6 +287,50 @@ def test_sum_product_and_scale_compose_with_gpytorch_kernels():
         torch.testing.assert_close(diag, full.diagonal(), rtol=1e-10, atol=1e-12)
 
 
+def _relu_nngp_one_feature(a: torch.Tensor, b: torch.Tensor, wv: float, bv: float) -> torch.Tensor:
+    """The NNGP of ``mlp(1, "relu", wv, bv)`` on one-feature inputs, in closed form (Cho and Saul 2009)."""
+    k_ab = wv * a[:, None] * b[None, :] + bv
+    k_aa, k_bb = wv * a**2 + bv, wv * b**2 + bv
+    norms = (k_aa[:, None] * k_bb[None, :]).sqrt()
+    theta = torch.arccos((k_ab / norms).clamp(-1, 1))
+    return wv * norms * (torch.sin(theta) + (math.pi - theta) * torch.cos(theta)) / (2 * math.pi) + bv
+
+
+@pytest.mark.filterwarnings("ignore:AdditiveStructureKernel is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("backend", ["dense", "blockwise"])
+def test_last_dim_is_batch_is_one_kernel_per_feature(backend):
+    """GPyTorch's (deprecated) ``last_dim_is_batch``: each feature a batch of one-feature inputs, ``(..., d, n, m)``."""
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = torch.randn(6, 3, generator=g, dtype=DTYPE), torch.randn(4, 3, generator=g, dtype=DTYPE)
+    net = L.mlp(1, "relu", 1.5, 0.2)
+    nngp, ntk = gpntk.NNGPKernel(net, backend=backend), gpntk.NTKKernel(net, backend=backend)
+    with torch.no_grad(), pytest.warns(DeprecationWarning, match="last_dim_is_batch"):
+        cov = nngp(x1, x2, last_dim_is_batch=True).to_dense()
+        tangent = ntk(x1, x2, last_dim_is_batch=True).to_dense()
+        tangent_sym = ntk(x1, last_dim_is_batch=True).to_dense()
+        tangent_diag = ntk(x1, diag=True, last_dim_is_batch=True)
+        additive = gpytorch.kernels.AdditiveStructureKernel(ntk, num_dims=3)(x1, x2).to_dense()
+    assert cov.shape == tangent.shape == (3, 6, 4) and tangent_sym.shape == (3, 6, 6) and tangent_diag.shape == (3, 6)
+    closed_form = torch.stack([_relu_nngp_one_feature(x1[:, i], x2[:, i], 1.5, 0.2) for i in range(3)])
+    torch.testing.assert_close(cov, closed_form, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        per_feature = torch.stack([ntk(x1[:, i:i + 1], x2[:, i:i + 1]).to_dense() for i in range(3)])
+        per_feature_sym = torch.stack([ntk(x1[:, i:i + 1]).to_dense() for i in range(3)])
+    torch.testing.assert_close(tangent, per_feature, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent_sym, per_feature_sym, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent_diag, per_feature_sym.diagonal(dim1=-2, dim2=-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(additive, per_feature.sum(0), rtol=1e-12, atol=1e-12)
+    # a batched kernel: (batch, d, n, m), each batch member with its own hyperparameters
+    batched = gpntk.NNGPKernel(L.mlp(1, "relu", 1.5, 0.2), batch_shape=torch.Size([2]))
+    with torch.no_grad():
+        batched.net.layers[0].weight_variance = torch.tensor([1.5, 0.7]).reshape(2, 1, 1)
+    with torch.no_grad(), pytest.warns(DeprecationWarning):
+        out = batched(x1, x2, last_dim_is_batch=True).to_dense()
+    assert out.shape == (2, 3, 6, 4)
+    torch.testing.assert_close(out[0], closed_form, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out[1], closed_form)
+
+
 def test_active_dims_select_features():
     x1, x2 = torch.randn(6, 5, dtype=DTYPE), torch.randn(4, 5, dtype=DTYPE)
     dims = [0, 3, 4]

@@ -297,7 +297,7 @@ def test_residual_sum_and_concat_closed_forms():
     branch_k = gpntk.NNGPKernel(L.serial(first, branch))(x).to_dense()
     residual = L.serial(first, L.FanOut(2), L.parallel(branch, L.Identity()), L.FanInSum())
     torch.testing.assert_close(gpntk.NNGPKernel(residual)(x).to_dense(), base + branch_k)
-    concat = L.serial(first, L.FanOut(2), L.parallel(branch, L.Identity()), L.FanInConcat(), L.Dense(3.0))
+    concat = L.serial(first, L.FanOut(2), L.parallel(branch, L.Identity()), L.FanInConcat(), L.Dense(3.0, 0.0))
     torch.testing.assert_close(gpntk.NNGPKernel(concat)(x).to_dense(), 3.0 * (base + branch_k) / 2)
     # NTK of a product of independent branches: Θ = Θ1 Σ2 + Σ1 Θ2
     b1, b2 = L.serial(L.ReLU(), L.Dense(1.5, 0.2)), L.serial(L.Erf(), L.Dense(0.7, 0.1))

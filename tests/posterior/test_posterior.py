@@ -312,7 +312,11 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"train_y must have shape \(n,\) or \(n, k\)"):
         TrainedEnsemble(net, x, y.reshape(12, 1, 1))
     with pytest.raises(ValueError, match=r"train_x must have shape \(n, d\)"):
-        TrainedEnsemble(net, x[0], y)
+        TrainedEnsemble(net, x[0, 0], y)
+    with pytest.raises(ValueError, match="train_x has 4 points but train_y has 12 targets"):
+        TrainedEnsemble(net, x[0], y)  # a 1-D tensor: 4 one-feature points, as for GPyTorch kernels
+    with pytest.raises(ValueError, match="test_x has 1 features but train_x has 4"):
+        post.moments(xt[0], 1.0)
     with pytest.raises(ValueError, match="learning_rate must be positive"):
         TrainedEnsemble(net, x, y, learning_rate=0.0)
     with pytest.raises(ValueError, match="diag_reg must be non-negative"):
@@ -321,6 +325,29 @@ def test_bad_inputs_raise_clear_errors():
         TrainedEnsemble(torch.nn.Linear(4, 1), x, y)
     with pytest.raises(ValueError, match="n must be a positive integer"):
         post.sample(xt, 1.0, 0)
+
+
+def test_one_dimensional_inputs_are_one_feature_points_as_in_gpytorch():
+    """``(n,)`` train and test inputs are ``n`` one-feature points, ``(n, 1)``, as GPyTorch kernels read them."""
+    g = torch.Generator().manual_seed(3)
+    x, y, xt = (torch.randn(n, generator=g, dtype=torch.float64) for n in (10, 10, 4))
+    net = L.mlp(2, "relu", 2.0, 0.1)
+    flat = TrainedEnsemble(net, x, y, diag_reg=1e-3)
+    column = TrainedEnsemble(net, x[:, None], y, diag_reg=1e-3)
+    assert flat.train_x.shape == (10, 1)
+    times = torch.tensor([0.0, 3.0, math.inf], dtype=torch.float64)
+    for regime in ("ntk", "nngp", "ntkgp"):
+        expected = column.moments(xt[:, None], times, regime)
+        for post, test in ((flat, xt), (flat, xt[:, None]), (column, xt)):
+            mean, cov = post.moments(test, times, regime)
+            torch.testing.assert_close(mean, expected[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(cov, expected[1], rtol=1e-12, atol=1e-12)
+    # against GPyTorch's own reading of 1-D inputs (Kernel.__call__): at t = inf, ntkgp is kernel ridge regression
+    kernel = gpntk.NTKKernel(net).double()
+    gram = kernel(x).to_dense() + 1e-3 * torch.eye(10, dtype=torch.float64)
+    ridge = kernel(xt, x).to_dense() @ torch.linalg.solve(gram, y)
+    torch.testing.assert_close(flat.mean(xt, math.inf, "ntkgp"), ridge, rtol=1e-8, atol=1e-10)
+    assert flat(xt, 1.0).mean.shape == (4,) and flat.sample(xt, 1.0, 3).shape == (3, 4)
 
 
 def test_complex_targets_and_malformed_numbers_raise_and_numpy_numbers_are_accepted():
