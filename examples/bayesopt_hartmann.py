@@ -18,13 +18,14 @@ iteration on all the data so far:
 * ``InfiniteWidthBNNKernel``: BoTorch's ``SingleTaskGP`` with its own infinite-width kernel (NNGP
   of a depth-3 ReLU network, fitted weight/bias variances and noise);
 * ``Matern-5/2``: ``SingleTaskGP`` with ``ScaleKernel(MaternKernel(nu=2.5, ard_num_dims=6))``;
-* (``--methods ntk_gp``) ``SingleTaskGP`` with ``ScaleKernel(Centered(NTKKernel(mlp(2, "relu"))))``,
-  σw², σb², output scale and noise fitted; the last fitted values are printed.
+* (``--methods ntk_gp``) ``SingleTaskGP`` with ``ScaleKernel(Centered(NTKKernel(default_priors(mlp(2, "relu")))))``,
+  σw², σb², output scale and noise fitted (the default log-normal priors make them identifiable);
+  the last fitted values are printed.
 
 The ensembles see ``Normalize`` followed by ``gpntk.botorch.Center`` (inputs in ``[-1, 1]^6``) and
 ``Standardize``-d outcomes; their network hyperparameters are fixed (σw² = 2, σb² = 0.1: He
 initialisation), ``--fit`` fits them every iteration by the marginal likelihood of the matching
-NTK/NNGP GP (``gpntk.botorch.fit_network``). The GPs see ``Normalize``-d inputs and
+NTK/NNGP GP (``gpntk.botorch.fit_network``, with ``gpntk.layers.default_priors``). The GPs see ``Normalize``-d inputs and
 ``Standardize``-d outcomes, hyperparameters by ``fit_gpytorch_mll``. Everything is float64. The
 script prints the mean log10 regret (± standard error over seeds) and saves a regret plot.
 """
@@ -46,6 +47,7 @@ from botorch.models.transforms.outcome import Standardize
 from botorch.optim import optimize_acqf
 from botorch.test_functions import Hartmann
 from botorch.utils.sampling import draw_sobol_samples
+from gpytorch.constraints import GreaterThan
 from gpytorch.kernels import MaternKernel, ScaleKernel
 from gpytorch.mlls import ExactMarginalLogLikelihood
 
@@ -74,7 +76,13 @@ DEFAULT_METHODS = ("ntk_inf", "ntk_t", "nngp_inf", "bnn", "matern")
 
 
 def network():
-    return L.mlp(2, "relu", weight_variance=2.0, bias_variance=0.1)
+    """mlp(2, "relu"), σw² = 2, σb² = 0.1; when fitted, each variance stays >= 1e-6.
+
+    The lower bound matters with log-normal priors: with the default positive constraint a line
+    search step can drive σb² to exactly 0 (softplus underflow), where the prior's log density fails.
+    """
+    return L.mlp(2, "relu", weight_variance=2.0, bias_variance=0.1,
+                 weight_variance_constraint=GreaterThan(1e-6), bias_variance_constraint=GreaterThan(1e-6))
 
 
 def centring() -> ChainedInputTransform:
@@ -83,8 +91,8 @@ def centring() -> ChainedInputTransform:
 
 def ensemble(X, Y, t: float, regime: str, fit: bool, fitted_values: list):
     net = network()
-    if fit:
-        fitted = fit_network(X, Y, net, kernel="nngp" if regime == "nngp" else "ntk",
+    if fit:  # log-normal priors centred on σw² = 2, σb² = 0.1 keep tiny designs from an all-noise fit
+        fitted = fit_network(X, Y, L.default_priors(net), kernel="nngp" if regime == "nngp" else "ntk",
                              input_transform=centring(), outcome_transform=Standardize(m=1))
         net = fitted.net
         fitted_values.append(fitted.hyperparameters)
@@ -100,12 +108,17 @@ def gp(X, Y, covar):
 
 
 def ntk_gp(X, Y, fitted_values: list):
-    """SingleTaskGP with ScaleKernel(Centered(NTKKernel)): σw², σb², output scale and noise fitted."""
-    covar = ScaleKernel(Centered(gpntk.NTKKernel(network())))
+    """SingleTaskGP with ScaleKernel(Centered(NTKKernel)): σw², σb², output scale and noise fitted.
+
+    ``L.default_priors`` puts log-normal priors centred on σw² = 2, σb² = 0.1 on the network's
+    variances, which makes σw², σb² and the output scale identifiable (without them only their
+    product is: fits wander to σw² ~ 1e3 with an output scale ~ 1e-9).
+    """
+    ntk = gpntk.NTKKernel(L.default_priors(network()))
+    covar = ScaleKernel(Centered(ntk))
     model = gp(X, Y, covar)
-    dense = next(m for m in covar.modules() if isinstance(m, L.Dense))  # mlp(shared=True): one Dense
     fitted_values.append({
-        "weight_variance": dense.weight_variance.item(), "bias_variance": dense.bias_variance.item(),
+        "weight_variance": ntk.weight_variance.item(), "bias_variance": ntk.bias_variance.item(),
         "outputscale": covar.outputscale.item(), "noise": model.likelihood.noise.item(),
     })
     return model
@@ -189,14 +202,14 @@ def main(argv=None) -> None:
         parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
 
     results = {}
-    fitted_values: list = []
+    fitted_values: dict[str, list] = {method: [] for method in methods}
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for method in methods:
             t0 = time.perf_counter()
             results[METHODS[method]] = torch.stack(
-                [run(method, s, args.init, iterations, opt, args.fit, fitted_values) for s in range(seeds)]
+                [run(method, s, args.init, iterations, opt, args.fit, fitted_values[method]) for s in range(seeds)]
             )
             print(f"{METHODS[method]:<26}: {seeds} seeds x {iterations} iterations in {time.perf_counter() - t0:.1f} s")
 
@@ -211,9 +224,10 @@ def main(argv=None) -> None:
             se = regret.std().item() / math.sqrt(seeds) if seeds > 1 else 0.0
             row += f"{regret.mean().item():>20.2f} ± {se:<5.2f}"
         print(row)
-    if fitted_values:
-        last = fitted_values[-1]
-        print("\nlast fitted hyperparameters: " + ", ".join(f"{k} = {v:.4g}" for k, v in last.items()))
+    for method, values in fitted_values.items():
+        if values:  # the last seed's final fit
+            print(f"\n{METHODS[method]}, last fitted hyperparameters: "
+                  + ", ".join(f"{k} = {v:.4g}" for k, v in values[-1].items()))
     save_figure(results, args.init, args.figure)
     print(f"\nsaved {args.figure}; total {time.perf_counter() - start:.1f} s")
     kinds: dict[str, int] = {}
