@@ -334,7 +334,7 @@ class TrainedEnsembleModel(Model):
                 transform = transform.subset_output(outputs)
             posterior = transform.untransform_posterior(posterior, X=X)
         if posterior_transform is not None:
-            return posterior_transform(posterior)
+            return posterior_transform(posterior=posterior, X=X)
         return posterior
 
     def _output_indices(self, output_indices: Sequence[int] | None) -> list[int]:

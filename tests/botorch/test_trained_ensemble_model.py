@@ -22,6 +22,7 @@ from botorch.acquisition import (  # noqa: E402
     UpperConfidenceBound,
     qLogNoisyExpectedImprovement,
 )
+from botorch.acquisition.objective import ScalarizedPosteriorTransform  # noqa: E402
 from botorch.exceptions.errors import UnsupportedError  # noqa: E402
 from botorch.models.transforms.input import ChainedInputTransform, Normalize  # noqa: E402
 from botorch.models.transforms.outcome import Standardize  # noqa: E402
@@ -138,6 +139,17 @@ def test_transforms_are_applied_and_untransformed_as_by_hand():
     torch.testing.assert_close(model.train_inputs_transformed, X)
 
 
+def test_posterior_transform_scalarizes_independent_outputs():
+    X, Y = data(m=2)
+    model = TrainedEnsembleModel(X, Y, net(), t=3.0, outcome_transform=Standardize(m=2))
+    Xs = 2 * torch.rand(4, 1, D) - 1
+    both = model.posterior(Xs)
+    weights = torch.tensor([1.0, -2.0])
+    scalar = model.posterior(Xs, posterior_transform=ScalarizedPosteriorTransform(weights, offset=0.5))
+    torch.testing.assert_close(scalar.mean[..., 0], 0.5 + both.mean @ weights)
+    torch.testing.assert_close(scalar.variance[..., 0], both.variance @ weights**2)
+
+
 def test_observation_noise():
     X, Y = data()
     model = TrainedEnsembleModel(X, Y, net(), regime="ntkgp", diag_reg=0.1)
@@ -173,7 +185,10 @@ def test_optimize_acqf_with_analytic_and_monte_carlo_acquisitions():
     sampler = SobolQMCNormalSampler(torch.Size([32]), seed=0)
     acquisitions = {
         1: [LogExpectedImprovement(model, best_f=Y.max()), UpperConfidenceBound(model, beta=2.0)],
-        2: [qLogNoisyExpectedImprovement(model, X_baseline=raw_X, sampler=sampler, prune_baseline=False)],
+        2: [
+            qLogNoisyExpectedImprovement(model, X_baseline=raw_X, sampler=sampler, prune_baseline=False),
+            qLogNoisyExpectedImprovement(model, X_baseline=raw_X),  # BoTorch's defaults (pruning, no cached root)
+        ],
     }
     for q, acqfs in acquisitions.items():
         for acqf in acqfs:
