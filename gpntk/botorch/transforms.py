@@ -3,8 +3,8 @@ r"""Input centring for infinite-width kernels: BoTorch's unit cube mapped onto :
 The NTK and NNGP are not translation invariant: they depend on the norms of the inputs and on
 the angles between them. BoTorch normalises inputs to the unit cube (``Normalize``), where every
 point lies in the positive orthant, the angles are small and the kernels' correlations are
-compressed towards 1 (for 100 random points in 6-D, the smallest NTK correlation of
-``mlp(2, "relu")`` is about 0.42 on :math:`[0, 1]^d` against 0.13 on :math:`[-1, 1]^d`).
+compressed towards 1 (for 100 uniform random points in 6-D, the smallest NTK correlation of
+``mlp(2, "relu")`` is about 0.43 on :math:`[0, 1]^d` against 0.14 on :math:`[-1, 1]^d`).
 :class:`Center` maps :math:`x \mapsto 2x - 1`; chain it after ``Normalize``::
 
     ChainedInputTransform(normalize=Normalize(d, bounds=bounds), center=Center(d))
