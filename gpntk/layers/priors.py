@@ -44,6 +44,7 @@ outputscale; without bias this loses nothing, as the kernel is then exactly
 from __future__ import annotations
 
 import torch
+from gpytorch.constraints import GreaterThan, Positive
 from gpytorch.priors import LogNormalPrior
 
 from .._validation import real_argument
@@ -64,8 +65,10 @@ def default_priors(net: Layer, *, weight_scale: float = 0.5, bias_scale: float =
     :math:`v_0` the current value (per batch element for batched hyperparameters) and :math:`s`
     ``bias_scale`` for :math:`\sigma_b^2`, ``weight_scale`` for the others. A shared layer
     (``mlp(shared=True)``) gets one prior per variance, counted once by the marginal likelihood.
-    Variances that already have a prior keep it. See the module docstring for why this makes
-    ``ScaleKernel(NTKKernel(net))`` identifiable.
+    Variances that already have a prior keep it. A variance under GPyTorch's default
+    ``Positive`` constraint gets ``GreaterThan(1e-6 · v₀)`` instead (same value), so that no
+    optimiser step can make it exactly 0, where the log-normal density is undefined. See the
+    module docstring for why this makes ``ScaleKernel(NTKKernel(net))`` identifiable.
 
     One line, before building the kernels::
 
@@ -93,5 +96,28 @@ def default_priors(net: Layer, *, weight_scale: float = 0.5, bias_scale: float =
                 continue
             value = layer.hyperparameter(name).detach()
             scale = bias_scale if name == "bias_variance" else weight_scale
+            _keep_away_from_zero(layer, name, value)
             layer.set_prior(name, LogNormalPrior(value.log().clone(), torch.full_like(value, scale)))
     return net
+
+
+#: the lower bound :func:`default_priors` gives a variance under GPyTorch's default ``Positive``
+#: constraint, relative to the prior's centre: ``FLOOR`` · v₀ lies more than 9 prior standard
+#: deviations below v₀ for every scale up to 1.5, so the bound never binds at a sensible MAP
+FLOOR = 1e-6
+
+
+def _keep_away_from_zero(layer: Affine, name: str, value: torch.Tensor) -> None:
+    r"""Replace a default ``Positive`` constraint of ``name`` by ``GreaterThan(FLOOR · min v₀)``, same value.
+
+    Under ``Positive`` (softplus) a large optimiser step on the raw parameter can make the variance
+    exactly 0 (softplus underflows below -104 in float32, -745 in float64), where the log-normal
+    density is not defined: ``log_prob`` then raises ``ValueError`` inside the optimiser
+    (seen with BoTorch's ``fit_gpytorch_mll``). A user-given constraint is kept as it is.
+    """
+    constraint = getattr(layer, f"raw_{name}_constraint")
+    if type(constraint) is not Positive:
+        return
+    floor = FLOOR * value.min().item()
+    layer.register_constraint(f"raw_{name}", GreaterThan(floor), replace=True)
+    layer._set_variance(name, value)

@@ -128,3 +128,25 @@ def test_default_priors_centre_log_normal_priors_on_the_current_values():
         L.default_priors(L.serial(L.Flatten()))
     with pytest.raises(TypeError, match="pass kernel.net"):
         L.default_priors(gpntk.NTKKernel(L.mlp(1)))
+
+
+def test_default_priors_keep_variances_away_from_zero():
+    """A huge optimiser step on a raw parameter must not make a variance 0 (log-normal undefined there)."""
+    from gpytorch.constraints import Interval
+
+    user = Interval(0.5, 4.0)
+    net = L.serial(L.Dense(2.0, 0.1), L.ReLU(), L.Dense(1.5, 0.2, weight_variance_constraint=user))
+    L.default_priors(net)
+    first, last = net.layers[0], net.layers[2]
+    assert first.weight_variance.item() == pytest.approx(2.0) and first.bias_variance.item() == pytest.approx(0.1)
+    assert last.raw_weight_variance_constraint is user  # a user's constraint is kept
+    for dtype in (torch.float32, torch.float64):
+        first.to(dtype)
+        with torch.no_grad():
+            first.raw_weight_variance.fill_(-1e4)
+            first.raw_bias_variance.fill_(-1e4)
+        assert first.weight_variance.item() == pytest.approx(2e-6, rel=1e-3)  # 1e-6 of the prior's centre
+        assert first.bias_variance.item() == pytest.approx(1e-7, rel=1e-3)
+        for name in ("weight_variance", "bias_variance"):
+            prior = getattr(first, f"{name}_prior")
+            assert torch.isfinite(prior.log_prob(getattr(first, name).to(prior.loc.dtype))).all()
