@@ -374,7 +374,7 @@ def tiled_graph_kernels(  # long: tiling, the per-graph pass, the tile loop and 
 
     ``second=None``: ``first`` with itself (tiles :math:`I \le J` only; the result is exactly
     symmetric). ``tile_bytes``: the size of one ``N_I x N_J`` tensor of a tile (a few are alive at
-    once). ``advance(pairs)`` is called after each tile.
+    once). ``advance(pairs)`` is called after each tile with its distinct pairs of graphs.
     """
     like = torch.empty(0, dtype=dtype, device=device)
     if not _check_hyperparameters(plan, like):
@@ -411,7 +411,8 @@ def tiled_graph_kernels(  # long: tiling, the per-graph pass, the tile loop and 
                         target[rows, cols] = block
                         if second is None and i != j:
                             target[cols, rows] = block.transpose(0, 1)
-                advance(len(tiles1[i]) * len(tiles2[j]) * (1 if second is not None or i == j else 2))
+                k = len(tiles1[i])
+                advance(k * (k + 1) // 2 if second is None and i == j else k * len(tiles2[j]))
         for r, c, g in _identical_pairs(dataset, first, columns):
             for d in depths:
                 for target, values in zip(result[d], diag[d]):
