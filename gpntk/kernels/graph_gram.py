@@ -133,7 +133,7 @@ def graph_kernel_matrices_by_depth(
     tile_bytes: int = 2 * 2**20,
     progress: bool | TextIO | None = None,
 ) -> dict[int, tuple[Tensor, Tensor | None]]:
-    r"""``{D: (Σ, Θ or None)}``: the Gram matrices of ``net`` cut after its ``D``-th BLOCK, for every ``D`` in ``depths``, in one pass.
+    r"""``{D: (Σ, Θ or None)}``: the Gram matrices of ``net`` cut after its ``D``-th BLOCK, each ``D`` of ``depths``.
 
     ``net`` must have :func:`gpntk.layers.gntk`'s form (the tiled path,
     :mod:`gpntk.kernels.graph_tiles`; else an ``ArchitectureError``); a BLOCK is an
@@ -166,7 +166,8 @@ def _tiles_apply(net: Layer, dtype: torch.dtype, device: torch.device | str | No
     else:
         like = torch.empty(0, dtype=dtype, device=device)
         layers = [op for op in plan.ops if isinstance(op, Dense)] + [r.dense for r in plan.readouts]
-        if any(layer.hyperparameter(name, like).numel() != 1 for layer in layers for name in layer.hyperparameter_names):
+        names = [(layer, name) for layer in layers for name in layer.hyperparameter_names]
+        if any(layer.hyperparameter(name, like).numel() != 1 for layer, name in names):
             reason = "its hyperparameters have batch dimensions"
     if reason is not None and required:
         raise ArchitectureError(f"the tiled graph kernels cannot evaluate this network: {reason}")

@@ -181,3 +181,24 @@ def test_other_networks_take_the_padded_path():
         graph_kernel_matrices_by_depth(hidden_after_pool, graphs, (1,), progress=False)
     with pytest.raises(ValueError, match="method must be one of"):
         graph_kernel_matrices(L.gntk(1, 1), graphs, method="padded", progress=False)
+
+
+def test_compiled_activations_equal_eager(monkeypatch):
+    """``gpntk.settings.fusion(True)``: the tiles' activations through torch.compile (traced, aot_eager backend)."""
+    import gpntk.kernels.fusion as fusion_module
+
+    monkeypatch.setattr(fusion_module, "COMPILE_BACKEND", "aot_eager")
+    rng = np.random.default_rng(8)
+    graphs = [random_graph(n, rng) for n in (3, 7, 5, 6)]
+    ops = [("aggregate",), ("dense", 1.6, 0.3), ("relu",), ("aggregate",), ("dense", 1.3, 0.0), ("relu",),
+           ("sum_pool",), ("dense", 0.8, 0.4)]
+    net = build(ops)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    with gpntk.settings.fusion(True):
+        sigma, theta = graph_kernel_matrices(net, graphs, tile_bytes=8 * 10 * 10, progress=False)
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    sigma_ref, theta_ref = reference_kernels(graphs, ops)
+    assert relative(sigma, torch.as_tensor(sigma_ref)) < RTOL
+    assert relative(theta, torch.as_tensor(theta_ref)) < RTOL
