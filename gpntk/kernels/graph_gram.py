@@ -42,7 +42,7 @@ METHODS = ("auto", "tiles", "buckets")
 Graph = tuple[Any, Any]
 
 
-def graph_kernel_matrices(
+def graph_kernel_matrices(  # long: documented arguments, the dispatch to tiles, the padded path
     net: Layer,
     graphs: Sequence[Graph],
     others: Sequence[Graph] | None = None,
