@@ -303,7 +303,7 @@ def _self_pass(  # long: one recursion over equal-size groups of graphs, readout
 
 def _tile_pass(  # long: the recursion on one N_I x N_J tile, orientation alternating at each aggregation
     plan: GraphPlan, left: _Side, right: _Side, readouts: dict[int, tuple[Readout, ...]], track: bool, like: Tensor,
-    last: int, activate: Callable[[int, Tensor, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor | None]],
+    last: int, run: "_Runs",
 ) -> dict[int, list[Tensor | None]]:
     """``{depth: [Σ (G_I, G_J), Θ or None]}`` of the graphs of two tiles."""
     cov = left.features @ right.features.transpose(0, 1) / left.features.shape[-1]
@@ -318,7 +318,8 @@ def _tile_pass(  # long: the recursion on one N_I x N_J tile, orientation altern
             s = s / (a.sizes.unsqueeze(-1) * b.sizes.unsqueeze(0))
         return s.transpose(0, 1) if flipped else s
 
-    for position in range(last + 1):
+    position = 0
+    while True:
         _readout_terms(
             readouts, position,
             lambda avg: (pool(cov, avg, flipped), None if ntk is None else pool(ntk, avg, flipped)),
@@ -326,31 +327,88 @@ def _tile_pass(  # long: the recursion on one N_I x N_J tile, orientation altern
         )
         if position == last:
             break
-        op = plan.ops[position]
-        if isinstance(op, Aggregate):
+        if isinstance(plan.ops[position], Aggregate):
             first, second = (right, left) if flipped else (left, right)
             cov = second.adjacency @ (first.adjacency @ cov).transpose(0, 1).contiguous()
             ntk = None if ntk is None else second.adjacency @ (first.adjacency @ ntk).transpose(0, 1).contiguous()
             flipped = not flipped
-        elif isinstance(op, Dense):
-            cov, ntk = _dense_step(op, cov, ntk, track, like)
+            position += 1
         else:
-            assert isinstance(op, Activation)
-            rows, cols = left.variances[position], right.variances[position]
-            if flipped:
-                rows, cols = cols, rows
-            cov, ntk = activate(position, cov, rows.unsqueeze(-1), cols.unsqueeze(0), ntk if track else None)
+            end = run.ends[position]
+            activations = [i for i in range(position, end) if i in run.activations]
+            rows = tuple((right if flipped else left).variances[i].unsqueeze(-1) for i in activations)
+            cols = tuple((left if flipped else right).variances[i].unsqueeze(0) for i in activations)
+            cov, ntk = run(position, cov, rows, cols, ntk, track)
+            position = end
     return out
 
 
-def _activation_step(op: Activation, cov: Tensor, rows: Tensor, cols: Tensor,
-                     ntk: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The activation on a tile: ``(k, k̇ Θ)``, given the node variances ``rows`` ``(N_a, 1)``, ``cols`` ``(1, N_b)``."""
-    k, kdot = op.dual(rows, cov, cols, ntk is not None)
-    if ntk is None:
-        return k, None
-    assert kdot is not None
-    return k, kdot * ntk
+class _Runs:
+    """The runs of ``Dense`` and activation layers between aggregations and readouts, each one (compiled) loop."""
+
+    def __init__(self, plan: GraphPlan, readouts: dict[int, tuple[Readout, ...]], last: int, like: Tensor,
+                 fused: bool):
+        stops = {r.position for rs in readouts.values() for r in rs}
+        canonical = _canonical(plan.ops[:last])
+        self.activations = set(canonical)
+        self.ends: dict[int, int] = {}
+        self.steps: dict[int, tuple[tuple[str, ...], tuple[Layer, ...], tuple[Tensor, ...]]] = {}
+        for start, op in enumerate(plan.ops[:last]):
+            if isinstance(op, Aggregate):
+                continue
+            end = start + 1
+            while end < last and not isinstance(plan.ops[end], Aggregate) and end not in stops:
+                end += 1
+            self.ends[start] = end
+            kinds, acts, values = [], [], []
+            for i in range(start, end):
+                layer = plan.ops[i]
+                if isinstance(layer, Dense):
+                    kinds.append("dense" + ("+bias" if layer.has_bias else "") + ("" if layer.trainable else "-frozen"))
+                    values.append(layer.hyperparameter("weight_variance", like))
+                    if layer.has_bias:
+                        values.append(layer.hyperparameter("bias_variance", like))
+                else:
+                    kinds.append("activation")
+                    acts.append(canonical[i])
+            self.steps[start] = (tuple(kinds), tuple(acts), tuple(values))
+        self.policy, self.fused = FusionPolicy(), fused
+
+    def __call__(self, start: int, cov: Tensor, rows: tuple[Tensor, ...], cols: tuple[Tensor, ...],
+                 ntk: Tensor | None, track: bool) -> tuple[Tensor, Tensor | None]:
+        kinds, acts, values = self.steps[start]
+        return self.policy.run(_elementwise_run, (kinds, acts, values, cov, rows, cols, ntk, track), self.fused)
+
+
+def _elementwise_run(
+    kinds: tuple[str, ...], acts: tuple[Activation, ...], values: tuple[Tensor, ...], cov: Tensor,
+    rows: tuple[Tensor, ...], cols: tuple[Tensor, ...], ntk: Tensor | None, track: bool,
+) -> tuple[Tensor, Tensor | None]:
+    r"""``Dense`` (:math:`\sigma_w^2 \Sigma + \sigma_b^2`, :math:`\sigma_w^2 \Theta + \Sigma'`) and activation
+    (:math:`k(\Sigma)`, :math:`\dot k\, \Theta`) maps in turn on a tile; ``ntk=None``: a zero NTK (with
+    ``track``) or none.
+
+    ``kinds``: ``"dense"`` (``+bias``, ``-frozen``) or ``"activation"``; ``values``: each ``Dense``'s
+    variances in turn, ``acts``, ``rows`` ``(N_a, 1)`` and ``cols`` ``(1, N_b)`` (node variances) each
+    activation's.
+    """
+    a = v = 0
+    for kind in kinds:
+        if kind == "activation":
+            k, kdot = acts[a].dual(rows[a], cov, cols[a], ntk is not None)
+            ntk = None if ntk is None else cast(Tensor, kdot) * ntk
+            cov, a = k, a + 1
+            continue
+        w = values[v]
+        new = w * cov + values[v + 1] if "+bias" in kind else w * cov
+        v += 2 if "+bias" in kind else 1
+        scaled = None if ntk is None else w * ntk
+        if not kind.endswith("-frozen") and track:
+            ntk = new if scaled is None else scaled + new
+        else:
+            ntk = scaled
+        cov = new
+    return cov, ntk
 
 
 def _canonical(ops: Sequence[Layer]) -> dict[int, Layer]:
@@ -427,14 +485,7 @@ def tiled_graph_kernels(  # long: tiling, the per-graph pass, the tile loop and 
     sides2 = sides1 if second is None else [_Side(dataset, t, like, variances, offsets) for t in tiles2]
     per_pair = sum(isinstance(op, Activation) for op in plan.ops[:last])
     node_pairs = sum(int(dataset.sizes[i]) for i in first) * sum(int(dataset.sizes[i]) for i in columns)
-    fused = _fused(per_pair * node_pairs // (2 if second is None else 1))
-    policy = FusionPolicy()
-    canonical = _canonical(plan.ops[:last])
-
-    def activate(position: int, cov: Tensor, rows: Tensor, cols: Tensor,
-                 ntk: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return policy.run(_activation_step, (canonical[position], cov, rows, cols, ntk), fused)
-
+    run = _Runs(plan, readouts, last, like, _fused(per_pair * node_pairs // (2 if second is None else 1)))
     starts1 = [0] + torch.tensor([len(t) for t in tiles1]).cumsum(0).tolist()
     starts2 = [0] + torch.tensor([len(t) for t in tiles2]).cumsum(0).tolist()
     shape = (len(first), len(columns))
@@ -445,7 +496,7 @@ def tiled_graph_kernels(  # long: tiling, the per-graph pass, the tile loop and 
             for j, right in enumerate(sides2):
                 if second is None and j < i:
                     continue
-                blocks = _tile_pass(plan, left, right, readouts, track_ntk, like, last, activate)
+                blocks = _tile_pass(plan, left, right, readouts, track_ntk, like, last, run)
                 rows = slice(starts1[i], starts1[i + 1])
                 cols = slice(starts2[j], starts2[j + 1])
                 for d, tile_values in blocks.items():
