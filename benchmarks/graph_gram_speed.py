@@ -7,7 +7,8 @@ Usage (from the repository root; one thread, the machine is shared)::
 For each ``L`` in ``--blocks``: ``gntk(L, R)`` (jumping knowledge, sum readout, Du et al.'s
 ``A + I`` aggregation) on the first ``--graphs`` graphs, the NTK and NNGP Gram matrix by
 :func:`gpntk.graph_kernel_matrices` with ``method="buckets"`` and ``method="tiles"``, each
-``--repeats`` times in this process, alternating (after one compiled call that compiles); the tiled path both eagerly and with its activations
+``--repeats`` times in this process, alternating (after one compiled call that compiles); the tiled
+path both eagerly and with its activations
 compiled (``gpntk.settings.fusion(True)``; the first compiled call pays the compilation, reported
 apart); prints the median wall time, the distinct pairs :math:`n(n+1)/2` per second and the largest
 relative difference of the results to the padded path's. With
