@@ -137,11 +137,16 @@ def plan_of(net: Layer) -> GraphPlan | None:
     Accepted: a chain of ``Aggregate``, ``Dense`` (NTK parameterization) and elementwise
     activations ending in a readout (``GlobalSumPool`` or ``GlobalAvgPool`` then one ``Dense``),
     where ``FanOut(k)`` + ``Parallel`` + ``FanInSum`` may split readouts off the chain (all
-    branches but at most one are readouts, the other continues the chain).
+    branches but at most one are readouts, the other continues the chain), every ``Dense`` a layer
+    of its own (a layer used twice shares its weights between two places, which this path does not
+    model).
     """
     ops: list[Layer] = []
     readouts: list[Readout] = []
     if not _walk(_flat(net), ops, readouts) or not readouts:
+        return None
+    dense = [op for op in ops if isinstance(op, Dense)] + [r.dense for r in readouts]
+    if len({id(layer) for layer in dense}) != len(dense):  # a layer used twice: shared weights, correlated terms
         return None
     return GraphPlan(tuple(ops), tuple(readouts))
 

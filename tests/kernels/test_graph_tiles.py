@@ -172,6 +172,11 @@ def test_other_networks_take_the_padded_path():
     hidden_after_pool = L.serial(L.Aggregate(), L.Dense(1.5, 0.1), L.ReLU(), L.GlobalSumPool(), L.Dense(1.2, 0.1),
                                  L.ReLU(), L.Dense(1.0, 0.0))
     assert plan_of(hidden_after_pool) is None
+    shared = L.Dense(1.0, 0.0)
+    assert plan_of(L.serial(L.FanOut(2), L.parallel(L.serial(L.GlobalSumPool(), shared),
+                                                    L.serial(L.GlobalAvgPool(), shared)), L.FanInSum())) is None
+    assert plan_of(L.serial(L.FanOut(2), L.parallel(L.serial(L.GlobalSumPool(), L.Dense(1.0, 0.0)),
+                                                    L.serial(L.GlobalAvgPool(), shared)), L.FanInSum())) is not None
     auto = graph_kernel_matrices(hidden_after_pool, graphs, progress=False)
     padded = graph_kernel_matrices(hidden_after_pool, graphs, method="buckets", progress=False)
     assert torch.equal(auto[0], padded[0]) and torch.equal(auto[1], padded[1])
