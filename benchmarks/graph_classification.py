@@ -16,9 +16,11 @@ aggregation over the closed neighbourhood followed by ``mlp_layers`` fully conne
 0..L). The aggregation is in the adjacency handed to gpntk: ``sum`` = ``A + I`` (Du et al.'s
 ``scale="uniform"``), ``degree`` = ``D̃⁻¹(A + I)`` with ``D̃ = diag((A + I)1)`` (their ``scale="degree"``,
 c_u = 1/(|N(u)| + 1); :func:`gpntk.normalized_adjacency` with ``"row"`` and ``self_loops=True``).
-:func:`gpntk.graph_kernel_matrices` computes each NTK Gram matrix exactly (graphs bucketed by size);
-each Gram's wall time is measured once (after an untimed warm-up on two graphs; a Gram takes seconds
-to a quarter of an hour here).
+:func:`gpntk.graph_kernel_matrices_by_depth` computes the NTK Gram matrices exactly, every ``L`` of the grid
+for one (``mlp_layers``, aggregation) from one pass at the largest ``L`` (the tiled evaluation of
+:mod:`gpntk.kernels.graph_tiles`; a readout depends only on the layers before it); the wall time of that
+pass is measured once and recorded for each of its Grams (``seconds``, with ``shared_by`` the depths it
+gave), after an untimed warm-up on two graphs.
 
 Classifier and protocol (``search.py`` of Du et al.'s code): scikit-learn ``SVC(kernel="precomputed",
 C, max_iter)`` on the Gram matrix divided by its smallest entry ("raw") and on the normalised Gram
@@ -279,21 +281,56 @@ def nested_fold(grams: Sequence[np.ndarray], labels: np.ndarray, train: np.ndarr
     return fits.accuracy(matrices[k, norm], labels, train, test, c), choice
 
 
-def cached_gram(setting: KernelSetting, graphs: Sequence[tuple[np.ndarray, np.ndarray]], progress: bool,
-                cache: Path | None, key: str) -> tuple[np.ndarray, float, bool]:
-    """:func:`ntk_gram`, read from ``cache/key-label.npz`` when an earlier run saved it there (with the
-    seconds it took then), else computed and saved. Returns (Gram, seconds, whether it came from the cache)."""
-    if cache is None:
-        return (*ntk_gram(setting, graphs, progress), False)
-    path = cache / f"{key} {setting.label}.npz".replace(" ", "_").replace("=", "")
-    if path.is_file():
-        stored = np.load(path)
-        if stored["gram"].shape == (len(graphs), len(graphs)):
-            return stored["gram"], float(stored["seconds"]), True
-    gram, seconds = ntk_gram(setting, graphs, progress)
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, gram=gram, seconds=seconds)
-    return gram, seconds, False
+def ntk_grams(settings: Sequence[KernelSetting], graphs: Sequence[tuple[np.ndarray, np.ndarray]],
+              progress: bool = True) -> tuple[list[np.ndarray], float]:
+    """The Gram matrices of ``settings`` (one ``mlp_layers`` and aggregation, any ``blocks``) from one pass.
+
+    :func:`gpntk.graph_kernel_matrices_by_depth` through the deepest network yields every shallower one's
+    Gram; returns them in the order of ``settings`` and the wall time of the pass in s (symmetry checked as in
+    :func:`ntk_gram`).
+    """
+    if len({(s.mlp_layers, s.aggregation) for s in settings}) != 1:
+        raise ValueError("ntk_grams needs settings of one mlp_layers and aggregation")
+    deepest = max(settings, key=lambda s: s.blocks)
+    prepared = with_self_loops(graphs, deepest.aggregation)
+    start = time.perf_counter()
+    by_depth = gpntk.graph_kernel_matrices_by_depth(deepest.network(), prepared, [s.blocks for s in settings],
+                                                    track_ntk=True, progress=progress)
+    seconds = time.perf_counter() - start
+    grams = []
+    for setting in settings:
+        ntk = by_depth[setting.blocks][1]
+        assert ntk is not None
+        gram = ntk.numpy()
+        if not np.all(np.isfinite(gram)) or not np.allclose(gram, gram.T, rtol=1e-8, atol=0):
+            raise RuntimeError(f"{setting.label}: the Gram matrix is not finite and symmetric")
+        grams.append(gram)
+    return grams, seconds
+
+
+def cached_grams(settings: Sequence[KernelSetting], graphs: Sequence[tuple[np.ndarray, np.ndarray]],
+                 progress: bool, cache: Path | None, key: str) -> list[tuple[np.ndarray, float, bool]]:
+    """:func:`ntk_grams`, each read from ``cache/key-label.npz`` when an earlier run saved it there (with the
+    seconds it took then), else all computed in one pass and saved. Returns (Gram, seconds, whether it came
+    from the cache) per setting."""
+    paths = [None if cache is None else cache / f"{key} {s.label}.npz".replace(" ", "_").replace("=", "")
+             for s in settings]
+    stored = []
+    for path in paths:
+        if path is not None and path.is_file():
+            data = np.load(path)
+            if data["gram"].shape == (len(graphs), len(graphs)):
+                stored.append((data["gram"], float(data["seconds"]), True))
+                continue
+        break
+    if len(stored) == len(settings):
+        return stored
+    grams, seconds = ntk_grams(settings, graphs, progress)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        for gram, path in zip(grams, paths):
+            np.savez(path, gram=gram, seconds=seconds)
+    return [(gram, seconds, False) for gram in grams]
 
 
 def evaluate_dataset(name: str, grid: str, c_grid: Sequence[float], max_graphs: int | None, data_root: Path,
@@ -314,16 +351,23 @@ def evaluate_dataset(name: str, grid: str, c_grid: Sequence[float], max_graphs: 
     # one untimed evaluation on two graphs first: the first call of a process pays one-time set-up costs
     for setting in settings[:1]:
         ntk_gram(setting, graphs[:2], progress=False)
-    grams, gram_records = [], []
-    for setting in settings:
+    computed: dict[str, tuple[np.ndarray, float, bool, list[int], float]] = {}
+    for shared in dict.fromkeys((s.mlp_layers, s.aggregation) for s in settings):
+        group = [s for s in settings if (s.mlp_layers, s.aggregation) == shared]
         load = os.getloadavg()[0]
-        gram, seconds, reused = cached_gram(setting, graphs, progress, gram_cache, f"{name} {n}")
-        pairs = n * (n + 1) // 2
+        for setting, (gram, seconds, reused) in zip(group, cached_grams(group, graphs, progress, gram_cache,
+                                                                         f"{name} {n}")):
+            computed[setting.label] = (gram, seconds, reused, [s.blocks for s in group], load)
+        print(f"  R={shared[0]} {shared[1]}: L in {[s.blocks for s in group]} from one pass, "
+              f"{computed[group[0].label][1]:8.1f} s (load {load:.1f})", flush=True)
+    grams, gram_records = [], []
+    pairs = n * (n + 1) // 2
+    for setting in settings:
+        gram, seconds, reused, shared_by, load = computed[setting.label]
         gram_records.append({**asdict(setting), "label": setting.label, "seconds": seconds, "pairs": pairs,
-                             "pairs_per_second": pairs / seconds, "load_average_before": load,
+                             "pairs_per_second": pairs / seconds, "shared_by": shared_by, "load_average_before": load,
                              "from_cache": reused})
         grams.append(gram)
-        print(f"  {setting.label:<20s} Gram {seconds:8.1f} s ({pairs / seconds:9.0f} pairs/s)", flush=True)
 
     fits = _Fits(max_iter)
     svm_start = time.perf_counter()

@@ -30,6 +30,7 @@ __all__ = [
     "CompositionWarning", "AmbiguousHyperparameterError", "__version__",
     "NeuralKernelSum", "testing",
     "GraphInputs", "NodeGraph", "GraphDataset", "normalized_adjacency", "graph_kernel_matrices",
+    "graph_kernel_matrices_by_depth",
 ]
 
 #: public name -> (module, attribute or None for the module itself)
@@ -57,6 +58,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "GraphDataset": (".core.graph_inputs", "GraphDataset"),
     "normalized_adjacency": (".core.graph_inputs", "normalized_adjacency"),
     "graph_kernel_matrices": (".kernels.graph_gram", "graph_kernel_matrices"),
+    "graph_kernel_matrices_by_depth": (".kernels.graph_gram", "graph_kernel_matrices_by_depth"),
     # an optional extra (pip install "gpntk[botorch]"): reachable as gpntk.botorch, never in __all__
     # (``from gpntk import *`` must not need BoTorch)
     "botorch": (".botorch", None),
@@ -101,5 +103,5 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
         NumericalWarning,
     )
     from .kernels import EmpiricalNTKKernel, NeuralKernelSum, NNGPKernel, NTKKernel
-    from .kernels.graph_gram import graph_kernel_matrices
+    from .kernels.graph_gram import graph_kernel_matrices, graph_kernel_matrices_by_depth
     from .posterior import TrainedEnsemble

@@ -132,6 +132,18 @@ def test_benchmark_gram_is_the_reference_ntk():
     assert np.array_equal(gram, gram.T) and seconds > 0
 
 
+def test_benchmark_grams_by_depth_are_the_reference_ntks():
+    """ntk_grams: L = 1, 2, 3 from one pass through gntk(3, 1) (graph_kernel_matrices_by_depth), each the reference."""
+    graphs = _mutag(10)
+    settings = [bench.KernelSetting(b, 1, "sum") for b in (3, 1, 2)]
+    grams, seconds = bench.ntk_grams(settings, graphs, progress=False)
+    for setting, gram in zip(settings, grams):
+        np.testing.assert_allclose(gram, reference_grams(graphs, setting.blocks, 1, "sum")[1], rtol=NTK_RTOL, atol=0)
+    assert seconds > 0
+    with pytest.raises(ValueError, match="one mlp_layers and aggregation"):
+        bench.ntk_grams([bench.KernelSetting(1, 1, "sum"), bench.KernelSetting(1, 2, "sum")], graphs)
+
+
 def test_self_loops_and_degree_scaling():
     graphs = _random_graphs(4, 2, seed=1)
     for (x, a), (x_sum, s_sum), (x_deg, s_deg) in zip(graphs, bench.with_self_loops(graphs, "sum"),
