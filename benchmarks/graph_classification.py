@@ -140,12 +140,13 @@ BUDGET_GRID: dict[str, list[KernelSetting]] = {
 QUICK_GRID = product_grid((1,), (1,))
 
 
-def kernel_grid(grid: str, name: str) -> list[KernelSetting]:
-    if grid == "paper":
-        return paper_grid(name)
-    if grid == "budget":
-        return BUDGET_GRID[name]
-    return QUICK_GRID
+def kernel_grid(grid: str, name: str, only: dict[str, Sequence] | None = None) -> list[KernelSetting]:
+    """The kernels of ``grid`` for dataset ``name``; ``only``: keep those whose ``mlp_layers`` /
+    ``aggregation`` are in the given values (e.g. ``{"mlp_layers": [1]}``: a part of the grid)."""
+    settings = paper_grid(name) if grid == "paper" else BUDGET_GRID[name] if grid == "budget" else QUICK_GRID
+    for field, values in (only or {}).items():
+        settings = [s for s in settings if getattr(s, field) in values]
+    return settings
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -335,15 +336,19 @@ def cached_grams(settings: Sequence[KernelSetting], graphs: Sequence[tuple[np.nd
 
 def evaluate_dataset(name: str, grid: str, c_grid: Sequence[float], max_graphs: int | None, data_root: Path,
                      inner_folds: int, nested: bool, progress: bool = True,
-                     max_iter: int = graph_data.SVM_MAX_ITER, gram_cache: Path | None = None) -> dict[str, Any]:
-    """Every Gram of the grid for dataset ``name``, the SVM protocol on them, and the result record."""
+                     max_iter: int = graph_data.SVM_MAX_ITER, gram_cache: Path | None = None,
+                     only: dict[str, Sequence] | None = None) -> dict[str, Any]:
+    """Every Gram of the grid for dataset ``name`` (``only``: a part of it, see :func:`kernel_grid`),
+    the SVM protocol on them, and the result record."""
     data = graph_data.load_tu(name, data_root)
     subset = stratified_subset(data.labels, max_graphs) if max_graphs else np.arange(len(data))
     graphs = [data.graphs[g] for g in subset]
     labels = data.labels[subset]
     folds = restrict_folds(data.folds, subset, labels) if len(subset) < len(data) else list(data.folds)
     n = len(graphs)
-    settings = kernel_grid(grid, name)
+    settings = kernel_grid(grid, name, only)
+    if not settings:
+        raise ValueError(f"{name}: no kernel of the {grid} grid is left by {only}")
     nodes = np.array([x.shape[0] for x, _ in graphs])
     print(f"{name}: {n} of {len(data)} graphs, {data.num_classes} classes, {data.num_features} features, "
           f"nodes {nodes.min()}..{nodes.max()} (mean {nodes.mean():.1f}); {len(settings)} kernels", flush=True)
@@ -521,6 +526,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-iter", type=int, default=graph_data.SVM_MAX_ITER,
                         help=f"SVC's max_iter (default Du et al.'s {graph_data.SVM_MAX_ITER}); fits that reach it "
                              "are counted in the JSON")
+    parser.add_argument("--mlp-layers", type=int, nargs="+", default=None, metavar="R",
+                        help="keep only the grid's kernels with these R (a part of the grid)")
+    parser.add_argument("--aggregations", nargs="+", choices=AGGREGATIONS, default=None,
+                        help="keep only the grid's kernels with these aggregations (a part of the grid)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the folder of the TU datasets")
     parser.add_argument("--gram-cache", type=Path, default=None,
@@ -571,12 +580,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "outer fold by an inner stratified split of its training graphs"),
         "machine": machine(args.threads), "results": list(earlier),
     }
+    only = {k: v for k, v in (("mlp_layers", args.mlp_layers), ("aggregation", args.aggregations)) if v}
+    report["grid_part"] = only or None
     this_part = {"command": command, "datasets": datasets, "machine": report["machine"]}
     report["parts"] = parts + [this_part]
     for name in datasets:
         record = evaluate_dataset(name, args.grid, c_grid, max_graphs.get(name), args.data, args.inner_folds,
                                   args.nested, progress=not args.no_progress, max_iter=args.max_iter,
-                                  gram_cache=args.gram_cache)
+                                  gram_cache=args.gram_cache, only=only)
         report["results"].append(record)
         this_part["wall_seconds"] = time.perf_counter() - start
         report["wall_seconds"] = sum(p.get("wall_seconds") or 0.0 for p in report["parts"])

@@ -47,6 +47,7 @@ def terminal(monkeypatch):
     (Not set in the fixture: pytest's output capture sets sys.stderr again between a fixture's
     setup and the test.)
     """
+    pytest.importorskip("tqdm")  # bars need the optional extra gpntk[progress]; without it: see below
     monkeypatch.setattr(gpntk.settings, "PROGRESS_DELAY", 0.0)
     monkeypatch.setattr(gpntk.settings.progress, "_mode", True)  # whatever GPNTK_PROGRESS says
     return FakeTerminal()

@@ -12,8 +12,6 @@ from __future__ import annotations
 import gpytorch
 import pytest
 import torch
-from botorch.fit import fit_gpytorch_mll
-from botorch.models import SingleTaskGP
 
 import gpntk
 from gpntk import layers as L
@@ -51,6 +49,10 @@ def _smooth_problem(seed: int, n: int = 30) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _fit(net: L.Layer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    pytest.importorskip("botorch")  # an optional extra: gpntk[botorch]
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+
     covar = gpytorch.kernels.ScaleKernel(gpntk.NTKKernel(net))
     model = SingleTaskGP(x, y, covar_module=covar)
     fit_gpytorch_mll(gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model))

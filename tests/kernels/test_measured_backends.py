@@ -5,6 +5,7 @@ A CUDA device class is simulated through ``choose_backend``'s ``device`` argumen
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from types import MappingProxyType
@@ -47,8 +48,13 @@ def test_auto_uses_the_torch_backends_on_every_device_class_today(monkeypatch):
             assert backends.choose_backend(net, x, x[:5], hyper, None, device=device) == "dense"  # 5000 numbers
         # the inputs' own device is the default
         assert backends.choose_backend(net, x, x, hyper, None) == "blockwise"
-        # asking for KeOps still works anywhere (it is the measurement-free default that never picks it)
-        assert backends.choose_backend(net, x, x, hyper, None, backend="keops", device="cuda") == "keops"
+        # asking for KeOps still works anywhere (it is the measurement-free default that never picks it),
+        # or says that pykeops is missing
+        if importlib.util.find_spec("pykeops") is None:
+            with pytest.raises(ValueError, match="pykeops is not installed"):
+                backends.choose_backend(net, x, x, hyper, None, backend="keops", device="cuda")
+        else:
+            assert backends.choose_backend(net, x, x, hyper, None, backend="keops", device="cuda") == "keops"
 
 
 def test_the_shipped_table_names_keops_only_with_evidence():
