@@ -163,7 +163,19 @@ class kernel_backend(_Setting[Backend]):
         return isinstance(mode, str) and mode in ("auto", "dense", "blockwise", "keops")
 
 
-class recompute_backward(_Setting[bool]):
+class _Switch(_Setting[bool]):
+    """A setting that is on or off; :meth:`on` reads it."""
+
+    @classmethod
+    def _valid(cls, mode: object) -> bool:
+        return isinstance(mode, bool)
+
+    @classmethod
+    def on(cls) -> bool:
+        return cls._mode
+
+
+class recompute_backward(_Switch):
     r"""``recompute_backward(on)``: how gradients of kernel matrices are computed (default ``True``).
 
     ``True``: the kernel matrix is filled without recording the recursion, and the backward pass
@@ -179,16 +191,8 @@ class recompute_backward(_Setting[bool]):
     _name, _choices = "recompute_backward", "True or False"
     _mode: bool = os.environ.get("GPNTK_RECOMPUTE_BACKWARD", "1") != "0"
 
-    @classmethod
-    def _valid(cls, mode: object) -> bool:
-        return isinstance(mode, bool)
 
-    @classmethod
-    def on(cls) -> bool:
-        return cls._mode
-
-
-class progress(_Setting[bool]):
+class progress(_Switch):
     r"""``progress(on)``: whether long computations draw progress bars (default ``True``).
 
     A bar is drawn only when this is on, stderr is a terminal and tqdm is installed (the
@@ -202,14 +206,6 @@ class progress(_Setting[bool]):
 
     _name, _choices = "progress", "True or False"
     _mode: bool = os.environ.get("GPNTK_PROGRESS", "1") != "0"
-
-    @classmethod
-    def _valid(cls, mode: object) -> bool:
-        return isinstance(mode, bool)
-
-    @classmethod
-    def on(cls) -> bool:
-        return cls._mode
 
 
 kernel_backend._check(kernel_backend._mode)  # a bad GPNTK_KERNEL_BACKEND fails at import, naming the choices
