@@ -16,6 +16,7 @@ mll_step = load_benchmark("mll_step.py", "mll_step_benchmark")
 
 
 def test_smoke_every_kind_on_both_paths(tmp_path):
+    pytest.importorskip("botorch")  # the "ibnn" kind is BoTorch's kernel (an optional extra)
     out = tmp_path / "mll_step.json"
     evaluate, products = dense.evaluate, vars(BlockwiseKernelOperator)["_products"]
     report = mll_step.main(["--n", "120", "--repeats", "1", "--mcs-cg", "50", "--out", str(out)])
