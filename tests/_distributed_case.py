@@ -52,10 +52,19 @@ class GP(gpytorch.models.ExactGP):
 
 
 def cg_path() -> contextlib.ExitStack:
-    """GPyTorch's iterative path at this small n: CG, Lanczos log-determinant, pivoted-Cholesky preconditioner."""
+    """GPyTorch's iterative path at this small n: CG, Lanczos log-determinant, pivoted-Cholesky preconditioner.
+
+    Every setting that changes the numbers is pinned: importing BoTorch changes GPyTorch's global
+    defaults (``max_cholesky_size`` 800 -> 4096, ``max_eager_kernel_size`` 512 -> 4096,
+    ``cholesky_max_tries`` 3 -> 6, and ``fast_computations`` off), so a reference computed in a
+    process that imported it (the test session) would otherwise differ from ranks that did not.
+    """
     stack = contextlib.ExitStack()
     for setting in (
         gpytorch.settings.max_cholesky_size(50),
+        gpytorch.settings.max_eager_kernel_size(512),
+        gpytorch.settings.cholesky_max_tries(3),
+        gpytorch.settings.fast_computations(covar_root_decomposition=True, log_prob=True, solves=True),
         gpytorch.settings.cg_tolerance(1e-5),
         gpytorch.settings.eval_cg_tolerance(1e-5), gpytorch.settings.max_cg_iterations(1000),
         gpytorch.settings.num_trace_samples(8),

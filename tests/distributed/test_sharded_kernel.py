@@ -162,3 +162,21 @@ def test_any_gpytorch_kernel(float64_default):
     v = torch.randn(150, 2)
     with torch.no_grad():
         torch.testing.assert_close(ShardedKernel(kernel)(x) @ v, kernel(x).to_dense() @ v, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.slow
+def test_two_rank_reference_does_not_depend_on_importing_botorch():
+    """The test session imports BoTorch (which changes GPyTorch's defaults); the ranks do not."""
+    pytest.importorskip("botorch")
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import _distributed_case as c\n"
+        "a = c.gp_results(False)\nimport botorch\nb = c.gp_results(False)\n"
+        "assert all(bool((a[k] == b[k]).all()) for k in a), [k for k in a if not (a[k] == b[k]).all()]\n"
+    )
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
