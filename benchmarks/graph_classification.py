@@ -431,7 +431,10 @@ def evaluate_dataset(name: str, grid: str, c_grid: Sequence[float], max_graphs: 
         "nested": nested_record,
         "per_kernel_best": per_kernel,
         "grams": gram_records,
-        "gram_seconds_total": float(sum(g["seconds"] for g in gram_records)),
+        # a pass shared by several depths is counted once
+        "gram_seconds_total": float(sum({
+            (g["mlp_layers"], g["aggregation"], tuple(g.get("shared_by") or [g["blocks"]])): g["seconds"]
+            for g in gram_records}.values())),
         "svm_seconds": svm_seconds,
         "svm_fits": fits.count, "svm_fits_at_max_iter": fits.unconverged, "svm_max_iter": max_iter,
         "subset": subset_note,
