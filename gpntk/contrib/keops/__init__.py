@@ -80,7 +80,11 @@ Correlations are clamped to :math:`[-1, 1]` and :math:`1/\sqrt{1 - \rho^2}` to a
 
 **Compilation.** Every distinct formula is compiled once (10-35 s on a 2-core CPU) and cached
 on disk in pykeops' build folder (``pykeops.set_build_folder``); a new process only regenerates
-its code (under a second to a few seconds), and keeps it in memory. A
+its code (under a second to a few seconds), and keeps it in memory. pykeops writes a compiled
+library in place, without a lock, so processes sharing a build folder (pytest-xdist workers, ranks
+of :mod:`gpntk.distributed` on one machine) take turns: the first call of each reduction in a
+process holds a file lock in the build folder (:mod:`.build_lock`; other ``LazyTensor``
+operations on the matrix, which pykeops compiles itself, are not covered). A
 formula depends on the architecture's structure (not on hyperparameter or activation-constant
 values), the input dimension ``d``, the number of right-hand sides (rounded up to a power of
 two, padding with zero columns) and the dtype. Inputs always carry at least one batch dimension,
@@ -92,7 +96,7 @@ bindings; :mod:`.calculus`: dual numbers (forward-mode derivatives) on the graph
 features and constants; :mod:`.formula`: which architectures are supported and the network as a
 formula (:func:`keops_formula`); :mod:`.operator`: evaluation (compiled reductions, memoised per
 process by ``functools.lru_cache``, the backward pass) and the symbolic kernel matrix
-(:func:`keops_covariance`).
+(:func:`keops_covariance`); :mod:`.build_lock`: one compilation at a time per build folder.
 
 **Third-party internals still used.** ``KeOpsKernelMatrix`` subclasses pykeops' ``LazyTensor``
 and copies onto itself the attributes of a ``LazyTensor`` joined from its variables (``tools``,

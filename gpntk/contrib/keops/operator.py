@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ...core.layer import Layer
+from .build_lock import LockedRoutine
 from .formula import _GLOBAL_CONSTANTS, Mode, Output, _build, _Formula, _Plan, _plan, _Structure, keops_supported
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,12 +36,14 @@ def _formula(structure: _Structure, mode: Mode, d: int, c: int) -> _Formula:
 
 
 @lru_cache(maxsize=None)
-def _routine(formula: _Formula, dtype: torch.dtype) -> Any:
-    """The compiled pykeops ``Genred`` of ``formula`` (untyped; compiled once per process and dtype, cached on disk by
-    pykeops)."""
+def _routine(formula: _Formula, dtype: torch.dtype) -> LockedRoutine:
+    """The compiled pykeops ``Genred`` of ``formula`` (compiled once per process and dtype, cached on disk by pykeops;
+    its first call holds the build folder's lock, :mod:`.build_lock`)."""
     from pykeops.torch import Genred
 
-    return Genred(formula.text, formula.alias_strings(), reduction_op="Sum", axis=formula.axis, enable_chunks=False)
+    return LockedRoutine(
+        Genred(formula.text, formula.alias_strings(), reduction_op="Sum", axis=formula.axis, enable_chunks=False)
+    )
 
 
 def _identically_zero(structure: _Structure) -> bool:
