@@ -9,10 +9,11 @@ by default (``"auto"``) it is used only where it pays for itself: for evaluation
 :data:`FUSION_MIN_ELEMENTS` numbers that need no gradient, once the same network has already been
 evaluated :data:`FUSION_AFTER_CALLS` times at that size, dtype and device (repeated posteriors,
 predictions over many test sets, benchmarks); a one-off evaluation never compiles.
-In a fit (a kernel in ``train()`` mode), large evaluations that need gradients compile from the
-first one, so the fit pays the compile up front and never pauses in its middle; outside a fit
-they never compile. ``fusion(True)`` compiles every evaluation, gradients included. Fusion
-applies to fully-connected architectures (vector inputs); spatial ones always run eagerly.
+In a fit (a kernel in ``train()`` mode), evaluations of at least :data:`FUSION_MIN_ELEMENTS_FIT`
+numbers that need gradients compile from the first one, so the fit pays the compile up front and
+never pauses in its middle; outside a fit they never compile. ``fusion(True)`` compiles every
+evaluation, gradients included. Fusion applies to fully-connected architectures (vector inputs);
+spatial ones always run eagerly.
 
 ``kernel_backend``: whether kernel matrices are stored (dense) or matrix-free (blockwise, KeOps),
 for conjugate-gradient GPs and large-n posteriors.
@@ -36,12 +37,19 @@ import os
 from typing import Generic, Literal, TypeVar, cast
 
 __all__ = [
-    "fusion", "kernel_backend", "recompute_backward", "progress", "FUSION_MIN_ELEMENTS", "FUSION_AFTER_CALLS",
+    "fusion", "kernel_backend", "recompute_backward", "progress", "FUSION_MIN_ELEMENTS", "FUSION_MIN_ELEMENTS_FIT",
+    "FUSION_AFTER_CALLS",
     "DENSE_MAX_ELEMENTS", "PROGRESS_DELAY",
 ]
 
 FUSION_MIN_ELEMENTS = 2**23
 """Under ``fusion("auto")``, evaluations of at least this many numbers (pairs x per-pair entries) compile."""
+FUSION_MIN_ELEMENTS_FIT = 2**21
+"""Under ``fusion("auto")``, evaluations with gradients in a fit (a kernel in ``train()`` mode) of at least this
+many numbers compile, from the first (an n x n kernel from n = 1449 on). Measured on a 2-core CPU, one thread,
+depth-3 ReLU NTK ExactGP step (``benchmarks/mll_step.py``, Cholesky path): eager 1.00 s / compiled 0.64 s at
+n = 1500, 1.74-1.85 s / 1.29-1.35 s at n = 2000 (RBF 0.46 s and 1.01 s), for a compile of about 27-31 s paid
+in the first step: the saving repays it within about 60-80 steps of a fit."""
 FUSION_AFTER_CALLS = 2
 """Under ``fusion("auto")``, such large evaluations compile once this many of the same network
 (dtype, device, NNGP/NTK) have run eagerly."""
@@ -120,17 +128,20 @@ class fusion(_Setting[Mode]):
 
         ``needs_grad``: the evaluation belongs to an autograd graph; ``previous_calls``: how many
         large evaluations of the same configuration ran before it; ``training``: its owner is
-        being fitted (a kernel in ``train()`` mode). Under ``"auto"``, large evaluations compile
-        when they need no gradient and repeat (``previous_calls >= FUSION_AFTER_CALLS``), or when
-        they need gradients in a fit, from the first (up front: a fit never pauses to compile in
-        its middle).
+        being fitted (a kernel in ``train()`` mode). Under ``"auto"``, evaluations of at least
+        :data:`FUSION_MIN_ELEMENTS` numbers compile when they need no gradient and repeat
+        (``previous_calls >= FUSION_AFTER_CALLS``); those of at least :data:`FUSION_MIN_ELEMENTS_FIT`
+        compile when they need gradients in a fit, from the first (up front: a fit never pauses to
+        compile in its middle).
         """
         mode = cls._mode
         if mode is True:
             return True
-        if mode is False or elements < FUSION_MIN_ELEMENTS:
+        if mode is False:
             return False
-        return training if needs_grad else previous_calls >= FUSION_AFTER_CALLS
+        if needs_grad:
+            return training and elements >= FUSION_MIN_ELEMENTS_FIT
+        return elements >= FUSION_MIN_ELEMENTS and previous_calls >= FUSION_AFTER_CALLS
 
 
 class kernel_backend(_Setting[Backend]):
