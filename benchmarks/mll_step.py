@@ -12,7 +12,11 @@ constant mean, a Gaussian likelihood and ``ScaleKernel(kernel)`` on ``n`` points
 
 Paths (``--paths``): ``cholesky`` (``max_cholesky_size`` ``--mcs-cholesky``, 100000: GPyTorch
 factorizes) and ``cg`` (``max_cholesky_size`` ``--mcs-cg``, 800, GPyTorch's default: conjugate
-gradients and stochastic trace estimates above 800 rows). For each ``n`` (``--n``, default 2000
+gradients and stochastic trace estimates above 800 rows). Every step runs under GPyTorch's own
+defaults (``gpntk.settings.gpytorch_defaults``): importing BoTorch for the ``ibnn`` kind turns
+GPyTorch's fast computations off, which would make the ``cg`` path factorize by Cholesky too (the
+CG rows of runs with ``ibnn`` before this fix were Cholesky steps). The settings in effect are in
+the JSON (``gpytorch_settings``). For each ``n`` (``--n``, default 2000
 4000 10000) and path a fresh model per kind makes its first step (reported separately: the cold
 cost, compiles included), then ``--repeats`` (3) rounds in which every kind makes one step in
 turn (interleaved, so that a slower or busier machine affects all kinds alike). Reported per kind:
@@ -38,6 +42,7 @@ markdown table for the docs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -174,15 +179,13 @@ class Model:
         self.steps: list[dict] = []
 
     def step(self, max_cholesky: int) -> dict:
-        import gpytorch
-
         self.counter.take()
         self.forward_calls = 0
         reset_ok = reset_peak_rss()
         base = status_kib("VmRSS") or 0
         start, cpu_start = time.perf_counter(), time.process_time()
         self.optimizer.zero_grad()
-        with gpytorch.settings.max_cholesky_size(max_cholesky):
+        with gpytorch_settings(max_cholesky):
             loss = -self.mll(self.model(self.x), self.y)
         loss.backward()
         self.optimizer.step()
@@ -213,6 +216,32 @@ class Model:
         }
 
 
+def gpytorch_settings(max_cholesky: int) -> Any:
+    """GPyTorch's own defaults (importing BoTorch for the ``ibnn`` kind turns its fast computations off, which would
+    make the CG path factorize by Cholesky), with ``max_cholesky_size`` set to pick the path."""
+    import gpytorch
+
+    import gpntk
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(gpntk.settings.gpytorch_defaults())
+    stack.enter_context(gpytorch.settings.max_cholesky_size(max_cholesky))
+    return stack
+
+
+def settings_in_effect(max_cholesky: int) -> dict:
+    """The GPyTorch settings every step of a path runs under (recorded in the JSON)."""
+    import gpytorch
+
+    with gpytorch_settings(max_cholesky):
+        fast = gpytorch.settings.fast_computations
+        return {"max_cholesky_size": gpytorch.settings.max_cholesky_size.value(),
+                "fast_log_prob": fast.log_prob.on(), "fast_solves": fast.solves.on(),
+                "fast_covar_root_decomposition": fast.covar_root_decomposition.on(),
+                "max_eager_kernel_size": gpytorch.settings.max_eager_kernel_size.value(),
+                "cholesky_max_tries": gpytorch.settings.cholesky_max_tries.value()}
+
+
 def measure(
     n: int, path: str, args: argparse.Namespace, counter: EvaluationCounter, log: Callable[[str], None]
 ) -> dict:
@@ -229,7 +258,8 @@ def measure(
             log(f"n={n} {path} {model.kind}: step {round_ + 1} {record['seconds']:.3f} s")
     kinds = {model.kind: model.summary() for model in models}
     add_ratios(kinds)
-    return {"n": n, "path": path, "max_cholesky_size": max_cholesky, "kinds": kinds}
+    return {"n": n, "path": path, "max_cholesky_size": max_cholesky,
+            "gpytorch_settings": settings_in_effect(max_cholesky), "kinds": kinds}
 
 
 def add_ratios(kinds: dict[str, dict]) -> None:
@@ -298,8 +328,9 @@ def run_fresh(args: argparse.Namespace, n: int, path: str, log: Callable[[str], 
         log(f"n={n} {path} {kind}: median step {kinds[kind]['median_s']:.3f} s, process peak "
             f"{out['process_peak_mib']:.0f} MiB")
     add_ratios(kinds)
-    return {"n": n, "path": path, "max_cholesky_size": args.mcs_cholesky if path == "cholesky" else args.mcs_cg,
-            "kinds": kinds, "fresh_process": True}
+    max_cholesky = args.mcs_cholesky if path == "cholesky" else args.mcs_cg
+    return {"n": n, "path": path, "max_cholesky_size": max_cholesky,
+            "gpytorch_settings": settings_in_effect(max_cholesky), "kinds": kinds, "fresh_process": True}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -33,13 +33,15 @@ posterior solvers, ``gpntk fit``) draw progress bars on stderr when it is a term
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Generic, Literal, TypeVar, cast
 
 __all__ = [
     "fusion", "kernel_backend", "recompute_backward", "progress", "FUSION_MIN_ELEMENTS", "FUSION_MIN_ELEMENTS_FIT",
     "FUSION_AFTER_CALLS",
-    "DENSE_MAX_ELEMENTS", "PROGRESS_DELAY",
+    "DENSE_MAX_ELEMENTS", "PROGRESS_DELAY", "gpytorch_defaults",
 ]
 
 FUSION_MIN_ELEMENTS = 2**23
@@ -217,6 +219,30 @@ class progress(_Switch):
 
     _name, _choices = "progress", "True or False"
     _mode: bool = os.environ.get("GPNTK_PROGRESS", "1") != "0"
+
+
+@contextlib.contextmanager
+def gpytorch_defaults() -> Iterator[None]:
+    """GPyTorch's own defaults for the ``with`` block, for every setting that importing BoTorch changes.
+
+    ``import botorch`` (also through ``gpntk.botorch``) changes GPyTorch's global defaults for the
+    rest of the process: ``max_cholesky_size`` 800 -> 4096, ``max_eager_kernel_size`` 512 -> 4096,
+    ``cholesky_max_tries`` 3 -> 6, and ``fast_computations`` off (so an ``ExactGP`` factorizes
+    its covariance by Cholesky at any size: no conjugate gradients, no Lanczos log-determinant).
+    Inside ``with gpntk.settings.gpytorch_defaults():`` the four are GPyTorch's own values again,
+    whatever was imported; settings entered inside the block (``max_cholesky_size(100)``) still
+    apply. Use it where a computation must follow GPyTorch's documented path (a benchmark of the CG
+    path, a reference that must not depend on import order).
+    """
+    import gpytorch
+
+    with (
+        gpytorch.settings.max_cholesky_size(800),
+        gpytorch.settings.max_eager_kernel_size(512),
+        gpytorch.settings.cholesky_max_tries(3),
+        gpytorch.settings.fast_computations(covar_root_decomposition=True, log_prob=True, solves=True),
+    ):
+        yield
 
 
 kernel_backend._check(kernel_backend._mode)  # a bad GPNTK_KERNEL_BACKEND fails at import, naming the choices

@@ -61,10 +61,8 @@ def cg_path() -> contextlib.ExitStack:
     """
     stack = contextlib.ExitStack()
     for setting in (
+        gpntk.settings.gpytorch_defaults(),
         gpytorch.settings.max_cholesky_size(50),
-        gpytorch.settings.max_eager_kernel_size(512),
-        gpytorch.settings.cholesky_max_tries(3),
-        gpytorch.settings.fast_computations(covar_root_decomposition=True, log_prob=True, solves=True),
         gpytorch.settings.cg_tolerance(1e-5),
         gpytorch.settings.eval_cg_tolerance(1e-5), gpytorch.settings.max_cg_iterations(1000),
         gpytorch.settings.num_trace_samples(8),

@@ -24,6 +24,9 @@ def test_smoke_every_kind_on_both_paths(tmp_path):
     assert [(row["n"], row["path"], row["max_cholesky_size"]) for row in report["results"]] == [
         (120, "cholesky", 100_000), (120, "cg", 50)]
     for row in report["results"]:
+        # importing BoTorch (the ibnn kind) turned GPyTorch's fast computations off; every step ran with them on
+        assert row["gpytorch_settings"]["fast_log_prob"] and row["gpytorch_settings"]["fast_solves"]
+        assert row["gpytorch_settings"]["max_cholesky_size"] == row["max_cholesky_size"]
         kinds = row["kinds"]
         assert list(kinds) == ["rbf", "nngp", "ntk", "ibnn"]
         assert kinds["rbf"]["ratio_to_rbf"] == 1.0
