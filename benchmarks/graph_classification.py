@@ -201,13 +201,30 @@ def ntk_gram(setting: KernelSetting, graphs: Sequence[tuple[np.ndarray, np.ndarr
     start = time.perf_counter()
     _, ntk = gpntk.graph_kernel_matrices(setting.network(), prepared, track_ntk=True, progress=progress)
     seconds = time.perf_counter() - start
-    gram = ntk.numpy()
-    # Θ(G, G') and Θ(G', G) of two graphs of one size bucket are computed separately and differ by rounding,
-    # amplified by the ReLU NTK's arccos at node pairs of correlation one (dθ ≈ dρ / sin θ: about 1e-8 for a
-    # rounding error of 1e-16); MUTAG's largest relative difference is 5e-11. Checked at 1e-8, then averaged.
-    if not np.all(np.isfinite(gram)) or not np.allclose(gram, gram.T, rtol=1e-8, atol=0):
-        raise RuntimeError(f"{setting.label}: the Gram matrix is not finite and symmetric")
-    return (gram + gram.T) / 2, seconds
+    return symmetric_gram(ntk.numpy(), setting), seconds
+
+
+#: the relative asymmetry a Gram may have, per ReLU layer of the network (see :func:`symmetric_gram`)
+ASYMMETRY_PER_RELU_LAYER = 1e-8
+
+
+def symmetric_gram(gram: np.ndarray, setting: KernelSetting) -> np.ndarray:
+    """``gram`` averaged with its transpose, after checking that it is finite and symmetric to its accuracy.
+
+    Θ(G, G') and Θ(G', G) of two graphs evaluated together (one size bucket, one tile) are computed
+    separately and differ by rounding, amplified by the ReLU NTK's arccos at node pairs of correlation
+    one: a rounding error of 1e-16 in ρ = 1 gives θ ≈ √(2·1e-16) ≈ 1.4e-8 instead of 0, and each of the
+    ``blocks x mlp_layers`` ReLU layers adds such an error. The check allows
+    :data:`ASYMMETRY_PER_RELU_LAYER` relative per ReLU layer. Measured largest relative differences: MUTAG
+    5e-11 (L = R = 1); IMDB-MULTI, whose ego networks have many nodes of identical neighbourhoods,
+    1.2e-8 at L = R = 3 (nine ReLU layers: allowed 9e-8).
+    """
+    rtol = ASYMMETRY_PER_RELU_LAYER * setting.blocks * setting.mlp_layers
+    if not np.all(np.isfinite(gram)) or not np.allclose(gram, gram.T, rtol=rtol, atol=0):
+        worst = float(np.max(np.abs(gram - gram.T) / np.maximum(np.abs(gram), np.abs(gram.T))))
+        raise RuntimeError(f"{setting.label}: the Gram matrix is not finite and symmetric to {rtol:g} relative "
+                           f"(largest relative difference {worst:.3g})")
+    return (gram + gram.T) / 2
 
 
 def scaled_raw(gram: np.ndarray, block: np.ndarray | None = None) -> np.ndarray:
@@ -287,8 +304,8 @@ def ntk_grams(settings: Sequence[KernelSetting], graphs: Sequence[tuple[np.ndarr
     """The Gram matrices of ``settings`` (one ``mlp_layers`` and aggregation, any ``blocks``) from one pass.
 
     :func:`gpntk.graph_kernel_matrices_by_depth` through the deepest network yields every shallower one's
-    Gram; returns them in the order of ``settings`` and the wall time of the pass in s (symmetry checked as in
-    :func:`ntk_gram`).
+    Gram; returns them in the order of ``settings`` and the wall time of the pass in s (symmetry checked by
+    :func:`symmetric_gram`).
     """
     if len({(s.mlp_layers, s.aggregation) for s in settings}) != 1:
         raise ValueError("ntk_grams needs settings of one mlp_layers and aggregation")
@@ -302,10 +319,7 @@ def ntk_grams(settings: Sequence[KernelSetting], graphs: Sequence[tuple[np.ndarr
     for setting in settings:
         ntk = by_depth[setting.blocks][1]
         assert ntk is not None
-        gram = ntk.numpy()
-        if not np.all(np.isfinite(gram)) or not np.allclose(gram, gram.T, rtol=1e-8, atol=0):
-            raise RuntimeError(f"{setting.label}: the Gram matrix is not finite and symmetric")
-        grams.append(gram)
+        grams.append(symmetric_gram(ntk.numpy(), setting))
     return grams, seconds
 
 

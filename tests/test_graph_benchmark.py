@@ -172,6 +172,18 @@ def test_grids():
     assert bench.reductions("MUTAG", bench.paper_grid("MUTAG"), bench.graph_data.SVM_C_GRID, None) == []
 
 
+def test_gram_symmetry_is_checked_to_the_accuracy_of_the_relu_layers():
+    """About 1e-8 relative per ReLU layer (the NTK's arccos at correlation one); averaged once checked."""
+    gram = np.array([[4.0, 2.0], [2.0 * (1 + 2e-8), 5.0]])
+    deep, shallow = bench.KernelSetting(3, 3, "sum"), bench.KernelSetting(1, 1, "sum")
+    out = bench.symmetric_gram(gram, deep)  # nine ReLU layers: 9e-8 allowed
+    assert np.array_equal(out, out.T) and out[0, 1] == pytest.approx(2.0 * (1 + 1e-8), rel=1e-15)
+    with pytest.raises(RuntimeError, match="L=1 R=1 sum.*symmetric to 1e-08.*largest relative difference 2e-08"):
+        bench.symmetric_gram(gram, shallow)
+    with pytest.raises(RuntimeError, match="not finite"):
+        bench.symmetric_gram(np.array([[1.0, np.nan], [np.nan, 1.0]]), deep)
+
+
 def test_stratified_subset_and_restricted_folds():
     labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
     subset = bench.stratified_subset(labels, 50)
