@@ -55,8 +55,11 @@ in the first step: the saving repays it within about 60-80 steps of a fit."""
 FUSION_AFTER_CALLS = 2
 """Under ``fusion("auto")``, such large evaluations compile once this many of the same network
 (dtype, device, NNGP/NTK) have run eagerly."""
-DENSE_MAX_ELEMENTS = 2**26
-"""Under ``kernel_backend("auto")``, kernel matrices of more numbers than this are not stored (512 MiB in float64)."""
+DENSE_MAX_ELEMENTS = 2**27
+"""Under ``kernel_backend("auto")``, kernel matrices of more numbers than this are not stored (1 GiB in float64, an
+n x n matrix up to n = 11585). Measured at n = 10000 (depth-3 ReLU NTK ExactGP step on GPyTorch's CG path, one
+thread, 2-core CPU): stored 17.7-19.2 s, +3.8 GB peak, matrix-free 48 s, +40 MiB, against RBF's 11.7-14.1 s,
++4.6 GB (``benchmarks/mll_step.py``); a stored matrix makes each CG iteration a matmul."""
 PROGRESS_DELAY = 1.0
 """Seconds a computation runs before its progress bar appears (short ones never show one)."""
 

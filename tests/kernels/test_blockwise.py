@@ -213,7 +213,7 @@ def test_backend_choice(monkeypatch):
         with settings.kernel_backend("dense"):
             assert choose(net, x, x, hyper, None) == "dense"
             assert choose(net, x, x, hyper, None, backend="blockwise") == "blockwise"  # the kernel's own choice wins
-        monkeypatch.setattr(settings, "DENSE_MAX_ELEMENTS", 2**26)
+        monkeypatch.setattr(settings, "DENSE_MAX_ELEMENTS", 2**27)
         with settings.kernel_backend("blockwise"):
             assert choose(net, x, x, hyper, None) == "blockwise"
             assert choose(net, x[:1], x, hyper, None) == "dense"  # single rows stay dense
