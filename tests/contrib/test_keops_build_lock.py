@@ -71,6 +71,15 @@ def test_a_failing_first_call_releases_the_lock_and_is_retried_locked(tmp_path, 
     assert observed == [True, True]
 
 
+def test_a_folder_where_the_lock_file_cannot_be_created_takes_no_lock(tmp_path, monkeypatch):
+    """As in a read-only folder of formulas compiled beforehand (a path under a file fails for root too)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(build_lock, "build_folder", lambda: str(blocker / "keops"))
+    x = torch.ones(1, 3, 2)
+    assert torch.equal(build_lock.LockedRoutine(lambda *a, backend: a[0] + 1)(x, backend="auto"), x + 1)
+
+
 _COMPILE_AND_COMPARE = """
 import json, sys, time
 time.sleep(float(sys.argv[1]))  # staggered starts: each finds the folder in another phase of the first compile

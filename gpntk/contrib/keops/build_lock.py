@@ -12,7 +12,8 @@ rewrite the source at once.
 and the number of dimensions of each argument: what pykeops specialises on besides the formula
 and dtype) holds an exclusive ``fcntl.flock`` on ``.gpntk-compile.lock`` in the build folder: the
 other processes wait while one compiles, then load the finished library. Later calls take no
-lock, so reductions of several processes still run in parallel. Where ``fcntl`` does not exist
+lock, so reductions of several processes still run in parallel. Where the lock file cannot be
+created (a read-only folder of formulas compiled beforehand) no lock is taken. Where ``fcntl`` does not exist
 (Windows, which pykeops does not support) no lock is taken.
 """
 
@@ -45,8 +46,13 @@ def build_folder_lock(folder: str | None = None) -> Iterator[None]:
         yield
         return
     folder = build_folder() if folder is None else folder
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, LOCK_NAME), "a") as handle:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle = open(os.path.join(folder, LOCK_NAME), "a")
+    except OSError:  # a read-only folder of formulas compiled beforehand: nothing will be written there
+        yield
+        return
+    with handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
