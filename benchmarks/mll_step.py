@@ -51,6 +51,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -216,17 +217,16 @@ class Model:
         }
 
 
-def gpytorch_settings(max_cholesky: int) -> Any:
+@contextlib.contextmanager
+def gpytorch_settings(max_cholesky: int) -> Iterator[None]:
     """GPyTorch's own defaults (importing BoTorch for the ``ibnn`` kind turns its fast computations off, which would
     make the CG path factorize by Cholesky), with ``max_cholesky_size`` set to pick the path."""
     import gpytorch
 
     import gpntk
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(gpntk.settings.gpytorch_defaults())
-    stack.enter_context(gpytorch.settings.max_cholesky_size(max_cholesky))
-    return stack
+    with gpntk.settings.gpytorch_defaults(), gpytorch.settings.max_cholesky_size(max_cholesky):
+        yield
 
 
 def settings_in_effect(max_cholesky: int) -> dict:

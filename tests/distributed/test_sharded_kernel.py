@@ -7,6 +7,10 @@ gloo processes.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import _distributed_case as case
 import gpytorch
 import pytest
@@ -173,10 +177,6 @@ def test_two_rank_reference_does_not_depend_on_importing_botorch():
         "a = c.gp_results(False)\nimport botorch\nb = c.gp_results(False)\n"
         "assert all(bool((a[k] == b[k]).all()) for k in a), [k for k in a if not (a[k] == b[k]).all()]\n"
     )
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
