@@ -23,8 +23,8 @@ turn (interleaved, so that a slower or busier machine affects all kinds alike). 
 the median of the timed steps and its ratio to RBF's, the first step, the whole fit (first step
 included) and its ratio, the losses, the peak resident memory of a step above the memory before
 it (VmHWM reset per step; Linux), and per step the number of calls of the kernel's ``forward``
-and, for gpntk, of kernel evaluations: ``gpntk.kernels.dense.evaluate`` (counted wherever gpntk
-imported it) and the blockwise backend's products and bilinear derivatives
+and, for gpntk, of kernel evaluations: ``gpntk.kernels.dense.evaluate`` and ``evaluate_output``
+(counted wherever gpntk imported them) and the blockwise backend's products and bilinear derivatives
 (``BlockwiseKernelOperator._products`` / ``_bilinear_derivative``).
 
 Threads: ``--threads`` (1) intra-op threads, with OMP/MKL/OPENBLAS_NUM_THREADS set to match.
@@ -99,8 +99,8 @@ def base_kernel(kind: str) -> Any:
 class EvaluationCounter:
     """Counts gpntk's kernel evaluations inside ``with counter:`` (the wrappers are removed on exit).
 
-    ``evaluate``: calls of ``gpntk.kernels.dense.evaluate`` through every gpntk module that imported
-    it; ``blockwise_products`` / ``blockwise_derivatives``: calls of ``BlockwiseKernelOperator``'s
+    ``evaluate``: calls of ``gpntk.kernels.dense.evaluate`` or ``evaluate_output`` (one stored matrix)
+    through every gpntk module that imported them; ``blockwise_products`` / ``blockwise_derivatives``: calls of ``BlockwiseKernelOperator``'s
     ``_products`` / ``_bilinear_derivative``. Names a refactoring removed are simply not counted.
     """
 
@@ -124,11 +124,14 @@ class EvaluationCounter:
         import gpntk.kernels.blockwise as blockwise
         import gpntk.kernels.dense as dense
 
-        original = dense.evaluate
-        counted = self._wrap(original, "evaluate")
-        for name, module in list(sys.modules.items()):
-            if name.startswith("gpntk") and getattr(module, "evaluate", None) is original:
-                self._patch(module, "evaluate", counted)
+        for function in ("evaluate", "evaluate_output"):  # both count as one dense evaluation
+            original = getattr(dense, function, None)
+            if original is None:
+                continue
+            counted = self._wrap(original, "evaluate")
+            for name, module in list(sys.modules.items()):
+                if name.startswith("gpntk") and getattr(module, function, None) is original:
+                    self._patch(module, function, counted)
         operator = blockwise.BlockwiseKernelOperator
         for method, name in (("_products", "blockwise_products"), ("_bilinear_derivative", "blockwise_derivatives")):
             if method in vars(operator):

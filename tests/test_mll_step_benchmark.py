@@ -18,7 +18,7 @@ mll_step = load_benchmark("mll_step.py", "mll_step_benchmark")
 def test_smoke_every_kind_on_both_paths(tmp_path):
     pytest.importorskip("botorch")  # the "ibnn" kind is BoTorch's kernel (an optional extra)
     out = tmp_path / "mll_step.json"
-    evaluate, products = dense.evaluate, vars(BlockwiseKernelOperator)["_products"]
+    evaluate, products = (dense.evaluate, dense.evaluate_output), vars(BlockwiseKernelOperator)["_products"]
     report = mll_step.main(["--n", "120", "--repeats", "1", "--mcs-cg", "50", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert [(row["n"], row["path"], row["max_cholesky_size"]) for row in report["results"]] == [
@@ -41,7 +41,7 @@ def test_smoke_every_kind_on_both_paths(tmp_path):
             assert counts["evaluate"] + counts["blockwise_products"] >= 1, kind
         assert kinds["rbf"]["per_step_counts"]["evaluate"] == 0
     # the wrappers are gone after the run
-    assert dense.evaluate is evaluate and backends.evaluate is evaluate
+    assert (dense.evaluate, dense.evaluate_output) == evaluate and backends.evaluate_output is evaluate[1]
     assert vars(BlockwiseKernelOperator)["_products"] is products
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..core.graph_inputs import GraphDataset, NodeGraph
 from ..core.layer import InputShape, Layer
-from ..kernels.dense import Output, evaluate
+from ..kernels.dense import Output, evaluate_output
 from ..kernels.fusion import FusionPolicy
 from ..posterior.snapshot import freeze_network
 from .group import Communicator
@@ -79,11 +79,8 @@ class ShardedTrainProduct:
         self._kernels: dict[str, ShardedRows] = {}
 
     def _evaluate(self, rows: slice, kind: Output) -> Tensor:
-        cov, ntk = evaluate(
-            self.net, self.x[rows], self.x, self.hyper,
-            input_shape=self.input_shape, track_ntk=kind == "ntk", fusion=self.fusion,
-        )
-        return cast(Tensor, ntk if kind == "ntk" else cov)
+        return evaluate_output(self.net, self.x[rows], self.x, self.hyper, kind, input_shape=self.input_shape,
+                               fusion=self.fusion)
 
     def _kernel(self, kind: Output) -> ShardedRows:
         if kind not in self._kernels:

@@ -21,7 +21,7 @@ identity matrix.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import gpytorch
 import torch
@@ -34,7 +34,7 @@ from ..core.graph_inputs import GraphDataset, NodeGraph
 from ..core.layer import InputShape, Layer
 from ..errors import ApproximationWarning
 from .blockwise import BlockwiseKernelOperator
-from .dense import evaluate
+from .dense import evaluate_output
 from .engine import Output, check_finite_kernel
 from .fusion import FusionPolicy
 from .measured_backends import matrix_free_backend
@@ -136,11 +136,9 @@ def covariance_function(
         from ..contrib.keops import keops_covariance
 
         return keops_covariance(x1, x2, net=net, output=output, hyper=hyper)
-    cov, ntk = evaluate(
-        net, x1, x2, hyper, input_shape=input_shape, track_ntk=output == "ntk", block_elements=block_elements,
-        fusion=fusion,
+    out = evaluate_output(
+        net, x1, x2, hyper, output, input_shape=input_shape, block_elements=block_elements, fusion=fusion
     )
-    out = cast(Tensor, cov if output == "nngp" else ntk)  # ntk is computed for "ntk"
     return out.expand(*batch_shape_of(x1, x2, hyper), x1.shape[-2], x2.shape[-2])
 
 

@@ -29,7 +29,7 @@ whole recursion differentiably from the saved inputs, so double backward stays e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,7 +44,12 @@ from .engine import check_finite_kernel, run_block
 from .fusion import FusionPolicy
 from .planning import kernel_blocks
 
-__all__ = ["fill_blocks", "RecomputedKernels", "wants_recomputed_backward", "recomputed_kernels"]
+__all__ = ["fill_blocks", "RecomputedKernels", "wants_recomputed_backward", "recomputed_kernels", "Kept", "BOTH"]
+
+Kept = tuple[bool, bool]
+"""Which of ``(Σ, Θ)`` an evaluation stores and returns."""
+
+BOTH: Kept = (True, True)
 
 
 def fill_blocks(
@@ -57,21 +62,26 @@ def fill_blocks(
     block_elements: int | None,
     fusion: FusionPolicy,
     fused: bool | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    r"""``(Σ(x1, x2), Θ(x1, x2) or None)``, ``(..., n1, n2)`` each, computed block by block.
+    keep: Kept = BOTH,
+) -> tuple[Tensor | None, Tensor | None]:
+    r"""``(Σ(x1, x2), Θ(x1, x2))``, ``(..., n1, n2)`` each, computed block by block.
 
-    ``fused``: whether the blocks run compiled (``None``: the policy's decision,
-    :meth:`FusionPolicy.use_fusion`). Differentiable by plain autograd (every block recorded).
+    ``keep``: which of the two matrices are stored and returned (the others are ``None``; the
+    recursion computes :math:`\Sigma` anyway, so keeping only :math:`\Theta` saves the memory and
+    the copies of one matrix). Without ``track_ntk`` :math:`\Theta` is ``None``. ``fused``: whether
+    the blocks run compiled (``None``: the policy's decision, :meth:`FusionPolicy.use_fusion`).
+    Differentiable by plain autograd (every block recorded).
     """
     blocks, elements, symmetric = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
     if fused is None:
         fused = fusion.use_fusion(x1, x2, hyper, input_shape, track_ntk, elements)
     ids = RowIds(x1, x2)
     if len(blocks) == 1:
-        cov, ntk = run_block(
+        kernels = run_block(
             net, x1, x2, hyper, input_shape, track_ntk, symmetric, False, fusion=fusion, fused=fused,
             coincident=ids.block(),
         )
+        cov, ntk = (k if kept else None for k, kept in zip(kernels, keep))
         check_finite_kernel(cov, ntk)
         return cov, ntk
     n1, n2 = x1.shape[-2], x2.shape[-2]
@@ -84,7 +94,7 @@ def fill_blocks(
             coincident=ids.block(r, c),
         )
         for which, block in enumerate(kernels):
-            if block is None:
+            if block is None or not keep[which]:
                 continue
             target = outputs[which]
             if target is None:
@@ -93,7 +103,7 @@ def fill_blocks(
             if mirrored:
                 target[..., c, r] = block.transpose(-1, -2)
     check_finite_kernel(*outputs)
-    return cast(Tensor, outputs[0]), outputs[1]  # Σ is always computed
+    return outputs[0], outputs[1]
 
 
 def _has_tangent(x: Tensor) -> bool:
@@ -127,28 +137,32 @@ class _Evaluation:
     fused: bool
     names: tuple[str, ...]
     same_object: bool  # x1 is x2
+    keep: Kept  # which of (Σ, Θ) are outputs of the Function
 
     def hyper(self, values: tuple[Tensor, ...]) -> dict[str, Tensor]:
         return dict(zip(self.names, values))
 
 
 class RecomputedKernels(torch.autograd.Function):
-    """``(Σ, Θ)`` (or ``(Σ,)`` without the NTK) of ``x1, x2, *hyperparameters``; see the module docstring."""
+    """The kept ones of ``(Σ, Θ)`` of ``x1, x2, *hyperparameters``, in that order; see the module docstring."""
 
     @staticmethod
     def forward(ctx: Any, how: _Evaluation, x1: Tensor, x2: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
         b = x1 if how.same_object else x2
-        cov, ntk = fill_blocks(how.net, x1, b, how.hyper(values), how.input_shape, how.track_ntk,
-                               how.block_elements, how.fusion, how.fused)
+        outs = fill_blocks(how.net, x1, b, how.hyper(values), how.input_shape, how.track_ntk,
+                           how.block_elements, how.fusion, how.fused, how.keep)
         ctx.how = how
         ctx.save_for_backward(x1, x2, *values)
-        return (cov, ntk) if ntk is not None else (cov,)
+        return tuple(o for o in outs if o is not None)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, *kept_grads: Tensor | None) -> tuple[Tensor | None, ...]:
         how: _Evaluation = ctx.how
         x1, x2, *values = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
+        # the incoming gradients aligned with (Σ, Θ): None for a matrix that is not an output
+        given = iter(kept_grads)
+        grads = tuple(next(given) if kept else None for kept in how.keep[: 1 + how.track_ntk])
         if torch.is_grad_enabled():  # create_graph: differentiate the whole recursion again, differentiably
             return (None, *_differentiable_backward(how, x1, x2, tuple(values), grads, needs))
         return (None, *_blockwise_backward(how, x1, x2, tuple(values), grads, needs))
@@ -170,7 +184,7 @@ def _differentiable_backward(
     """The vector-Jacobian product with a graph of its own (for second derivatives)."""
     b = x1 if how.same_object else x2
     outs = fill_blocks(how.net, x1, b, how.hyper(values), how.input_shape, how.track_ntk, how.block_elements,
-                       how.fusion, fused=False)
+                       how.fusion, fused=False, keep=how.keep)
     pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
     tensors = (x1, x2, *values)
     slots = _gradient_slots(how, tensors, needs)
@@ -251,16 +265,20 @@ def recomputed_kernels(
     track_ntk: bool,
     block_elements: int | None,
     fusion: FusionPolicy,
-) -> tuple[Tensor, Tensor | None]:
-    """:func:`fill_blocks` through :class:`RecomputedKernels` (inputs that need gradients).
+    keep: Kept = BOTH,
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`fill_blocks` through :class:`RecomputedKernels` (inputs that need gradients), storing the
+    matrices in ``keep``.
 
     A kernel of one block is left to plain autograd: there is no assembly to undo, its
     intermediates are one block's, and recomputing would double its cost.
     """
     blocks, elements, _ = kernel_blocks(net, x1, x2, hyper, input_shape, block_elements)
     if len(blocks) == 1:
-        return fill_blocks(net, x1, x2, hyper, input_shape, track_ntk, block_elements, fusion)
+        return fill_blocks(net, x1, x2, hyper, input_shape, track_ntk, block_elements, fusion, keep=keep)
     fused = fusion.use_fusion(x1, x2, hyper, input_shape, track_ntk, elements)
-    how = _Evaluation(net, input_shape, track_ntk, block_elements, fusion, fused, tuple(hyper), x2 is x1)
-    outs = RecomputedKernels.apply(how, x1, x2, *hyper.values())  # type: ignore[no-untyped-call]  # untyped apply
-    return outs[0], (outs[1] if track_ntk else None)
+    keep = (keep[0], keep[1] and track_ntk)
+    how = _Evaluation(net, input_shape, track_ntk, block_elements, fusion, fused, tuple(hyper), x2 is x1, keep)
+    outs = iter(RecomputedKernels.apply(how, x1, x2, *hyper.values()))  # type: ignore[no-untyped-call]  # untyped apply
+    cov = next(outs) if keep[0] else None
+    return cov, (next(outs) if keep[1] else None)

@@ -32,7 +32,7 @@ from torch import Tensor
 from .._progress import track
 from ..core.graph_inputs import GraphDataset, NodeGraph
 from ..core.layer import InputShape, Layer
-from .dense import evaluate
+from .dense import evaluate, evaluate_output
 from .engine import Output, check_finite_kernel, run_block
 from .fusion import FusionPolicy
 from .graph_dataset import dataset_kernel_matmul
@@ -183,11 +183,10 @@ class BlockwiseKernelOperator(LinearOperator):
         return self.from_hyperparameters(expand(self.x1), expand(self.x2), hyper, **self._options())
 
     def to_dense(self) -> Tensor:
-        cov, ntk = evaluate(
-            self.net, self.x1, self.x2, self.hyper, input_shape=self.input_shape, track_ntk=self.output == "ntk",
+        out = evaluate_output(
+            self.net, self.x1, self.x2, self.hyper, self.output, input_shape=self.input_shape,
             block_elements=self.block_elements, fusion=self.fusion,
         )
-        out = cast(Tensor, ntk if self.output == "ntk" else cov)  # ntk is computed for "ntk"
         return out.expand(*self.batch_shape, *self.matrix_shape)
 
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:

@@ -17,14 +17,16 @@ from torch import Tensor
 from ..core.graph_inputs import GraphDataset, NodeGraph
 from ..core.hyperparameters import Hyperparameters
 from ..core.layer import InputShape, Layer
-from .blocked import fill_blocks, recomputed_kernels, wants_recomputed_backward
+from .blocked import BOTH, Kept, fill_blocks, recomputed_kernels, wants_recomputed_backward
 from .engine import Output, check_finite_kernel, input_layout, run_block, same_inputs
 from .fusion import FusionPolicy
 from .graph_dataset import dataset_kernel_diagonal, dataset_kernels
 from .node_level import node_kernel_diagonal, node_kernels
 from .planning import batch_shape_of, block_ranges, default_block_elements
 
-__all__ = ["Output", "evaluate", "kernel_diagonal", "nngp_and_ntk", "input_layout", "check_finite_kernel"]
+__all__ = [
+    "Output", "evaluate", "evaluate_output", "kernel_diagonal", "nngp_and_ntk", "input_layout", "check_finite_kernel",
+]
 
 
 def evaluate(
@@ -43,19 +45,62 @@ def evaluate(
     ``fusion``: the compile policy of the caller (a kernel's or an ensemble's, which counts its
     repeated evaluations); ``None`` for a one-off evaluation (a fresh policy).
     """
-    if isinstance(input_shape, NodeGraph):  # one graph: computed whole, then its entries
-        return node_kernels(net, x1, x2, hyper, input_shape, track_ntk)
-    if isinstance(input_shape, GraphDataset):  # graph indices: bucket by bucket of padded graphs
-        return dataset_kernels(
-            x1, x2, hyper, input_shape,
-            lambda fmt, a, b: evaluate(
-                net, a, b, hyper, input_shape=fmt, track_ntk=track_ntk, block_elements=block_elements, fusion=fusion
-            ),
-        )
+    cov, ntk = _evaluate_kept(net, x1, x2, hyper, input_shape, track_ntk, block_elements, fusion, BOTH)
+    assert cov is not None  # kept
+    return cov, ntk
+
+
+def evaluate_output(
+    net: Layer,
+    x1: Tensor,
+    x2: Tensor,
+    hyper: dict[str, Tensor],
+    output: Output,
+    *,
+    input_shape: InputShape = None,
+    block_elements: int | None = None,
+    fusion: FusionPolicy | None = None,
+) -> Tensor:
+    r"""One kernel matrix, :math:`\Theta(x_1, x_2)` (``output="ntk"``) or :math:`\Sigma(x_1, x_2)` (``"nngp"``).
+
+    As :func:`evaluate`, but only that matrix is stored: for the NTK the recursion still computes
+    :math:`\Sigma` block by block, without keeping an :math:`n_1 \times n_2` copy of it.
+    """
+    ntk = output == "ntk"
+    cov, theta = _evaluate_kept(net, x1, x2, hyper, input_shape, ntk, block_elements, fusion, (not ntk, ntk))
+    out = theta if ntk else cov
+    assert out is not None  # kept
+    return out
+
+
+def _evaluate_kept(
+    net: Layer,
+    x1: Tensor,
+    x2: Tensor,
+    hyper: dict[str, Tensor],
+    input_shape: InputShape,
+    track_ntk: bool,
+    block_elements: int | None,
+    fusion: FusionPolicy | None,
+    keep: Kept,
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`evaluate` storing only the matrices in ``keep`` (graph inputs: both computed, then dropped)."""
+    if isinstance(input_shape, (NodeGraph, GraphDataset)):
+        if isinstance(input_shape, NodeGraph):  # one graph: computed whole, then its entries
+            cov, ntk = node_kernels(net, x1, x2, hyper, input_shape, track_ntk)
+        else:  # graph indices: bucket by bucket of padded graphs
+            cov, ntk = dataset_kernels(
+                x1, x2, hyper, input_shape,
+                lambda fmt, a, b: evaluate(
+                    net, a, b, hyper, input_shape=fmt, track_ntk=track_ntk, block_elements=block_elements,
+                    fusion=fusion,
+                ),
+            )
+        return (cov if keep[0] else None), (ntk if keep[1] else None)
     fusion = FusionPolicy() if fusion is None else fusion
     if wants_recomputed_backward(x1, x2, hyper):
-        return recomputed_kernels(net, x1, x2, hyper, input_shape, track_ntk, block_elements, fusion)
-    return fill_blocks(net, x1, x2, hyper, input_shape, track_ntk, block_elements, fusion)
+        return recomputed_kernels(net, x1, x2, hyper, input_shape, track_ntk, block_elements, fusion, keep)
+    return fill_blocks(net, x1, x2, hyper, input_shape, track_ntk, block_elements, fusion, keep=keep)
 
 
 def kernel_diagonal(

@@ -76,3 +76,20 @@ def test_large_but_finite_kernels_are_returned():
     x = _points(5, 1e150)
     K = gpntk.NTKKernel(_relu_net())(x).to_dense()
     assert torch.isfinite(K).all() and K.abs().max() > 1e290
+
+
+def test_finiteness_check_of_values_whose_sum_overflows():
+    """The check sums a kernel first (one pass): a sum past the dtype's range is no error by itself,
+    a NaN or an infinity anywhere is."""
+    from gpntk.kernels.engine import check_finite_kernel
+
+    huge = torch.full((3, 4), 1e308, dtype=torch.float64)
+    assert not torch.isfinite(huge.sum())
+    check_finite_kernel(huge, -huge)  # finite values: returned without an error
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = torch.ones(3, 4, dtype=torch.float64)
+        broken[1, 2] = bad
+        with pytest.raises(FloatingPointError, match="1 of 12 values"):
+            check_finite_kernel(broken)
+        with pytest.raises(FloatingPointError, match="1 of 16 values"):  # and a sum past the range
+            check_finite_kernel(torch.cat([huge[:1], broken]))

@@ -175,3 +175,34 @@ def test_torch_func_and_forward_mode_take_plain_autograd():
         dual = fwAD.make_dual(x1, direction)
         tangent = fwAD.unpack_dual(kernels_of(net, dual, x2, values)[1]).tangent
     torch.testing.assert_close(tangent, numeric.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("output", ["ntk", "nngp"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_one_stored_output_equals_both_and_keeps_its_gradients(output, requires_grad):
+    """``evaluate_output`` stores one matrix only (the NTK without an n x n copy of Σ): the same values
+    and gradients (inputs and hyperparameters) as the matching matrix of ``evaluate``."""
+    from gpntk.kernels.blocked import fill_blocks
+    from gpntk.kernels.dense import evaluate_output
+    from gpntk.kernels.fusion import FusionPolicy
+
+    net = mlp()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(17, 3, dtype=torch.float64, generator=g).requires_grad_(requires_grad)
+    values = hyper_values(net, x)
+    names = tuple(Hyperparameters.collect(net, like=x))
+    hyper = dict(zip(names, values))
+    weights = torch.randn(17, 17, dtype=torch.float64, generator=g)
+    cov, ntk = kernels_of(net, x, x, values)
+    both = ntk if output == "ntk" else cov
+    one = evaluate_output(net, x, x, hyper, output, block_elements=BLOCK)
+    assert torch.equal(one, both)
+    wrt = [*values, *([x] if requires_grad else [])]
+    if output == "ntk":
+        assert "RecomputedKernels" in type(one.grad_fn).__name__
+        assert one.grad_fn.next_functions  # one output of the Function, recorded
+    for a, b in zip(torch.autograd.grad((one * weights).sum(), wrt), torch.autograd.grad((both * weights).sum(), wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    with torch.no_grad():
+        kept = fill_blocks(net, x, x, hyper, None, True, BLOCK, FusionPolicy(), keep=(False, True))
+    assert kept[0] is None and torch.equal(kept[1], ntk)
