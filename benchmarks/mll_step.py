@@ -100,8 +100,9 @@ class EvaluationCounter:
     """Counts gpntk's kernel evaluations inside ``with counter:`` (the wrappers are removed on exit).
 
     ``evaluate``: calls of ``gpntk.kernels.dense.evaluate`` or ``evaluate_output`` (one stored matrix)
-    through every gpntk module that imported them; ``blockwise_products`` / ``blockwise_derivatives``: calls of ``BlockwiseKernelOperator``'s
-    ``_products`` / ``_bilinear_derivative``. Names a refactoring removed are simply not counted.
+    through every gpntk module that imported them; ``blockwise_products`` / ``blockwise_derivatives``:
+    calls of ``BlockwiseKernelOperator``'s ``_products`` / ``_bilinear_derivative``. Names a refactoring
+    removed are simply not counted.
     """
 
     def __init__(self) -> None:

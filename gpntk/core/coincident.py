@@ -109,8 +109,7 @@ class RowIds:
             inverse = torch.zeros(count, dtype=torch.long, device=rows.device)
             distinct = 1
         else:
-            unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
-            distinct = unique.shape[0]
+            inverse, distinct = _distinct_row_ids(rows)
         if has_nan is not None and bool(has_nan.any()):
             # a row with NaN equals no row: give it an id of its own
             own = -1 - torch.arange(count, device=rows.device)
@@ -160,6 +159,38 @@ class RowIds:
         if i.numel() == 0:
             return None
         return Coincidence(rows=i, flat=i * n2 + j)
+
+
+def _distinct_row_ids(rows: Tensor) -> tuple[Tensor, int]:
+    """``(ids, number of distinct rows)`` of ``rows`` ``(count, d)``: equal ids exactly for equal rows.
+
+    Rows are grouped by a hash of their bits (one sort of ``count`` integers): distinct hashes mean
+    distinct rows, and each row with the hash of an earlier one is compared with that row. Only a
+    collision (equal hashes of different rows) falls back to sorting the rows themselves
+    (``torch.unique(dim=0)``, a row comparison per step, 20–40 times slower), which decides exactly.
+    """
+    count = rows.shape[0]
+    if rows.is_floating_point() and rows.element_size() in (4, 8) and not rows.is_complex():
+        # +0.0 for -0.0 (equal as numbers), then the bits as integers, mixed by a polynomial hash
+        # (integer products wrap around; any function of the bits will do)
+        bits = (rows + 0.0).contiguous().view(torch.int64 if rows.element_size() == 8 else torch.int32).long()
+        weights = _HASH_BASE ** torch.arange(1, bits.shape[-1] + 1, device=rows.device, dtype=torch.long)
+        hashes = (bits * weights).sum(-1)
+        ids, counts = torch.unique(hashes, return_inverse=True, return_counts=True)[1:]
+        distinct = counts.shape[0]
+        if distinct == count:
+            return ids, count
+        # the first row of each hash, against which every row with that hash is compared
+        first = torch.full((distinct,), count, dtype=torch.long, device=rows.device)
+        first = first.scatter_reduce(0, ids, torch.arange(count, device=rows.device), "amin")
+        if bool((rows == rows[first[ids]]).all()):
+            return ids, distinct
+    unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    return inverse, unique.shape[0]
+
+
+#: an odd multiplier for :func:`_distinct_row_ids`' hash (the 64-bit golden-ratio constant, as a signed integer)
+_HASH_BASE = -7046029254386353131
 
 
 def coincident_pairs(x1: Tensor, x2: Tensor) -> Coincidence | None:

@@ -168,3 +168,28 @@ def test_same_point_pairs_and_common_pairs():
     assert masked is not None and torch.equal(masked.mask, torch.eye(3, dtype=torch.bool))
     both = common_pairs([Coincidence(mask=mask), masked])
     assert both is not None and torch.equal(both.mask, torch.eye(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.int64])
+@pytest.mark.parametrize("collide", [False, True])
+def test_row_ids_match_sorting_the_rows(dtype, collide, monkeypatch):
+    """The hashed row ids (rows all distinct: one sort of integers) partition rows as ``torch.unique(dim=0)``
+    does: with duplicates, -0.0 against 0.0, and every hash colliding (then rows are sorted themselves)."""
+    from gpntk.core import coincident
+
+    if collide:
+        monkeypatch.setattr(coincident, "_HASH_BASE", 0)  # every row hashes to 0
+    g = torch.Generator().manual_seed(7)
+    for duplicates in (False, True):
+        rows = (torch.randn(200, 6, generator=g, dtype=torch.float64) * 100).to(dtype)
+        if duplicates:
+            rows[5] = rows[17]
+            rows[40] = rows[17]
+            rows[60] = 0
+            rows[61] = -rows[60] if dtype.is_floating_point else 0
+        ids, distinct = coincident._distinct_row_ids(rows)
+        reference = torch.unique(rows, dim=0, return_inverse=True)[1]
+        assert distinct == int(reference.max()) + 1
+        same = ids.unsqueeze(0) == ids.unsqueeze(1)
+        assert torch.equal(same, reference.unsqueeze(0) == reference.unsqueeze(1))
+        assert bool(same[5, 40]) == duplicates and bool(same[60, 61]) == duplicates
