@@ -41,7 +41,7 @@ from typing import Generic, Literal, TypeVar, cast
 __all__ = [
     "fusion", "kernel_backend", "recompute_backward", "progress", "FUSION_MIN_ELEMENTS", "FUSION_MIN_ELEMENTS_FIT",
     "FUSION_AFTER_CALLS",
-    "DENSE_MAX_ELEMENTS", "PROGRESS_DELAY", "gpytorch_defaults",
+    "DENSE_MAX_ELEMENTS", "TANGENT_MAX_ELEMENTS", "PROGRESS_DELAY", "gpytorch_defaults",
 ]
 
 FUSION_MIN_ELEMENTS = 2**23
@@ -60,6 +60,16 @@ DENSE_MAX_ELEMENTS = 2**27
 n x n matrix up to n = 11585). Measured at n = 10000 (depth-3 ReLU NTK ExactGP step on GPyTorch's CG path, one
 thread, 2-core CPU): stored 17.7-19.2 s, +3.8 GB peak, matrix-free 48 s, +40 MiB, against RBF's 11.7-14.1 s,
 +4.6 GB (``benchmarks/mll_step.py``); a stored matrix makes each CG iteration a matmul."""
+
+TANGENT_MAX_ELEMENTS = 2**27
+r"""The most numbers the hyperparameter tangents of one kernel matrix may hold (:mod:`gpntk.kernels.tangents`).
+
+A compiled kernel matrix whose hyperparameters (not inputs) need gradients is filled together with
+its derivative :math:`\partial K/\partial\theta_k` in each of them while these take at most this many
+numbers (:math:`p\, n_1 n_2` for :math:`p` hyperparameters: n ≤ 8192 for two, in float64); the
+backward is then one pass over them. Larger ones recompute each block in the backward instead
+(:class:`recompute_backward`)."""
+
 PROGRESS_DELAY = 1.0
 """Seconds a computation runs before its progress bar appears (short ones never show one)."""
 

@@ -28,6 +28,7 @@ whole recursion differentiably from the saved inputs, so double backward stays e
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,10 @@ from .engine import check_finite_kernel, run_block
 from .fusion import FusionPolicy
 from .planning import kernel_blocks
 
-__all__ = ["fill_blocks", "RecomputedKernels", "wants_recomputed_backward", "recomputed_kernels", "Kept", "BOTH"]
+__all__ = [
+    "fill_blocks", "assemble_blocks", "RecomputedKernels", "wants_recomputed_backward", "recomputed_kernels", "Kept",
+    "BOTH", "Evaluation", "incoming_gradients", "differentiable_backward", "block_cotangent",
+]
 
 Kept = tuple[bool, bool]
 """Which of ``(Σ, Θ)`` an evaluation stores and returns."""
@@ -84,17 +88,35 @@ def fill_blocks(
         cov, ntk = (k if kept else None for k, kept in zip(kernels, keep))
         check_finite_kernel(cov, ntk)
         return cov, ntk
-    n1, n2 = x1.shape[-2], x2.shape[-2]
-    outputs: list[Tensor | None] = [None, None]  # Σ and Θ, allocated at the first block
-    for r, c, same, mirrored in track(blocks, "kernel matrix", unit="block"):
+
+    def block(r: slice, c: slice, same: bool) -> list[Tensor | None]:
         a = x1[..., r, :]
         b = a if (same and x2 is x1) else x2[..., c, :]
         kernels = run_block(
             net, a, b, hyper, input_shape, track_ntk, same, False, fusion=fusion, fused=fused,
             coincident=ids.block(r, c),
         )
-        for which, block in enumerate(kernels):
-            if block is None or not keep[which]:
+        return [k if kept else None for k, kept in zip(kernels, keep)]
+
+    outputs = assemble_blocks(blocks, x1.shape[-2], x2.shape[-2], block, 2)
+    check_finite_kernel(*outputs)
+    return outputs[0], outputs[1]
+
+
+def assemble_blocks(
+    blocks: list[tuple[slice, slice, bool, bool]],
+    n1: int,
+    n2: int,
+    compute: Callable[[slice, slice, bool], Sequence[Tensor | None]],
+    count: int,
+) -> list[Tensor | None]:
+    """``count`` matrices ``(..., n1, n2)`` filled block by block: ``compute(rows, cols, same)`` gives
+    each one's block (``None``: not computed); a mirrored block is also written transposed below the
+    diagonal. Matrices are allocated at their first block; one never computed stays ``None``."""
+    outputs: list[Tensor | None] = [None] * count
+    for r, c, same, mirrored in track(blocks, "kernel matrix", unit="block"):
+        for which, block in enumerate(compute(r, c, same)):
+            if block is None:
                 continue
             target = outputs[which]
             if target is None:
@@ -102,8 +124,7 @@ def fill_blocks(
             target[..., r, c] = block
             if mirrored:
                 target[..., c, r] = block.transpose(-1, -2)
-    check_finite_kernel(*outputs)
-    return outputs[0], outputs[1]
+    return outputs
 
 
 def _has_tangent(x: Tensor) -> bool:
@@ -126,7 +147,7 @@ def wants_recomputed_backward(x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) 
 
 
 @dataclass(frozen=True)
-class _Evaluation:
+class Evaluation:
     """What one evaluation needs besides its tensors: the network, the options, the hyperparameter names."""
 
     net: Layer
@@ -142,12 +163,16 @@ class _Evaluation:
     def hyper(self, values: tuple[Tensor, ...]) -> dict[str, Tensor]:
         return dict(zip(self.names, values))
 
+    def plan(self, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> list[tuple[slice, slice, bool, bool]]:
+        """The blocks of the kernel between ``x1`` and ``x2`` (:func:`~gpntk.kernels.planning.kernel_blocks`)."""
+        return kernel_blocks(self.net, x1, x2, hyper, self.input_shape, self.block_elements)[0]
+
 
 class RecomputedKernels(torch.autograd.Function):
     """The kept ones of ``(Σ, Θ)`` of ``x1, x2, *hyperparameters``, in that order; see the module docstring."""
 
     @staticmethod
-    def forward(ctx: Any, how: _Evaluation, x1: Tensor, x2: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx: Any, how: Evaluation, x1: Tensor, x2: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
         b = x1 if how.same_object else x2
         outs = fill_blocks(how.net, x1, b, how.hyper(values), how.input_shape, how.track_ntk,
                            how.block_elements, how.fusion, how.fused, how.keep)
@@ -157,18 +182,22 @@ class RecomputedKernels(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *kept_grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        how: _Evaluation = ctx.how
+        how: Evaluation = ctx.how
         x1, x2, *values = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
-        # the incoming gradients aligned with (Σ, Θ): None for a matrix that is not an output
-        given = iter(kept_grads)
-        grads = tuple(next(given) if kept else None for kept in how.keep[: 1 + how.track_ntk])
+        grads = incoming_gradients(how, kept_grads)
         if torch.is_grad_enabled():  # create_graph: differentiate the whole recursion again, differentiably
-            return (None, *_differentiable_backward(how, x1, x2, tuple(values), grads, needs))
+            return (None, *differentiable_backward(how, x1, x2, tuple(values), grads, needs))
         return (None, *_blockwise_backward(how, x1, x2, tuple(values), grads, needs))
 
 
-def _gradient_slots(how: _Evaluation, tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> list[int]:
+def incoming_gradients(how: Evaluation, kept_grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """The gradients of a Function's outputs (the kept matrices) aligned with ``(Σ, Θ)``: ``None`` for one not kept."""
+    given = iter(kept_grads)
+    return tuple(next(given) if kept else None for kept in how.keep[: 1 + how.track_ntk])
+
+
+def _gradient_slots(how: Evaluation, tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> list[int]:
     """Positions of the Function's tensor inputs that get a gradient (one tensor on both sides: the first)."""
     same = how.same_object
     return [
@@ -177,8 +206,8 @@ def _gradient_slots(how: _Evaluation, tensors: tuple[Tensor, ...], needs: tuple[
     ]
 
 
-def _differentiable_backward(
-    how: _Evaluation, x1: Tensor, x2: Tensor, values: tuple[Tensor, ...], grads: tuple[Tensor | None, ...],
+def differentiable_backward(
+    how: Evaluation, x1: Tensor, x2: Tensor, values: tuple[Tensor, ...], grads: tuple[Tensor | None, ...],
     needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, ...]:
     """The vector-Jacobian product with a graph of its own (for second derivatives)."""
@@ -197,7 +226,7 @@ def _differentiable_backward(
     return tuple(out)
 
 
-def _block_cotangent(grad: Tensor | None, r: slice, c: slice, mirrored: bool) -> Tensor | None:
+def block_cotangent(grad: Tensor | None, r: slice, c: slice, mirrored: bool) -> Tensor | None:
     """The gradient of one block; a mirrored block also stands for its transpose below the diagonal."""
     if grad is None:
         return None
@@ -206,7 +235,7 @@ def _block_cotangent(grad: Tensor | None, r: slice, c: slice, mirrored: bool) ->
 
 
 def _blockwise_backward(  # long: one loop over blocks with its leaves, cotangents and accumulators
-    how: _Evaluation, x1: Tensor, x2: Tensor, values: tuple[Tensor, ...], grads: tuple[Tensor | None, ...],
+    how: Evaluation, x1: Tensor, x2: Tensor, values: tuple[Tensor, ...], grads: tuple[Tensor | None, ...],
     needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, ...]:
     """The vector-Jacobian product, block by block (see the module docstring)."""
@@ -226,7 +255,7 @@ def _blockwise_backward(  # long: one loop over blocks with its leaves, cotangen
         blocks, _, _ = kernel_blocks(how.net, probe1, probe2, hyper, how.input_shape, how.block_elements)
     ids = RowIds(x1.detach(), x1.detach() if same_object else x2.detach())
     for r, c, same, mirrored in track(blocks, "kernel gradient", unit="block"):
-        cotangents = [_block_cotangent(g, r, c, mirrored) for g in grads]
+        cotangents = [block_cotangent(g, r, c, mirrored) for g in grads]
         if all(g is None for g in cotangents):
             continue
         a = x1[..., r, :].detach().requires_grad_(need1)
@@ -278,7 +307,16 @@ def recomputed_kernels(
         return fill_blocks(net, x1, x2, hyper, input_shape, track_ntk, block_elements, fusion, keep=keep)
     fused = fusion.use_fusion(x1, x2, hyper, input_shape, track_ntk, elements)
     keep = (keep[0], keep[1] and track_ntk)
-    how = _Evaluation(net, input_shape, track_ntk, block_elements, fusion, fused, tuple(hyper), x2 is x1, keep)
+    how = Evaluation(net, input_shape, track_ntk, block_elements, fusion, fused, tuple(hyper), x2 is x1, keep)
+    from .tangents import TangentsNotFinite, tangent_kernel, wants_tangents  # forward mode builds on this module
+
+    if wants_tangents(net, x1, x2, hyper, fused, keep, len(blocks)):
+        try:
+            kernel = tangent_kernel(how, x1, x2, hyper)
+        except TangentsNotFinite:
+            pass  # inputs at correlation ±1: the recomputing backward below
+        else:
+            return (kernel, None) if keep[0] else (None, kernel)
     outs = iter(RecomputedKernels.apply(how, x1, x2, *hyper.values()))  # type: ignore[no-untyped-call]  # untyped apply
     cov = next(outs) if keep[0] else None
     return cov, (next(outs) if keep[1] else None)

@@ -19,7 +19,7 @@ recompiling.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ COMPILE_BACKEND = "inductor"
 RECOMPILE_LIMIT = 128
 """How many compiled variants of the recursion TorchDynamo keeps (its default, 8, is reached by a few kernels)."""
 
-BlockFunction = Callable[..., tuple[Tensor, Tensor | None]]
+T = TypeVar("T")
 
 
 class FusionPolicy:
@@ -56,7 +56,7 @@ class FusionPolicy:
         #: whether the owner is being fitted (a GPyTorch kernel in ``train()`` mode, set by the kernel)
         self.training = False
         self._large_calls: dict[tuple[torch.dtype, torch.device, bool], int] = {}
-        self._compiled: tuple[BlockFunction, BlockFunction] | None = None  # (function, its compiled form)
+        self._compiled: dict[Callable[..., Any], Callable[..., Any]] = {}  # function -> its compiled form
 
     def use_fusion(
         self,
@@ -91,18 +91,22 @@ class FusionPolicy:
             self._large_calls[key] = previous + 1
         return settings.fusion.enabled_for(elements, needs_grad, previous, training=self.training)
 
-    def run(self, fn: BlockFunction, args: tuple[Any, ...], fused: bool) -> tuple[Tensor, Tensor | None]:
-        """``fn(*args)``, compiled when ``fused``; a compiler failure warns once and falls back to eager."""
+    def run(self, fn: Callable[..., T], args: tuple[Any, ...], fused: bool) -> T:
+        """``fn(*args)``, compiled when ``fused``; a compiler failure warns once and falls back to eager.
+
+        ``fn`` is a module-level function of one block (its kernels, or its kernel and tangents);
+        its compiled form is kept for the next call.
+        """
         if not fused or self.failed:
             return fn(*args)
-        if self._compiled is None or self._compiled[0] is not fn:
-            self._compiled = (fn, torch.compile(fn, dynamic=True, backend=self.backend))
+        if fn not in self._compiled:
+            self._compiled[fn] = torch.compile(fn, dynamic=True, backend=self.backend)
         try:
             # one compiled variant per network, dtype, NNGP/NTK, with or without gradients, diagonal
             # blocks or not: far more than Dynamo's default of 8 per function, past which it would
             # silently run eagerly
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                out = self._compiled[1](*args)
+                out = self._compiled[fn](*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to eager, once
             self.failed = True
             warnings.warn(
