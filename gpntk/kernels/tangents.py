@@ -175,7 +175,7 @@ class TangentKernels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, how: Evaluation, x1: Tensor, x2: Tensor, *values: Tensor) -> Tensor:
-        wanted = tuple(v.requires_grad for v in values)
+        wanted = tuple(ctx.needs_input_grad[3:])  # the hyperparameters that get a gradient
         kernel, tangents = fill_tangents(how, x1, x1 if how.same_object else x2, values, wanted)
         ctx.how, ctx.wanted, ctx.tangents = how, wanted, tangents
         ctx.save_for_backward(x1, x2, *values)
