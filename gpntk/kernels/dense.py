@@ -85,17 +85,16 @@ def _evaluate_kept(
     keep: Kept,
 ) -> tuple[Tensor | None, Tensor | None]:
     """:func:`evaluate` storing only the matrices in ``keep`` (graph inputs: both computed, then dropped)."""
-    if isinstance(input_shape, (NodeGraph, GraphDataset)):
-        if isinstance(input_shape, NodeGraph):  # one graph: computed whole, then its entries
-            cov, ntk = node_kernels(net, x1, x2, hyper, input_shape, track_ntk)
-        else:  # graph indices: bucket by bucket of padded graphs
-            cov, ntk = dataset_kernels(
-                x1, x2, hyper, input_shape,
-                lambda fmt, a, b: evaluate(
-                    net, a, b, hyper, input_shape=fmt, track_ntk=track_ntk, block_elements=block_elements,
-                    fusion=fusion,
-                ),
-            )
+    if isinstance(input_shape, NodeGraph):  # one graph: computed whole, then its entries
+        cov, ntk = node_kernels(net, x1, x2, hyper, input_shape, track_ntk)
+        return (cov if keep[0] else None), (ntk if keep[1] else None)
+    if isinstance(input_shape, GraphDataset):  # graph indices: bucket by bucket of padded graphs
+        cov, ntk = dataset_kernels(
+            x1, x2, hyper, input_shape,
+            lambda fmt, a, b: evaluate(
+                net, a, b, hyper, input_shape=fmt, track_ntk=track_ntk, block_elements=block_elements, fusion=fusion
+            ),
+        )
         return (cov if keep[0] else None), (ntk if keep[1] else None)
     fusion = FusionPolicy() if fusion is None else fusion
     if wants_recomputed_backward(x1, x2, hyper):

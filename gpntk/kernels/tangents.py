@@ -143,19 +143,19 @@ def fill_tangents(
     hyper = how.hyper(values)
     blocks = how.plan(x1, x2, hyper)
     ids = RowIds(x1, x2)
-    tangents: list[tuple[Block, tuple[Tensor, ...]]] = []
+    computed: list[tuple[Tensor, ...]] = []  # each block's tangents, in the order of blocks
 
     def block(r: slice, c: slice, same: bool) -> tuple[Tensor]:
         a = x1[..., r, :]
         b = a if (same and x2 is x1) else x2[..., c, :]
         args = (how.net, a, b, hyper, how.input_shape, how.track_ntk, same, ids.block(r, c), wanted)
         value, *block_tangents_ = how.fusion.run(block_tangents, args, how.fused)
-        tangents.append(((r, c, same, False), tuple(block_tangents_)))
+        computed.append(tuple(block_tangents_))
         return (value,)
 
     (kernel,) = assemble_blocks(blocks, x1.shape[-2], x2.shape[-2], block, 1)
     assert kernel is not None  # every block computes it
-    tangents = [((r, c, same, mirrored), ts) for (r, c, same, mirrored), (_, ts) in zip(blocks, tangents)]
+    tangents = list(zip(blocks, computed))
     check_finite_kernel(kernel)
     try:
         check_finite_kernel(*(t for _, ts in tangents for t in ts))
