@@ -25,7 +25,10 @@ computed on the same inputs X (``n`` x ``--d`` standard normal, float64 data cas
   [-1 + acos_eps, 1 - acos_eps]; it is timed with its default ``acos_eps = 1e-7``, which perturbs
   the diagonal by about 1e-7 relative, so its agreement is reported both for the timed kernel and
   for ``acos_eps = 0`` (untimed, ``--botorch-acos-eps`` changes the timed value);
-* ``matmul``:       ``x @ x.T`` in torch at the same dtype: the floor, one n x n output written once.
+* ``matmul``:       ``x @ x.T`` in torch at the same dtype: the floor, one n x n output written once;
+* ``matmul-hp``:    ``torch.mm(x, x.T, out=...)`` into an output allocated as gpntk allocates its kernel
+  matrices (:func:`gpntk.kernels.memory.empty_matrix`: on transparent huge pages, where the first
+  write to a fresh matrix costs a few hundred page faults instead of tens of thousands).
 
 Each library runs in its own worker process (the script re-invokes itself with ``--worker``; NT
 under ``--nt-python``), one configuration per process, the inputs passed through a temporary
@@ -84,14 +87,14 @@ import numpy as np
 from _memory import peak_rss_kib, reset_peak_rss, status_kib
 
 DEFAULT_NT_PYTHON = "/work/main/.venv-nt/bin/python"
-MEASUREMENTS = ("gpntk", "gpntk-eager", "gpntk-nngp", "nt", "nt-nngp", "botorch", "matmul")
+MEASUREMENTS = ("gpntk", "gpntk-eager", "gpntk-nngp", "nt", "nt-nngp", "botorch", "matmul", "matmul-hp")
 WORKER_OF = {"gpntk": "gpntk", "gpntk-eager": "gpntk", "gpntk-nngp": "gpntk", "nt": "nt", "nt-nngp": "nt",
-             "botorch": "botorch", "matmul": "matmul"}
+             "botorch": "botorch", "matmul": "matmul", "matmul-hp": "matmul"}
 WORKERS = ("gpntk", "nt", "botorch", "matmul")
 LABELS = {"gpntk": "gpntk", "gpntk-eager": "gpntk eager", "gpntk-nngp": "gpntk NNGP", "nt": "NT",
-          "nt-nngp": "NT NNGP", "botorch": "BoTorch", "matmul": "X@X.T"}
+          "nt-nngp": "NT NNGP", "botorch": "BoTorch", "matmul": "X@X.T", "matmul-hp": "X@X.T hp"}
 OUTPUTS = {"gpntk": ("nngp", "ntk"), "gpntk-eager": ("nngp", "ntk"), "gpntk-nngp": ("nngp",),
-           "nt": ("nngp", "ntk"), "nt-nngp": ("nngp",), "botorch": ("nngp",), "matmul": ()}
+           "nt": ("nngp", "ntk"), "nt-nngp": ("nngp",), "botorch": ("nngp",), "matmul": (), "matmul-hp": ()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,12 +314,21 @@ def worker_matmul(spec: dict, tmp: Path) -> dict:
     import torch
 
     _set_threads_torch(torch, spec["threads"])
+    from gpntk.kernels.memory import empty_matrix
+
     x = torch.from_numpy(np.load(tmp / "data.npz")["x"]).to(getattr(torch, spec["dtype"]))
-    _, stats = Measurement(lambda: x @ x.T, lambda o: o, spec["repeats"]).run()
+    n = x.shape[0]
+    products = {
+        "matmul": lambda: x @ x.T,
+        # the same product into an output on transparent huge pages, as gpntk allocates its matrices
+        "matmul-hp": lambda: torch.mm(x, x.T, out=empty_matrix((n, n), x)),
+    }
+    measured = {name: Measurement(products[name], lambda o: o, spec["repeats"]).run()[1]
+                for name in spec["measurements"]}
     return {
         "versions": f"torch {torch.__version__}",
         "threads": f"torch {torch.get_num_threads()} intra-op threads",
-        "measurements": {"matmul": stats},
+        "measurements": measured,
         "warnings": [],
     }
 
@@ -538,7 +550,7 @@ def report(rows: list[dict], args) -> None:
     print()
     print("Wall time, median seconds (fused: whether gpntk's fusion 'auto' applied, i.e. torch.compile)")
     head = cfg_head + f" {'fused':>5s}" + "".join(f"{LABELS[m]:>12s}" for m in names)
-    head += f"{'NT/gpntk':>10s}{'gpntk/mm':>10s}{'BoT/gNNGP':>10s}{'NTnngp/g':>10s}{'eager/g':>10s}{'load':>6s}"
+    head += f"{'NT/gpntk':>10s}{'gpntk/mm':>10s}{'g/mm hp':>10s}{'BoT/gNNGP':>10s}{'NTnngp/g':>10s}{'eager/g':>10s}{'load':>6s}"
     print(head)
     print("-" * len(head))
     for row in rows:
@@ -547,13 +559,15 @@ def report(rows: list[dict], args) -> None:
         line = _cfg_cell(row["config"]) + f" {fused:>5s}" + "".join(_num(_median(row, m), 12) for m in names)
         line += _ratio(_median(row, "nt"), _median(row, "gpntk"), 10)
         line += _ratio(_median(row, "gpntk"), _median(row, "matmul"), 10)
+        line += _ratio(_median(row, "gpntk"), _median(row, "matmul-hp"), 10)
         line += _ratio(_median(row, "botorch"), _median(row, "gpntk-nngp"), 10)
         line += _ratio(_median(row, "nt-nngp"), _median(row, "gpntk-nngp"), 10)
         line += _ratio(_median(row, "gpntk-eager"), _median(row, "gpntk"), 10)
         line += f"{row['load']:6.2f}"
         print(line)
     print("gpntk, gpntk eager, NT: NNGP and NTK together; gpntk NNGP, NT NNGP, BoTorch: NNGP alone; X@X.T: the "
-          "floor.\nRatios: NT/gpntk = NT (NNGP+NTK) / gpntk (NNGP+NTK); gpntk/mm = gpntk (NNGP+NTK) / X@X.T; "
+          "floor; X@X.T hp: the same into an output on transparent huge pages (as gpntk's).\nRatios: NT/gpntk = NT "
+          "(NNGP+NTK) / gpntk (NNGP+NTK); gpntk/mm = gpntk (NNGP+NTK) / X@X.T; g/mm hp = gpntk / X@X.T hp; "
           "BoT/gNNGP = BoTorch / gpntk NNGP;\nNTnngp/g = NT NNGP / gpntk NNGP; eager/g = gpntk eager / gpntk "
           "(the gain from fusion). load = 1-min load average before the configuration.")
 

@@ -62,7 +62,9 @@ def exact_values(
     if coincidence.mask is not None:
         mask = coincidence.mask.reshape(*coincidence.mask.shape, *(1,) * ndim)
         carrier = pairs if derivatives is None else derivatives
-        return torch.where(mask, points.detach() + (carrier - carrier.detach()), pairs)
+        # contiguous like the index form's result, so that later reductions (spatial pooling) sum
+        # in the same order whichever form found the pairs
+        return torch.where(mask, points.detach() + (carrier - carrier.detach()), pairs).contiguous()
     # index form: rows and flat are set
     rows, flat = cast(Tensor, coincidence.rows), cast(Tensor, coincidence.flat)
     dim = pairs.dim() - 2 - ndim  # the n1 dimension
@@ -152,9 +154,12 @@ class RowIds:
             first, last = max(start1, start2), min(start1 + n1, start2 + n2)
             if first >= last:
                 return None
-            i = torch.arange(first - start1, last - start1, device=id1.device)
-            j = i + (start1 - start2)
-            return Coincidence(rows=i, flat=i * n2 + j)
+            # as a mask: a where() that a compiled recursion fuses into its loop over the pairs (an
+            # index_copy makes it write out every layer's n1 x n2 intermediates: a diagonal block of
+            # a depth-3 ReLU NTK took 9 ms instead of 4 ms at 512 x 512)
+            rows_at = torch.arange(start1, start1 + n1, device=id1.device)
+            cols_at = torch.arange(start2, start2 + n2, device=id1.device)
+            return Coincidence(mask=rows_at.unsqueeze(-1) == cols_at)
         i, j = (id1.unsqueeze(-1) == id2.unsqueeze(-2)).nonzero(as_tuple=True)
         if i.numel() == 0:
             return None

@@ -193,3 +193,23 @@ def test_row_ids_match_sorting_the_rows(dtype, collide, monkeypatch):
         same = ids.unsqueeze(0) == ids.unsqueeze(1)
         assert torch.equal(same, reference.unsqueeze(0) == reference.unsqueeze(1))
         assert bool(same[5, 40]) == duplicates and bool(same[60, 61]) == duplicates
+
+
+def test_blocks_of_distinct_rows_mark_each_point_with_itself():
+    """Distinct rows of one tensor: a block's coincident pairs are exactly the pairs (i, i) it holds
+    (a mask, which compiled loops fuse), none in a block off the diagonal."""
+    from gpntk.core.coincident import RowIds
+
+    x = torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ids = RowIds(x, x)
+    everything = (x.unsqueeze(-2) == x.unsqueeze(-3)).all(-1)
+    for rows, cols in [(slice(0, 4), slice(0, 4)), (slice(2, 7), slice(4, 10)), (slice(6, 10), slice(0, 3))]:
+        block = ids.block(rows, cols)
+        expected = everything[rows, cols]
+        if not bool(expected.any()):
+            assert block is None
+            continue
+        assert block is not None and block.mask is not None
+        assert torch.equal(block.mask, expected)
+    other = RowIds(x, x.clone()).block()  # equal values in another tensor: coincident too, found by their ids
+    assert other is not None and other.flat is not None and other.flat.tolist() == [11 * i for i in range(10)]

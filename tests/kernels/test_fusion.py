@@ -10,6 +10,8 @@ import torch
 import gpntk
 from gpntk import layers as L
 from gpntk import settings
+from gpntk.core.hyperparameters import Hyperparameters
+from gpntk.kernels import blocked, dense
 from gpntk.kernels import fusion as fusion_module
 from gpntk.kernels.dense import nngp_and_ntk
 from gpntk.kernels.fusion import FusionPolicy
@@ -274,3 +276,60 @@ def test_compiled_recomputing_backward_equals_eager(traced_only):
     hyper = Hyperparameters.collect(net, like=x)
     explained = torch._dynamo.explain(block_kernels)(net, x[:7], x[7:13], hyper, None, True, False, False, None)
     assert explained.graph_break_count == 0
+
+
+def _in_place_cases():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(50, 3, generator=g)
+    x[37] = x[4]  # a duplicated row: bitwise equal rows of the kernel
+    y = torch.randn(23, 3, generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compiled_blocks_written_in_place_equal_eager(backend):
+    """Compiled blocks write into the output matrices (and their mirrors): the values of the eager fill.
+
+    Several blocks (``block_elements=64``), the kernel of one input (mirrored blocks, a duplicated
+    row) and of two, only Θ kept, a batch of inputs; ``inductor`` generates the C++ loops that
+    store into strided views of the matrices.
+    """
+    net = L.mlp(2, "relu", 2.0, 0.1)
+    x, y = _in_place_cases()
+    batch = torch.stack([x[:20], 2 * x[20:40]])
+    evaluations = {
+        "same": lambda fusion: dense.evaluate(net, x, x, _hyper(net, x), block_elements=64, fusion=fusion),
+        "pair": lambda fusion: dense.evaluate(net, x, y, _hyper(net, x), block_elements=64, fusion=fusion),
+        "ntk only": lambda fusion: (
+            dense.evaluate_output(net, x, x, _hyper(net, x), "ntk", block_elements=64, fusion=fusion),
+        ),
+        "batch": lambda fusion: dense.evaluate(net, batch, batch, _hyper(net, x), block_elements=64, fusion=fusion),
+    }
+    with torch.no_grad():
+        for name, evaluate in evaluations.items():
+            with settings.fusion(False):
+                eager = evaluate(FusionPolicy(backend))
+            policy = FusionPolicy(backend)
+            with settings.fusion(True):
+                fused = evaluate(policy)
+            assert policy.compiled and not policy.failed, name
+            assert blocked.write_block in policy._compiled, name  # the in-place path ran
+            for a, b in zip(eager, fused):
+                assert a.shape == b.shape and b.is_contiguous(), name
+                torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+            if name == "same":
+                for k in fused:
+                    assert torch.equal(k[37], k[4]) and torch.equal(k[:, 37], k[:, 4])
+                    upper = torch.triu(torch.ones(50, 50, dtype=torch.bool), diagonal=8)  # off the diagonal blocks
+                    assert torch.equal(k[upper], k.T[upper])  # mirrored blocks: exact transposes
+
+
+def test_compiled_blocks_written_in_place_raise_on_overflow(traced_only):
+    x = torch.randn(12, 4, generator=torch.Generator().manual_seed(2))
+    net = L.mlp(2, "exp")  # the second layer's variance is exp(~5000)
+    with torch.no_grad(), settings.fusion(True), pytest.raises(FloatingPointError, match="overflowed"):
+        dense.evaluate(net, x, x, _hyper(net, x), block_elements=16, fusion=FusionPolicy())
+
+
+def _hyper(net, like):
+    return Hyperparameters.collect(net, like=like)
