@@ -155,8 +155,9 @@ class RowIds:
             if first >= last:
                 return None
             # as a mask: a where() that a compiled recursion fuses into its loop over the pairs (an
-            # index_copy makes it write out every layer's n1 x n2 intermediates: a diagonal block of
-            # a depth-3 ReLU NTK took 9 ms instead of 4 ms at 512 x 512)
+            # index_copy makes it write out every layer's n1 x n2 intermediates; a 512 x 512
+            # diagonal block of a depth-3 ReLU NTK, one thread: 9.0 ms, as a mask 6.5 ms, a block
+            # off the diagonal 6.4 ms)
             rows_at = torch.arange(start1, start1 + n1, device=id1.device)
             cols_at = torch.arange(start2, start2 + n2, device=id1.device)
             return Coincidence(mask=rows_at.unsqueeze(-1) == cols_at)
