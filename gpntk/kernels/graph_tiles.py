@@ -486,7 +486,8 @@ def tiled_graph_kernels(  # long: tiling, the per-graph pass, the tile loop and 
         raise ArchitectureError("the tiled graph kernels take one value per hyperparameter (no batch of them)")
     readouts = {d: truncated_readouts(plan, d) for d in depths}
     last = max(r.position for rs in readouts.values() for r in rs)
-    diag, variances = _self_pass(plan, dataset, readouts, track_ntk, like, last)
+    with torch.no_grad():  # as the tiles below: recorded, its intermediates would all stay alive (12 GB for NCI1)
+        diag, variances = _self_pass(plan, dataset, readouts, track_ntk, like, last)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), dataset.sizes.cumsum(0)])
     nodes = max(1, int((tile_bytes / like.element_size()) ** 0.5))
     columns = first if second is None else second

@@ -207,3 +207,25 @@ def test_compiled_activations_equal_eager(monkeypatch):
     sigma_ref, theta_ref = reference_kernels(graphs, ops)
     assert relative(sigma, torch.as_tensor(sigma_ref)) < RTOL
     assert relative(theta, torch.as_tensor(theta_ref)) < RTOL
+
+
+def test_tiled_gram_records_no_autograd_graph(tu, monkeypatch):
+    """The per-graph pass ran with autograd on: with learnable hyperparameters every intermediate of every
+    graph stayed alive in the graph of the Gram diagonal (NCI1 at L = 13, R = 3: 12-17 GB; measured here
+    on 400 of its graphs: peak 1.56 GB, now 0.39 GB). Nothing of the tiled path may record gradients."""
+    from gpntk.kernels import graph_tiles
+
+    recorded = []
+    original = graph_tiles._self_pass
+
+    def watched(*args, **kwargs):
+        recorded.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(graph_tiles, "_self_pass", watched)
+    graphs = prepared(tu("NCI1", 12), "sum")
+    net = L.gntk(2, 2)
+    assert any(p.requires_grad for p in net.parameters())
+    cov, ntk = graph_kernel_matrices(net, graphs, tile_bytes=SMALL_TILES, progress=False)
+    assert recorded == [False]
+    assert not cov.requires_grad and ntk is not None and not ntk.requires_grad
