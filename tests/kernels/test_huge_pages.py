@@ -68,3 +68,23 @@ def test_kernel_values_do_not_depend_on_the_setting():
 def test_switch_rejects_non_booleans():
     with pytest.raises((TypeError, ValueError), match="huge_pages"):
         settings.huge_pages("yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain-autograd", "recomputed"])
+def test_gradients_through_huge_page_matrices(recompute):
+    """Matrices filled block by block with gradients (plain autograd, or the recomputing backward) on huge
+    pages: the same values and gradients as on ordinary pages."""
+    net = gpntk.layers.mlp(1, "relu")
+    x = torch.randn(1500, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def values_and_gradients(advised: bool):
+        for p in net.parameters():
+            p.grad = None
+        points = x.clone().requires_grad_(True)
+        with settings.huge_pages(advised), settings.recompute_backward(recompute):
+            cov, ntk = nngp_and_ntk(net, points)
+            (ntk.sin().sum() + cov.sum()).backward()
+        return [cov.detach(), points.grad, *(p.grad.clone() for p in net.parameters())]
+
+    for a, b in zip(values_and_gradients(True), values_and_gradients(False)):
+        assert torch.equal(a, b)
