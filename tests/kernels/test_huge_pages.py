@@ -42,7 +42,10 @@ def test_large_matrices_are_contiguous_writable_and_aligned():
         assert out.data_ptr() % HUGE_PAGE_BYTES == 0  # starts on a 2 MiB boundary
 
 
-@pytest.mark.skipif(not LINUX, reason="madvise and /proc/self/smaps are Linux's")
+@pytest.mark.skipif(
+    not (LINUX and Path("/sys/kernel/mm/transparent_hugepage").is_dir()),
+    reason="needs Linux with transparent huge pages (madvise, /proc/self/smaps)",
+)
 def test_large_matrices_carry_the_huge_page_advice_unless_switched_off():
     like = torch.zeros(1, dtype=torch.float32)
     out = empty_matrix((2100, 2100), like)  # 17.6 MB
