@@ -44,7 +44,7 @@ from ..core.layer import InputShape, Layer
 from .engine import block_kernels, check_finite_kernel, run_block
 from .fusion import FusionPolicy
 from .memory import empty_matrix
-from .planning import batch_shape_of, kernel_blocks
+from .planning import Block, batch_shape_of, kernel_blocks
 
 __all__ = [
     "fill_blocks", "assemble_blocks", "RecomputedKernels", "wants_recomputed_backward", "recomputed_kernels", "Kept",
@@ -115,7 +115,7 @@ def _writes_in_place(x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> bool:
 
 
 def _fill_in_place(
-    blocks: list[tuple[slice, slice, bool, bool]],
+    blocks: list[Block],
     x1: Tensor,
     x2: Tensor,
     recursion: tuple[Layer, dict[str, Tensor], InputShape, bool],
@@ -170,7 +170,7 @@ def write_block(
 
 
 def assemble_blocks(
-    blocks: list[tuple[slice, slice, bool, bool]],
+    blocks: list[Block],
     n1: int,
     n2: int,
     compute: Callable[[slice, slice, bool], Sequence[Tensor | None]],
@@ -229,7 +229,7 @@ class Evaluation:
     def hyper(self, values: tuple[Tensor, ...]) -> dict[str, Tensor]:
         return dict(zip(self.names, values))
 
-    def plan(self, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> list[tuple[slice, slice, bool, bool]]:
+    def plan(self, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor]) -> list[Block]:
         """The blocks of the kernel between ``x1`` and ``x2`` (:func:`~gpntk.kernels.planning.kernel_blocks`)."""
         return kernel_blocks(self.net, x1, x2, hyper, self.input_shape, self.block_elements)[0]
 
