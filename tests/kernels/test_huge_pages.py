@@ -11,6 +11,7 @@ import torch
 import gpntk
 from gpntk import settings
 from gpntk.kernels.dense import nngp_and_ntk
+from gpntk.kernels import memory
 from gpntk.kernels.memory import HUGE_PAGE_BYTES, empty_matrix
 
 LINUX = sys.platform.startswith("linux")
@@ -46,15 +47,31 @@ def test_large_matrices_are_contiguous_writable_and_aligned():
     not (LINUX and Path("/sys/kernel/mm/transparent_hugepage").is_dir()),
     reason="needs Linux with transparent huge pages (madvise, /proc/self/smaps)",
 )
-def test_large_matrices_carry_the_huge_page_advice_unless_switched_off():
+def test_large_matrices_carry_the_huge_page_advice():
     like = torch.zeros(1, dtype=torch.float32)
     out = empty_matrix((2100, 2100), like)  # 17.6 MB
     assert "hg" in _vm_flags(out.data_ptr())  # MADV_HUGEPAGE set on its mapping
+
+
+def test_no_advice_when_switched_off_or_small(monkeypatch):
+    """Switched off, or below the size threshold, ``madvise`` is never called.
+
+    (Checked on the calls, not on the mapping's flags: memory the allocator hands out again may
+    sit in a mapping an earlier matrix of this process advised, where the flag stays set.)
+    """
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(memory, "_MADVISE", lambda *args: calls.append(args) or 0)
+    like = torch.zeros(1, dtype=torch.float32)
     with settings.huge_pages(False):
         plain = empty_matrix((2100, 2100), like)
-    assert "hg" not in _vm_flags(plain.data_ptr())
     small = empty_matrix((100, 100), like)
-    assert small.shape == (100, 100) and small.dtype == torch.float32
+    assert calls == []
+    assert plain.shape == (2100, 2100) and small.shape == (100, 100) and small.dtype == torch.float32
+    advised = empty_matrix((2100, 2100), like)
+    assert len(calls) == 1
+    start, length, advice = calls[0]
+    assert start == advised.data_ptr() and start % HUGE_PAGE_BYTES == 0
+    assert length == 2100 * 2100 * 4 // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES and advice == 14
 
 
 def test_kernel_values_do_not_depend_on_the_setting():
