@@ -29,6 +29,7 @@ from ..core.layer import Layer, Shape, Signature
 from ..core.spatial import Layout
 from ..core.state import KernelState, midpoint, set_diagonal
 from ..errors import ArchitectureError
+from .per_point import per_point
 
 __all__ = ["Activation", "correlation", "safe_sqrt", "real_parameter", "double_factorial"]
 
@@ -168,12 +169,24 @@ def correlation(q11: Tensor, q12: Tensor, q22: Tensor, clamp: bool = True) -> tu
     hyperparameter fit has driven :math:`\sigma_w^2` to ``1e-262``) made the product underflow to 0
     and :math:`\rho = 0/0 = ` NaN, and huge ones made it overflow to infinity and :math:`\rho = 0`.
     """
-    p11 = torch.where(q11 > 0, q11, torch.ones_like(q11))
-    p22 = torch.where(q22 > 0, q22, torch.ones_like(q22))
-    (t1, s1), (t2, s2) = _unit_scales(p11), _unit_scales(p22)
-    denominator = torch.sqrt((p11 * s1) * (p22 * s2))
+    scaled1, t1, root1 = _point_factors(q11)
+    scaled2, t2, root2 = _point_factors(q22)
+    denominator = torch.sqrt(scaled1 * scaled2)
     rho = (q12 * (t1 * t2)) / denominator
-    return (rho.clamp(-1.0, 1.0) if clamp else rho), safe_sqrt(q11) * safe_sqrt(q22)
+    return (rho.clamp(-1.0, 1.0) if clamp else rho), root1 * root2
+
+
+def _point_factors(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(q t², t, √q)`` of per-point variances ``q`` (``(..., n, 1)`` or ``(..., 1, n)``), with
+    :math:`t` of :func:`_unit_scales` (:math:`q t^2 := t^2` where :math:`q = 0`).
+
+    Stacked into one tensor computed once per point (:func:`~gpntk.activations.per_point.per_point`:
+    in compiled code not once per pair).
+    """
+    positive = torch.where(q > 0, q, torch.ones_like(q))
+    t, s = _unit_scales(positive)
+    scaled, scale, root = per_point(torch.stack([positive * s, t, safe_sqrt(q)]))
+    return scaled, scale, root
 
 
 def _unit_scales(q: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,8 +10,8 @@ import torch
 
 import gpntk
 from gpntk import settings
-from gpntk.kernels.dense import nngp_and_ntk
 from gpntk.kernels import memory
+from gpntk.kernels.dense import nngp_and_ntk
 from gpntk.kernels.memory import HUGE_PAGE_BYTES, empty_matrix
 
 LINUX = sys.platform.startswith("linux")
