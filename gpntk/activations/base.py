@@ -169,24 +169,15 @@ def correlation(q11: Tensor, q12: Tensor, q22: Tensor, clamp: bool = True) -> tu
     hyperparameter fit has driven :math:`\sigma_w^2` to ``1e-262``) made the product underflow to 0
     and :math:`\rho = 0/0 = ` NaN, and huge ones made it overflow to infinity and :math:`\rho = 0`.
     """
-    scaled1, t1, root1 = _point_factors(q11)
-    scaled2, t2, root2 = _point_factors(q22)
+    positive1, positive2 = (torch.where(q > 0, q, torch.ones_like(q)) for q in (q11, q22))
+    (t1, s1), (t2, s2) = _unit_scales(positive1), _unit_scales(positive2)
+    # per-point factors, computed once per point in compiled code (not once per pair)
+    scaled1, t1, root1, scaled2, t2, root2 = per_point(
+        positive1 * s1, t1, safe_sqrt(q11), positive2 * s2, t2, safe_sqrt(q22)
+    )
     denominator = torch.sqrt(scaled1 * scaled2)
     rho = (q12 * (t1 * t2)) / denominator
     return (rho.clamp(-1.0, 1.0) if clamp else rho), root1 * root2
-
-
-def _point_factors(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""``(q t², t, √q)`` of per-point variances ``q`` (``(..., n, 1)`` or ``(..., 1, n)``), with
-    :math:`t` of :func:`_unit_scales` (:math:`q t^2 := t^2` where :math:`q = 0`).
-
-    Stacked into one tensor computed once per point (:func:`~gpntk.activations.per_point.per_point`:
-    in compiled code not once per pair).
-    """
-    positive = torch.where(q > 0, q, torch.ones_like(q))
-    t, s = _unit_scales(positive)
-    scaled, scale, root = per_point(torch.stack([positive * s, t, safe_sqrt(q)]))
-    return scaled, scale, root
 
 
 def _unit_scales(q: Tensor) -> tuple[Tensor, Tensor]:

@@ -46,15 +46,19 @@ def _backward(ctx: object, grad: Tensor) -> Tensor:
 _stored_copy.register_autograd(_backward)
 
 
-def per_point(x: Tensor) -> Tensor:
-    """``x``, stored once rather than recomputed per pair when compiled (see the module docstring).
+def per_point(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors``, stored once rather than recomputed per pair when compiled (see the module docstring).
 
-    ``x``: per-point values, e.g. ``(..., n, 1)`` or ``(..., 1, n)`` (any shape works).
+    Each tensor holds per-point values, e.g. ``(..., n, 1)`` or ``(..., 1, n)`` (any shapes, one
+    dtype). When the mark applies they go through one opaque call (flattened and concatenated,
+    then split back into views of their shapes), since each call costs some microseconds.
     """
-    if (
+    if not (
         torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
         and forward_ad._current_level < 0
     ):
-        return _stored_copy(x)
-    return x
+        return tensors
+    stored = _stored_copy(torch.cat([t.reshape(-1) for t in tensors]))
+    pieces = stored.split([t.numel() for t in tensors])
+    return tuple(piece.view(t.shape) for piece, t in zip(pieces, tensors))

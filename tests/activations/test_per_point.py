@@ -31,9 +31,10 @@ def _dual(q11: torch.Tensor, q12: torch.Tensor, q22: torch.Tensor) -> torch.Tens
     return sqrt_prod * rho.pow(3) + rho
 
 
-def test_eager_returns_the_tensor_itself():
-    x = torch.randn(3, 1)
-    assert per_point(x) is x
+def test_eager_returns_the_tensors_themselves():
+    x, y = torch.randn(3, 1), torch.randn(1, 4)
+    a, b = per_point(x, y)
+    assert a is x and b is y
 
 
 def test_inductor_keeps_the_mark_and_the_values():
