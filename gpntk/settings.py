@@ -9,9 +9,10 @@ by default (``"auto"``) it is used only where it pays for itself: for evaluation
 :data:`FUSION_MIN_ELEMENTS` numbers that need no gradient, once the same network has already been
 evaluated :data:`FUSION_AFTER_CALLS` times at that size, dtype and device (repeated posteriors,
 predictions over many test sets, benchmarks); a one-off evaluation never compiles.
-In a fit (a kernel in ``train()`` mode), evaluations of at least :data:`FUSION_MIN_ELEMENTS_FIT`
-numbers that need gradients compile from the first one, so the fit pays the compile up front and
-never pauses in its middle; outside a fit they never compile. ``fusion(True)`` compiles every
+In a fit (a kernel in ``train()`` mode), evaluations of at least
+:data:`FUSION_MIN_ELEMENTS_FIT` numbers compile from the first one, with gradients or without, so
+the fit pays the compile up front and never pauses in its middle; outside a fit evaluations with
+gradients never compile. ``fusion(True)`` compiles every
 evaluation, gradients included. Fusion applies to fully-connected architectures (vector inputs);
 spatial ones always run eagerly.
 
@@ -48,9 +49,9 @@ __all__ = [
 FUSION_MIN_ELEMENTS = 2**23
 """Under ``fusion("auto")``, evaluations of at least this many numbers (pairs x per-pair entries) compile."""
 FUSION_MIN_ELEMENTS_FIT = 2**21
-"""Under ``fusion("auto")``, evaluations with gradients in a fit (a kernel in ``train()`` mode) of at least this
-many numbers compile, from the first (an n x n kernel from n = 1449 on). Measured on a 2-core CPU, one thread,
-depth-3 ReLU NTK ExactGP step (``benchmarks/mll_step.py``, Cholesky path): eager 1.00 s / compiled 0.64 s at
+"""Under ``fusion("auto")``, evaluations in a fit (a kernel in ``train()`` mode), with gradients or without, of
+at least this many numbers compile, from the first (an n x n kernel from n = 1449 on). Measured on a 2-core CPU,
+one thread, depth-3 ReLU NTK ExactGP step (``benchmarks/mll_step.py``, Cholesky path): eager 1.00 s / compiled 0.64 s at
 n = 1500, 1.74-1.85 s / 1.29-1.35 s at n = 2000 (RBF 0.46 s and 1.01 s), for a compile of about 27-31 s paid
 in the first step: the saving repays it within about 60-80 steps of a fit."""
 FUSION_AFTER_CALLS = 2
@@ -150,17 +151,21 @@ class fusion(_Setting[Mode]):
         large evaluations of the same configuration ran before it; ``training``: its owner is
         being fitted (a kernel in ``train()`` mode). Under ``"auto"``, evaluations of at least
         :data:`FUSION_MIN_ELEMENTS` numbers compile when they need no gradient and repeat
-        (``previous_calls >= FUSION_AFTER_CALLS``); those of at least :data:`FUSION_MIN_ELEMENTS_FIT`
-        compile when they need gradients in a fit, from the first (up front: a fit never pauses to
-        compile in its middle).
+        (``previous_calls >= FUSION_AFTER_CALLS``); in a fit, evaluations of at least
+        :data:`FUSION_MIN_ELEMENTS_FIT` compile from the first, with gradients or without (up
+        front: a fit never pauses to compile in its middle; a fit's evaluations without gradients
+        are, for example, the stored row blocks of a sharded kernel, :mod:`gpntk.distributed`).
+        Outside a fit evaluations with gradients run eagerly.
         """
         mode = cls._mode
         if mode is True:
             return True
         if mode is False:
             return False
+        if training and elements >= FUSION_MIN_ELEMENTS_FIT:
+            return True
         if needs_grad:
-            return training and elements >= FUSION_MIN_ELEMENTS_FIT
+            return False
         return elements >= FUSION_MIN_ELEMENTS and previous_calls >= FUSION_AFTER_CALLS
 
 

@@ -93,12 +93,12 @@ def test_auto_policy_compiles_only_repeated_large_evaluations_without_gradients(
         assert not settings.fusion.enabled_for(big, needs_grad=False, previous_calls=after - 1)
         assert not settings.fusion.enabled_for(big - 1, needs_grad=False, previous_calls=after)
         assert not settings.fusion.enabled_for(10 * big, needs_grad=True, previous_calls=after)
-        # in a fit, evaluations with gradients compile from the first, from a lower size on
+        # in a fit, evaluations with or without gradients compile from the first, from a lower size on
         fit = settings.FUSION_MIN_ELEMENTS_FIT
         assert fit < big
-        assert settings.fusion.enabled_for(fit, needs_grad=True, previous_calls=0, training=True)
-        assert not settings.fusion.enabled_for(fit - 1, needs_grad=True, previous_calls=after, training=True)
-        assert not settings.fusion.enabled_for(fit, needs_grad=False, previous_calls=after, training=True)
+        for needs_grad in (True, False):
+            assert settings.fusion.enabled_for(fit, needs_grad=needs_grad, previous_calls=0, training=True)
+            assert not settings.fusion.enabled_for(fit - 1, needs_grad=needs_grad, previous_calls=after, training=True)
     with settings.fusion(True):
         assert settings.fusion.enabled_for(1, needs_grad=True)
     with settings.fusion(False):
