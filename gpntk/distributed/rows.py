@@ -20,8 +20,10 @@ import math
 
 __all__ = ["block_rows", "plan_rows", "rows_of", "MAX_BLOCK_ELEMENTS"]
 
-#: the most numbers in one row block (``rows x n2 x batch``): 2**22 float64 numbers are 32 MiB, and
-#: below :data:`gpntk.settings.FUSION_MIN_ELEMENTS`, so the compile policy never depends on the world size
+#: the most numbers in one row block (``rows x n2 x batch``): 2**22 float64 numbers are 32 MiB. The
+#: blocks' sizes, not the world size, decide whether they compile (:class:`gpntk.settings.fusion`: in a fit
+#: from :data:`gpntk.settings.FUSION_MIN_ELEMENTS_FIT`; outside one, below :data:`~gpntk.settings.FUSION_MIN_ELEMENTS`
+#: they never do), so every world size runs the same code on every block
 MAX_BLOCK_ELEMENTS = 2**22
 #: about this many row blocks (enough to deal among several ranks); fewer where blocks would be thinner than
 TARGET_BLOCKS = 32
