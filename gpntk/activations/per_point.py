@@ -15,8 +15,9 @@ inline. It is applied only where it is exact and safe: while compiling, with no 
 transform and no forward-mode dual level active (the operator has no forward-mode derivative, and
 PyTorch would silently drop a tangent through it). Elsewhere the tensor itself is returned, so
 eager evaluation and every transform are untouched. Reverse mode passes the gradient through
-unchanged (differentiable again, so double backward works). The values are bitwise the same
-either way (tested).
+unchanged (differentiable again, so double backward works). The values are the eager ones (tested
+to 1e-14 against eager evaluation; a whole kernel block compiled with and without the mark
+measured bitwise equal).
 """
 
 from __future__ import annotations
@@ -53,12 +54,20 @@ def per_point(*tensors: Tensor) -> tuple[Tensor, ...]:
     dtype). When the mark applies they go through one opaque call (flattened and concatenated,
     then split back into views of their shapes), since each call costs some microseconds.
     """
-    if not (
-        torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
-        and forward_ad._current_level < 0
-    ):
+    if not _marks_apply():
         return tensors
     stored = _stored_copy(torch.cat([t.reshape(-1) for t in tensors]))
     pieces = stored.split([t.numel() for t in tensors])
     return tuple(piece.view(t.shape) for piece, t in zip(pieces, tensors))
+
+
+def _marks_apply() -> bool:
+    """Compiling, with no ``torch.func`` transform and no forward-mode dual level active.
+
+    Both probes are private to PyTorch; where one is missing (another version) the mark is left out.
+    """
+    if not torch.compiler.is_compiling():
+        return False
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    dual_level = getattr(forward_ad, "_current_level", None)
+    return transforms_active is not None and not transforms_active() and isinstance(dual_level, int) and dual_level < 0
