@@ -10,6 +10,9 @@ rows, ``n^2 / p`` numbers, whatever the process count), and times, after one war
 * ``mll_step``: one marginal-likelihood step (forward + backward) on GPyTorch's CG path
   (``max_cholesky_size`` 1000, GPyTorch's default tolerances, pivoted-Cholesky preconditioner),
   which evaluates this rank's rows of the kernel once without and once with autograd;
+* ``mll_forward`` / ``mll_backward``: the step's two halves, the marginal likelihood (CG solves and
+  Lanczos, including the first evaluation of this rank's rows) and its backward (the hyperparameter
+  gradients, block by block);
 * ``product``: one product ``K @ V`` with 10 columns through linear_operator's public ``@``, which
   rebuilds the operator from its tensors and so evaluates this rank's rows again (a kernel
   evaluation without autograd, plus the product).
@@ -62,15 +65,19 @@ def worker(n: int, repeats: int) -> None:
 
     model = GP().double()
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    steps, products = [], []
+    steps, forwards, backwards, products = [], [], [], []
     with gpytorch.settings.max_cholesky_size(1000):
         for step in range(repeats + 1):
             torch.manual_seed(step)
             if dist.is_initialized():
                 dist.barrier()
             start = time.perf_counter()
-            (-mll(model(x), y)).backward()
+            loss = -mll(model(x), y)
+            middle = time.perf_counter()
+            loss.backward()
             steps.append(time.perf_counter() - start)
+            forwards.append(middle - start)
+            backwards.append(steps[-1] - forwards[-1])
             if rank == 0:
                 print(f"  n={n} step {step}: {steps[-1]:.2f} s", file=sys.stderr, flush=True)
         with torch.no_grad():
@@ -81,7 +88,9 @@ def worker(n: int, repeats: int) -> None:
                 op @ v
                 products.append(time.perf_counter() - start)
     if rank == 0:
-        print(json.dumps({"mll_step": steps[1:], "product": products}), flush=True)
+        print(json.dumps({
+            "mll_step": steps[1:], "mll_forward": forwards[1:], "mll_backward": backwards[1:], "product": products,
+        }), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -121,7 +130,7 @@ def main() -> None:
         result[f"{world}"] = {key: {"all": value, "median": statistics.median(value)} for key, value in times.items()}
         print(f"  median MLL step {result[str(world)]['mll_step']['median']:.2f} s, "
               f"product {result[str(world)]['product']['median']:.3f} s", flush=True)
-    for key in ("mll_step", "product"):
+    for key in ("mll_step", "mll_forward", "mll_backward", "product"):
         result[f"speedup_{key}"] = result["1"][key]["median"] / result["2"][key]["median"]
         print(f"speed-up 1 -> 2 processes, {key}: {result[f'speedup_{key}']:.2f}x", flush=True)
     result["largest_n_2_processes"] = args.n
