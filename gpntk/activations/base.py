@@ -172,11 +172,11 @@ def correlation(q11: Tensor, q12: Tensor, q22: Tensor, clamp: bool = True) -> tu
     positive1, positive2 = (torch.where(q > 0, q, torch.ones_like(q)) for q in (q11, q22))
     (t1, s1), (t2, s2) = _unit_scales(positive1), _unit_scales(positive2)
     # per-point factors, computed once per point in compiled code (not once per pair)
-    scaled1, t1, root1, scaled2, t2, root2 = per_point(
+    scaled1, scale1, root1, scaled2, scale2, root2 = per_point(
         positive1 * s1, t1, safe_sqrt(q11), positive2 * s2, t2, safe_sqrt(q22)
     )
     denominator = torch.sqrt(scaled1 * scaled2)
-    rho = (q12 * (t1 * t2)) / denominator
+    rho = (q12 * (scale1 * scale2)) / denominator
     return (rho.clamp(-1.0, 1.0) if clamp else rho), root1 * root2
 
 
