@@ -20,6 +20,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from . import first_order
+
 __all__ = ["arccos_j", "arccos_j1_j0"]
 
 # A J_p is stored as two polynomials in (cos θ, sin θ): J = A(c, s) + (π - θ) B(c, s),
@@ -140,8 +142,12 @@ def arccos_j(rho: Tensor, p: int) -> Tensor:
 
     Differentiable to any order, also under ``torch.func`` (``grad``, ``jacrev``, ``jacfwd``,
     ``hessian``, ``vmap``); at :math:`|\rho| = 1` the derivative of :math:`J_0` is taken as 0 (see
-    :func:`_arccos_j_derivative`).
+    :func:`_arccos_j_derivative`). Under :func:`~gpntk.activations.first_order.first_order_tangents`:
+    the same value, first derivatives only (:func:`~gpntk.activations.first_order.linearized`).
     """
+    if first_order.active():
+        fixed = rho.detach()
+        return first_order.linearized(_arccos_j_value(fixed, p), _arccos_j_derivative(fixed, p), rho)
     function = _ArcCosJCompiled if torch.compiler.is_compiling() else _ArcCosJ
     return cast(Tensor, function.apply(rho, p))  # type: ignore[no-untyped-call]  # Function.apply is untyped
 
@@ -192,6 +198,18 @@ class _ArcCosJ1J0(_ArcCosJ1J0Compiled):
 
 
 def arccos_j1_j0(rho: Tensor) -> tuple[Tensor, Tensor]:
-    r""":math:`(J_1(\rho), J_0(\rho))` together, sharing one :math:`\arccos` (the ReLU family's NNGP and NTK)."""
+    r""":math:`(J_1(\rho), J_0(\rho))` together, sharing one :math:`\arccos` (the ReLU family's NNGP and NTK).
+
+    Under :func:`~gpntk.activations.first_order.first_order_tangents` the same values with first
+    derivatives only: :math:`\dot J_1 = J_0 \dot\rho`, :math:`\dot J_0 = \dot\rho/\sqrt{1-\rho^2}` (0 at
+    :math:`|\rho| = 1`, :func:`_arccos_j_derivative`), one multiplication each per tangent.
+    """
+    if first_order.active():
+        fixed = rho.detach()
+        j1, j0 = _j1_j0_value(fixed)
+        return (
+            first_order.linearized(j1, j0, rho),
+            first_order.linearized(j0, _arccos_j_derivative(fixed, 0), rho),
+        )
     function = _ArcCosJ1J0Compiled if torch.compiler.is_compiling() else _ArcCosJ1J0
     return cast("tuple[Tensor, Tensor]", function.apply(rho))  # type: ignore[no-untyped-call]  # untyped apply

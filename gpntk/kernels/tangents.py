@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import settings
+from ..activations.first_order import first_order_tangents
 from ..core.coincident import Coincidence, RowIds, exact_values
 from ..core.layer import InputShape, Layer
 from ..layers.dropout import Dropout
@@ -60,7 +61,9 @@ def block_tangents(
     (``track_ntk``) or the NNGP and :math:`T^{(k)} = \partial K/\partial\theta_k` (every entry of
     :math:`\theta_k` moved together: each entry of :math:`K` depends on one of them).
 
-    One :func:`torch.func.jvp` per hyperparameter; compiled, the value is computed once. The pairs
+    One :func:`torch.func.jvp` per hyperparameter (:func:`fill_tangents` asks for one at a time). The
+    caller switches the arc-cosine functions to their first-order forms
+    (:mod:`gpntk.activations.first_order`): the same values, tangents in closed form. The pairs
     are computed as if no inputs coincided, and the coincident pairs then take the value and the
     tangents of the per-point recursion: identical inputs stay at correlation one for every
     :math:`\theta`, where the pair formula's derivative in the correlation is infinite (times a zero
@@ -148,20 +151,31 @@ def fill_tangents(
     def block(r: slice, c: slice, same: bool) -> tuple[Tensor]:
         a = x1[..., r, :]
         b = a if (same and x2 is x1) else x2[..., c, :]
-        args = (how.net, a, b, hyper, how.input_shape, how.track_ntk, same, ids.block(r, c), wanted)
-        value, *block_tangents_ = how.fusion.run(block_tangents, args, how.fused)
-        computed.append(tuple(block_tangents_))
+        coincident = ids.block(r, c)
+        value: Tensor | None = None
+        parts: list[Tensor] = []
+        for k in (k for k, want in enumerate(wanted) if want):
+            # one call (one compiled loop) per hyperparameter: a loop carrying all tangents shares the
+            # value's intermediates between them through stored n1 x n2 buffers, which measured slower
+            alone = tuple(i == k for i in range(len(wanted)))
+            args = (how.net, a, b, hyper, how.input_shape, how.track_ntk, same, coincident, alone)
+            value, tangent = how.fusion.run(block_tangents, args, how.fused)
+            parts.append(tangent)
+        assert value is not None  # at least one hyperparameter is wanted
+        computed.append(tuple(parts))
         return (value,)
 
-    (kernel,) = assemble_blocks(blocks, x1.shape[-2], x2.shape[-2], block, 1)
+    with first_order_tangents():  # first derivatives only, in closed form (gpntk.activations.first_order)
+        (kernel,) = assemble_blocks(blocks, x1.shape[-2], x2.shape[-2], block, 1)
     assert kernel is not None  # every block computes it
     tangents = list(zip(blocks, computed))
     check_finite_kernel(kernel)
     try:
         check_finite_kernel(*(t for _, ts in tangents for t in ts))
     except FloatingPointError:
-        # a finite kernel with an infinite derivative in the correlation: two distinct inputs at
-        # correlation ±1 (parallel inputs without biases); reverse mode takes its one-sided average
+        # a finite kernel with an infinite tangent (a pair formula whose derivative in the correlation
+        # is infinite somewhere; the arc-cosine family's closed-form tangents are finite at ±1, see
+        # gpntk.activations.first_order): reverse mode, with its conventions, takes over
         raise TangentsNotFinite from None
     return kernel, tangents
 

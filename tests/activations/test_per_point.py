@@ -71,8 +71,9 @@ def test_the_operator_is_the_identity_in_reverse_mode_twice():
 
 
 def test_compiled_forward_mode_keeps_its_tangents():
-    """Forward mode cannot pass through the mark (PyTorch would silently drop the tangent), so under
-    ``torch.func.jvp`` and under a forward-mode dual level the compiled function leaves it out."""
+    """Forward mode cannot pass through the opaque operator (PyTorch would silently drop the tangent), so
+    under ``torch.func.jvp`` and under a forward-mode dual level the compiled function marks with a
+    matrix product instead, which carries tangents."""
     q11, q12, q22 = _variances()
     tangents = tuple(torch.randn_like(t) for t in (q11, q12, q22))
     _, expected = torch.func.jvp(_dual, (q11, q12, q22), tangents)
@@ -88,3 +89,36 @@ def test_compiled_forward_mode_keeps_its_tangents():
         tangent = forward_ad.unpack_dual(compiled(*duals)).tangent
     assert tangent is not None
     torch.testing.assert_close(tangent, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_under_jvp_the_mark_is_a_stored_matrix_product_with_the_eager_values_and_tangents():
+    """float64 on the CPU: inductor leaves ``v @ [[1]]`` to BLAS (stored once), values bitwise, tangents exact."""
+    q11, q12, q22 = _variances(zero=True)
+    tangents = tuple(torch.randn_like(t) for t in (q11, q12, q22))
+    expected = torch.func.jvp(_dual, (q11, q12, q22), tangents)
+
+    def jvp(*p):
+        return torch.func.jvp(_dual, p, tangents)
+
+    compiled, code = run_and_get_code(torch.compile(jvp, backend="inductor", fullgraph=True), q11, q12, q22)
+    assert any("extern_kernels.mm" in c or "extern_kernels.addmm" in c for c in code)
+    assert not any("gpntk.per_point" in c for c in code)
+    torch.testing.assert_close(compiled[0], expected[0], rtol=1e-14, atol=0)
+    torch.testing.assert_close(compiled[1], expected[1], rtol=1e-12, atol=1e-14)
+
+
+def test_the_product_mark_is_exact_and_left_out_for_float32():
+    x = torch.tensor([[0.0], [1e-300], [3.0], [1.7976931348623157e308], [-2.5]], dtype=torch.float64)
+    marked = torch.compile(lambda v: torch.func.jvp(lambda u: per_point(u)[0], (v,), (torch.ones_like(v),)),
+                           backend="aot_eager", fullgraph=True)
+    value, tangent = marked(x)
+    assert torch.equal(value, x) and torch.equal(tangent, torch.ones_like(x))
+    seen = []
+
+    def record(v):
+        out = per_point(v)[0]
+        seen.append(out is v)
+        return out
+
+    torch.compile(lambda v: torch.func.jvp(record, (v,), (v,)), backend="aot_eager", fullgraph=True)(x.float())
+    assert seen == [True]  # float32: not marked (a reduced-precision matrix product mode could round it)

@@ -143,9 +143,9 @@ def test_when_the_tangent_path_is_not_taken():
 
 
 def test_non_finite_tangents_fall_back_to_reverse_mode(monkeypatch):
-    """Distinct inputs at correlation exactly ±1 (x and 2x without biases, where rounding allows) make
-    the pair formula's tangent infinite: the evaluation then takes the recomputing backward, with
-    its one-sided-average convention. Forced here by a tangent check that always fails."""
+    """A tangent that is not finite (a pair formula with an infinite derivative in the correlation;
+    before the arc-cosine functions' closed-form tangents, x and 2x without biases) makes the
+    evaluation take the recomputing backward instead. Forced here by a tangent check that always fails."""
     from gpntk.kernels import tangents
 
     net = gpntk.layers.mlp(depth=2, activation="relu", weight_variance=1.5, bias_variance=0.3)
@@ -190,3 +190,22 @@ def test_second_derivatives_through_the_tangent_path():
     second_plain = torch.autograd.grad(sum(g.sum() for g in first_plain(*values)), values)
     for a, b in zip(second, second_plain):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_parallel_inputs_keep_the_tangent_path_with_the_reverse_mode_convention():
+    """Distinct inputs at correlation ±1 (x, 2x and -x without biases): the closed-form tangents of the
+    arc-cosine functions (gpntk.activations.first_order) take dJ0/drho = 0 there, the convention of
+    reverse mode, so the tangents stay finite and the gradients equal plain autograd's."""
+    net = gpntk.layers.mlp(depth=2, activation="relu", weight_variance=1.5, bias_variance=0.0)
+    x = points(17)
+    x[5], x[7], x[9] = 2 * x[1], -x[3], 0.5 * x[3]
+    hyper = hyper_of(net)
+    weights = torch.randn(17, 17, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    value = kernel(net, x, x, hyper, "ntk")
+    assert type(value.grad_fn).__name__ == "TangentKernelsBackward"
+    grads = torch.autograd.grad((value * weights).sum(), list(hyper.values()))
+    ref_value, ref_grads = reference_gradients(net, x, x, hyper, "ntk", weights)
+    torch.testing.assert_close(value, ref_value, rtol=1e-13, atol=1e-13)
+    for a, b in zip(grads, ref_grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
