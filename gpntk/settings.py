@@ -68,8 +68,10 @@ r"""The most numbers the hyperparameter tangents of one kernel matrix may hold (
 
 A compiled kernel matrix whose hyperparameters (not inputs) need gradients is filled together with
 its derivative :math:`\partial K/\partial\theta_k` in each of them while these take at most this many
-numbers (:math:`p\, n_1 n_2` for :math:`p` hyperparameters: n ≤ 8192 for two, in float64); the
-backward is then one pass over them. Larger ones recompute each block in the backward instead
+numbers: :math:`p` times the entries of the blocks computed, for :math:`p` hyperparameters (blocks mirrored
+below the diagonal of a symmetric kernel are stored once, so :math:`p\, n (n + B) / 2` for blocks of
+:math:`B` rows: two hyperparameters up to n ≈ 11000 in float64, one n x n matrix of memory at n = 10000);
+the backward is then one pass over them. Larger ones recompute each block in the backward instead
 (:class:`recompute_backward`)."""
 
 PROGRESS_DELAY = 1.0

@@ -376,7 +376,7 @@ def recomputed_kernels(
     how = Evaluation(net, input_shape, track_ntk, block_elements, fusion, fused, tuple(hyper), x2 is x1, keep)
     from .tangents import TangentsNotFinite, tangent_kernel, wants_tangents  # forward mode builds on this module
 
-    if wants_tangents(net, x1, x2, hyper, fused, keep, len(blocks)):
+    if wants_tangents(net, x1, x2, hyper, fused, keep, blocks):
         try:
             kernel = tangent_kernel(how, x1, x2, hyper)
         except TangentsNotFinite:

@@ -112,7 +112,8 @@ def _with_point_values(pairs: Tensor, points: Tensor, coincident: Coincidence) -
 
 
 def wants_tangents(
-    net: Layer, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor], fused: bool, keep: tuple[bool, bool], blocks: int
+    net: Layer, x1: Tensor, x2: Tensor, hyper: dict[str, Tensor], fused: bool, keep: tuple[bool, bool],
+    blocks: list[Block],
 ) -> bool:
     """Whether an evaluation that records gradients (:func:`~gpntk.kernels.blocked.wants_recomputed_backward`)
     takes this module's forward-mode path; see the module docstring for the conditions.
@@ -122,15 +123,20 @@ def wants_tangents(
     per-point values at every coincident pair would not respect.
     """
     wanted = sum(v.requires_grad for v in hyper.values())
-    if not fused or blocks < 2 or sum(keep) != 1 or x1.requires_grad or x2.requires_grad or wanted == 0:
+    if not fused or len(blocks) < 2 or sum(keep) != 1 or x1.requires_grad or x2.requires_grad or wanted == 0:
         return False
     if _contains_dropout(net):
         return False
     if any(v.dim() < 2 or v.shape[-2:] != (1, 1) for v in hyper.values()):
         return False
     batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(v.shape[:-2] for v in hyper.values()))
-    elements = wanted * math.prod(batch) * x1.shape[-2] * x2.shape[-2]
-    return elements <= settings.TANGENT_MAX_ELEMENTS
+    # the tangents of the blocks computed: a block mirrored below the diagonal is stored once
+    pairs = sum(_length(r, x1.shape[-2]) * _length(c, x2.shape[-2]) for r, c, _, _ in blocks)
+    return wanted * math.prod(batch) * pairs <= settings.TANGENT_MAX_ELEMENTS
+
+
+def _length(part: slice, n: int) -> int:
+    return len(range(*part.indices(n)))
 
 
 def _contains_dropout(net: Layer) -> bool:

@@ -17,6 +17,7 @@ from gpntk import layers as L
 from gpntk.core.hyperparameters import Hyperparameters
 from gpntk.kernels.dense import evaluate_output
 from gpntk.kernels.fusion import FusionPolicy
+from gpntk.kernels.planning import kernel_blocks
 from gpntk.kernels.tangents import wants_tangents
 
 BLOCK = 12 * 12
@@ -130,13 +131,19 @@ def test_when_the_tangent_path_is_not_taken():
     assert node(x1=x.clone().requires_grad_()) == "RecomputedKernelsBackward"  # input gradients
     # Dropout: identical rows other than a point with itself are different draws after it
     dropout = L.serial(L.Dense(1.0, 0.1), L.ReLU(), L.Dropout(0.8), L.Dense(1.0, 0.1))
-    assert wants_tangents(net, x, x, hyper, True, (False, True), 9)
-    assert not wants_tangents(dropout, x, x, hyper_of(dropout), True, (False, True), 9)
-    assert not wants_tangents(net, x, x, hyper, True, (True, True), 9)  # both matrices kept
-    assert not wants_tangents(net, x, x, hyper, True, (False, True), 1)  # one block: plain autograd
+    blocks = kernel_blocks(net, x, x, hyper, None, BLOCK)[0]
+    assert len(blocks) == 6  # rows 12 + 12 + 5: the blocks on and above the diagonal
+    assert wants_tangents(net, x, x, hyper, True, (False, True), blocks)
+    assert not wants_tangents(dropout, x, x, hyper_of(dropout), True, (False, True), blocks)
+    assert not wants_tangents(net, x, x, hyper, True, (True, True), blocks)  # both matrices kept
+    assert not wants_tangents(net, x, x, hyper, True, (False, True), blocks[:1])  # one block: plain autograd
+    # memory: two tangents of the blocks computed (mirrored ones stored once), not of all 29 x 29 pairs
+    stored = 2 * (12 * 12 + 12 * 12 + 12 * 5 + 12 * 12 + 12 * 5 + 5 * 5)
     old = gpntk.settings.TANGENT_MAX_ELEMENTS
     try:
-        gpntk.settings.TANGENT_MAX_ELEMENTS = 2 * 29 * 29 - 1  # two tangents of 29 x 29 do not fit
+        gpntk.settings.TANGENT_MAX_ELEMENTS = stored
+        assert node() == "TangentKernelsBackward"
+        gpntk.settings.TANGENT_MAX_ELEMENTS = stored - 1
         assert node() == "RecomputedKernelsBackward"
     finally:
         gpntk.settings.TANGENT_MAX_ELEMENTS = old
