@@ -32,6 +32,7 @@ from torch import Tensor
 
 __all__ = ["first_order_tangents", "active", "linearized"]
 
+
 class _Switch:
     """Where the switch lives (a class attribute: Dynamo guards on it like on a module global)."""
 

@@ -18,10 +18,11 @@ reductions: each value of the recursion carries its derivative in one hyperparam
 and its backward is the sum above, one pass over stored matrices.
 
 The price is memory, one :math:`n_1 \times n_2` matrix per hyperparameter until the backward has
-run, so this path is taken (:func:`wants_tangents`) only for compiled evaluations of one kernel
-matrix (:func:`~gpntk.kernels.dense.evaluate_output`) whose inputs need no gradient, whose
-hyperparameters are of shape ``(..., 1, 1)`` (each entry of :math:`K` depends on one entry of each)
-and whose tangents fit in :data:`gpntk.settings.TANGENT_MAX_ELEMENTS`. A second derivative
+run (half of one for a symmetric kernel: the blocks on and above the diagonal), so this path is
+taken (:func:`wants_tangents`) only for compiled evaluations of one kernel matrix
+(:func:`~gpntk.kernels.dense.evaluate_output`) whose inputs need no gradient, whose
+hyperparameters are of shape ``(..., 1, 1)`` (each entry of :math:`K` depends on one entry of
+each) and whose tangents fit in :data:`gpntk.settings.TANGENT_MAX_ELEMENTS`. A second derivative
 (``create_graph=True``) recomputes the whole recursion differentiably, as in
 :mod:`gpntk.kernels.blocked`.
 """

@@ -53,6 +53,19 @@ def reference_gradients(net, x1, x2, hyper, output, weights):
         return value, torch.autograd.grad((value * weights).sum(), list(hyper.values()))
 
 
+def assert_ntk_gradients_equal_plain_autograd(net, x, hyper, weights, backward):
+    """The compiled NTK of ``x`` takes ``backward``; its value and the gradients of ``sum(K * weights)`` are
+    plain autograd's (finite)."""
+    value = kernel(net, x, x, hyper, "ntk")
+    assert type(value.grad_fn).__name__ == backward
+    grads = torch.autograd.grad((value * weights).sum(), list(hyper.values()))
+    ref_value, ref_grads = reference_gradients(net, x, x, hyper, "ntk", weights)
+    torch.testing.assert_close(value, ref_value, rtol=1e-13, atol=1e-13)
+    for a, b in zip(grads, ref_grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 # each activation family (arc-cosine, closed form, quadrature), output and input form at least once;
 # every case traces a compiled jvp, which takes tens of seconds
 CASES = [("relu", "ntk", "one tensor"), ("relu", "nngp", "two tensors"), ("erf", "nngp", "one tensor"),
@@ -167,13 +180,7 @@ def test_non_finite_tangents_fall_back_to_reverse_mode(monkeypatch):
         return check(*values, **options)
 
     monkeypatch.setattr(tangents, "check_finite_kernel", failing_for_tangents)
-    value = kernel(net, x, x, hyper, "ntk")
-    assert type(value.grad_fn).__name__ == "RecomputedKernelsBackward"
-    grads = torch.autograd.grad((value * weights).sum(), list(hyper.values()))
-    ref_value, ref_grads = reference_gradients(net, x, x, hyper, "ntk", weights)
-    torch.testing.assert_close(value, ref_value, rtol=1e-13, atol=1e-13)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_ntk_gradients_equal_plain_autograd(net, x, hyper, weights, "RecomputedKernelsBackward")
 
 
 def test_second_derivatives_through_the_tangent_path():
@@ -206,13 +213,5 @@ def test_parallel_inputs_keep_the_tangent_path_with_the_reverse_mode_convention(
     net = gpntk.layers.mlp(depth=2, activation="relu", weight_variance=1.5, bias_variance=0.0)
     x = points(17)
     x[5], x[7], x[9] = 2 * x[1], -x[3], 0.5 * x[3]
-    hyper = hyper_of(net)
     weights = torch.randn(17, 17, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    value = kernel(net, x, x, hyper, "ntk")
-    assert type(value.grad_fn).__name__ == "TangentKernelsBackward"
-    grads = torch.autograd.grad((value * weights).sum(), list(hyper.values()))
-    ref_value, ref_grads = reference_gradients(net, x, x, hyper, "ntk", weights)
-    torch.testing.assert_close(value, ref_value, rtol=1e-13, atol=1e-13)
-    for a, b in zip(grads, ref_grads):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_ntk_gradients_equal_plain_autograd(net, x, hyper_of(net), weights, "TangentKernelsBackward")
