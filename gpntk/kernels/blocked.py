@@ -380,7 +380,7 @@ def recomputed_kernels(
         try:
             kernel = tangent_kernel(how, x1, x2, hyper)
         except TangentsNotFinite:
-            pass  # inputs at correlation ±1: the recomputing backward below
+            pass  # a tangent that is not finite: the recomputing backward below
         else:
             return (kernel, None) if keep[0] else (None, kernel)
     outs = iter(RecomputedKernels.apply(how, x1, x2, *hyper.values()))  # type: ignore[no-untyped-call]  # untyped apply
