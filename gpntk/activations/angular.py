@@ -147,7 +147,9 @@ def arccos_j(rho: Tensor, p: int) -> Tensor:
     """
     if first_order.active():
         fixed = rho.detach()
-        return first_order.linearized(_arccos_j_value(fixed, p), _arccos_j_derivative(fixed, p), rho)
+        # dJ_p/drho = p^2 J_{p-1} from its value directly (not through arccos_j, linearized again)
+        derivative = (p * p) * _arccos_j_value(fixed, p - 1) if p > 0 else _arccos_j_derivative(fixed, 0)
+        return first_order.linearized(_arccos_j_value(fixed, p), derivative, rho)
     function = _ArcCosJCompiled if torch.compiler.is_compiling() else _ArcCosJ
     return cast(Tensor, function.apply(rho, p))  # type: ignore[no-untyped-call]  # Function.apply is untyped
 
